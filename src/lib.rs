@@ -1,0 +1,1 @@
+//! anomalyclip-edge
