@@ -1,1 +1,70 @@
-fn main() {}
+//! The `anomalyclip-edge` command line: one binary, one subcommand per job.
+//!
+//! Exit codes (all subcommands): 0 success; 1 the job ran but some items failed (e.g. an image
+//! that could not be scored); 2 bad usage, configuration or model (nothing was done).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli_score;
+
+#[derive(Parser)]
+#[command(
+    name = "anomalyclip-edge",
+    version,
+    about = "Zero-shot visual anomaly detection (AnomalyCLIP) for factory lines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing's EnvFilter syntax), overrides RUST_LOG.
+    #[arg(long, global = true)]
+    log: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score image files: one JSON line per image on stdout.
+    Score(cli_score::ScoreArgs),
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = filter
+        .map(tracing_subscriber::EnvFilter::new)
+        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn,anomalyclip_edge=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    let res = match cli.command {
+        Command::Score(args) => cli_score::run(args),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Collapses an error chain into one line.
+pub(crate) fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Output directory helper: creates it, naming it in the error.
+pub(crate) fn ensure_dir(dir: &PathBuf) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create output directory {}: {e}", dir.display()))
+}

@@ -1,0 +1,141 @@
+//! The inference core as one object: model package + encoder backend + CPU anomaly head.
+//!
+//! Input: preprocessed images (`[B, 3, S, S]`), or image files (decoded and resized exactly as
+//! the reference's Pillow path does). Output: per image a [`Scored`] result: the image score and
+//! the `S × S` anomaly map in the resized frame. `score`, `eval` and the daemon all go through
+//! this type, so every entry point computes the same numbers.
+//! Failure modes: those of the package, the engine and image decoding, as [`ScoreError`].
+
+use std::path::Path;
+
+use crate::engine::{self, Engine, EngineError, EngineOptions};
+use crate::head::{CpuHead, HeadConfig, HeadOutput};
+use crate::image_io::{self, DecodedImage};
+use crate::package::{HashCheck, ModelPackage, PackageError};
+
+/// Errors of the inference core.
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error(transparent)]
+    Package(#[from] PackageError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Image(#[from] image_io::ImageError),
+}
+
+/// One scored image.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// Image score in [0, 1] (`sigmoid(⟨ĝ, w⟩)`).
+    pub score: f32,
+    /// Final anomaly map, `size × size`, row-major, in the resized frame.
+    pub map: Vec<f32>,
+    /// Edge of `map`.
+    pub size: usize,
+}
+
+/// Package + engine + head.
+pub struct Scorer {
+    pkg: ModelPackage,
+    engine: Box<dyn Engine>,
+    head: CpuHead,
+    out: HeadOutput,
+    input: Vec<f32>,
+}
+
+impl Scorer {
+    /// Loads the package in `dir` and builds the engine.
+    pub fn open(dir: &Path, hashes: HashCheck, opts: &EngineOptions) -> Result<Self, ScoreError> {
+        let pkg = ModelPackage::load(dir, hashes)?;
+        let engine = engine::create(&pkg, opts)?;
+        Ok(Self::new(pkg, engine))
+    }
+
+    /// Wraps an already built engine.
+    pub fn new(pkg: ModelPackage, engine: Box<dyn Engine>) -> Self {
+        let m = &pkg.manifest.model;
+        let cfg = HeadConfig {
+            size: pkg.input_size(),
+            grid: m.grid,
+            dim: m.embed_dim,
+            tau: m.tau,
+            sigma: 4.0,
+        };
+        let head = CpuHead::new(&pkg.text, cfg);
+        Self {
+            pkg,
+            engine,
+            head,
+            out: HeadOutput::default(),
+            input: Vec::new(),
+        }
+    }
+
+    /// The package in use.
+    pub fn package(&self) -> &ModelPackage {
+        &self.pkg
+    }
+
+    /// The engine in use.
+    pub fn engine(&self) -> &dyn Engine {
+        self.engine.as_ref()
+    }
+
+    /// Square input edge.
+    pub fn size(&self) -> usize {
+        self.pkg.input_size()
+    }
+
+    /// Converts a decoded file into the model input exactly as the reference does.
+    pub fn prepare_image(&self, img: &DecodedImage, out: &mut [f32]) {
+        let i = &self.pkg.manifest.input;
+        img.to_model_input(i.size, i.mean, i.std, out);
+    }
+
+    /// Converts an RGB frame (rows possibly padded) into the model input.
+    pub fn prepare_frame(
+        &self,
+        rgb: &[u8],
+        width: usize,
+        height: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        let i = &self.pkg.manifest.input;
+        crate::preprocess::preprocess_rgb(rgb, width, height, stride, i.size, i.mean, i.std, out);
+    }
+
+    /// Runs the encoder on `batch` prepared images and the head on each.
+    pub fn score_batch(&mut self, input: &[f32], batch: usize) -> Result<Vec<Scored>, ScoreError> {
+        let feats = self.engine.infer(input, batch)?;
+        let size = self.size();
+        let mut results = Vec::with_capacity(batch);
+        for i in 0..batch {
+            let locals = feats.locals(i);
+            self.head.run(feats.global(i), &locals, &mut self.out);
+            results.push(Scored {
+                score: self.out.score,
+                map: self.out.map.clone(),
+                size,
+            });
+        }
+        Ok(results)
+    }
+
+    /// Decodes, prepares and scores one image file.
+    pub fn score_file(&mut self, path: &Path) -> Result<(DecodedImage, Scored), ScoreError> {
+        let img = image_io::load_image(path)?;
+        let s = self.size();
+        let mut input = std::mem::take(&mut self.input);
+        input.resize(3 * s * s, 0.0);
+        self.prepare_image(&img, &mut input);
+        let res = self.score_batch(&input, 1);
+        self.input = input;
+        let mut scored = res?;
+        let one = scored.pop().ok_or_else(|| {
+            ScoreError::Engine(EngineError::Run("engine returned no result".into()))
+        })?;
+        Ok((img, one))
+    }
+}
