@@ -1,0 +1,762 @@
+//! The streaming daemon (`anomalyclip-edge run`): cameras → inference worker → MQTT, with
+//! stats, systemd integration (readiness, progress-gated watchdog, status line), SIGHUP reload
+//! and one shutdown path.
+//!
+//! Threads: one per camera (GStreamer, [`crate::camera`]); one inference worker (blocking ONNX
+//! Runtime + CPU head); a small tokio runtime for the publisher ([`crate::mqtt`]), signals,
+//! stats and the watchdog.
+//!
+//! Edges and their full-policies: camera → worker: one latest-frame slot per camera (overwrite,
+//! counted as dropped); worker → publisher: results and masks are latest-value data (dropped and
+//! counted when the broker is away or the channel is full); alarms are never dropped (disk queue
+//! in the state directory, replayed in order).
+//!
+//! Failure modes: a configuration, model or state-directory problem at start is an error (the
+//! process exits 2 and systemd's `ExecStartPre=check-config` shows why); a camera or the broker
+//! failing at run time is reported on MQTT and in the log, and the daemon keeps running.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::{error, info, warn};
+
+use crate::alarm::Debouncer;
+use crate::camera::{self, Camera, CameraSettings, FrameNotify, LatestSlot, Source};
+use crate::config::{self, CameraConfig, CameraSource, Config, ConfigErrors, MaskConfig};
+use crate::engine::{Backend, EngineOptions};
+use crate::head;
+use crate::mqtt::{Publisher, PublisherError, PublisherHandle};
+use crate::package::HashCheck;
+use crate::payload::{self, Alarm, CameraStats, FrameResult, MaskGate, Stats};
+use crate::scorer::{ScoreError, Scorer};
+
+/// How long a clean stop may take for in-flight frames and the final MQTT messages.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Test hook: while the file named by this variable exists, the inference worker stalls
+/// (as a hung GPU or a deadlocked engine would), so tests can prove the watchdog stops.
+pub const STALL_FILE_ENV: &str = "ANOMALYCLIP_TEST_STALL_FILE";
+
+/// Start-up errors of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("model: {0}")]
+    Model(#[from] ScoreError),
+    #[error("mqtt: {0}")]
+    Publisher(#[from] PublisherError),
+    #[error("camera: {0}")]
+    Camera(#[from] camera::CameraError),
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("inference worker: {0}")]
+    Worker(String),
+}
+
+/// Scoring settings of one camera, changed in place by a reload.
+struct CamState {
+    threshold: f32,
+    pixel_threshold: f32,
+    debouncer: Debouncer,
+    mask: MaskConfig,
+    gate: MaskGate,
+    scored: u64,
+    scored_at_last_stats: u64,
+    frames_in_at_last_stats: u64,
+    latencies_ms: Vec<f32>,
+}
+
+impl CamState {
+    fn new(cfg: &CameraConfig) -> Self {
+        Self {
+            threshold: cfg.threshold,
+            pixel_threshold: cfg.pixel_threshold,
+            // The config validated the debounce parameters; fall back to the defaults if not.
+            debouncer: Debouncer::new(cfg.alarm)
+                .unwrap_or_else(|_| Debouncer::new(Default::default()).expect("default debounce")),
+            mask: cfg.mask,
+            gate: MaskGate::new(cfg.mask.only_on_anomaly, cfg.mask.min_interval),
+            scored: 0,
+            scored_at_last_stats: 0,
+            frames_in_at_last_stats: 0,
+            latencies_ms: Vec::new(),
+        }
+    }
+}
+
+/// What the worker needs of a camera.
+#[derive(Clone)]
+struct CamHandle {
+    index: usize,
+    name: Arc<str>,
+    slot: Arc<LatestSlot>,
+    state: Arc<Mutex<CamState>>,
+}
+
+/// A running camera, owned by the control loop.
+struct Running {
+    cfg: CameraConfig,
+    camera: Camera,
+    handle: CamHandle,
+}
+
+/// State shared by the control loop and the worker.
+struct Shared {
+    cams: RwLock<Vec<CamHandle>>,
+    stop: AtomicBool,
+    /// Milliseconds since `started` when the worker last went round its loop.
+    heartbeat_ms: AtomicU64,
+    /// Milliseconds since `started` when the worker last scored a batch.
+    scored_ms: AtomicU64,
+    inference_errors: AtomicU64,
+    statuses: Mutex<HashMap<String, camera::CameraStatus>>,
+    started: Instant,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Sends an sd_notify message if running under systemd; never fails the caller.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some()
+        && let Err(e) = sd_notify::notify(states)
+    {
+        warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Engine options from the config.
+fn engine_options(cfg: &Config) -> EngineOptions {
+    EngineOptions {
+        backend: match cfg.engine.backend {
+            config::Backend::Auto => Backend::Auto,
+            config::Backend::Tensorrt => Backend::Tensorrt,
+            config::Backend::Cuda => Backend::Cuda,
+            config::Backend::Cpu => Backend::Cpu,
+        },
+        threads: cfg.engine.threads as usize,
+        ort_library: cfg.engine.ort_library.clone(),
+        cache_dir: Some(cfg.state_dir.join("engines")),
+        fp16: cfg.engine.fp16,
+        max_batch: cfg.engine.max_batch.max(1) as usize,
+        device_id: 0,
+    }
+}
+
+/// Camera-stage settings from a `[[camera]]` entry; frames are scaled to the model's input
+/// size in GStreamer.
+fn camera_settings(cfg: &CameraConfig, size: usize) -> CameraSettings {
+    let source = match &cfg.source {
+        CameraSource::Rtsp(u) | CameraSource::Http(u) => Source::Uri(u.clone()),
+        CameraSource::File(p) => Source::Uri(format!("file://{}", p.display())),
+        CameraSource::V4l2(p) => Source::Uri(p.display().to_string()),
+        CameraSource::Pipeline(p) => Source::Pipeline(p.clone()),
+    };
+    let mut s = CameraSettings::new(cfg.name.clone(), source);
+    s.max_fps = cfg.max_fps.filter(|f| *f > 0.0).map(|f| f as f32);
+    s.scale = Some((size as u32, size as u32));
+    s
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns after a clean stop.
+pub fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let cfg = config::load_config(config_path)?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    camera::init()?;
+
+    // The model first: a bad package fails before anything touches the broker.
+    let scorer = Scorer::open(
+        &cfg.model.package,
+        HashCheck::UpTo(64 << 20),
+        &engine_options(&cfg),
+    )?;
+    if scorer.package().manifest.tiny {
+        warn!(
+            package = %cfg.model.package.display(),
+            "the model package holds random weights (a test model): its scores are meaningless for real detection"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ace-rt")
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    rt.block_on(run_async(config_path.to_path_buf(), cfg, scorer))
+}
+
+async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let (publisher, pub_task) = Publisher::spawn(&cfg.mqtt, &cfg.node_id, &cfg.state_dir)?;
+    let size = scorer.size();
+    let model_name = scorer.package().manifest.name.clone();
+    let engine_name = scorer.engine().info().backend.to_string();
+    let shared = Arc::new(Shared {
+        cams: RwLock::new(Vec::new()),
+        stop: AtomicBool::new(false),
+        heartbeat_ms: AtomicU64::new(0),
+        scored_ms: AtomicU64::new(0),
+        inference_errors: AtomicU64::new(0),
+        statuses: Mutex::new(HashMap::new()),
+        started: Instant::now(),
+    });
+    let notify_frames = FrameNotify::new();
+    let mut next_index = 0usize;
+    let mut running: Vec<Running> = Vec::new();
+    for c in &cfg.cameras {
+        match start_camera(
+            c,
+            size,
+            &mut next_index,
+            &notify_frames,
+            &publisher,
+            &shared,
+        ) {
+            Ok(r) => running.push(r),
+            Err(e) => {
+                error!(camera = %c.name, error = %e, "camera could not start");
+                publisher.camera_status(&c.name, payload::CameraStatus::Error(e.to_string()));
+            }
+        }
+    }
+    publish_handles(&shared, &running);
+
+    let worker = {
+        let shared = shared.clone();
+        let publisher = publisher.clone();
+        let notify_frames = notify_frames.clone();
+        let max_batch = cfg.engine.max_batch.max(1) as usize;
+        let max_wait = cfg.engine.max_wait;
+        let model_name = model_name.clone();
+        std::thread::Builder::new()
+            .name("ace-infer".into())
+            .spawn(move || {
+                worker_loop(
+                    shared,
+                    scorer,
+                    notify_frames,
+                    publisher,
+                    max_batch,
+                    max_wait,
+                    model_name,
+                )
+            })
+            .map_err(DaemonError::Runtime)?
+    };
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Runtime)?;
+
+    let mut current = cfg;
+    let stats_every = current
+        .stats_interval
+        .unwrap_or(Duration::from_secs(3600 * 24 * 365));
+    let mut stats_tick = tokio::time::interval(stats_every);
+    stats_tick.tick().await;
+    let wd = sd_notify::watchdog_enabled();
+    let mut wd_tick = tokio::time::interval(
+        wd.map(|d| d / 2)
+            .unwrap_or(Duration::from_secs(5))
+            .max(Duration::from_millis(50)),
+    );
+    let mut last_stats = Instant::now();
+
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status_line(&shared, &publisher)),
+    ]);
+    info!(
+        node = %current.node_id,
+        cameras = running.len(),
+        engine = %engine_name,
+        watchdog = ?wd,
+        "anomalyclip-edge running"
+    );
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+            _ = sighup.recv() => {
+                reload(&config_path, &mut current, &mut running, size, &mut next_index,
+                       &notify_frames, &publisher, &shared);
+            }
+            _ = stats_tick.tick() => {
+                let stats = build_stats(&shared, &running, &engine_name, last_stats.elapsed());
+                last_stats = Instant::now();
+                publisher.stats(stats);
+            }
+            _ = wd_tick.tick() => {
+                let line = status_line(&shared, &publisher);
+                match wd {
+                    Some(interval) if making_progress(&shared, &publisher, interval) => {
+                        notify(&[sd_notify::NotifyState::Watchdog, sd_notify::NotifyState::Status(&line)]);
+                    }
+                    Some(_) => {
+                        warn!("no progress within the watchdog interval: withholding WATCHDOG=1");
+                        notify(&[sd_notify::NotifyState::Status(&line)]);
+                    }
+                    None => notify(&[sd_notify::NotifyState::Status(&line)]),
+                }
+            }
+        }
+    }
+
+    // One shutdown path: a second signal quits at once.
+    notify(&[sd_notify::NotifyState::Stopping]);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    let deadline = Instant::now() + STOP_DEADLINE;
+    // Cameras first, so no new frames arrive; the worker finishes the batch in flight.
+    let cams: Vec<Running> = std::mem::take(&mut running);
+    let stopper = tokio::task::spawn_blocking(move || {
+        for r in cams {
+            let name = r.cfg.name.clone();
+            if let Err(e) = r.camera.stop() {
+                warn!(camera = %name, error = %e, "camera did not stop cleanly");
+            }
+        }
+    });
+    let _ = tokio::time::timeout(STOP_DEADLINE, stopper).await;
+    shared.stop.store(true, Ordering::SeqCst);
+    notify_frames.notify();
+    let joined = tokio::task::spawn_blocking(move || worker.join());
+    match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), joined).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(_) => error!("inference worker ended abnormally"),
+        Err(_) => warn!(straggler = "ace-infer", "inference worker still busy at the stop deadline"),
+    }
+    publisher.shutdown(STOP_DEADLINE);
+    if tokio::time::timeout(STOP_DEADLINE + Duration::from_secs(1), pub_task)
+        .await
+        .is_err()
+    {
+        warn!(straggler = "mqtt publisher", "publisher still busy at the stop deadline");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn start_camera(
+    c: &CameraConfig,
+    size: usize,
+    next_index: &mut usize,
+    notify_frames: &Arc<FrameNotify>,
+    publisher: &PublisherHandle,
+    shared: &Arc<Shared>,
+) -> Result<Running, camera::CameraError> {
+    let index = *next_index;
+    *next_index += 1;
+    let cb: camera::StatusCallback = {
+        let publisher = publisher.clone();
+        let shared = shared.clone();
+        Arc::new(move |ev: &camera::StatusEvent| {
+            lock(&shared.statuses).insert(ev.name.to_string(), ev.status.clone());
+            let st = match &ev.status {
+                camera::CameraStatus::Starting => return,
+                camera::CameraStatus::Online => payload::CameraStatus::Online,
+                camera::CameraStatus::Reconnecting => payload::CameraStatus::Reconnecting,
+                camera::CameraStatus::Offline => payload::CameraStatus::Offline,
+                camera::CameraStatus::Error(r) => payload::CameraStatus::Error(r.clone()),
+            };
+            info!(camera = %ev.name, status = %ev.status, "camera status");
+            publisher.camera_status(&ev.name, st);
+        })
+    };
+    let camera = Camera::spawn(
+        index,
+        camera_settings(c, size),
+        notify_frames.clone(),
+        cb,
+    )?;
+    let handle = CamHandle {
+        index,
+        name: Arc::from(c.name.as_str()),
+        slot: camera.slot().clone(),
+        state: Arc::new(Mutex::new(CamState::new(c))),
+    };
+    Ok(Running {
+        cfg: c.clone(),
+        camera,
+        handle,
+    })
+}
+
+fn publish_handles(shared: &Shared, running: &[Running]) {
+    let handles: Vec<CamHandle> = running.iter().map(|r| r.handle.clone()).collect();
+    *shared.cams.write().unwrap_or_else(PoisonError::into_inner) = handles;
+}
+
+/// The inference worker: takes the latest frame of every camera that has one, batches up to
+/// `max_batch` (waiting at most `max_wait` for more cameras), scores, publishes.
+fn worker_loop(
+    shared: Arc<Shared>,
+    mut scorer: Scorer,
+    notify_frames: Arc<FrameNotify>,
+    publisher: PublisherHandle,
+    max_batch: usize,
+    max_wait: Duration,
+    model_name: String,
+) {
+    let stall_file = std::env::var_os(STALL_FILE_ENV).map(PathBuf::from);
+    let s = scorer.size();
+    let mut input: Vec<f32> = Vec::new();
+    let mut err_logged_at: Option<Instant> = None;
+    while !shared.stop.load(Ordering::SeqCst) {
+        if let Some(f) = &stall_file {
+            while f.exists() && !shared.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        shared
+            .heartbeat_ms
+            .store(shared.now_ms(), Ordering::Relaxed);
+        let handles: Vec<CamHandle> = shared
+            .cams
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if handles.is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let slots: Vec<Arc<LatestSlot>> = handles.iter().map(|h| h.slot.clone()).collect();
+        let mut frames = notify_frames.take_any(&slots, Duration::from_millis(200));
+        if frames.is_empty() {
+            continue;
+        }
+        let target = max_batch.min(slots.len());
+        if frames.len() < target && !max_wait.is_zero() {
+            let deadline = Instant::now() + max_wait;
+            while frames.len() < target {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                let rest: Vec<Arc<LatestSlot>> = handles
+                    .iter()
+                    .filter(|h| !frames.iter().any(|f| f.camera == h.index))
+                    .map(|h| h.slot.clone())
+                    .collect();
+                let more = notify_frames.take_any(&rest, deadline - now);
+                if more.is_empty() {
+                    break;
+                }
+                frames.extend(more);
+            }
+        }
+        for chunk in frames.chunks(max_batch) {
+            let n = chunk.len();
+            input.resize(n * 3 * s * s, 0.0);
+            for (i, f) in chunk.iter().enumerate() {
+                scorer.prepare_frame(
+                    &f.data,
+                    f.width as usize,
+                    f.height as usize,
+                    f.stride,
+                    &mut input[i * 3 * s * s..(i + 1) * 3 * s * s],
+                );
+            }
+            let results = match scorer.score_batch(&input[..n * 3 * s * s], n) {
+                Ok(r) => r,
+                Err(e) => {
+                    shared.inference_errors.fetch_add(1, Ordering::Relaxed);
+                    if err_logged_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        error!(error = %e, "inference failed; frames of this batch are not scored");
+                        err_logged_at = Some(Instant::now());
+                    }
+                    continue;
+                }
+            };
+            shared.scored_ms.store(shared.now_ms(), Ordering::Relaxed);
+            for (f, r) in chunk.iter().zip(results) {
+                let Some(h) = handles.iter().find(|h| h.index == f.camera) else {
+                    continue;
+                };
+                let mut st = lock(&h.state);
+                let stats = head::map_stats(&r.map, st.pixel_threshold);
+                let anomaly = r.score >= st.threshold;
+                let latency_ms = f.captured_at.elapsed().as_secs_f32() * 1e3;
+                publisher.result(FrameResult {
+                    camera: h.name.to_string(),
+                    seq: f.seq,
+                    ts_ms: f.capture_unix_ms,
+                    score: r.score,
+                    anomaly,
+                    threshold: st.threshold,
+                    map_max: stats.max,
+                    area: stats.area,
+                    latency_ms,
+                    model: model_name.clone(),
+                });
+                if let Some(t) = st.debouncer.update(anomaly) {
+                    info!(camera = %h.name, active = t.active(), seq = f.seq, score = r.score, "alarm");
+                    publisher.alarm(Alarm {
+                        camera: h.name.to_string(),
+                        active: t.active(),
+                        seq: f.seq,
+                        ts_ms: f.capture_unix_ms,
+                        score: r.score,
+                    });
+                }
+                let mask = st.mask;
+                if mask.enabled && st.gate.admit(anomaly, Instant::now()) {
+                    let px = payload::render_mask(
+                        &r.map,
+                        r.size,
+                        r.size,
+                        mask.size,
+                        mask.kind,
+                        st.pixel_threshold,
+                    );
+                    match payload::mask_png(
+                        &h.name,
+                        f.seq,
+                        f.capture_unix_ms,
+                        mask.size,
+                        mask.size,
+                        &px,
+                    ) {
+                        Ok(png) => {
+                            publisher.mask(&h.name, png);
+                        }
+                        Err(e) => warn!(camera = %h.name, error = %e, "mask encoding failed"),
+                    }
+                }
+                st.scored += 1;
+                if st.latencies_ms.len() < 100_000 {
+                    st.latencies_ms.push(latency_ms);
+                }
+            }
+        }
+    }
+    info!("inference worker stopped");
+}
+
+fn percentile(sorted: &[f32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[idx.min(sorted.len() - 1)])
+}
+
+fn build_stats(shared: &Shared, running: &[Running], engine: &str, window: Duration) -> Stats {
+    let secs = window.as_secs_f64().max(1e-3);
+    let mut cameras = std::collections::BTreeMap::new();
+    for r in running {
+        let cs = r.camera.stats();
+        let mut st = lock(&r.handle.state);
+        let mut lat = std::mem::take(&mut st.latencies_ms);
+        lat.sort_by(f32::total_cmp);
+        let scored_now = st.scored - st.scored_at_last_stats;
+        st.scored_at_last_stats = st.scored;
+        let in_now = cs.frames_in - st.frames_in_at_last_stats.min(cs.frames_in);
+        st.frames_in_at_last_stats = cs.frames_in;
+        cameras.insert(
+            r.cfg.name.clone(),
+            CameraStats {
+                fps_in: in_now as f64 / secs,
+                fps_scored: scored_now as f64 / secs,
+                frames_in: cs.frames_in,
+                scored: st.scored,
+                dropped: cs.dropped + cs.skipped_rate,
+                latency_p50_ms: percentile(&lat, 0.5),
+                latency_p99_ms: percentile(&lat, 0.99),
+                status: cs.status.to_string(),
+            },
+        );
+    }
+    Stats {
+        uptime_s: shared.started.elapsed().as_secs(),
+        ts_ms: unix_ms(),
+        engine: engine.to_string(),
+        cameras,
+        mqtt: Default::default(),
+    }
+}
+
+/// Progress rule of the watchdog: the worker goes round its loop; if any camera is online, a
+/// batch was scored within the interval; if the broker is connected and frames are scored, the
+/// publisher got messages through. A broker or camera outage is reported, not restarted.
+fn making_progress(shared: &Shared, publisher: &PublisherHandle, interval: Duration) -> bool {
+    let now = shared.now_ms();
+    let win = interval.as_millis() as u64;
+    let worker_alive = now.saturating_sub(shared.heartbeat_ms.load(Ordering::Relaxed)) <= win;
+    if !worker_alive {
+        return false;
+    }
+    let any_online = lock(&shared.statuses)
+        .values()
+        .any(|s| *s == camera::CameraStatus::Online);
+    if !any_online {
+        return true;
+    }
+    let scored_recently = now.saturating_sub(shared.scored_ms.load(Ordering::Relaxed)) <= win;
+    if !scored_recently {
+        return false;
+    }
+    if publisher.is_connected() {
+        let ok = publisher
+            .last_progress()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age <= interval);
+        return ok;
+    }
+    true
+}
+
+fn status_line(shared: &Shared, publisher: &PublisherHandle) -> String {
+    let statuses = lock(&shared.statuses);
+    let online = statuses
+        .values()
+        .filter(|s| **s == camera::CameraStatus::Online)
+        .count();
+    let c = publisher.counters();
+    format!(
+        "cameras online {online}/{}; broker {}; alarms queued {}; results dropped {}",
+        statuses.len(),
+        if c.connected { "connected" } else { "reconnecting" },
+        c.queued_alarms,
+        c.dropped_results
+    )
+}
+
+/// SIGHUP: re-read and validate the config; apply camera settings and camera additions and
+/// removals; keep the MQTT session. An invalid file is rejected and the running config stays.
+#[allow(clippy::too_many_arguments)]
+fn reload(
+    path: &Path,
+    current: &mut Config,
+    running: &mut Vec<Running>,
+    size: usize,
+    next_index: &mut usize,
+    notify_frames: &Arc<FrameNotify>,
+    publisher: &PublisherHandle,
+    shared: &Arc<Shared>,
+) {
+    let now = sd_notify::NotifyState::monotonic_usec_now();
+    match &now {
+        Ok(m) => notify(&[sd_notify::NotifyState::Reloading, m.clone()]),
+        Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
+    }
+    match config::load_config(path) {
+        Err(e) => {
+            for line in e.to_string().lines() {
+                error!("reload rejected: {line}");
+            }
+            error!("reload rejected: keeping the running configuration");
+        }
+        Ok(new) => {
+            for (what, changed) in [
+                ("node_id", new.node_id != current.node_id),
+                ("state_dir", new.state_dir != current.state_dir),
+                ("[mqtt]", new.mqtt != current.mqtt),
+                ("[model]", new.model != current.model),
+                ("[engine]", new.engine != current.engine),
+            ] {
+                if changed {
+                    warn!("reload: {what} changed; it takes effect at the next restart");
+                }
+            }
+            // Removed or re-sourced cameras stop; new ones start; the rest change in place.
+            let mut keep: Vec<Running> = Vec::new();
+            for r in running.drain(..) {
+                match new.cameras.iter().find(|c| c.name == r.cfg.name) {
+                    Some(c) if c.source == r.cfg.source && c.max_fps == r.cfg.max_fps => {
+                        {
+                            let mut st = lock(&r.handle.state);
+                            st.threshold = c.threshold;
+                            st.pixel_threshold = c.pixel_threshold;
+                            if c.alarm != r.cfg.alarm
+                                && let Ok(d) = Debouncer::new(c.alarm)
+                            {
+                                st.debouncer = d;
+                            }
+                            if c.mask != r.cfg.mask {
+                                st.mask = c.mask;
+                                st.gate = MaskGate::new(c.mask.only_on_anomaly, c.mask.min_interval);
+                            }
+                        }
+                        keep.push(Running {
+                            cfg: c.clone(),
+                            ..r
+                        });
+                    }
+                    other => {
+                        info!(camera = %r.cfg.name, "reload: stopping camera");
+                        let name = r.cfg.name.clone();
+                        if let Err(e) = r.camera.stop() {
+                            warn!(camera = %name, error = %e, "camera did not stop cleanly");
+                        }
+                        lock(&shared.statuses).remove(&name);
+                        if other.is_none() {
+                            publisher.camera_status(&name, payload::CameraStatus::Offline);
+                        }
+                    }
+                }
+            }
+            for c in &new.cameras {
+                if keep.iter().any(|r| r.cfg.name == c.name) {
+                    continue;
+                }
+                info!(camera = %c.name, "reload: starting camera");
+                match start_camera(c, size, next_index, notify_frames, publisher, shared) {
+                    Ok(r) => keep.push(r),
+                    Err(e) => {
+                        error!(camera = %c.name, error = %e, "camera could not start");
+                        publisher.camera_status(&c.name, payload::CameraStatus::Error(e.to_string()));
+                    }
+                }
+            }
+            *running = keep;
+            publish_handles(shared, running);
+            let mut applied = new;
+            applied.node_id = current.node_id.clone();
+            applied.state_dir = current.state_dir.clone();
+            applied.mqtt = current.mqtt.clone();
+            applied.model = current.model.clone();
+            applied.engine = current.engine.clone();
+            *current = applied;
+            info!(cameras = running.len(), "configuration reloaded");
+        }
+    }
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status_line(shared, publisher)),
+    ]);
+}
