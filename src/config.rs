@@ -546,10 +546,12 @@ fn locate(
 
 /// Removes the key with span `key_span` anywhere in the tree.
 fn remove_key(table: &mut DeTable<'_>, key_span: &Range<usize>) -> bool {
-    let before = table.len();
-    table.retain(|k, _| k.span() != *key_span);
-    if table.len() != before {
-        return true;
+    let found = table
+        .iter()
+        .find(|(k, _)| k.span() == *key_span)
+        .map(|(k, _)| k.get_ref().to_string());
+    if let Some(name) = found {
+        return table.remove(name.as_str()).is_some();
     }
     for (_, v) in table.iter_mut() {
         match v.get_mut() {

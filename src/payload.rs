@@ -472,7 +472,7 @@ mod tests {
             score: 0.123_456,
             anomaly: false,
             threshold: 0.5,
-            map_max: 0.987_65,
+            map_max: 0.987_66,
             area: 0.01,
             latency_ms: 12.345,
             model: "m".into(),

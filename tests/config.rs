@@ -95,12 +95,12 @@ fn minimal_file_loads_with_defaults() {
 #[test]
 fn the_issue_example_line_is_exact() {
     let text = "node_id = \"n\"\n[model]\npackage = \"/nonexistent\"\n[mqtt]\nhost = \"h\"\n\
-                [[camera]]\nname = \"a\"\nuri = \"rtsp://cam/1\"\n\n\n\n\n[[camera]]\nname = \"b\"\n\
+                [[camera]]\nname = \"a\"\nuri = \"rtsp://cam/1\"\n\n\n\n[[camera]]\nname = \"b\"\n\
                 uri = \"ftp://cam/2\"\n";
     let err = parse_config(text, "config.toml", FsChecks::Disabled).expect_err("bad");
     assert_eq!(
         err.to_string(),
-        "config.toml:16: camera[1].uri: unsupported scheme \"ftp\" (expected rtsp, file, http, https or /dev/video*)"
+        "config.toml:14: camera[1].uri: unsupported scheme \"ftp\" (expected rtsp, file, http, https or /dev/video*)"
     );
 }
 
