@@ -231,7 +231,10 @@ mod tests {
         };
         assert_eq!(mk(0, 5, 1), Some(DebounceError::ZeroRaiseCount));
         assert_eq!(mk(1, 0, 1), Some(DebounceError::BadWindow(0)));
-        assert_eq!(mk(1, MAX_WINDOW + 1, 1), Some(DebounceError::BadWindow(MAX_WINDOW + 1)));
+        assert_eq!(
+            mk(1, MAX_WINDOW + 1, 1),
+            Some(DebounceError::BadWindow(MAX_WINDOW + 1))
+        );
         assert_eq!(
             mk(6, 5, 1),
             Some(DebounceError::CountOverWindow {

@@ -431,7 +431,12 @@ impl Ctx<'_> {
             + 1
     }
 
-    fn push(&mut self, span: Option<Range<usize>>, path: impl Into<String>, msg: impl Into<String>) {
+    fn push(
+        &mut self,
+        span: Option<Range<usize>>,
+        path: impl Into<String>,
+        msg: impl Into<String>,
+    ) {
         let line = span.map(|s| self.line_of(s.start));
         self.problems.push(Problem {
             file: self.origin.to_owned(),
@@ -554,22 +559,16 @@ fn remove_key(table: &mut DeTable<'_>, key_span: &Range<usize>) -> bool {
         return table.remove(name.as_str()).is_some();
     }
     for (_, v) in table.iter_mut() {
-        match v.get_mut() {
-            DeValue::Table(t) => {
-                if remove_key(t, key_span) {
-                    return true;
-                }
-            }
-            DeValue::Array(items) => {
-                for item in items.iter_mut() {
-                    if let DeValue::Table(t) = item.get_mut()
-                        && remove_key(t, key_span)
-                    {
-                        return true;
-                    }
-                }
-            }
-            _ => {}
+        let removed = match v.get_mut() {
+            DeValue::Table(t) => remove_key(t, key_span),
+            DeValue::Array(items) => items.iter_mut().any(|item| match item.get_mut() {
+                DeValue::Table(t) => remove_key(t, key_span),
+                _ => false,
+            }),
+            _ => false,
+        };
+        if removed {
+            return true;
         }
     }
     false
@@ -592,7 +591,11 @@ fn in_range<T: PartialOrd + fmt::Display + Copy>(
 ) -> bool {
     let x = *v.get_ref();
     if x < lo || x > hi {
-        ctx.at(v, path, format!("{x} is out of range (expected {lo} to {hi})"));
+        ctx.at(
+            v,
+            path,
+            format!("{x} is out of range (expected {lo} to {hi})"),
+        );
         false
     } else {
         true
@@ -623,7 +626,11 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         }
         None => {
             if !ctx.reported("node_id") {
-                ctx.push(None, "node_id", "missing: set node_id = \"<name of this station>\"");
+                ctx.push(
+                    None,
+                    "node_id",
+                    "missing: set node_id = \"<name of this station>\"",
+                );
             }
             None
         }
@@ -638,7 +645,11 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         Some(v) => {
             let p = PathBuf::from(v.get_ref());
             if ctx.fs() && p.exists() && !p.is_dir() {
-                ctx.at(v, "state_dir", format!("{:?} exists and is not a directory", v.get_ref()));
+                ctx.at(
+                    v,
+                    "state_dir",
+                    format!("{:?} exists and is not a directory", v.get_ref()),
+                );
             }
             Some(p)
         }
@@ -661,23 +672,42 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
                 let path = PathBuf::from(p.get_ref());
                 if ctx.fs() {
                     if !path.is_dir() {
-                        ctx.at(p, "model.package", format!("model package directory {:?} not found", p.get_ref()));
+                        ctx.at(
+                            p,
+                            "model.package",
+                            format!("model package directory {:?} not found", p.get_ref()),
+                        );
                     } else if !path.join("manifest.toml").is_file() {
-                        ctx.at(p, "model.package", format!("{:?} has no manifest.toml (not a model package)", p.get_ref()));
+                        ctx.at(
+                            p,
+                            "model.package",
+                            format!(
+                                "{:?} has no manifest.toml (not a model package)",
+                                p.get_ref()
+                            ),
+                        );
                     }
                 }
                 Some(ModelConfig { package: path })
             }
             None => {
                 if !ctx.reported("model.package") {
-                    ctx.at(m, "model.package", "missing: set package = \"<model package directory>\"");
+                    ctx.at(
+                        m,
+                        "model.package",
+                        "missing: set package = \"<model package directory>\"",
+                    );
                 }
                 None
             }
         },
         None => {
             if !ctx.reported("model") {
-                ctx.push(None, "model", "missing [model] table with package = \"<model package directory>\"");
+                ctx.push(
+                    None,
+                    "model",
+                    "missing [model] table with package = \"<model package directory>\"",
+                );
             }
             None
         }
@@ -688,7 +718,11 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         Some(m) => resolve_mqtt(ctx, m),
         None => {
             if !ctx.reported("mqtt") {
-                ctx.push(None, "mqtt", "missing [mqtt] table (at least host = \"<broker>\")");
+                ctx.push(
+                    None,
+                    "mqtt",
+                    "missing [mqtt] table (at least host = \"<broker>\")",
+                );
             }
             None
         }
@@ -699,7 +733,11 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
     let mut names: HashMap<String, (usize, usize)> = HashMap::new();
     match &raw.camera {
         Some(list) if list.get_ref().is_empty() => {
-            ctx.at(list, "camera", "no cameras: add at least one [[camera]] table");
+            ctx.at(
+                list,
+                "camera",
+                "no cameras: add at least one [[camera]] table",
+            );
         }
         Some(list) => {
             for (i, cam) in list.get_ref().iter().enumerate() {
@@ -710,7 +748,11 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         }
         None => {
             if !ctx.reported("camera") {
-                ctx.push(None, "camera", "no cameras: add at least one [[camera]] table");
+                ctx.push(
+                    None,
+                    "camera",
+                    "no cameras: add at least one [[camera]] table",
+                );
             }
         }
     }
@@ -753,7 +795,11 @@ fn resolve_engine(ctx: &mut Ctx<'_>, raw: Option<&RawEngine>) -> Option<EngineCo
     }
     let ort_library = e.ort_library.as_ref().map(|v| {
         if ctx.fs() && !Path::new(v.get_ref()).is_file() {
-            ctx.at(v, "engine.ort_library", format!("ONNX Runtime library {:?} not found", v.get_ref()));
+            ctx.at(
+                v,
+                "engine.ort_library",
+                format!("ONNX Runtime library {:?} not found", v.get_ref()),
+            );
         }
         PathBuf::from(v.get_ref())
     });
@@ -776,16 +822,31 @@ fn read_file(ctx: &mut Ctx<'_>, v: &Spanned<String>, path: &str, what: &str) -> 
     match std::fs::read(v.get_ref()) {
         Ok(bytes) => Some(bytes),
         Err(e) => {
-            ctx.at(v, path, format!("cannot read {what} {:?}: {e}", v.get_ref()));
+            ctx.at(
+                v,
+                path,
+                format!("cannot read {what} {:?}: {e}", v.get_ref()),
+            );
             None
         }
     }
 }
 
-fn pem_check(ctx: &mut Ctx<'_>, v: &Spanned<String>, path: &str, bytes: &[u8], marker: &str, what: &str) {
+fn pem_check(
+    ctx: &mut Ctx<'_>,
+    v: &Spanned<String>,
+    path: &str,
+    bytes: &[u8],
+    marker: &str,
+    what: &str,
+) {
     let text = String::from_utf8_lossy(bytes);
     if !text.contains("-----BEGIN") || !text.contains(marker) {
-        ctx.at(v, path, format!("{:?} does not look like a PEM {what}", v.get_ref()));
+        ctx.at(
+            v,
+            path,
+            format!("{:?} does not look like a PEM {what}", v.get_ref()),
+        );
     }
 }
 
@@ -804,7 +865,9 @@ fn topic_prefix_problem(p: &str) -> Option<String> {
         return Some(format!("{p:?} starts with $ (reserved for the broker)"));
     }
     if p.split('/').any(str::is_empty) {
-        return Some(format!("{p:?} has an empty topic level (leading, trailing or double /)"));
+        return Some(format!(
+            "{p:?} has an empty topic level (leading, trailing or double /)"
+        ));
     }
     None
 }
@@ -822,20 +885,24 @@ fn resolve_mqtt(ctx: &mut Ctx<'_>, m: &Spanned<RawMqtt>) -> Option<MqttConfig> {
         Some(h) => h.get_ref().clone(),
         None => {
             if !ctx.reported("mqtt.host") {
-                ctx.at(m, "mqtt.host", "missing: set host = \"<broker host name or address>\"");
+                ctx.at(
+                    m,
+                    "mqtt.host",
+                    "missing: set host = \"<broker host name or address>\"",
+                );
             }
             String::new()
         }
     };
-    let port = r.port.as_ref().map_or(
-        if r.tls.is_some() { 8883 } else { 1883 },
-        |p| {
+    let port = r
+        .port
+        .as_ref()
+        .map_or(if r.tls.is_some() { 8883 } else { 1883 }, |p| {
             if *p.get_ref() == 0 {
                 ctx.at(p, "mqtt.port", "port 0 is not valid");
             }
             *p.get_ref()
-        },
-    );
+        });
     if let Some(c) = &r.client_id {
         let s = c.get_ref();
         if s.is_empty() || s.len() > 128 || s.chars().any(char::is_control) {
@@ -853,12 +920,20 @@ fn resolve_mqtt(ctx: &mut Ctx<'_>, m: &Spanned<RawMqtt>) -> Option<MqttConfig> {
     if let Some(u) = &r.username
         && u.get_ref().is_empty()
     {
-        ctx.at(u, "mqtt.username", "must not be empty (remove it for anonymous access)");
+        ctx.at(
+            u,
+            "mqtt.username",
+            "must not be empty (remove it for anonymous access)",
+        );
     }
     let mut password = None;
     match (&r.password, &r.password_file) {
         (Some(p), Some(_)) => {
-            ctx.at(p, "mqtt.password", "set either password or password_file, not both");
+            ctx.at(
+                p,
+                "mqtt.password",
+                "set either password or password_file, not both",
+            );
         }
         (Some(p), None) => password = Some(p.get_ref().clone()),
         (None, Some(f)) => {
@@ -867,11 +942,19 @@ fn resolve_mqtt(ctx: &mut Ctx<'_>, m: &Spanned<RawMqtt>) -> Option<MqttConfig> {
                     Ok(s) => {
                         let s = s.trim_end_matches(['\n', '\r']).to_owned();
                         if s.is_empty() {
-                            ctx.at(f, "mqtt.password_file", format!("password file {:?} is empty", f.get_ref()));
+                            ctx.at(
+                                f,
+                                "mqtt.password_file",
+                                format!("password file {:?} is empty", f.get_ref()),
+                            );
                         }
                         password = Some(s);
                     }
-                    Err(_) => ctx.at(f, "mqtt.password_file", format!("password file {:?} is not UTF-8", f.get_ref())),
+                    Err(_) => ctx.at(
+                        f,
+                        "mqtt.password_file",
+                        format!("password file {:?} is not UTF-8", f.get_ref()),
+                    ),
                 }
             }
         }
@@ -880,7 +963,11 @@ fn resolve_mqtt(ctx: &mut Ctx<'_>, m: &Spanned<RawMqtt>) -> Option<MqttConfig> {
     if r.username.is_none()
         && let Some(p) = r.password.as_ref().or(r.password_file.as_ref())
     {
-        ctx.at(p, "mqtt.username", "a password needs a username: set username = \"…\"");
+        ctx.at(
+            p,
+            "mqtt.username",
+            "a password needs a username: set username = \"…\"",
+        );
     }
 
     // QoS.
@@ -892,7 +979,11 @@ fn resolve_mqtt(ctx: &mut Ctx<'_>, m: &Spanned<RawMqtt>) -> Option<MqttConfig> {
                 1 => rumqttc::QoS::AtLeastOnce,
                 2 => rumqttc::QoS::ExactlyOnce,
                 n => {
-                    ctx.at(q, path, format!("QoS {n} does not exist (expected 0, 1 or 2)"));
+                    ctx.at(
+                        q,
+                        path,
+                        format!("QoS {n} does not exist (expected 0, 1 or 2)"),
+                    );
                     rumqttc::QoS::AtMostOnce
                 }
             },
@@ -902,8 +993,14 @@ fn resolve_mqtt(ctx: &mut Ctx<'_>, m: &Spanned<RawMqtt>) -> Option<MqttConfig> {
     let mask_qos = qos(ctx, &r.mask_qos, "mqtt.mask_qos");
 
     // Reconnect backoff.
-    let rmin = get(&r.reconnect_min_ms, defaults.reconnect_min.as_millis() as u64);
-    let rmax = get(&r.reconnect_max_ms, defaults.reconnect_max.as_millis() as u64);
+    let rmin = get(
+        &r.reconnect_min_ms,
+        defaults.reconnect_min.as_millis() as u64,
+    );
+    let rmax = get(
+        &r.reconnect_max_ms,
+        defaults.reconnect_max.as_millis() as u64,
+    );
     if let Some(v) = &r.reconnect_min_ms {
         in_range(ctx, v, "mqtt.reconnect_min_ms", 1, 3_600_000);
     }
@@ -911,12 +1008,20 @@ fn resolve_mqtt(ctx: &mut Ctx<'_>, m: &Spanned<RawMqtt>) -> Option<MqttConfig> {
         && in_range(ctx, v, "mqtt.reconnect_max_ms", 1, 3_600_000)
         && rmax < rmin
     {
-        ctx.at(v, "mqtt.reconnect_max_ms", format!("{rmax} is below reconnect_min_ms ({rmin})"));
+        ctx.at(
+            v,
+            "mqtt.reconnect_max_ms",
+            format!("{rmax} is below reconnect_min_ms ({rmin})"),
+        );
     } else if r.reconnect_max_ms.is_none()
         && rmax < rmin
         && let Some(v) = &r.reconnect_min_ms
     {
-        ctx.at(v, "mqtt.reconnect_min_ms", format!("{rmin} is above reconnect_max_ms ({rmax})"));
+        ctx.at(
+            v,
+            "mqtt.reconnect_min_ms",
+            format!("{rmin} is above reconnect_max_ms ({rmax})"),
+        );
     }
 
     let queue_max = get(&r.queue_max_alarms, defaults.queue_max_alarms as u64);
@@ -930,32 +1035,67 @@ fn resolve_mqtt(ctx: &mut Ctx<'_>, m: &Spanned<RawMqtt>) -> Option<MqttConfig> {
         let ca_file = match &tr.ca_file {
             Some(ca) => {
                 if let Some(bytes) = read_file(ctx, ca, "mqtt.tls.ca_file", "CA file") {
-                    pem_check(ctx, ca, "mqtt.tls.ca_file", &bytes, "CERTIFICATE-----", "certificate");
+                    pem_check(
+                        ctx,
+                        ca,
+                        "mqtt.tls.ca_file",
+                        &bytes,
+                        "CERTIFICATE-----",
+                        "certificate",
+                    );
                 }
                 PathBuf::from(ca.get_ref())
             }
             None => {
                 if !ctx.reported("mqtt.tls.ca_file") {
-                    ctx.at(t, "mqtt.tls.ca_file", "missing: set ca_file = \"<CA certificate PEM>\"");
+                    ctx.at(
+                        t,
+                        "mqtt.tls.ca_file",
+                        "missing: set ca_file = \"<CA certificate PEM>\"",
+                    );
                 }
                 PathBuf::new()
             }
         };
         let cert = tr.client_cert_file.as_ref().map(|c| {
-            if let Some(bytes) = read_file(ctx, c, "mqtt.tls.client_cert_file", "client certificate") {
-                pem_check(ctx, c, "mqtt.tls.client_cert_file", &bytes, "CERTIFICATE-----", "certificate");
+            if let Some(bytes) =
+                read_file(ctx, c, "mqtt.tls.client_cert_file", "client certificate")
+            {
+                pem_check(
+                    ctx,
+                    c,
+                    "mqtt.tls.client_cert_file",
+                    &bytes,
+                    "CERTIFICATE-----",
+                    "certificate",
+                );
             }
             PathBuf::from(c.get_ref())
         });
         let key = tr.client_key_file.as_ref().map(|k| {
             if let Some(bytes) = read_file(ctx, k, "mqtt.tls.client_key_file", "client key") {
-                pem_check(ctx, k, "mqtt.tls.client_key_file", &bytes, "PRIVATE KEY-----", "private key");
+                pem_check(
+                    ctx,
+                    k,
+                    "mqtt.tls.client_key_file",
+                    &bytes,
+                    "PRIVATE KEY-----",
+                    "private key",
+                );
             }
             PathBuf::from(k.get_ref())
         });
         match (&tr.client_cert_file, &tr.client_key_file) {
-            (Some(c), None) => ctx.at(c, "mqtt.tls.client_key_file", "client_cert_file needs client_key_file"),
-            (None, Some(k)) => ctx.at(k, "mqtt.tls.client_cert_file", "client_key_file needs client_cert_file"),
+            (Some(c), None) => ctx.at(
+                c,
+                "mqtt.tls.client_key_file",
+                "client_cert_file needs client_key_file",
+            ),
+            (None, Some(k)) => ctx.at(
+                k,
+                "mqtt.tls.client_cert_file",
+                "client_key_file needs client_cert_file",
+            ),
             _ => {}
         }
         TlsConfig {
@@ -993,7 +1133,9 @@ fn parse_uri(uri: &str) -> Result<CameraSource, String> {
         return if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
             Ok(CameraSource::V4l2(PathBuf::from(uri)))
         } else {
-            Err(format!("invalid V4L2 device {uri:?} (expected /dev/videoN)"))
+            Err(format!(
+                "invalid V4L2 device {uri:?} (expected /dev/videoN)"
+            ))
         };
     }
     let Some((scheme, rest)) = uri.split_once("://") else {
@@ -1014,7 +1156,9 @@ fn parse_uri(uri: &str) -> Result<CameraSource, String> {
             if path.starts_with('/') && path.len() > 1 {
                 Ok(CameraSource::File(PathBuf::from(path)))
             } else {
-                Err(format!("{uri:?}: a file URI needs an absolute path (file:///path/to/video)"))
+                Err(format!(
+                    "{uri:?}: a file URI needs an absolute path (file:///path/to/video)"
+                ))
             }
         }
         _ => Err(format!("unsupported scheme {scheme:?} {EXPECTED}")),
@@ -1052,11 +1196,9 @@ fn pipeline_problem(p: &str) -> Option<String> {
             continue;
         }
         saw_appsink = true;
-        if words.any(|w| {
-            w.strip_prefix("name=")
-                .map(|v| v.trim_matches(['"', '\'']))
-                == Some("sink")
-        }) {
+        if words
+            .any(|w| w.strip_prefix("name=").map(|v| v.trim_matches(['"', '\''])) == Some("sink"))
+        {
             return None;
         }
     }
@@ -1097,7 +1239,11 @@ fn resolve_camera(
         }
         None => {
             if !ctx.reported(&format!("{p}.name")) {
-                ctx.at(cam, format!("{p}.name"), "missing: set name = \"<camera name>\"");
+                ctx.at(
+                    cam,
+                    format!("{p}.name"),
+                    "missing: set name = \"<camera name>\"",
+                );
             }
             String::new()
         }
@@ -1105,13 +1251,21 @@ fn resolve_camera(
 
     let source = match (&c.uri, &c.pipeline) {
         (Some(u), Some(_)) => {
-            ctx.at(u, format!("{p}.uri"), "set either uri or pipeline, not both");
+            ctx.at(
+                u,
+                format!("{p}.uri"),
+                "set either uri or pipeline, not both",
+            );
             None
         }
         (Some(u), None) => match parse_uri(u.get_ref()) {
             Ok(CameraSource::File(path)) => {
                 if ctx.fs() && !path.is_file() {
-                    ctx.at(u, format!("{p}.uri"), format!("file {:?} not found", path.display().to_string()));
+                    ctx.at(
+                        u,
+                        format!("{p}.uri"),
+                        format!("file {:?} not found", path.display().to_string()),
+                    );
                 }
                 Some(CameraSource::File(path))
             }
@@ -1144,7 +1298,11 @@ fn resolve_camera(
         Some(v) => {
             let x = *v.get_ref();
             if !x.is_finite() || !(0.0..=1000.0).contains(&x) {
-                ctx.at(v, format!("{p}.max_fps"), format!("{x} is out of range (expected 0 to 1000; 0 = no cap)"));
+                ctx.at(
+                    v,
+                    format!("{p}.max_fps"),
+                    format!("{x} is out of range (expected 0 to 1000; 0 = no cap)"),
+                );
             }
             (x > 0.0).then_some(x)
         }
@@ -1169,12 +1327,24 @@ fn resolve_camera(
     let mut alarm = DebounceConfig::default();
     if let Some(a) = &c.alarm {
         if let Some(v) = &a.raise_count
-            && in_range(ctx, v, &format!("{p}.alarm.raise_count"), 1, alarm::MAX_WINDOW)
+            && in_range(
+                ctx,
+                v,
+                &format!("{p}.alarm.raise_count"),
+                1,
+                alarm::MAX_WINDOW,
+            )
         {
             alarm.raise_count = *v.get_ref();
         }
         if let Some(v) = &a.raise_window
-            && in_range(ctx, v, &format!("{p}.alarm.raise_window"), 1, alarm::MAX_WINDOW)
+            && in_range(
+                ctx,
+                v,
+                &format!("{p}.alarm.raise_window"),
+                1,
+                alarm::MAX_WINDOW,
+            )
         {
             alarm.raise_window = *v.get_ref();
         }
@@ -1245,15 +1415,36 @@ mod tests {
 
     #[test]
     fn uri_classification() {
-        assert!(matches!(parse_uri("rtsp://cam/stream"), Ok(CameraSource::Rtsp(_))));
-        assert!(matches!(parse_uri("http://cam:8080/mjpg"), Ok(CameraSource::Http(_))));
-        assert!(matches!(parse_uri("HTTPS://cam/mjpg"), Ok(CameraSource::Http(_))));
-        assert!(matches!(parse_uri("file:///v.mp4"), Ok(CameraSource::File(_))));
-        assert!(matches!(parse_uri("file://localhost/v.mp4"), Ok(CameraSource::File(_))));
-        assert!(matches!(parse_uri("/dev/video0"), Ok(CameraSource::V4l2(_))));
+        assert!(matches!(
+            parse_uri("rtsp://cam/stream"),
+            Ok(CameraSource::Rtsp(_))
+        ));
+        assert!(matches!(
+            parse_uri("http://cam:8080/mjpg"),
+            Ok(CameraSource::Http(_))
+        ));
+        assert!(matches!(
+            parse_uri("HTTPS://cam/mjpg"),
+            Ok(CameraSource::Http(_))
+        ));
+        assert!(matches!(
+            parse_uri("file:///v.mp4"),
+            Ok(CameraSource::File(_))
+        ));
+        assert!(matches!(
+            parse_uri("file://localhost/v.mp4"),
+            Ok(CameraSource::File(_))
+        ));
+        assert!(matches!(
+            parse_uri("/dev/video0"),
+            Ok(CameraSource::V4l2(_))
+        ));
         assert_eq!(
             parse_uri("ftp://x/y"),
-            Err("unsupported scheme \"ftp\" (expected rtsp, file, http, https or /dev/video*)".into())
+            Err(
+                "unsupported scheme \"ftp\" (expected rtsp, file, http, https or /dev/video*)"
+                    .into()
+            )
         );
         assert!(parse_uri("/dev/videoX").is_err());
         assert!(parse_uri("rtsp:///x").is_err());
@@ -1264,11 +1455,27 @@ mod tests {
     #[test]
     fn pipeline_checks() {
         assert_eq!(pipeline_problem("videotestsrc ! appsink name=sink"), None);
-        assert_eq!(pipeline_problem("videotestsrc ! appsink name=\"sink\" sync=false"), None);
-        assert_eq!(pipeline_problem("videotestsrc ! appsink sync=false name=sink"), None);
-        assert!(pipeline_problem("videotestsrc ! fakesink").is_some_and(|m| m.contains("no appsink")));
-        assert!(pipeline_problem("videotestsrc ! appsink name=out").is_some_and(|m| m.contains("named sink")));
-        assert!(pipeline_problem("videotestsrc ! textoverlay text=\"a ! appsink name=sink\" ! fakesink").is_some());
+        assert_eq!(
+            pipeline_problem("videotestsrc ! appsink name=\"sink\" sync=false"),
+            None
+        );
+        assert_eq!(
+            pipeline_problem("videotestsrc ! appsink sync=false name=sink"),
+            None
+        );
+        assert!(
+            pipeline_problem("videotestsrc ! fakesink").is_some_and(|m| m.contains("no appsink"))
+        );
+        assert!(
+            pipeline_problem("videotestsrc ! appsink name=out")
+                .is_some_and(|m| m.contains("named sink"))
+        );
+        assert!(
+            pipeline_problem(
+                "videotestsrc ! textoverlay text=\"a ! appsink name=sink\" ! fakesink"
+            )
+            .is_some()
+        );
         assert!(pipeline_problem("  ").is_some());
     }
 

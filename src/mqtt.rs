@@ -404,13 +404,9 @@ impl AlarmQueue {
                 self.file.insert(f)
             }
         };
-        let res = file.write_all(&line).and_then(|()| {
-            if sync {
-                file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
+        let res = file
+            .write_all(&line)
+            .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
         match res {
             Ok(()) => {
                 self.records += 1;
@@ -575,9 +571,7 @@ impl PublisherHandle {
 
     /// Sets a camera's status; published (QoS 1, retained) when it changes and on every reconnect.
     pub fn camera_status(&self, camera: &str, status: CameraStatus) {
-        let _ = self
-            .ctl
-            .send(Ctl::CameraStatus(camera.to_owned(), status));
+        let _ = self.ctl.send(Ctl::CameraStatus(camera.to_owned(), status));
     }
 
     /// Publishes a stats report on `<prefix>/stats`; its `mqtt` part is filled in by the
@@ -781,12 +775,15 @@ impl Backoff {
 
 type ConnEvent = (u64, Result<Event, ConnectionError>);
 
+/// PEM bytes read at start: the CA, and the client certificate and key for mutual TLS.
+type TlsBytes = (Vec<u8>, Option<(Vec<u8>, Vec<u8>)>);
+
 struct Worker {
     cfg: MqttConfig,
     client_id: String,
     prefix: String,
     node_status_topic: String,
-    tls: Option<(Vec<u8>, Option<(Vec<u8>, Vec<u8>)>)>,
+    tls: Option<TlsBytes>,
     queue: AlarmQueue,
     shared: Arc<Shared>,
     statuses: BTreeMap<String, CameraStatus>,
@@ -856,13 +853,23 @@ impl Worker {
         if is_valid_name(camera) {
             Some(format!("{}/{camera}/{leaf}", self.prefix))
         } else {
-            warn!(camera, "invalid camera name (not a safe topic level): message dropped");
+            warn!(
+                camera,
+                "invalid camera name (not a safe topic level): message dropped"
+            );
             None
         }
     }
 
     /// Hands a publish to rumqttc; false if not connected or its request channel is full.
-    fn publish(&mut self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>, sent: Sent) -> bool {
+    fn publish(
+        &mut self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+        sent: Sent,
+    ) -> bool {
         let Some(conn) = self.conn.as_mut().filter(|c| c.up) else {
             return false;
         };
@@ -898,7 +905,12 @@ impl Worker {
         o.set_inflight(INFLIGHT);
         o.set_request_channel_capacity(REQUEST_CHANNEL);
         if let Some(user) = &self.cfg.username {
-            let pass = self.cfg.password.as_ref().map(|p| p.0.clone()).unwrap_or_default();
+            let pass = self
+                .cfg
+                .password
+                .as_ref()
+                .map(|p| p.0.clone())
+                .unwrap_or_default();
             o.set_credentials(user.clone(), pass);
         }
         if let Some((ca, client_auth)) = &self.tls {
@@ -992,11 +1004,20 @@ impl Worker {
                 Sent::Status,
             );
         }
-        let statuses: Vec<(String, CameraStatus)> =
-            self.statuses.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let statuses: Vec<(String, CameraStatus)> = self
+            .statuses
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (camera, status) in statuses {
             if let Some(topic) = self.topic(&camera, "status") {
-                self.publish(topic, QoS::AtLeastOnce, true, status.payload().into_bytes(), Sent::Status);
+                self.publish(
+                    topic,
+                    QoS::AtLeastOnce,
+                    true,
+                    status.payload().into_bytes(),
+                    Sent::Status,
+                );
             }
         }
         let states: Vec<Alarm> = self
@@ -1007,7 +1028,13 @@ impl Worker {
             .collect();
         for a in states {
             if let Some(topic) = self.topic(&a.camera, "alarm") {
-                self.publish(topic, QoS::AtLeastOnce, true, a.to_json(true), Sent::AlarmState);
+                self.publish(
+                    topic,
+                    QoS::AtLeastOnce,
+                    true,
+                    a.to_json(true),
+                    Sent::AlarmState,
+                );
             }
         }
         self.send_alarms();
@@ -1100,7 +1127,13 @@ impl Worker {
                 let _ = self.queue.ack(id);
                 continue;
             };
-            if self.publish(topic, QoS::AtLeastOnce, true, alarm.to_json(replay), Sent::Alarm(id)) {
+            if self.publish(
+                topic,
+                QoS::AtLeastOnce,
+                true,
+                alarm.to_json(replay),
+                Sent::Alarm(id),
+            ) {
                 if let Some(e) = self.queue.entries.iter_mut().find(|e| e.id == id) {
                     e.sent = true;
                 }
@@ -1184,7 +1217,11 @@ impl Worker {
         match &mut self.stop {
             Some(stop) => stop.deadline = stop.deadline.min(deadline),
             None => {
-                info!(deadline_ms = d.as_millis() as u64, queued_alarms = self.queue.len(), "mqtt publisher stopping");
+                info!(
+                    deadline_ms = d.as_millis() as u64,
+                    queued_alarms = self.queue.len(),
+                    "mqtt publisher stopping"
+                );
                 self.stop = Some(Stop {
                     deadline,
                     stopped_sent: false,
@@ -1214,7 +1251,13 @@ impl Worker {
             for camera in cameras {
                 self.statuses.insert(camera.clone(), CameraStatus::Offline);
                 if let Some(topic) = self.topic(&camera, "status") {
-                    self.publish(topic, QoS::AtLeastOnce, true, b"offline".to_vec(), Sent::Status);
+                    self.publish(
+                        topic,
+                        QoS::AtLeastOnce,
+                        true,
+                        b"offline".to_vec(),
+                        Sent::Status,
+                    );
                 }
             }
             let sent = self.publish(
@@ -1256,7 +1299,7 @@ mod tests {
     fn alarm(seq: u64) -> Alarm {
         Alarm {
             camera: "cam".into(),
-            active: seq % 2 == 0,
+            active: seq.is_multiple_of(2),
             seq,
             ts_ms: 1000 + seq,
             score: 0.5,
@@ -1340,13 +1383,19 @@ mod tests {
         for s in 0..5000 {
             q.push(alarm(s), false);
         }
-        let lines = std::fs::read_to_string(&path).expect("read").lines().count();
+        let lines = std::fs::read_to_string(&path)
+            .expect("read")
+            .lines()
+            .count();
         assert!(lines <= 2 * 10 + 1024 + 2, "{lines}");
         let ids: Vec<u64> = q.entries.iter().map(|e| e.id).collect();
         for id in ids.iter().take(9) {
             q.ack(*id).expect("ack");
         }
-        let lines = std::fs::read_to_string(&path).expect("read").lines().count();
+        let lines = std::fs::read_to_string(&path)
+            .expect("read")
+            .lines()
+            .count();
         assert!(lines < 1100, "{lines}");
         assert_eq!(seqs(&q), vec![4999]);
     }

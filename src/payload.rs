@@ -454,7 +454,10 @@ mod tests {
         }
         assert_eq!(obj.len(), 11);
         for (k, val) in obj {
-            assert!(!val.is_object() && !val.is_array() && !val.is_null(), "{k} not flat");
+            assert!(
+                !val.is_object() && !val.is_array() && !val.is_null(),
+                "{k} not flat"
+            );
             if let Some(s) = val.as_str() {
                 assert!(s.len() <= MAX_STRING_BYTES && s.is_ascii(), "{k}");
             }
@@ -548,7 +551,10 @@ mod tests {
         assert!(g[1] > 0 && g[1] < 128 && g[2] > 128 && g[2] < 255);
         let b = render_mask(&map, 2, 2, 4, MaskKind::Binary, 0.5);
         assert_eq!(&b[0..4], &[0, 0, 255, 255]);
-        assert_eq!(render_mask(&map, 3, 2, 4, MaskKind::Binary, 0.5), vec![0; 16]);
+        assert_eq!(
+            render_mask(&map, 3, 2, 4, MaskKind::Binary, 0.5),
+            vec![0; 16]
+        );
     }
 
     #[test]

@@ -54,11 +54,15 @@ fn example_and_demo_parse() {
     assert!(matches!(cfg.cameras[0].source, CameraSource::Rtsp(_)));
     assert!(matches!(cfg.cameras[1].source, CameraSource::Pipeline(_)));
     assert_eq!(cfg.cameras[0].alarm.raise_count, 3);
-    assert_eq!(cfg.mqtt.prefix_for(&cfg.node_id), "anomalyclip/line1-station3");
+    assert_eq!(
+        cfg.mqtt.prefix_for(&cfg.node_id),
+        "anomalyclip/line1-station3"
+    );
 
     let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
         .expect("read demo.toml");
-    let cfg = parse_config(&demo, "demo.toml", FsChecks::Disabled).unwrap_or_else(|e| panic!("{e}"));
+    let cfg =
+        parse_config(&demo, "demo.toml", FsChecks::Disabled).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.engine.backend, Backend::Cpu);
     assert_eq!((cfg.mqtt.host.as_str(), cfg.mqtt.port), ("127.0.0.1", 1883));
     assert_eq!(cfg.state_dir, Path::new(".state/demo"));
@@ -171,24 +175,108 @@ size = 4096
         missing = missing.display()
     );
     let ps = problems(&text);
-    expect(&ps, &text, "node_id", "node_id =", "invalid name \"station 1\"");
+    expect(
+        &ps,
+        &text,
+        "node_id",
+        "node_id =",
+        "invalid name \"station 1\"",
+    );
     expect(&ps, &text, "colour", "colour =", "unknown field `colour`");
-    expect(&ps, &text, "stats_interval_s", "stats_interval_s", "invalid type");
-    expect(&ps, &text, "engine.backend", "backend =", "unknown variant `gpu`");
-    expect(&ps, &text, "engine.max_batch", "max_batch =", "out of range");
+    expect(
+        &ps,
+        &text,
+        "stats_interval_s",
+        "stats_interval_s",
+        "invalid type",
+    );
+    expect(
+        &ps,
+        &text,
+        "engine.backend",
+        "backend =",
+        "unknown variant `gpu`",
+    );
+    expect(
+        &ps,
+        &text,
+        "engine.max_batch",
+        "max_batch =",
+        "out of range",
+    );
     expect(&ps, &text, "mqtt.port", "port = 70000", "");
-    expect(&ps, &text, "mqtt.password_file", "password_file", "cannot read password file");
-    expect(&ps, &text, "mqtt.result_qos", "result_qos", "QoS 3 does not exist");
+    expect(
+        &ps,
+        &text,
+        "mqtt.password_file",
+        "password_file",
+        "cannot read password file",
+    );
+    expect(
+        &ps,
+        &text,
+        "mqtt.result_qos",
+        "result_qos",
+        "QoS 3 does not exist",
+    );
     expect(&ps, &text, "mqtt.topic_prefix", "topic_prefix", "wildcard");
     expect(&ps, &text, "mqtt.bogus", "bogus", "unknown field `bogus`");
-    expect(&ps, &text, "mqtt.tls.ca_file", "ca_file", "cannot read CA file");
-    expect(&ps, &text, "mqtt.tls.client_cert_file", "client_cert_file", "cannot read client certificate");
-    expect(&ps, &text, "mqtt.tls.client_key_file", "client_cert_file", "needs client_key_file");
-    expect(&ps, &text, "camera[0].threshold", "threshold = 1.5", "outside [0, 1]");
-    expect(&ps, &text, "camera[0].pixel_threshold", "pixel_threshold = -0.1", "outside [0, 1]");
-    expect(&ps, &text, "camera[0].alarm.raise_count", "raise_count = 6", "larger than raise_window");
-    expect(&ps, &text, "camera[1].uri", "ftp://", "unsupported scheme \"ftp\" (expected rtsp, file, http, https or /dev/video*)");
-    expect(&ps, &text, "camera[1].max_fps", "max_fps = -1", "out of range");
+    expect(
+        &ps,
+        &text,
+        "mqtt.tls.ca_file",
+        "ca_file",
+        "cannot read CA file",
+    );
+    expect(
+        &ps,
+        &text,
+        "mqtt.tls.client_cert_file",
+        "client_cert_file",
+        "cannot read client certificate",
+    );
+    expect(
+        &ps,
+        &text,
+        "mqtt.tls.client_key_file",
+        "client_cert_file",
+        "needs client_key_file",
+    );
+    expect(
+        &ps,
+        &text,
+        "camera[0].threshold",
+        "threshold = 1.5",
+        "outside [0, 1]",
+    );
+    expect(
+        &ps,
+        &text,
+        "camera[0].pixel_threshold",
+        "pixel_threshold = -0.1",
+        "outside [0, 1]",
+    );
+    expect(
+        &ps,
+        &text,
+        "camera[0].alarm.raise_count",
+        "raise_count = 6",
+        "larger than raise_window",
+    );
+    expect(
+        &ps,
+        &text,
+        "camera[1].uri",
+        "ftp://",
+        "unsupported scheme \"ftp\" (expected rtsp, file, http, https or /dev/video*)",
+    );
+    expect(
+        &ps,
+        &text,
+        "camera[1].max_fps",
+        "max_fps = -1",
+        "out of range",
+    );
     let dup_line = line_of(&text, "uri = \"rtsp://10.0.0.3") - 1;
     assert!(
         ps.iter().any(|p| p.path == "camera[2].name"
@@ -196,14 +284,39 @@ size = 4096
             && p.message.contains("duplicate camera name \"cam-1\"")),
         "{ps:#?}"
     );
-    expect(&ps, &text, "camera[2].uri", "10.0.0.3", "either uri or pipeline");
-    expect(&ps, &text, "camera[3].pipeline", "autovideosink", "no appsink");
+    expect(
+        &ps,
+        &text,
+        "camera[2].uri",
+        "10.0.0.3",
+        "either uri or pipeline",
+    );
+    expect(
+        &ps,
+        &text,
+        "camera[3].pipeline",
+        "autovideosink",
+        "no appsink",
+    );
     expect(&ps, &text, "camera[5].uri", "/dev/videoX", "/dev/videoN");
-    expect(&ps, &text, "camera[5].mask.kind", "kind = \"colour\"", "unknown variant `colour`");
-    expect(&ps, &text, "camera[5].mask.size", "size = 4096", "out of range");
+    expect(
+        &ps,
+        &text,
+        "camera[5].mask.kind",
+        "kind = \"colour\"",
+        "unknown variant `colour`",
+    );
+    expect(
+        &ps,
+        &text,
+        "camera[5].mask.size",
+        "size = 4096",
+        "out of range",
+    );
     // camera[4] has no source: reported at its table.
     assert!(
-        ps.iter().any(|p| p.path == "camera[4]" && p.message.contains("no source")),
+        ps.iter()
+            .any(|p| p.path == "camera[4]" && p.message.contains("no source")),
         "{ps:#?}"
     );
     // Sorted by line, one line of output per problem, each "file:line: path: message".
@@ -214,7 +327,10 @@ size = 4096
     }
     .to_string();
     assert_eq!(shown.lines().count(), ps.len());
-    assert!(shown.lines().all(|l| l.starts_with("config.toml:")), "{shown}");
+    assert!(
+        shown.lines().all(|l| l.starts_with("config.toml:")),
+        "{shown}"
+    );
     assert!(ps.len() >= 25, "{} problems:\n{shown}", ps.len());
 }
 
@@ -242,30 +358,67 @@ fn credentials_rules() {
         )
     };
     // Password file: read, newline trimmed, hidden in Debug.
-    let text = base(&format!("username = \"u\"\npassword_file = {:?}", pw.display().to_string()));
+    let text = base(&format!(
+        "username = \"u\"\npassword_file = {:?}",
+        pw.display().to_string()
+    ));
     let cfg = parse_config(&text, "c.toml", FsChecks::Enabled).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(cfg.mqtt.password.as_ref().map(|s| s.0.as_str()), Some("s3cret"));
+    assert_eq!(
+        cfg.mqtt.password.as_ref().map(|s| s.0.as_str()),
+        Some("s3cret")
+    );
     assert!(!format!("{cfg:?}").contains("s3cret"));
     // Both forms, and a password without a user.
-    let text = base(&format!("password = \"x\"\npassword_file = {:?}", pw.display().to_string()));
+    let text = base(&format!(
+        "password = \"x\"\npassword_file = {:?}",
+        pw.display().to_string()
+    ));
     let ps = problems(&text);
     expect(&ps, &text, "mqtt.password", "password = \"x\"", "not both");
-    expect(&ps, &text, "mqtt.username", "password = \"x\"", "needs a username");
+    expect(
+        &ps,
+        &text,
+        "mqtt.username",
+        "password = \"x\"",
+        "needs a username",
+    );
     // TLS present without a CA; port defaults to 8883 with TLS.
     let text = base("[mqtt.tls]\nclient_key_file = \"/nonexistent/k\"");
     let ps = problems(&text);
     expect(&ps, &text, "mqtt.tls.ca_file", "[mqtt.tls]", "missing");
-    expect(&ps, &text, "mqtt.tls.client_cert_file", "client_key_file", "needs client_cert_file");
+    expect(
+        &ps,
+        &text,
+        "mqtt.tls.client_cert_file",
+        "client_key_file",
+        "needs client_cert_file",
+    );
     // A real PEM-looking CA is accepted.
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").expect("ca");
-    let text = base(&format!("[mqtt.tls]\nca_file = {:?}", ca.display().to_string()));
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .expect("ca");
+    let text = base(&format!(
+        "[mqtt.tls]\nca_file = {:?}",
+        ca.display().to_string()
+    ));
     let cfg = parse_config(&text, "c.toml", FsChecks::Enabled).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.mqtt.port, 8883);
     // A file that is not PEM is refused.
-    let text = base(&format!("[mqtt.tls]\nca_file = {:?}", pw.display().to_string()));
+    let text = base(&format!(
+        "[mqtt.tls]\nca_file = {:?}",
+        pw.display().to_string()
+    ));
     let ps = problems(&text);
-    expect(&ps, &text, "mqtt.tls.ca_file", "ca_file", "does not look like a PEM certificate");
+    expect(
+        &ps,
+        &text,
+        "mqtt.tls.ca_file",
+        "ca_file",
+        "does not look like a PEM certificate",
+    );
 }
 
 #[test]
@@ -273,7 +426,10 @@ fn syntax_errors_are_reported_with_lines_and_stop_there() {
     let text = "node_id = \"n\"\n\n[mqtt\nhost = \"h\"\nport = = 3\n";
     let ps = problems(text);
     assert!(!ps.is_empty());
-    assert!(ps.iter().all(|p| p.path.is_empty() && p.line.is_some()), "{ps:#?}");
+    assert!(
+        ps.iter().all(|p| p.path.is_empty() && p.line.is_some()),
+        "{ps:#?}"
+    );
     assert!(ps.iter().any(|p| p.line == Some(3)), "{ps:#?}");
 }
 
@@ -310,7 +466,10 @@ fn model_package_is_checked() {
 fn unreadable_config_file_is_one_problem() {
     let err = load_config("/nonexistent/config.toml").expect_err("missing");
     assert_eq!(err.problems.len(), 1);
-    assert!(err.to_string().starts_with("/nonexistent/config.toml: cannot read config file"));
+    assert!(
+        err.to_string()
+            .starts_with("/nonexistent/config.toml: cannot read config file")
+    );
 }
 
 #[test]

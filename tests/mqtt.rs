@@ -81,7 +81,10 @@ impl Broker {
         self.child = Some(child);
         let t0 = Instant::now();
         loop {
-            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).await.is_ok() {
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))
+                .await
+                .is_ok()
+            {
                 return;
             }
             if let Some(c) = self.child.as_mut()
@@ -89,7 +92,11 @@ impl Broker {
             {
                 panic!("mosquitto exited: {status}\n{}", self.log());
             }
-            assert!(t0.elapsed() < WAIT, "mosquitto did not start\n{}", self.log());
+            assert!(
+                t0.elapsed() < WAIT,
+                "mosquitto did not start\n{}",
+                self.log()
+            );
             sleep(Duration::from_millis(10)).await;
         }
     }
@@ -209,11 +216,19 @@ impl Watcher {
         let deadline = Instant::now() + WAIT;
         let mut seen = Vec::new();
         loop {
-            match timeout(deadline.saturating_duration_since(Instant::now()), self.rx.recv()).await {
+            match timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                self.rx.recv(),
+            )
+            .await
+            {
                 Ok(Some(m)) if pred(&m) => return m,
                 Ok(Some(m)) => seen.push(format!("{} {:?}", m.topic, m.text())),
                 Ok(None) => panic!("watcher ended"),
-                Err(_) => panic!("no matching message in {WAIT:?}; seen:\n{}", seen.join("\n")),
+                Err(_) => panic!(
+                    "no matching message in {WAIT:?}; seen:\n{}",
+                    seen.join("\n")
+                ),
             }
         }
     }
@@ -237,7 +252,9 @@ impl Drop for Proxy {
 
 impl Proxy {
     async fn start(upstream: u16) -> Proxy {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind proxy");
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let (open, open_rx) = watch::channel(true);
         let task = tokio::spawn(async move {
@@ -292,7 +309,7 @@ async fn wait_until(what: &str, cond: impl Fn() -> bool) {
 fn alarm(camera: &str, seq: u64) -> Alarm {
     Alarm {
         camera: camera.into(),
-        active: seq % 2 == 0,
+        active: seq.is_multiple_of(2),
         seq,
         ts_ms: 1_700_000_000_000 + seq,
         score: 0.75,
@@ -355,7 +372,11 @@ async fn contract_status_results_alarm_mask_stats_and_clean_stop() {
     }
     for seq in 0..3 {
         let m = plc.next_on(&format!("anomalyclip/n1/{cam}/result")).await;
-        assert!(m.payload.len() <= MAX_RESULT_BYTES, "{} bytes", m.payload.len());
+        assert!(
+            m.payload.len() <= MAX_RESULT_BYTES,
+            "{} bytes",
+            m.payload.len()
+        );
         assert!(!m.retain);
         let v = m.json();
         let o = v.as_object().expect("object");
@@ -377,7 +398,12 @@ async fn contract_status_results_alarm_mask_stats_and_clean_stop() {
     let m = plc.next_on(&format!("anomalyclip/n1/{cam}/alarm")).await;
     let v = m.json();
     assert_eq!(
-        (v["v"].as_u64(), v["active"].as_bool(), v["seq"].as_u64(), v["replayed"].as_bool()),
+        (
+            v["v"].as_u64(),
+            v["active"].as_bool(),
+            v["seq"].as_u64(),
+            v["replayed"].as_bool()
+        ),
         (Some(1), Some(true), Some(0), Some(false))
     );
     assert_eq!(v.as_object().map(|o| o.len()), Some(7));
@@ -391,7 +417,10 @@ async fn contract_status_results_alarm_mask_stats_and_clean_stop() {
         .read_info()
         .expect("png");
     let info = reader.info();
-    assert_eq!((info.width, info.color_type), (32, png::ColorType::Grayscale));
+    assert_eq!(
+        (info.width, info.color_type),
+        (32, png::ColorType::Grayscale)
+    );
     let text: Vec<(String, String)> = info
         .uncompressed_latin1_text
         .iter()
@@ -399,7 +428,10 @@ async fn contract_status_results_alarm_mask_stats_and_clean_stop() {
         .collect();
     assert!(text.contains(&("seq".into(), "2".into())), "{text:?}");
     assert!(text.contains(&("camera".into(), cam.clone())), "{text:?}");
-    assert!(text.contains(&("ts_ms".into(), "1700000000002".into())), "{text:?}");
+    assert!(
+        text.contains(&("ts_ms".into(), "1700000000002".into())),
+        "{text:?}"
+    );
 
     // Stats: publisher counters filled in.
     h.stats(Stats {
@@ -409,7 +441,10 @@ async fn contract_status_results_alarm_mask_stats_and_clean_stop() {
     });
     let v = plc.next_on("anomalyclip/n1/stats").await.json();
     assert_eq!(v["engine"], "cpu");
-    assert!(v["mqtt"]["published"].as_u64().is_some_and(|n| n >= 5), "{v}");
+    assert!(
+        v["mqtt"]["published"].as_u64().is_some_and(|n| n >= 5),
+        "{v}"
+    );
     assert_eq!(v["mqtt"]["connected"], true);
 
     // The alarm was acknowledged: queue empty, file truncated. Progress was recorded.
@@ -428,8 +463,14 @@ async fn contract_status_results_alarm_mask_stats_and_clean_stop() {
         got.insert(m.topic.clone(), m);
     }
     assert_eq!(got["anomalyclip/n1/status"].text(), "stopped");
-    assert_eq!(got[&format!("anomalyclip/n1/{cam}/status")].text(), "offline");
-    assert_eq!(got[&format!("anomalyclip/n1/{cam}/alarm")].json()["active"], true);
+    assert_eq!(
+        got[&format!("anomalyclip/n1/{cam}/status")].text(),
+        "offline"
+    );
+    assert_eq!(
+        got[&format!("anomalyclip/n1/{cam}/alarm")].json()["active"],
+        true
+    );
     // After a stop, results are refused and counted.
     assert!(!h.result(result(&cam, 9, "m")));
     assert_eq!(h.counters().dropped_results, 1);
@@ -469,7 +510,10 @@ async fn alarms_survive_a_broker_outage_in_order_and_results_are_dropped() {
     }
     for seq in 0..3 {
         let v = plc.next_on("anomalyclip/out/cam/alarm").await.json();
-        assert_eq!((v["seq"].as_u64(), v["replayed"].as_bool()), (Some(seq), Some(false)));
+        assert_eq!(
+            (v["seq"].as_u64(), v["replayed"].as_bool()),
+            (Some(seq), Some(false))
+        );
     }
     wait_until("live alarms acked", || h.counters().queued_alarms == 0).await;
 
@@ -500,7 +544,11 @@ async fn alarms_survive_a_broker_outage_in_order_and_results_are_dropped() {
         assert_eq!(v["v"], 1);
         seqs.push(v["seq"].as_u64().expect("seq"));
     }
-    assert_eq!(seqs, vec![3, 4, 5, 6, 7], "every alarm, in order, none missing");
+    assert_eq!(
+        seqs,
+        vec![3, 4, 5, 6, 7],
+        "every alarm, in order, none missing"
+    );
     wait_until("replayed alarms acked", || h.counters().queued_alarms == 0).await;
     assert_eq!(queue_lines(state.path()), 0);
     assert_eq!(h.counters().reconnects, 1);
@@ -510,7 +558,10 @@ async fn alarms_survive_a_broker_outage_in_order_and_results_are_dropped() {
     let m = late.next_on("anomalyclip/out/cam/status").await;
     assert_eq!((m.text().as_str(), m.retain), ("reconnecting", true));
     let mut late = Watcher::start(broker.port, "anomalyclip/out/status").await;
-    assert_eq!(late.next_on("anomalyclip/out/status").await.text(), "online");
+    assert_eq!(
+        late.next_on("anomalyclip/out/status").await.text(),
+        "online"
+    );
 
     // Results flow again.
     assert!(h.result(result("cam", 8, "m")));
@@ -549,7 +600,10 @@ async fn disk_queue_survives_a_publisher_restart_with_the_broker_down_at_start()
     // A new alarm after the replay is live.
     h.alarm(alarm("cam", 4));
     let v = plc.next_on("anomalyclip/dq/cam/alarm").await.json();
-    assert_eq!((v["seq"].as_u64(), v["replayed"].as_bool()), (Some(4), Some(false)));
+    assert_eq!(
+        (v["seq"].as_u64(), v["replayed"].as_bool()),
+        (Some(4), Some(false))
+    );
     wait_until("all acked", || h.counters().queued_alarms == 0).await;
     assert_eq!(queue_lines(state.path()), 0);
     stop(&h, task, Duration::from_secs(3)).await;
