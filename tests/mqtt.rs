@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use anomalyclip_edge::mqtt::{MqttConfig, Publisher, PublisherHandle, QUEUE_FILE};
+use anomalyclip_edge::mqtt::{MqttConfig, Publisher, PublisherHandle, QUEUE_FILE, TlsConfig};
 use anomalyclip_edge::payload::{
     Alarm, CameraStatus, FrameResult, MAX_RESULT_BYTES, Stats, mask_png,
 };
@@ -30,6 +30,8 @@ struct Broker {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Extra mosquitto.conf lines (e.g. a TLS listener).
+    extra: String,
 }
 
 fn free_port() -> u16 {
@@ -41,10 +43,15 @@ impl Broker {
     /// Starts mosquitto on `port` (a free one if None) and waits until it accepts connections.
     async fn start(port: Option<u16>) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, port, String::new()).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, port: Option<u16>, extra: String) -> Broker {
         let mut b = Broker {
             child: None,
             port: port.unwrap_or_else(free_port),
             dir,
+            extra,
         };
         b.restart().await;
         b
@@ -57,8 +64,8 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n",
-                self.port
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n{}",
+                self.port, self.extra
             ),
         )
         .expect("write conf");
@@ -607,4 +614,128 @@ async fn disk_queue_survives_a_publisher_restart_with_the_broker_down_at_start()
     wait_until("all acked", || h.counters().queued_alarms == 0).await;
     assert_eq!(queue_lines(state.path()), 0);
     stop(&h, task, Duration::from_secs(3)).await;
+}
+
+/// Runs openssl; false if it is not installed or fails (the TLS test is then skipped).
+fn openssl(dir: &Path, args: &[&str]) -> bool {
+    Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, all P-256.
+fn make_certs(dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ok = openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=test-ca",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ][..],
+        ]
+        .concat(),
+    );
+    if !ok {
+        return false;
+    }
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let pem = format!("{name}.pem");
+        let subj = format!("/CN={name}");
+        let ok = openssl(
+            dir,
+            &[
+                &["req"][..],
+                &ec[..],
+                &["-keyout", &key, "-out", &csr, "-subj", &subj][..],
+            ]
+            .concat(),
+        ) && openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "1",
+                "-extfile",
+                ext,
+            ],
+        );
+        if !ok {
+            return false;
+        }
+    }
+    for f in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let _ = std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644));
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    if !make_certs(dir.path()) {
+        eprintln!("openssl not available: TLS test skipped");
+        return;
+    }
+    let tls_port = free_port();
+    let d = dir.path().display().to_string();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\n\
+         keyfile {d}/server.key\nrequire_certificate true\n"
+    );
+    let broker = Broker::start_in(dir, None, extra).await;
+    let mut plc = Watcher::start(broker.port, "anomalyclip/tls/status").await;
+    let state = tempfile::tempdir().expect("state");
+    let certs = broker.dir.path();
+    let mut c = cfg(tls_port);
+    c.tls = Some(TlsConfig {
+        ca_file: certs.join("ca.pem"),
+        client_cert_file: Some(certs.join("client.pem")),
+        client_key_file: Some(certs.join("client.key")),
+    });
+    let (h, task) = Publisher::spawn(&c, "tls", state.path()).expect("spawn");
+    assert_eq!(plc.next_on("anomalyclip/tls/status").await.text(), "online");
+    assert!(h.is_connected());
+    stop(&h, task, Duration::from_secs(3)).await;
+    assert_eq!(
+        plc.next_on("anomalyclip/tls/status").await.text(),
+        "stopped"
+    );
 }
