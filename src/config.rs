@@ -1001,27 +1001,28 @@ fn resolve_mqtt(ctx: &mut Ctx<'_>, m: &Spanned<RawMqtt>) -> Option<MqttConfig> {
         &r.reconnect_max_ms,
         defaults.reconnect_max.as_millis() as u64,
     );
-    if let Some(v) = &r.reconnect_min_ms {
-        in_range(ctx, v, "mqtt.reconnect_min_ms", 1, 3_600_000);
-    }
-    if let Some(v) = &r.reconnect_max_ms
-        && in_range(ctx, v, "mqtt.reconnect_max_ms", 1, 3_600_000)
-        && rmax < rmin
-    {
-        ctx.at(
-            v,
-            "mqtt.reconnect_max_ms",
-            format!("{rmax} is below reconnect_min_ms ({rmin})"),
-        );
-    } else if r.reconnect_max_ms.is_none()
-        && rmax < rmin
-        && let Some(v) = &r.reconnect_min_ms
-    {
-        ctx.at(
-            v,
-            "mqtt.reconnect_min_ms",
-            format!("{rmin} is above reconnect_max_ms ({rmax})"),
-        );
+    let min_ok = r
+        .reconnect_min_ms
+        .as_ref()
+        .is_none_or(|v| in_range(ctx, v, "mqtt.reconnect_min_ms", 1, 3_600_000));
+    let max_ok = r
+        .reconnect_max_ms
+        .as_ref()
+        .is_none_or(|v| in_range(ctx, v, "mqtt.reconnect_max_ms", 1, 3_600_000));
+    if min_ok && max_ok && rmax < rmin {
+        match (&r.reconnect_max_ms, &r.reconnect_min_ms) {
+            (Some(v), _) => ctx.at(
+                v,
+                "mqtt.reconnect_max_ms",
+                format!("{rmax} is below reconnect_min_ms ({rmin})"),
+            ),
+            (None, Some(v)) => ctx.at(
+                v,
+                "mqtt.reconnect_min_ms",
+                format!("{rmin} is above reconnect_max_ms ({rmax}, the default)"),
+            ),
+            (None, None) => {}
+        }
     }
 
     let queue_max = get(&r.queue_max_alarms, defaults.queue_max_alarms as u64);

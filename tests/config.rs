@@ -341,6 +341,19 @@ fn missing_required_keys_and_sections() {
     for want in ["node_id", "model", "mqtt.host", "camera"] {
         assert!(paths.contains(&want), "{want} missing from {paths:?}");
     }
+    let ps2 = problems("[mqtt]\nhost = \"h\"\nreconnect_min_ms = 10\nreconnect_max_ms = 5\n");
+    assert!(
+        ps2.iter().any(|p| p.path == "mqtt.reconnect_max_ms"
+            && p.line == Some(4)
+            && p.message.contains("below reconnect_min_ms")),
+        "{ps2:#?}"
+    );
+    let ps3 = problems("[mqtt]\nhost = \"h\"\nreconnect_min_ms = 60000\n");
+    assert!(
+        ps3.iter()
+            .any(|p| p.path == "mqtt.reconnect_min_ms" && p.line == Some(3)),
+        "{ps3:#?}"
+    );
     let host = ps.iter().find(|p| p.path == "mqtt.host").expect("host");
     assert_eq!(host.line, Some(1), "reported at the [mqtt] table");
 }
