@@ -1,0 +1,587 @@
+//! MQTT payloads: the versioned, PLC-sized wire contract.
+//!
+//! Input: plain values from the pipeline ([`FrameResult`], [`Alarm`], [`CameraStatus`],
+//! [`Stats`], an anomaly map for [`render_mask`]).
+//! Output: the bytes published on each topic:
+//! - `result`: flat JSON, one level, numbers/booleans/short strings, always ≤ [`MAX_RESULT_BYTES`]
+//!   (string fields are sanitised to printable ASCII and cut to [`MAX_STRING_BYTES`]; numbers are
+//!   rounded; a non-finite number becomes `-1`), keys `v camera seq ts_ms score anomaly threshold
+//!   map_max area latency_ms model`.
+//! - `alarm`: flat JSON `v camera active seq ts_ms score replayed`.
+//! - camera `status`: `online`, `reconnecting`, `offline` or `error: <reason>` (reason ≤ 200 bytes).
+//! - `mask`: an 8-bit grayscale PNG with `tEXt` chunks `camera`, `seq`, `ts_ms`.
+//! - `stats`: JSON (nested; not meant for PLCs).
+//!
+//! `v` is the payload schema version, [`SCHEMA_VERSION`]. Failure modes: only PNG encoding can
+//! fail ([`PayloadError`]); JSON encoding of these types can not fail.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Payload schema version, the `v` field of every JSON payload.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Upper bound of a `result` payload (CODESYS JSON and MQTT client limits, with margin).
+pub const MAX_RESULT_BYTES: usize = 512;
+/// Upper bound of any string field in `result`/`alarm` payloads after sanitising.
+pub const MAX_STRING_BYTES: usize = 64;
+/// Upper bound of the reason in `error: <reason>` camera statuses.
+pub const MAX_REASON_BYTES: usize = 200;
+
+/// Errors building a payload.
+#[derive(Debug, Error)]
+pub enum PayloadError {
+    #[error("mask has {got} pixels, expected {width}x{height}")]
+    MaskSize { width: u32, height: u32, got: usize },
+    #[error("png encoding failed: {0}")]
+    Png(#[from] png::EncodingError),
+}
+
+/// Keeps printable ASCII except `"` and `\` (replaced by `_`, like any other byte), cut to `max`
+/// bytes. PLC JSON parsers (CODESYS, TwinCAT) handle short ASCII strings best, and a sanitised
+/// string needs no JSON escaping, so its encoded size is its length plus the quotes.
+pub fn sanitize(s: &str, max: usize) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(max)
+        .collect()
+}
+
+/// Rounds to 4 decimals; a non-finite value becomes -1 (documented sentinel: "invalid").
+fn r4(x: f32) -> f64 {
+    if x.is_finite() {
+        (f64::from(x) * 1e4).round() / 1e4
+    } else {
+        -1.0
+    }
+}
+
+/// Rounds to 1 decimal; a non-finite value becomes -1.
+fn r1(x: f32) -> f64 {
+    if x.is_finite() {
+        (f64::from(x) * 10.0).round() / 10.0
+    } else {
+        -1.0
+    }
+}
+
+/// One scored frame, as the pipeline knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameResult {
+    /// Camera name (the topic level).
+    pub camera: String,
+    /// Frame sequence number of this camera, increasing from 0 at daemon start.
+    pub seq: u64,
+    /// Capture time, Unix epoch milliseconds.
+    pub ts_ms: u64,
+    /// Image-level anomaly score in [0, 1].
+    pub score: f32,
+    /// `score >= threshold` for this frame (not debounced; see the `alarm` topic for that).
+    pub anomaly: bool,
+    /// Score threshold in use.
+    pub threshold: f32,
+    /// Maximum of the pixel anomaly map.
+    pub map_max: f32,
+    /// Fraction of map pixels at or above the pixel threshold, in [0, 1].
+    pub area: f32,
+    /// Capture → publish latency in milliseconds.
+    pub latency_ms: f32,
+    /// Model name (from the package manifest).
+    pub model: String,
+}
+
+#[derive(Serialize)]
+struct ResultWire {
+    v: u32,
+    camera: String,
+    seq: u64,
+    ts_ms: u64,
+    score: f64,
+    anomaly: bool,
+    threshold: f64,
+    map_max: f64,
+    area: f64,
+    latency_ms: f64,
+    model: String,
+}
+
+impl FrameResult {
+    /// The `result` payload: flat JSON, guaranteed ≤ [`MAX_RESULT_BYTES`].
+    ///
+    /// Worst case: ~110 bytes of keys and punctuation, two strings of 64, two u64 of 20 digits,
+    /// five numbers of ≤ 24 characters, `false`: ≈ 400 bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        let wire = ResultWire {
+            v: SCHEMA_VERSION,
+            camera: sanitize(&self.camera, MAX_STRING_BYTES),
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+            score: r4(self.score),
+            anomaly: self.anomaly,
+            threshold: r4(self.threshold),
+            map_max: r4(self.map_max),
+            area: r4(self.area),
+            latency_ms: r1(self.latency_ms),
+            model: sanitize(&self.model, MAX_STRING_BYTES),
+        };
+        // Serialising a struct of plain fields into a Vec can not fail.
+        serde_json::to_vec(&wire).unwrap_or_default()
+    }
+}
+
+/// One debounced alarm transition. Also the record stored in the on-disk alarm queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alarm {
+    /// Camera name (the topic level).
+    pub camera: String,
+    /// Alarm state after the transition.
+    pub active: bool,
+    /// Sequence number of the frame that caused the transition.
+    pub seq: u64,
+    /// Capture time of that frame, Unix epoch milliseconds.
+    pub ts_ms: u64,
+    /// Score of that frame.
+    pub score: f32,
+}
+
+#[derive(Serialize)]
+struct AlarmWire {
+    v: u32,
+    camera: String,
+    active: bool,
+    seq: u64,
+    ts_ms: u64,
+    score: f64,
+    replayed: bool,
+}
+
+impl Alarm {
+    /// The `alarm` payload. `replayed` is true when the message is sent late: it was queued while
+    /// the broker was unreachable or had not acknowledged it, or was restored from the disk queue.
+    pub fn to_json(&self, replayed: bool) -> Vec<u8> {
+        let wire = AlarmWire {
+            v: SCHEMA_VERSION,
+            camera: sanitize(&self.camera, MAX_STRING_BYTES),
+            active: self.active,
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+            score: r4(self.score),
+            replayed,
+        };
+        serde_json::to_vec(&wire).unwrap_or_default()
+    }
+}
+
+/// Health of one camera, published retained on `<prefix>/<camera>/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CameraStatus {
+    /// Frames are arriving.
+    Online,
+    /// The source failed and is being reopened.
+    Reconnecting,
+    /// The source is stopped (daemon stopping, or camera disabled).
+    Offline,
+    /// The source failed and will not be retried without intervention; the reason is shown.
+    Error(String),
+}
+
+impl CameraStatus {
+    /// The payload text: `online`, `reconnecting`, `offline` or `error: <reason>`.
+    pub fn payload(&self) -> String {
+        match self {
+            CameraStatus::Online => "online".to_owned(),
+            CameraStatus::Reconnecting => "reconnecting".to_owned(),
+            CameraStatus::Offline => "offline".to_owned(),
+            CameraStatus::Error(reason) => {
+                format!("error: {}", sanitize(reason, MAX_REASON_BYTES))
+            }
+        }
+    }
+}
+
+/// Per-camera counters for the `stats` topic (filled by the pipeline).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CameraStats {
+    /// Frames per second delivered by the source over the last interval.
+    pub fps_in: f64,
+    /// Frames per second scored over the last interval.
+    pub fps_scored: f64,
+    /// Frames received since start.
+    pub frames_in: u64,
+    /// Frames scored since start.
+    pub scored: u64,
+    /// Frames dropped (rate cap, backpressure) since start.
+    pub dropped: u64,
+    /// Capture → publish latency, median over the last interval, ms.
+    pub latency_p50_ms: f64,
+    /// Capture → publish latency, 99th percentile over the last interval, ms.
+    pub latency_p99_ms: f64,
+    /// Current source status text (as on the camera status topic).
+    pub status: String,
+}
+
+/// Publisher counters, as written into `stats` (the publisher fills them in).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MqttStats {
+    /// Connected to the broker now.
+    pub connected: bool,
+    /// Messages published (QoS 0: written; QoS 1/2: acknowledged).
+    pub published: u64,
+    /// Successful connections after the first one.
+    pub reconnects: u64,
+    /// Results not published (broker unreachable or backpressure).
+    pub dropped_results: u64,
+    /// Masks not published (broker unreachable, backpressure, too large).
+    pub dropped_masks: u64,
+    /// Alarms waiting in the disk queue (sent but unacknowledged included).
+    pub queued_alarms: u64,
+    /// Alarms discarded because the disk queue was full.
+    pub dropped_alarms: u64,
+    /// Disk queue write failures (alarms then kept in memory only).
+    pub queue_errors: u64,
+}
+
+/// The `stats` payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Stats {
+    /// Seconds since the daemon started.
+    pub uptime_s: u64,
+    /// Wall clock of this report, Unix epoch milliseconds.
+    pub ts_ms: u64,
+    /// Inference engine in use (e.g. `tensorrt`, `cuda`, `cpu`).
+    pub engine: String,
+    /// Per camera, by name.
+    pub cameras: BTreeMap<String, CameraStats>,
+    /// Publisher counters; overwritten by the publisher when it sends the report.
+    pub mqtt: MqttStats,
+}
+
+#[derive(Serialize)]
+struct StatsWire<'a> {
+    v: u32,
+    #[serde(flatten)]
+    stats: &'a Stats,
+}
+
+impl Stats {
+    /// The `stats` payload (JSON with a `v` field).
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&StatsWire {
+            v: SCHEMA_VERSION,
+            stats: self,
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// What a mask pixel means (`[camera.mask] kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskKind {
+    /// 8-bit anomaly map: pixel = round(255 × clamp(map, 0, 1)).
+    GrayMap,
+    /// 0 or 255: pixel over the pixel threshold.
+    Binary,
+}
+
+/// Resamples a `map_w × map_h` anomaly map (row-major, values in [0, 1]) to `size × size`
+/// (bilinear, pixel centres aligned) and quantises it to 8 bits as `kind` says.
+/// An empty or mis-sized map gives an all-zero mask.
+pub fn render_mask(
+    map: &[f32],
+    map_w: usize,
+    map_h: usize,
+    size: u32,
+    kind: MaskKind,
+    pixel_threshold: f32,
+) -> Vec<u8> {
+    let n = size as usize;
+    let mut out = vec![0u8; n * n];
+    if map_w == 0 || map_h == 0 || map.len() != map_w * map_h || n == 0 {
+        return out;
+    }
+    let sx = map_w as f32 / n as f32;
+    let sy = map_h as f32 / n as f32;
+    for (oy, row) in out.chunks_exact_mut(n).enumerate() {
+        let fy = ((oy as f32 + 0.5) * sy - 0.5).clamp(0.0, (map_h - 1) as f32);
+        let y0 = fy.floor() as usize;
+        let y1 = (y0 + 1).min(map_h - 1);
+        let wy = fy - y0 as f32;
+        for (ox, px) in row.iter_mut().enumerate() {
+            let fx = ((ox as f32 + 0.5) * sx - 0.5).clamp(0.0, (map_w - 1) as f32);
+            let x0 = fx.floor() as usize;
+            let x1 = (x0 + 1).min(map_w - 1);
+            let wx = fx - x0 as f32;
+            let top = map[y0 * map_w + x0] * (1.0 - wx) + map[y0 * map_w + x1] * wx;
+            let bot = map[y1 * map_w + x0] * (1.0 - wx) + map[y1 * map_w + x1] * wx;
+            let v = top * (1.0 - wy) + bot * wy;
+            *px = match kind {
+                MaskKind::GrayMap => {
+                    if v.is_finite() {
+                        (v.clamp(0.0, 1.0) * 255.0).round() as u8
+                    } else {
+                        0
+                    }
+                }
+                MaskKind::Binary => {
+                    if v >= pixel_threshold {
+                        255
+                    } else {
+                        0
+                    }
+                }
+            };
+        }
+    }
+    out
+}
+
+/// Encodes an 8-bit grayscale `width × height` image as PNG with `tEXt` chunks `camera`, `seq`
+/// and `ts_ms`, so a subscriber can match the mask to its `result`/`alarm`.
+pub fn mask_png(
+    camera: &str,
+    seq: u64,
+    ts_ms: u64,
+    width: u32,
+    height: u32,
+    pixels: &[u8],
+) -> Result<Vec<u8>, PayloadError> {
+    if pixels.len() as u64 != u64::from(width) * u64::from(height) {
+        return Err(PayloadError::MaskSize {
+            width,
+            height,
+            got: pixels.len(),
+        });
+    }
+    let mut buf = Vec::with_capacity(pixels.len() / 4 + 256);
+    {
+        let mut enc = png::Encoder::new(&mut buf, width, height);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_compression(png::Compression::Fast);
+        enc.add_text_chunk("camera".to_owned(), sanitize(camera, MAX_STRING_BYTES))?;
+        enc.add_text_chunk("seq".to_owned(), seq.to_string())?;
+        enc.add_text_chunk("ts_ms".to_owned(), ts_ms.to_string())?;
+        let mut w = enc.write_header()?;
+        w.write_image_data(pixels)?;
+        w.finish()?;
+    }
+    Ok(buf)
+}
+
+/// Rate limit for masks of one camera (`[camera.mask]`: `only_on_anomaly`, `min_interval_ms`).
+#[derive(Debug, Clone)]
+pub struct MaskGate {
+    only_on_anomaly: bool,
+    min_interval: Duration,
+    last: Option<Instant>,
+}
+
+impl MaskGate {
+    /// A gate that lets a mask through when the frame is anomalous (or always, if
+    /// `only_on_anomaly` is false) and at least `min_interval` passed since the last one.
+    pub fn new(only_on_anomaly: bool, min_interval: Duration) -> Self {
+        Self {
+            only_on_anomaly,
+            min_interval,
+            last: None,
+        }
+    }
+
+    /// Decides for one frame; records the time when it admits.
+    pub fn admit(&mut self, anomaly: bool, now: Instant) -> bool {
+        if self.only_on_anomaly && !anomaly {
+            return false;
+        }
+        if let Some(last) = self.last
+            && now.saturating_duration_since(last) < self.min_interval
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worst_result() -> FrameResult {
+        FrameResult {
+            camera: "c".repeat(64),
+            seq: u64::MAX,
+            ts_ms: u64::MAX,
+            score: -1.234_567_9e-30,
+            anomaly: false,
+            threshold: f32::MAX,
+            map_max: f32::MIN,
+            area: f32::NAN,
+            latency_ms: f32::MAX,
+            model: "a-very-long-model-name/\"quoted\"\\ünïcødé\u{7}".repeat(20),
+        }
+    }
+
+    #[test]
+    fn result_is_flat_json_within_512_bytes_even_in_the_worst_case() {
+        let bytes = worst_result().to_json();
+        assert!(bytes.len() <= MAX_RESULT_BYTES, "{} bytes", bytes.len());
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("valid json");
+        let obj = v.as_object().expect("object");
+        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        for k in [
+            "v",
+            "camera",
+            "seq",
+            "ts_ms",
+            "score",
+            "anomaly",
+            "threshold",
+            "map_max",
+            "area",
+            "latency_ms",
+            "model",
+        ] {
+            assert!(keys.contains(&k), "missing {k}");
+        }
+        assert_eq!(obj.len(), 11);
+        for (k, val) in obj {
+            assert!(
+                !val.is_object() && !val.is_array() && !val.is_null(),
+                "{k} not flat"
+            );
+            if let Some(s) = val.as_str() {
+                assert!(s.len() <= MAX_STRING_BYTES && s.is_ascii(), "{k}");
+            }
+        }
+        assert_eq!(obj["v"], 1);
+        assert_eq!(obj["area"], -1.0);
+    }
+
+    #[test]
+    fn result_numbers_are_rounded() {
+        let r = FrameResult {
+            camera: "cam".into(),
+            seq: 7,
+            ts_ms: 1_700_000_000_000,
+            score: 0.123_456,
+            anomaly: false,
+            threshold: 0.5,
+            map_max: 0.987_66,
+            area: 0.01,
+            latency_ms: 12.345,
+            model: "m".into(),
+        };
+        let s = String::from_utf8(r.to_json()).expect("utf8");
+        assert!(s.contains("\"score\":0.1235"), "{s}");
+        assert!(s.contains("\"latency_ms\":12.3"), "{s}");
+        assert!(s.contains("\"map_max\":0.9877"), "{s}");
+    }
+
+    #[test]
+    fn alarm_payload_fields() {
+        let a = Alarm {
+            camera: "press-1".into(),
+            active: true,
+            seq: 42,
+            ts_ms: 1000,
+            score: 0.9,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&a.to_json(true)).expect("json");
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["camera"], "press-1");
+        assert_eq!(v["active"], true);
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["ts_ms"], 1000);
+        assert_eq!(v["score"], 0.9);
+        assert_eq!(v["replayed"], true);
+        assert_eq!(v.as_object().map(|o| o.len()), Some(7));
+    }
+
+    #[test]
+    fn camera_status_texts() {
+        assert_eq!(CameraStatus::Online.payload(), "online");
+        assert_eq!(CameraStatus::Reconnecting.payload(), "reconnecting");
+        assert_eq!(CameraStatus::Offline.payload(), "offline");
+        let long = CameraStatus::Error("x\ny".repeat(200)).payload();
+        assert!(long.starts_with("error: x_y"));
+        assert_eq!(long.len(), "error: ".len() + MAX_REASON_BYTES);
+    }
+
+    #[test]
+    fn mask_png_roundtrip_with_text_chunks() {
+        let pixels: Vec<u8> = (0..16 * 8).map(|i| i as u8).collect();
+        let png_bytes = mask_png("cam", 5, 123, 16, 8, &pixels).expect("encode");
+        let dec = png::Decoder::new(std::io::Cursor::new(png_bytes));
+        let mut reader = dec.read_info().expect("header");
+        let info = reader.info();
+        assert_eq!((info.width, info.height), (16, 8));
+        assert_eq!(info.color_type, png::ColorType::Grayscale);
+        assert_eq!(info.bit_depth, png::BitDepth::Eight);
+        let texts: BTreeMap<String, String> = info
+            .uncompressed_latin1_text
+            .iter()
+            .map(|t| (t.keyword.clone(), t.text.clone()))
+            .collect();
+        assert_eq!(texts.get("camera").map(String::as_str), Some("cam"));
+        assert_eq!(texts.get("seq").map(String::as_str), Some("5"));
+        assert_eq!(texts.get("ts_ms").map(String::as_str), Some("123"));
+        let mut out = vec![0; reader.output_buffer_size().unwrap_or(0)];
+        reader.next_frame(&mut out).expect("frame");
+        assert_eq!(out, pixels);
+        assert!(mask_png("cam", 0, 0, 4, 4, &[0; 15]).is_err());
+    }
+
+    #[test]
+    fn render_mask_gray_and_binary() {
+        // 2x2 map upsampled to 4x4.
+        let map = [0.0, 1.0, 0.0, 1.0];
+        let g = render_mask(&map, 2, 2, 4, MaskKind::GrayMap, 0.5);
+        assert_eq!(g.len(), 16);
+        assert_eq!(g[0], 0);
+        assert_eq!(g[3], 255);
+        assert!(g[1] > 0 && g[1] < 128 && g[2] > 128 && g[2] < 255);
+        let b = render_mask(&map, 2, 2, 4, MaskKind::Binary, 0.5);
+        assert_eq!(&b[0..4], &[0, 0, 255, 255]);
+        assert_eq!(
+            render_mask(&map, 3, 2, 4, MaskKind::Binary, 0.5),
+            vec![0; 16]
+        );
+    }
+
+    #[test]
+    fn mask_gate_rate_limits() {
+        let t0 = Instant::now();
+        let mut g = MaskGate::new(true, Duration::from_millis(100));
+        assert!(!g.admit(false, t0));
+        assert!(g.admit(true, t0));
+        assert!(!g.admit(true, t0 + Duration::from_millis(50)));
+        assert!(g.admit(true, t0 + Duration::from_millis(100)));
+        let mut all = MaskGate::new(false, Duration::ZERO);
+        assert!(all.admit(false, t0));
+        assert!(all.admit(false, t0));
+    }
+
+    #[test]
+    fn stats_json_has_version_and_cameras() {
+        let mut s = Stats {
+            uptime_s: 3,
+            engine: "cpu".into(),
+            ..Stats::default()
+        };
+        s.cameras.insert("cam".into(), CameraStats::default());
+        let v: serde_json::Value = serde_json::from_slice(&s.to_json()).expect("json");
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["uptime_s"], 3);
+        assert!(v["cameras"]["cam"].is_object());
+        assert!(v["mqtt"]["queued_alarms"].is_number());
+    }
+}
