@@ -29,6 +29,17 @@ struct Cli {
 enum Command {
     /// Score image files: one JSON line per image on stdout.
     Score(cli_score::ScoreArgs),
+    /// Run the daemon: cameras → inference → MQTT, until SIGTERM/SIGINT (SIGHUP reloads).
+    Run {
+        /// Configuration file (see config/example.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file: every problem, with its line, then exit 0 (valid) or 2.
+    CheckConfig {
+        /// Configuration file.
+        file: PathBuf,
+    },
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -48,6 +59,8 @@ fn main() -> ExitCode {
     init_logging(cli.log.as_deref());
     let res = match cli.command {
         Command::Score(args) => cli_score::run(args),
+        Command::Run { config } => run_daemon(&config),
+        Command::CheckConfig { file } => Ok(check_config(&file)),
     };
     match res {
         Ok(code) => code,
@@ -55,6 +68,33 @@ fn main() -> ExitCode {
             eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::from(2)
         }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let problems = anomalyclip_edge::config::check(file);
+    if problems.is_empty() {
+        println!("{}: ok", file.display());
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        eprintln!("{}: {} problem(s)", file.display(), problems.len());
+        ExitCode::from(2)
+    }
+}
+
+fn run_daemon(config: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match anomalyclip_edge::daemon::run(config) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(anomalyclip_edge::daemon::DaemonError::Config(errors)) => {
+            for p in &errors.problems {
+                eprintln!("{p}");
+            }
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
