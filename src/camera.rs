@@ -415,6 +415,10 @@ impl Camera {
         };
         // Dropping the sender wakes the thread wherever it waits (bus poll or backoff).
         self.stop_tx = None;
+        if thread.thread().id() == std::thread::current().id() {
+            // Dropped from its own status callback: it ends once the callback returns.
+            return Ok(());
+        }
         let started = Instant::now();
         match self.done_rx.recv_timeout(STOP_DEADLINE) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {

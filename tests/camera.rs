@@ -45,6 +45,7 @@ fn spawn(
     notify: &Arc<FrameNotify>,
     log: &StatusLog,
 ) -> Camera {
+    common::init_tracing();
     Camera::spawn(index, settings, Arc::clone(notify), log.callback()).expect("spawn camera")
 }
 
@@ -559,4 +560,46 @@ fn http_mjpeg_camera_delivers_frames() {
         log.of(0)
     );
     stop_promptly(cam);
+}
+
+#[test]
+fn missing_decoder_reports_error_and_keeps_retrying_slowly() {
+    let (notify, log) = (FrameNotify::new(), StatusLog::new());
+    // A stream nobody can decode: decodebin posts "missing a plug-in" (codec not found).
+    let cam = spawn(
+        0,
+        fast(
+            "no-decoder",
+            Source::Pipeline(
+                "fakesrc is-live=true sizetype=fixed sizemax=100 filltype=zero \
+                 ! video/x-h266 ! queue ! decodebin"
+                    .into(),
+            ),
+        ),
+        &notify,
+        &log,
+    );
+    assert!(
+        log.wait_for(0, Duration::from_secs(5), |s| matches!(
+            s,
+            CameraStatus::Error(_)
+        )),
+        "{:?}",
+        log.of(0)
+    );
+    let CameraStatus::Error(reason) = cam.status() else {
+        panic!("{:?}", cam.status());
+    };
+    assert!(
+        reason.contains("missing a plug-in") && reason.contains("video/x-h266"),
+        "{reason}"
+    );
+    // Retried every backoff_max (400 ms here), staying in Error rather than flapping.
+    assert!(
+        wait_until(Duration::from_secs(5), || cam.stats().reconnects >= 2),
+        "{:?}",
+        cam.stats()
+    );
+    stop_promptly(cam);
+    assert_eq!(log.names(0), ["starting", "error"]);
 }

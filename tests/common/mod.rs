@@ -83,3 +83,13 @@ impl StatusLog {
         })
     }
 }
+
+/// Logs to the test output when `RUST_LOG` is set (`RUST_LOG=info cargo test -- --nocapture`).
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
