@@ -149,7 +149,8 @@ fn rtsp_outage_reconnects_then_goes_offline_and_recovers_on_the_same_port() {
         "{:?}",
         log.of(0)
     );
-    let before = take_frames(&notify, &slots, 1, Duration::from_secs(5));
+    // Online for longer than `stable_after` (0.5 s): the outage starts a fresh backoff.
+    let before = take_frames(&notify, &slots, 12, Duration::from_secs(5));
     let last_seq_before = before.last().expect("a frame before the outage").seq;
 
     let outage = Instant::now();
@@ -507,7 +508,8 @@ fn file_clip_loops_at_its_end_without_a_status_change() {
     assert_eq!(log.names(0), ["starting", "online"]);
 }
 
-/// Encodes a 10-frame H.264 MP4 clip at `path`.
+/// Encodes a 10-frame H.264 MP4 clip at `path`. (openh264enc prints a harmless
+/// `cmInitParaError` while draining at the end.)
 fn write_clip(path: &std::path::Path) {
     use gstreamer as gst;
     use gstreamer::prelude::*;
