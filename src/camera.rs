@@ -54,7 +54,7 @@ mod slot;
 
 use std::fmt;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -316,7 +316,8 @@ pub fn init() -> Result<(), CameraError> {
 pub struct Camera {
     shared: Arc<Shared>,
     stop_tx: Option<mpsc::Sender<()>>,
-    done_rx: mpsc::Receiver<()>,
+    /// Disconnected when the thread ends (a `Mutex` only to make `Camera` `Sync`).
+    done_rx: Mutex<mpsc::Receiver<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -360,7 +361,12 @@ impl Camera {
         let shared = Arc::new(Shared::new(index, name, slot, on_status));
         let (stop_tx, stop_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
-        let thread_name: String = format!("cam-{}", settings.name).chars().take(15).collect();
+        // Linux keeps 15 bytes of a thread name; a NUL byte would make `spawn` panic.
+        let thread_name: String = format!("cam-{}", settings.name)
+            .chars()
+            .filter(|c| *c != '\0')
+            .take(15)
+            .collect();
         let thread = std::thread::Builder::new().name(thread_name).spawn({
             let shared = Arc::clone(&shared);
             move || {
@@ -372,7 +378,7 @@ impl Camera {
         Ok(Self {
             shared,
             stop_tx: Some(stop_tx),
-            done_rx,
+            done_rx: Mutex::new(done_rx),
             thread: Some(thread),
         })
     }
@@ -420,7 +426,12 @@ impl Camera {
             return Ok(());
         }
         let started = Instant::now();
-        match self.done_rx.recv_timeout(STOP_DEADLINE) {
+        let done = self
+            .done_rx
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recv_timeout(STOP_DEADLINE);
+        match done {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                 if thread.join().is_err() {
                     tracing::error!(camera = %self.shared.name, "camera thread panicked");

@@ -605,3 +605,47 @@ fn missing_decoder_reports_error_and_keeps_retrying_slowly() {
     stop_promptly(cam);
     assert_eq!(log.names(0), ["starting", "error"]);
 }
+
+#[test]
+fn a_camera_that_accepts_but_never_answers_hits_the_watchdog_and_stops_promptly() {
+    // The TCP handshake completes (listen backlog) but no RTSP reply ever comes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (notify, log) = (FrameNotify::new(), StatusLog::new());
+    let mut settings = fast(
+        "mute",
+        Source::Uri(format!("rtsp://u:secret@127.0.0.1:{port}/x")),
+    );
+    settings.no_frame_timeout = Duration::from_millis(500);
+    let cam = spawn(0, settings, &notify, &log);
+    assert!(
+        log.wait_for(0, Duration::from_secs(5), |s| *s
+            == CameraStatus::Reconnecting),
+        "{:?}",
+        log.of(0)
+    );
+    let stats = cam.stats();
+    let error = stats.last_error.unwrap_or_default();
+    assert!(
+        error.contains("no first frame") && error.contains("watchdog"),
+        "{error}"
+    );
+    // Stopped while rtspsrc waits for the DESCRIBE reply.
+    assert!(wait_until(Duration::from_secs(5), || cam
+        .stats()
+        .reconnects
+        >= 1));
+    std::thread::sleep(Duration::from_millis(100));
+    stop_promptly(cam);
+    drop(listener);
+}
+
+#[test]
+fn camera_types_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Camera>();
+    send_sync::<Frame>();
+    send_sync::<LatestSlot>();
+    send_sync::<FrameNotify>();
+    send_sync::<CameraStatus>();
+}

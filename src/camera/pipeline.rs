@@ -171,6 +171,31 @@ pub fn redact_uri(uri: &str) -> String {
     }
 }
 
+/// `text` with the `user:password@` of every URI in it replaced by `***@`.
+pub(crate) fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| {
+                c.is_whitespace() || matches!(c, '/' | '?' | '#' | '"' | '\'' | ')' | ',')
+            })
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&tail[at..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A built pipeline and its appsink.
 pub(crate) struct Built {
     pub pipeline: gst::Pipeline,
@@ -347,5 +372,10 @@ mod tests {
         assert_eq!(redact_uri("rtsp://h/p"), "rtsp://h/p");
         assert_eq!(redact_uri("/dev/video0"), "/dev/video0");
         assert_eq!(redact_uri("http://a@b@h?x=@"), "http://***@h?x=@");
+        assert_eq!(
+            redact_text("Not Found (404), URL: http://u:p@h/x, Redirect to: rtsp://h:1/y."),
+            "Not Found (404), URL: http://***@h/x, Redirect to: rtsp://h:1/y."
+        );
+        assert_eq!(redact_text("no uri"), "no uri");
     }
 }

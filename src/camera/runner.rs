@@ -181,6 +181,8 @@ fn supervise(shared: &Arc<Shared>, settings: &CameraSettings, stop: &Receiver<()
     tracing::info!(camera = %shared.name, pipeline = %plan.display(), "camera starting");
     let mut failed_attempts: u32 = 0;
     let mut first = true;
+    // The last failure logged at `warn`: a camera failing the same way every retry logs once.
+    let mut last_logged: Option<(String, &'static str)> = None;
     loop {
         if !first {
             shared.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -218,13 +220,16 @@ fn supervise(shared: &Arc<Shared>, settings: &CameraSettings, stop: &Receiver<()
                 backoff_delay(settings, failed_attempts),
             )
         };
-        tracing::warn!(
-            camera = %shared.name,
-            reason = %failure.reason,
-            failed_attempts,
-            retry_in = ?delay,
-            "camera pipeline failed"
-        );
+        if failure.online_for.is_some() {
+            last_logged = None;
+        }
+        let key = (failure.reason.clone(), status.as_str());
+        if last_logged.as_ref() == Some(&key) {
+            tracing::debug!(camera = %shared.name, reason = %failure.reason, failed_attempts, retry_in = ?delay, "camera pipeline failed again");
+        } else {
+            tracing::warn!(camera = %shared.name, reason = %failure.reason, failed_attempts, retry_in = ?delay, "camera pipeline failed");
+            last_logged = Some(key);
+        }
         shared.set_last_error(&failure.reason);
         shared.set_status(status);
         match stop.recv_timeout(delay) {
@@ -245,7 +250,7 @@ impl Drop for PipelineGuard {
     }
 }
 
-/// `"<element factory>: <message> (<last debug line>)"`, one line, no URI.
+/// `"<element factory>: <message> (<last debug line>)"`, one line, URIs redacted.
 fn describe_error(
     src: Option<&gst::Object>,
     error: &gst::glib::Error,
@@ -261,16 +266,15 @@ fn describe_error(
         Some(origin) => format!("{origin}: {}", pipeline::one_line(error.message())),
         None => pipeline::one_line(error.message()),
     };
-    // The last debug line often names the cause ("Failed to connect."); skip it if it could
-    // carry a URI with credentials.
+    // The last debug line often names the cause ("Failed to connect.", "Missing decoder: …").
     if let Some(detail) = debug
         .and_then(|d| d.lines().last())
         .map(str::trim)
-        .filter(|d| !d.is_empty() && d.len() <= 160 && !d.contains("://"))
+        .filter(|d| !d.is_empty() && d.len() <= 200)
     {
         reason.push_str(&format!(" ({detail})"));
     }
-    reason
+    pipeline::redact_text(&reason)
 }
 
 fn failed(reason: String, persistent: bool, online_since: Option<Instant>) -> Outcome {
