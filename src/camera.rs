@@ -24,7 +24,29 @@
 //!   [`CameraStatus::Offline`] and **keeps retrying forever**;
 //! - a running pipeline fails in a way that needs a human (missing decoder plugin, codec not
 //!   found): [`CameraStatus::Error`] and a slow retry every `backoff_max`;
-//! - a `file://` source reaching its end is looped (flushing seek to the start), not reported.
+//! - a `file://` source reaching its end is looped (flushing seek to the start), not reported;
+//! - a panic in the camera thread becomes [`CameraStatus::Error`]; it never crosses threads.
+//!
+//! # Status state machine
+//! ```text
+//!             first frame                      first frame
+//! Starting ─────────────────▶ Online ◀──────────────────────────┐
+//!    │                          │ bus error / EOS / watchdog     │
+//!    │ attempt fails            ▼                                │
+//!    └────────────────▶ Reconnecting ──(n ≥ offline_after)──▶ Offline ── retry forever
+//!                     (retry after backoff)
+//! config fault (any time the pipeline is built) ──▶ Error(reason), final
+//! missing decoder at run time ──▶ Error(reason), retried every backoff_max
+//! ```
+//! Reported on change only. `n` counts consecutive failed attempts: an attempt fails when it
+//! ends without reaching `Online`, or after being online for less than `stable_after`; one
+//! that stayed online at least `stable_after` resets `n` to 0, so the first retry after a
+//! long-running stream is lost comes after `backoff_initial`. Delay before the next attempt:
+//! `backoff_initial × 2^(n−1)` capped at `backoff_max` (defaults 1, 1, 2, 4, 8, 16, 30, 30… s).
+//! The watchdog also bounds how long an attempt may take to deliver its first frame.
+//! With the defaults, a camera that goes away is `Reconnecting` within moments (RTSP
+//! connection closed) or at most 10 s (silent network), and `Offline` about 4 s plus three
+//! connection timeouts later.
 //!
 //! # Pipelines
 //! Every source ends in the same tail (see [`describe_pipeline`]):
@@ -35,11 +57,18 @@
 //!
 //! # Timestamps
 //! [`Frame::capture_unix_ms`] is the **wall clock at the moment the appsink callback pulled the
-//! decoded sample**, not the sensor exposure time: network transfer, the RTSP jitter buffer
-//! (`rtsp_latency`, only while packets are missing or reordered) and decoding happen before
-//! it (typically tens of milliseconds on a LAN). [`Frame::captured_at`] is the same instant on
+//! decoded sample**, not the sensor exposure time: encoding in the camera, network transfer,
+//! the RTSP jitter buffer (which holds packets only to wait for missing or reordered ones, up
+//! to `rtsp_latency`) and decoding happen before it (typically tens of milliseconds on a LAN).
+//! It is not mapped from the PTS: IP cameras rarely send usable absolute time (RTCP sender
+//! reports / ONVIF timestamps), and a PTS-derived time would be no closer to the exposure. [`Frame::captured_at`] is the same instant on
 //! the monotonic clock, for latency measurements inside the process. [`Frame::pts`] carries
 //! the buffer's presentation timestamp for diagnostics.
+//!
+//! # Cost
+//! Each delivered frame is one copy of the RGB plane into a new `Vec` (6 MB for 1080p, about a
+//! millisecond); frames skipped by `max_fps` are not copied. The copy decouples the
+//! frame from GStreamer's buffer pools, so a consumer may hold frames as long as it likes.
 //!
 //! # Threads
 //! Each [`Camera`] owns one supervisor thread that builds the pipeline, watches its bus (the

@@ -225,9 +225,21 @@ fn supervise(shared: &Arc<Shared>, settings: &CameraSettings, stop: &Receiver<()
         }
         let key = (failure.reason.clone(), status.as_str());
         if last_logged.as_ref() == Some(&key) {
-            tracing::debug!(camera = %shared.name, reason = %failure.reason, failed_attempts, retry_in = ?delay, "camera pipeline failed again");
+            tracing::debug!(
+                camera = %shared.name,
+                reason = %failure.reason,
+                failed_attempts,
+                retry_in = ?delay,
+                "camera pipeline failed again"
+            );
         } else {
-            tracing::warn!(camera = %shared.name, reason = %failure.reason, failed_attempts, retry_in = ?delay, "camera pipeline failed");
+            tracing::warn!(
+                camera = %shared.name,
+                reason = %failure.reason,
+                failed_attempts,
+                retry_in = ?delay,
+                "camera pipeline failed"
+            );
             last_logged = Some(key);
         }
         shared.set_last_error(&failure.reason);
@@ -370,15 +382,18 @@ fn run_attempt(
             Some(t) if has_frames => t.max(started),
             _ => started,
         };
-        let idle = now.saturating_duration_since(last);
-        if idle >= settings.no_frame_timeout {
+        if now.saturating_duration_since(last) >= settings.no_frame_timeout {
             let what = if has_frames {
                 "no frame"
             } else {
                 "no first frame"
             };
+            // A stable text, so that repeated timeouts log once.
             return failed(
-                format!("{what} for {:.1} s (watchdog)", idle.as_secs_f32()),
+                format!(
+                    "{what} within {:.1} s (watchdog)",
+                    settings.no_frame_timeout.as_secs_f32()
+                ),
                 false,
                 online_since,
             );
