@@ -649,3 +649,16 @@ fn camera_types_cross_threads() {
     send_sync::<FrameNotify>();
     send_sync::<CameraStatus>();
 }
+
+#[test]
+fn rtsp_over_tcp_interleaved_delivers_frames() {
+    let server = RtspCamera::start();
+    let (notify, log) = (FrameNotify::new(), StatusLog::new());
+    // `rtspt://` makes rtspsrc carry RTP inside the RTSP TCP connection (cameras behind NAT).
+    let url = server.url().replacen("rtsp://", "rtspt://", 1);
+    let cam = spawn(0, fast("tcp", Source::Uri(url)), &notify, &log);
+    let frames = take_frames(&notify, &[Arc::clone(cam.slot())], 3, ONLINE_TIMEOUT);
+    assert!(frames.len() >= 3, "{:?} / {:?}", log.of(0), cam.stats());
+    assert_eq!((frames[0].width, frames[0].height), (320, 240));
+    stop_promptly(cam);
+}
