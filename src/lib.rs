@@ -3,12 +3,14 @@
 //! # Layout
 //! The stages, in the order a frame travels through them:
 //! - [`config`]: the TOML file, `check-config` validation, the resolved [`config::Config`].
+//! - [`camera`]: GStreamer pipelines per camera into latest-frame slots; reconnect and status.
 //! - [`package`]: the model package (ONNX encoder + text constant + manifest) and its checks.
 //! - [`engine`]: the vision encoder backends (ONNX Runtime: TensorRT / CUDA / CPU).
 //! - [`alarm`]: per-camera alarm debouncer (N of the last M frames over threshold, K to clear).
 //! - [`payload`]: the versioned MQTT payloads (result, alarm, status, mask PNG, stats).
 //! - [`mqtt`]: the publisher task, its topic contract and the on-disk alarm queue.
 pub mod alarm;
+pub mod camera;
 pub mod config;
 pub mod engine;
 pub mod mqtt;
