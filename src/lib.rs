@@ -1,1 +1,3 @@
 //! anomalyclip-edge
+
+pub mod eval;
