@@ -222,10 +222,16 @@ fn meta_json_round_trip_matches_the_official_format() {
     assert!(text.starts_with("{\n    \"train\": {"), "{text}");
     assert!(text.ends_with("}\n"));
     let first = text.find("\"img_path\"").unwrap();
-    let order: Vec<usize> = ["img_path", "mask_path", "cls_name", "specie_name", "anomaly"]
-        .iter()
-        .map(|k| text[first..].find(&format!("\"{k}\"")).unwrap())
-        .collect();
+    let order: Vec<usize> = [
+        "img_path",
+        "mask_path",
+        "cls_name",
+        "specie_name",
+        "anomaly",
+    ]
+    .iter()
+    .map(|k| text[first..].find(&format!("\"{k}\"")).unwrap())
+    .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "field order");
 
     let read = dataset::read_meta(&written.path).unwrap();
@@ -331,7 +337,10 @@ fn sdd_layout_single_category() {
     save(&root.join("test/defect/c.png"), &sample(3, Some(&d)));
     save(&root.join("test/defect/c_label.png"), &mask_img(32, 32, &d));
     save(&root.join("test/defect/e.png"), &sample(5, Some(&d)));
-    save(&root.join("ground_truth/defect/e_mask.png"), &mask_img(32, 32, &d));
+    save(
+        &root.join("ground_truth/defect/e_mask.png"),
+        &mask_img(32, 32, &d),
+    );
 
     let opened = dataset::discover(&root, Layout::Auto).unwrap();
     assert_eq!(opened.origin, Origin::Discovered(Layout::Sdd));
@@ -444,13 +453,25 @@ fn driver_reports_per_class_mean_and_issues() {
     assert_eq!(report.mean.image_auroc.classes, 3);
     assert_eq!(report.mean.pixel_auroc.classes, 2);
     let (m, n) = metrics::mean_defined([bottle.pixel_auroc, by("cable").pixel_auroc]);
-    assert_eq!((report.mean.pixel_auroc.value, report.mean.pixel_auroc.classes), (m, n));
-    assert_eq!((report.issue_counts.errors, report.issue_counts.warnings), (1, 4));
+    assert_eq!(
+        (
+            report.mean.pixel_auroc.value,
+            report.mean.pixel_auroc.classes
+        ),
+        (m, n)
+    );
+    assert_eq!(
+        (report.issue_counts.errors, report.issue_counts.warnings),
+        (1, 4)
+    );
 
     let table = report.table();
     assert!(table.contains("n/a"), "{table}");
     assert!(table.contains("classes averaged"), "{table}");
-    assert!(table.contains("carpet pixel_auroc: no masks"), "{table}");
+    assert!(
+        table.contains("n/a carpet: pixel_auroc, aupro (no masks)"),
+        "{table}"
+    );
     assert!(!table.contains("NaN"));
     let csv = report.to_csv();
     assert!(csv.starts_with("class,images,normal,anomalous,"));
@@ -474,17 +495,18 @@ fn driver_output_is_identical_across_runs_and_thread_counts() {
             .build()
             .unwrap();
         pool.install(|| {
-            let opts = EvalOptions {
-                batch,
-                ..options()
-            };
+            let opts = EvalOptions { batch, ..options() };
             let r = eval::evaluate(&v, &mut fake_scorer, &nearest, &opts).unwrap();
             (r.to_json(), r.to_csv())
         })
     };
     let first = run(1, 1);
     for (threads, batch) in [(1, 1), (2, 3), (4, 16)] {
-        assert_eq!(run(threads, batch), first, "threads={threads} batch={batch}");
+        assert_eq!(
+            run(threads, batch),
+            first,
+            "threads={threads} batch={batch}"
+        );
     }
 }
 
@@ -541,7 +563,8 @@ fn driver_counts_scorer_failures_and_strict_stops() {
     let mut small = |_: &Path| -> Result<(f32, Vec<f32>), String> { Ok((0.5, vec![0.0; 3])) };
     let e = eval::evaluate(&clean, &mut small, &nearest, &options()).unwrap_err();
     assert!(matches!(e, EvalError::MapSize { got: 3, .. }), "{e}");
-    let mut nan = |_: &Path| -> Result<(f32, Vec<f32>), String> { Ok((f32::NAN, vec![0.0; S * S])) };
+    let mut nan =
+        |_: &Path| -> Result<(f32, Vec<f32>), String> { Ok((f32::NAN, vec![0.0; S * S])) };
     let e = eval::evaluate(&clean, &mut nan, &nearest, &options()).unwrap_err();
     assert!(e.to_string().contains("non-finite"), "{e}");
 }

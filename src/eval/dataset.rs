@@ -921,7 +921,12 @@ pub fn validate(
         .collect();
     let mut classes = Vec::new();
     for name in selected {
-        let items = opened.meta.test.get(&name).map(Vec::as_slice).unwrap_or(&[]);
+        let items = opened
+            .meta
+            .test
+            .get(&name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         if items.is_empty() {
             issues.push(Issue::new(
                 IssueKind::EmptyClass,

@@ -19,8 +19,14 @@ use image::DynamicImage;
 /// reference numbers.
 pub trait MaskResizer: Sync {
     /// Returns `dst_w × dst_h` bytes.
-    fn resize(&self, src: &[u8], width: usize, height: usize, dst_w: usize, dst_h: usize)
-    -> Vec<u8>;
+    fn resize(
+        &self,
+        src: &[u8],
+        width: usize,
+        height: usize,
+        dst_w: usize,
+        dst_h: usize,
+    ) -> Vec<u8>;
 }
 
 impl<F> MaskResizer for F

@@ -225,17 +225,18 @@ fn ap_from_counts(counts: impl Iterator<Item = (u64, u64)>, n_pos: u64) -> Metri
     if n_pos == 0 {
         return Metric::Undefined(Undefined::NoAnomalous);
     }
+    // Σ (ΔR)·P = (1/P_total)·Σ pos_k·precision_k: one division at the end keeps a perfect
+    // ranking at exactly 1.0.
     let (mut tp, mut fp) = (0u64, 0u64);
-    let mut ap = 0.0f64;
+    let mut sum = 0.0f64;
     for (neg, pos) in counts {
         tp += pos;
         fp += neg;
         if pos > 0 {
-            let precision = tp as f64 / (tp + fp) as f64;
-            ap += (pos as f64 / n_pos as f64) * precision;
+            sum += pos as f64 * (tp as f64 / (tp + fp) as f64);
         }
     }
-    Metric::Defined(ap)
+    Metric::Defined(sum / n_pos as f64)
 }
 
 /// Distinct scores ascending with their `(normal, anomalous)` counts.
@@ -406,7 +407,7 @@ impl ScoreHistogram {
                     let k = base | i as u32;
                     let mut neg = page.neg[i] as u64;
                     let mut pos = page.pos[i] as u64;
-                    if let Some((&ck, c)) = carry.peek()
+                    if let Some(&(&ck, c)) = carry.peek()
                         && ck == k
                     {
                         neg += c[0];
@@ -752,7 +753,11 @@ pub fn mean_defined(values: impl IntoIterator<Item = Metric>) -> (Option<f64>, u
         sum += v;
         n += 1;
     }
-    if n == 0 { (None, 0) } else { (Some(sum / n as f64), n) }
+    if n == 0 {
+        (None, 0)
+    } else {
+        (Some(sum / n as f64), n)
+    }
 }
 
 #[cfg(test)]
@@ -805,7 +810,10 @@ mod tests {
             Metric::Defined(0.75)
         );
         // sklearn: 0.8333333333333333
-        let ap = average_precision(&labels, &scores).unwrap().value().unwrap();
+        let ap = average_precision(&labels, &scores)
+            .unwrap()
+            .value()
+            .unwrap();
         assert!((ap - 0.833_333_333_333_333_3).abs() < 1e-12);
     }
 
@@ -840,11 +848,9 @@ mod tests {
 
     #[test]
     fn metric_serialises_without_nan() {
-        let s = serde_json::to_string(&[
-            Metric::Defined(0.5),
-            Metric::Undefined(Undefined::NoNormal),
-        ])
-        .unwrap();
+        let s =
+            serde_json::to_string(&[Metric::Defined(0.5), Metric::Undefined(Undefined::NoNormal)])
+                .unwrap();
         assert_eq!(s, r#"[0.5,{"undefined":"no_normal"}]"#);
         let back: Vec<Metric> = serde_json::from_str(&s).unwrap();
         assert_eq!(back[1], Metric::Undefined(Undefined::NoNormal));

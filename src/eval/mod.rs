@@ -185,12 +185,14 @@ impl MapDump {
             path: index_path.clone(),
             source,
         })?;
-        writeln!(index, "class,img_path,anomalous,score,map_file,width,height").map_err(
-            |source| EvalError::Dump {
-                path: index_path,
-                source,
-            },
-        )?;
+        writeln!(
+            index,
+            "class,img_path,anomalous,score,map_file,width,height"
+        )
+        .map_err(|source| EvalError::Dump {
+            path: index_path,
+            source,
+        })?;
         Ok(Self {
             dir: dir.to_owned(),
             index,
@@ -304,10 +306,11 @@ fn flush(
         }
     }
     let used = pairs.len();
-    acc.add_images(&pairs).map_err(|source| EvalError::Metrics {
-        class: class.to_owned(),
-        source,
-    })?;
+    acc.add_images(&pairs)
+        .map_err(|source| EvalError::Metrics {
+            class: class.to_owned(),
+            source,
+        })?;
     drop(pairs);
     pending.clear();
     for f in failed {
@@ -346,9 +349,7 @@ fn evaluate_class(run: &mut Run<'_>, class: &ClassItems) -> Result<ClassReport, 
     let mut labels = Vec::with_capacity(class.items.len());
     let mut scores = Vec::with_capacity(class.items.len());
     let mut skipped = class.skipped;
-    let mut acc = class
-        .has_masks
-        .then(|| PixelAccumulator::new(size, size));
+    let mut acc = class.has_masks.then(|| PixelAccumulator::new(size, size));
     let mut pending: Vec<Pending> = Vec::with_capacity(batch);
     let mut pixel_images = 0;
     for item in &class.items {

@@ -107,7 +107,12 @@ impl MeanReport {
     }
 
     fn all(&self) -> [MeanMetric; 4] {
-        [self.image_auroc, self.image_ap, self.pixel_auroc, self.aupro]
+        [
+            self.image_auroc,
+            self.image_ap,
+            self.pixel_auroc,
+            self.aupro,
+        ]
     }
 }
 
@@ -298,16 +303,24 @@ impl EvalReport {
             out.push_str(&line(r));
             out.push('\n');
         }
-        let mut reasons = Vec::new();
         for c in &self.classes {
+            // One line per class: the undefined metrics grouped by reason.
+            let mut by_reason: Vec<(Undefined, Vec<&str>)> = Vec::new();
             for (name, m) in c.metrics() {
                 if let Metric::Undefined(u) = m {
-                    reasons.push(format!("{} {name}: {}", c.name, u.describe()));
+                    match by_reason.iter_mut().find(|(r, _)| *r == u) {
+                        Some((_, names)) => names.push(name),
+                        None => by_reason.push((u, vec![name])),
+                    }
                 }
             }
-        }
-        if !reasons.is_empty() {
-            let _ = writeln!(out, "n/a: {}", reasons.join("; "));
+            if !by_reason.is_empty() {
+                let parts: Vec<String> = by_reason
+                    .iter()
+                    .map(|(u, names)| format!("{} ({})", names.join(", "), u.describe()))
+                    .collect();
+                let _ = writeln!(out, "n/a {}: {}", c.name, parts.join("; "));
+            }
         }
         let _ = writeln!(
             out,
