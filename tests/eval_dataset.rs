@@ -378,6 +378,12 @@ fn layout_names_parse() {
     assert!("coco".parse::<Layout>().unwrap_err().contains("mvtec"));
     let m: Meta = serde_json::from_str(r#"{"test": {}}"#).unwrap();
     assert!(m.train.is_empty());
+    let m: Meta = serde_json::from_str(
+        r#"{"test": {"a": [{"img_path": "a/x.png", "mask_path": null, "cls_name": "a",
+            "specie_name": "good", "anomaly": 0}]}}"#,
+    )
+    .unwrap();
+    assert_eq!(m.test["a"][0].mask_path, "");
 }
 
 /// A deterministic fake engine: score = mean brightness; map = brightness resized to S×S.
@@ -630,4 +636,28 @@ fn rgb_and_palette_masks_binarise_like_pillow() {
     assert_eq!(bin, vec![0, 255, 255, 0]);
     let e = eval::mask::load_mask(&t.path().join("nope.png"), 4, &nearest).unwrap_err();
     assert!(e.to_string().contains("cannot read mask"), "{e}");
+}
+
+#[test]
+fn btad_style_ok_ko_with_same_stem_masks() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path();
+    let d = square(3, 3, 9);
+    save(&r.join("01/test/ok/0000.bmp"), &sample(1, None));
+    save(&r.join("01/test/ko/0001.bmp"), &sample(2, Some(&d)));
+    save(
+        &r.join("01/ground_truth/ko/0001.png"),
+        &mask_img(32, 32, &d),
+    );
+    let opened = dataset::discover(r, Layout::Auto).unwrap();
+    let items = &opened.meta.test["01"];
+    assert_eq!(items[0].img_path, "01/test/ko/0001.bmp");
+    assert_eq!(items[0].mask_path, "01/ground_truth/ko/0001.png");
+    assert_eq!(items[0].anomaly, 1);
+    assert_eq!(items[1].anomaly, 0, "`ok` is normal");
+    let v = validate_all(r, Layout::Mvtec);
+    assert!(v.issues.is_empty(), "{:#?}", v.issues);
+    let report = eval::evaluate(&v, &mut fake_scorer, &nearest, &options()).unwrap();
+    assert_eq!(report.classes[0].regions, 1);
+    assert_eq!(report.classes[0].pixel_images, 2);
 }

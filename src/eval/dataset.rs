@@ -14,7 +14,7 @@
 //!
 //! `--strict` ([`Validated::check`] with `strict = true`) turns any issue into a failure.
 //!
-//! Layouts (`good` is the normal species everywhere; other species are defect types):
+//! Layouts (`good` — or `ok`, as in BTAD — is the normal species; others are defect types):
 //! - `mvtec`: `ROOT/<class>/{train,test}/<species>/<image>`, masks in
 //!   `ROOT/<class>/ground_truth/<species>/<stem>_mask.<ext>` (also `<stem>.<ext>`,
 //!   `<stem>_label.<ext>`), or beside the image as `<stem>_mask.<ext>` / `<stem>_label.<ext>`;
@@ -39,8 +39,9 @@ use serde::{Deserialize, Serialize};
 /// The official file name of the dataset description.
 pub const META_FILE: &str = "meta.json";
 
-/// Species (sub-folder) name of normal images.
-pub const NORMAL_SPECIES: &str = "good";
+/// Species (sub-folder) names of normal images: `good` (MVTec AD, VisA, MPDD, SDD) and `ok`
+/// (BTAD). Every other species is a defect type.
+pub const NORMAL_SPECIES: &[&str] = &["good", "ok"];
 
 /// File extensions considered images (others, e.g. `.txt`, are ignored). `tif`/`webp` are listed
 /// so that they are reported as unreadable rather than silently skipped.
@@ -150,7 +151,7 @@ impl FromStr for Layout {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "auto" => Ok(Layout::Auto),
-            "mvtec" | "mvtec-ad" | "visa-mvtec" | "mpdd" | "btad" => Ok(Layout::Mvtec),
+            "mvtec" | "mpdd" | "btad" => Ok(Layout::Mvtec),
             "sdd" | "single" => Ok(Layout::Sdd),
             other => Err(format!(
                 "unknown layout {other:?}; use one of {}",
@@ -165,8 +166,9 @@ impl FromStr for Layout {
 pub struct MetaItem {
     /// Image path relative to ROOT.
     pub img_path: String,
-    /// Mask path relative to ROOT; empty for normal images and image-only datasets.
-    #[serde(default)]
+    /// Mask path relative to ROOT; empty for normal images and image-only datasets (`null` is
+    /// read as empty).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub mask_path: String,
     /// Class (category) name.
     pub cls_name: String,
@@ -175,6 +177,10 @@ pub struct MetaItem {
     pub specie_name: String,
     /// 0 = normal, 1 = anomalous.
     pub anomaly: u8,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 /// `meta.json`: split → class → items (paths relative to ROOT).
@@ -535,7 +541,7 @@ fn discover_class(
             if species.starts_with('.') {
                 continue;
             }
-            let normal = species == NORMAL_SPECIES;
+            let normal = NORMAL_SPECIES.contains(&species.as_str());
             let files: Vec<PathBuf> = sorted_entries(&species_dir)?
                 .into_iter()
                 .filter(|p| is_image_file(p))

@@ -162,6 +162,9 @@ mod tests {
         assert_eq!(pil_l(2, 0, 0), 1);
         assert_eq!(pil_l(255, 255, 255), 255);
         assert_eq!(pil_l(0, 1, 0), 1);
+        // checked against Pillow 13: (0, 0, 4) → 0, (0, 0, 5) → 1
+        assert_eq!(pil_l(0, 0, 4), 0);
+        assert_eq!(pil_l(0, 0, 5), 1);
     }
 
     #[test]

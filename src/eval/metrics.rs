@@ -28,9 +28,11 @@
 //! - The PRO side keeps, per ground-truth region, its pixels' values sorted (4 bytes per
 //!   *anomalous* pixel, plus ~40 bytes per region), so overlaps at every threshold are exact.
 //!
-//! Everything is exact (integer counts; `f64` only in the final ratios), so the results do not
-//! depend on the order in which images arrive or on the number of rayon threads: per-image work
-//! runs in parallel, every reduction runs in a fixed order.
+//! Parallelism ([`PixelAccumulator::add_images`]): each image is prepared on its own rayon task
+//! (validation, 8-connected labelling, its values as sorted runs); the histogram is then updated
+//! in parallel over disjoint key ranges; AUPRO's per-region overlaps are computed in parallel.
+//! Everything is exact (integer counts; `f64` only in the final ratios, summed in a fixed order),
+//! so the results do not depend on the number of rayon threads or on the batching.
 
 use std::collections::BTreeMap;
 
@@ -302,6 +304,55 @@ struct Page {
 
 type Dir = [Option<Box<Page>>; DIR_LEN];
 
+#[inline]
+fn top_index(k: u32) -> usize {
+    (k >> (PAGE_BITS + DIR_BITS)) as usize
+}
+
+/// Allocations and counter overflows caused by updates to one index entry.
+#[derive(Default)]
+struct EntryDelta {
+    dirs: usize,
+    pages: usize,
+    /// `(key, side, amount)` to add to the overflow table.
+    carries: Vec<(u32, usize, u64)>,
+}
+
+/// Adds `count` to the counter of key `k` (side 0 = normal, 1 = anomalous) under one index
+/// entry (the one `top_index(k)` selects).
+#[inline]
+fn add_in_entry(
+    entry: &mut Option<Box<Dir>>,
+    k: u32,
+    side: usize,
+    count: u32,
+    delta: &mut EntryDelta,
+) {
+    let d = ((k >> PAGE_BITS) as usize) & (DIR_LEN - 1);
+    let i = (k as usize) & (PAGE_LEN - 1);
+    let dir = entry.get_or_insert_with(|| {
+        delta.dirs += 1;
+        Box::new(std::array::from_fn(|_| None))
+    });
+    let page = dir[d].get_or_insert_with(|| {
+        delta.pages += 1;
+        Box::new(Page {
+            neg: [0; PAGE_LEN],
+            pos: [0; PAGE_LEN],
+        })
+    });
+    let slot = if side == 1 {
+        &mut page.pos[i]
+    } else {
+        &mut page.neg[i]
+    };
+    let total = *slot as u64 + count as u64;
+    *slot = (total & 0xffff) as u16;
+    if total > 0xffff {
+        delta.carries.push((k, side, total & !0xffff));
+    }
+}
+
 /// Exact `(normal, anomalous)` counts per distinct `f32` value, in bounded memory (see the module
 /// doc): a fixed 512 KiB index, 2 KiB directories per 65 536 consecutive values and 1 KiB pages
 /// per 256 consecutive values, allocated on first use.
@@ -345,35 +396,72 @@ impl ScoreHistogram {
     }
 
     /// Counts one value. The caller has checked it is finite.
-    #[inline]
     pub fn add(&mut self, value: f32, anomalous: bool) {
         let k = key(value);
-        let t = (k >> (PAGE_BITS + DIR_BITS)) as usize;
-        let d = ((k >> PAGE_BITS) as usize) & (DIR_LEN - 1);
-        let i = (k as usize) & (PAGE_LEN - 1);
-        let dir = self.top[t].get_or_insert_with(|| {
-            self.dirs += 1;
-            Box::new(std::array::from_fn(|_| None))
-        });
-        let page = dir[d].get_or_insert_with(|| {
-            self.pages += 1;
-            Box::new(Page {
-                neg: [0; PAGE_LEN],
-                pos: [0; PAGE_LEN],
-            })
-        });
-        let (slot, side) = if anomalous {
+        let mut delta = EntryDelta::default();
+        add_in_entry(
+            &mut self.top[top_index(k)],
+            k,
+            usize::from(anomalous),
+            1,
+            &mut delta,
+        );
+        if anomalous {
             self.n_pos += 1;
-            (&mut page.pos[i], 1)
         } else {
             self.n_neg += 1;
-            (&mut page.neg[i], 0)
-        };
-        if *slot == u16::MAX {
-            *slot = 0;
-            self.carry.entry(k).or_insert([0, 0])[side] += 1 << 16;
-        } else {
-            *slot += 1;
+        }
+        self.apply(delta);
+    }
+
+    fn apply(&mut self, delta: EntryDelta) {
+        self.dirs += delta.dirs;
+        self.pages += delta.pages;
+        for (k, side, v) in delta.carries {
+            self.carry.entry(k).or_insert([0, 0])[side] += v;
+        }
+    }
+
+    /// Counts several sets of `(key, count)` runs, each sorted by key, in parallel over disjoint
+    /// index entries (each entry's pages are touched by one thread, in key order). Integer
+    /// counts: the result does not depend on the thread count.
+    fn add_sorted(&mut self, sets: &[(&[(u32, u32)], bool)]) {
+        type Segments<'a> = Vec<(&'a [(u32, u32)], usize)>;
+        let mut by_entry: BTreeMap<usize, Segments<'_>> = BTreeMap::new();
+        for &(runs, anomalous) in sets {
+            let side = usize::from(anomalous);
+            let mut start = 0;
+            while start < runs.len() {
+                let t = top_index(runs[start].0);
+                let end = start + runs[start..].partition_point(|r| top_index(r.0) == t);
+                let seg = &runs[start..end];
+                let total: u64 = seg.iter().map(|r| r.1 as u64).sum();
+                if anomalous {
+                    self.n_pos += total;
+                } else {
+                    self.n_neg += total;
+                }
+                by_entry.entry(t).or_default().push((seg, side));
+                start = end;
+            }
+        }
+        let deltas: Vec<EntryDelta> = self
+            .top
+            .par_iter_mut()
+            .enumerate()
+            .filter_map(|(t, entry)| {
+                let segs = by_entry.get(&t)?;
+                let mut delta = EntryDelta::default();
+                for &(runs, side) in segs {
+                    for &(k, c) in runs {
+                        add_in_entry(entry, k, side, c, &mut delta);
+                    }
+                }
+                Some(delta)
+            })
+            .collect();
+        for d in deltas {
+            self.apply(d);
         }
     }
 
@@ -484,10 +572,24 @@ fn regions_of(map: &[f32], mask: &[bool], width: usize, height: usize) -> Vec<Re
     out
 }
 
-/// The parallel part of adding one image: validation, labelling, region extraction, range.
-struct PreparedImage<'a> {
-    map: &'a [f32],
-    mask: &'a [bool],
+/// Sorts keys and run-length encodes them: `(key, count)` ascending.
+fn runs(mut keys: Vec<u32>) -> Vec<(u32, u32)> {
+    keys.sort_unstable();
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for k in keys {
+        match out.last_mut() {
+            Some((last, c)) if *last == k => *c += 1,
+            _ => out.push((k, 1)),
+        }
+    }
+    out
+}
+
+/// The parallel part of adding one image: validation, labelling, region extraction, range, and
+/// the image's values as sorted runs (so the sequential merge walks the histogram in order).
+struct PreparedImage {
+    normal: Vec<(u32, u32)>,
+    anomalous: Vec<(u32, u32)>,
     regions: Vec<Region>,
     min: f32,
     max: f32,
@@ -538,11 +640,7 @@ impl PixelAccumulator {
         }
     }
 
-    fn prepare<'a>(
-        &self,
-        map: &'a [f32],
-        mask: &'a [bool],
-    ) -> Result<PreparedImage<'a>, MetricsError> {
+    fn prepare(&self, map: &[f32], mask: &[bool]) -> Result<PreparedImage, MetricsError> {
         let expected = self.width * self.height;
         for (what, got) in [("map", map.len()), ("mask", mask.len())] {
             if got != expected {
@@ -562,19 +660,26 @@ impl PixelAccumulator {
                 (lo.min(v), hi.max(v))
             });
         let regions = regions_of(map, mask, self.width, self.height);
+        let n_anomalous = mask.iter().filter(|&&m| m).count();
+        let mut normal = Vec::with_capacity(map.len() - n_anomalous);
+        let mut anomalous = Vec::with_capacity(n_anomalous);
+        for (&v, &m) in map.iter().zip(mask) {
+            if m {
+                anomalous.push(key(v));
+            } else {
+                normal.push(key(v));
+            }
+        }
         Ok(PreparedImage {
-            map,
-            mask,
+            normal: runs(normal),
+            anomalous: runs(anomalous),
             regions,
             min,
             max,
         })
     }
 
-    fn merge(&mut self, p: PreparedImage<'_>) {
-        for (&v, &m) in p.map.iter().zip(p.mask) {
-            self.hist.add(v, m);
-        }
+    fn merge(&mut self, p: PreparedImage) {
         self.region_values += p.regions.iter().map(|r| r.values.len()).sum::<usize>();
         self.regions.extend(p.regions);
         self.min = self.min.min(p.min);
@@ -584,18 +689,23 @@ impl PixelAccumulator {
 
     /// Adds one image: its map and its ground-truth mask (all `false` for a normal image).
     pub fn add_image(&mut self, map: &[f32], mask: &[bool]) -> Result<(), MetricsError> {
-        let p = self.prepare(map, mask)?;
-        self.merge(p);
-        Ok(())
+        self.add_images(&[(map, mask)])
     }
 
-    /// Adds several images: prepared in parallel, merged in the given order. On error nothing
-    /// is added.
+    /// Adds several images: each prepared in parallel (validation, labelling, sorting), then the
+    /// histogram updated in parallel over disjoint key ranges, regions appended in the given
+    /// order. On error nothing is added.
     pub fn add_images(&mut self, images: &[(&[f32], &[bool])]) -> Result<(), MetricsError> {
-        let prepared: Vec<PreparedImage<'_>> = images
+        let prepared: Vec<PreparedImage> = images
             .par_iter()
             .map(|(map, mask)| self.prepare(map, mask))
             .collect::<Result<_, _>>()?;
+        let sets: Vec<(&[(u32, u32)], bool)> = prepared
+            .iter()
+            .flat_map(|p| [(p.normal.as_slice(), false), (p.anomalous.as_slice(), true)])
+            .collect();
+        self.hist.add_sorted(&sets);
+        drop(sets);
         for p in prepared {
             self.merge(p);
         }
@@ -799,6 +909,44 @@ mod tests {
         assert_eq!(seen, vec![(0.25, 70_000, 3), (0.75, 0, 1)]);
         assert_eq!(h.n_normal(), 70_000);
         assert_eq!(h.n_anomalous(), 4);
+    }
+
+    #[test]
+    fn sorted_runs_equal_single_adds() {
+        let values = [0.5f32, -2.0, 0.5, 1e-30, 0.25, 0.5, 3.0];
+        let labels = [false, true, true, false, false, false, true];
+        let mut one = ScoreHistogram::new();
+        for (&v, &l) in values.iter().zip(&labels) {
+            one.add(v, l);
+        }
+        // 200 000 copies in one run overflow the u16 counter three times.
+        one.add(0.75, false);
+        for _ in 0..199_999 {
+            one.add(0.75, false);
+        }
+        let keys = |l: bool| {
+            values
+                .iter()
+                .zip(&labels)
+                .filter(|&(_, &x)| x == l)
+                .map(|(&v, _)| key(v))
+                .collect::<Vec<_>>()
+        };
+        let mut normal = runs(keys(false));
+        normal.push((key(0.75), 200_000));
+        normal.sort_unstable();
+        let anomalous = runs(keys(true));
+        let mut batch = ScoreHistogram::new();
+        batch.add_sorted(&[(&normal, false), (&anomalous, true)]);
+        let dump = |h: &ScoreHistogram| {
+            let mut v = Vec::new();
+            h.for_each(|x, n, p| v.push((x, n, p)));
+            v
+        };
+        assert_eq!(dump(&one), dump(&batch));
+        assert_eq!(dump(&batch).last(), Some(&(3.0, 0, 1)));
+        assert!(dump(&batch).contains(&(0.75, 200_000, 0)));
+        assert_eq!(batch.n_normal(), one.n_normal());
     }
 
     #[test]
