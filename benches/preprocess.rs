@@ -4,11 +4,13 @@
 
 use std::hint::black_box;
 
-use anomalyclip_edge::preprocess::{Filter, Preprocessor, Resizer, to_chw_normalised};
+use anomalyclip_edge::preprocess::{
+    CLIP_MEAN, CLIP_STD, Filter, Preprocessor, Resizer, to_chw_normalised,
+};
 use criterion::{Criterion, criterion_group, criterion_main};
 
-const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
-const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+const MEAN: [f32; 3] = CLIP_MEAN;
+const STD: [f32; 3] = CLIP_STD;
 
 fn frame(w: usize, h: usize, stride: usize) -> Vec<u8> {
     let mut f = vec![0u8; stride * h];

@@ -410,6 +410,76 @@ def write_png(path: Path, width: int, height: int, depth: int, color: int, rows:
     path.write_bytes(data)
 
 
+def write_bmp(
+    path: Path,
+    width: int,
+    height: int,
+    bits: int,
+    rows: list[bytes] | bytes,
+    palette: np.ndarray | None = None,
+    compression: int = 0,
+    masks: tuple[int, ...] | None = None,
+    header: int = 40,
+    top_down: bool = False,
+) -> None:
+    """A BMP writer for the layouts Pillow does not save. `rows` are in file order (padded here),
+    or the already encoded RLE stream."""
+    import struct
+
+    if header == 12:
+        info = struct.pack("<IHHHH", 12, width, height, 1, bits)
+        pal = b"" if palette is None else b"".join(bytes([b, g, r]) for r, g, b in palette)
+    else:
+        info = struct.pack("<IiiHHIIiiII", header, width, -height if top_down else height, 1, bits, compression, 0, 2835, 2835, 0 if palette is None else len(palette), 0)
+        if header >= 52 and masks is not None:
+            info += struct.pack("<IIII", *(list(masks) + [0] * (4 - len(masks))))
+        info += b"\x00" * (header - len(info))
+        if header == 40 and masks is not None:
+            info += struct.pack("<III", *masks[:3])
+        pal = b"" if palette is None else b"".join(bytes([b, g, r, 0]) for r, g, b in palette)
+    if isinstance(rows, bytes):
+        pixels = rows
+    else:
+        stride = ((width * bits + 31) >> 3) & ~3
+        pixels = b"".join(r + b"\x00" * (stride - len(r)) for r in rows)
+    offset = 14 + len(info) + len(pal)
+    path.write_bytes(b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + pal + pixels)
+
+
+def rle_encode(rows: list[np.ndarray], rle4: bool) -> bytes:
+    """RLE8/RLE4 stream (rows in file order): runs on even rows, absolute runs on odd rows, one
+    delta escape, end-of-line after each row and end-of-bitmap at the end."""
+    out = bytearray()
+    for y, row in enumerate(rows):
+        row = [int(v) for v in row]
+        i = 0
+        if y == 1:
+            out += bytes([0, 2, 3, 0])  # delta: skip 3 pixels (they read as index 0)
+            row[:3] = [0, 0, 0]
+            i = 3
+        while i < len(row):
+            if y % 2 == 1 and len(row) - i >= 3:
+                n = min(len(row) - i, 9)
+                seg = row[i : i + n]
+                if rle4:
+                    packed = bytes((seg[k] << 4) | (seg[k + 1] if k + 1 < n else 0) for k in range(0, n, 2))
+                else:
+                    packed = bytes(seg)
+                out += bytes([0, n]) + packed + (b"\x00" if len(packed) % 2 else b"")
+                i += n
+                continue
+            a = row[i]
+            b = row[i + 1] if rle4 and i + 1 < len(row) else a
+            n = 1
+            while i + n < len(row) and n < 255 and row[i + n] == (a if n % 2 == 0 else b):
+                n += 1
+            out += bytes([n, (a << 4) | b if rle4 else a])
+            i += n
+        out += b"\x00\x00"
+    out += b"\x00\x01"
+    return bytes(out)
+
+
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Packs one row of `bits`-bit samples, most significant first."""
     per = 8 // bits
@@ -492,6 +562,26 @@ def image_fixtures(out: Path) -> None:
     pil_save("palette.bmp", Image.fromarray(rgb, "RGB").quantize(40))
     pil_save("gray.bmp", Image.fromarray(gray, "L"))
     pil_save("bilevel.bmp", Image.fromarray(gray, "L").convert("1"))
+    pil_save("cmyk.jpg", Image.fromarray(rgb).convert("CMYK"), quality=90)
+    # BMP layouts Pillow does not write: rows are in file order (bottom-up unless top_down).
+    pal12 = rng.integers(0, 256, (12, 3), dtype=np.uint8)
+    idx4 = rng.integers(0, 12, (H, W), dtype=np.uint8)
+    write_bmp(files / "palette4.bmp", W, H, 4, [pack_bits(r, 4) for r in idx4[::-1]], palette=pal12)
+    pal256 = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    idx8 = rng.integers(0, 256, (H, W), dtype=np.uint8)
+    write_bmp(files / "core8.bmp", W, H, 8, [r.tobytes() for r in idx8[::-1]], palette=pal256, header=12)
+    write_bmp(files / "topdown.bmp", W, H, 24, [r[:, ::-1].tobytes() for r in rgb], top_down=True)
+    v565 = ((rgb[..., 0].astype(np.uint16) >> 3) << 11) | ((rgb[..., 1].astype(np.uint16) >> 2) << 5) | (rgb[..., 2].astype(np.uint16) >> 3)
+    write_bmp(files / "rgb565.bmp", W, H, 16, [r.astype("<u2").tobytes() for r in v565[::-1]], compression=3, masks=(0xF800, 0x7E0, 0x1F))
+    v555 = ((rgb[..., 0].astype(np.uint16) >> 3) << 10) | ((rgb[..., 1].astype(np.uint16) >> 3) << 5) | (rgb[..., 2].astype(np.uint16) >> 3)
+    write_bmp(files / "rgb555.bmp", W, H, 16, [r.astype("<u2").tobytes() for r in v555[::-1]])
+    bgra = np.dstack([rgb[..., 2], rgb[..., 1], rgb[..., 0], alpha])
+    write_bmp(files / "bgra_v4.bmp", W, H, 32, [r.tobytes() for r in bgra[::-1]], compression=3, masks=(0xFF0000, 0xFF00, 0xFF, 0xFF000000), header=108)
+    pal16 = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    runs = np.repeat(rng.integers(0, 16, (H, (W + 4) // 5), dtype=np.uint8), 5, axis=1)[:, :W]
+    write_bmp(files / "rle8.bmp", W, H, 8, rle_encode(list(runs[::-1]), rle4=False), palette=pal16, compression=1)
+    write_bmp(files / "rle4.bmp", W, H, 4, rle_encode(list(runs[::-1]), rle4=True), palette=pal16, compression=2)
+    made += ["palette4.bmp", "core8.bmp", "topdown.bmp", "rgb565.bmp", "rgb555.bmp", "bgra_v4.bmp", "rle8.bmp", "rle4.bmp"]
 
     entries = []
     for name in sorted(made):

@@ -26,6 +26,14 @@
 
 use thiserror::Error;
 
+/// CLIP's normalisation mean, as the reference (and `manifest.toml`) writes it.
+#[allow(clippy::excessive_precision)]
+pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+
+/// CLIP's normalisation standard deviation, as the reference (and `manifest.toml`) writes it.
+#[allow(clippy::excessive_precision)]
+pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+
 /// Fractional bits of Pillow's fixed-point resampling weights (`32 − 8 − 2`).
 const PRECISION_BITS: u32 = 22;
 

@@ -4,14 +4,15 @@
 mod common;
 
 use anomalyclip_edge::preprocess::{
-    Filter, PreprocessError, Preprocessor, Resizer, preprocess_rgb, resize_u8, to_chw_normalised,
+    CLIP_MEAN, CLIP_STD, Filter, PreprocessError, Preprocessor, Resizer, preprocess_rgb, resize_u8,
+    to_chw_normalised,
 };
 use common::{Blob, usize_of};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
-const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+const MEAN: [f32; 3] = CLIP_MEAN;
+const STD: [f32; 3] = CLIP_STD;
 
 fn filter(v: &Value) -> Filter {
     match v.as_str().unwrap() {

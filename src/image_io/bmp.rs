@@ -313,7 +313,7 @@ fn decode_rle(
         }
         match byte {
             0 => {
-                while data.len() % width != 0 {
+                while !data.len().is_multiple_of(width) {
                     data.push(0);
                 }
                 x = 0;
@@ -348,7 +348,7 @@ fn decode_rle(
                 }
                 x += n as usize;
                 // Pillow aligns to 16-bit words of the file position.
-                if (base + i) % 2 != 0 {
+                if !(base + i).is_multiple_of(2) {
                     i += 1;
                 }
             }
