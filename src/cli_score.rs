@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Context;
 use anomalyclip_edge::engine::{Backend, EngineOptions};
 use anomalyclip_edge::head;
 use anomalyclip_edge::package::HashCheck;
 use anomalyclip_edge::scorer::{Scored, Scorer};
+use anyhow::Context;
 use serde::Serialize;
 
 #[derive(clap::Args)]

@@ -135,10 +135,7 @@ impl Features {
     /// Patch features of image `i` for every layer.
     pub fn locals(&self, i: usize) -> Vec<&[f32]> {
         let n = self.tokens * self.dim;
-        self.locals
-            .iter()
-            .map(|l| &l[i * n..(i + 1) * n])
-            .collect()
+        self.locals.iter().map(|l| &l[i * n..(i + 1) * n]).collect()
     }
 }
 
@@ -296,14 +293,19 @@ fn build_session(
     };
     let mut builder = ort::session::Session::builder(env).map_err(model_err)?;
     if opts.threads > 0 {
-        builder = builder.with_intra_threads(opts.threads).map_err(|e| model_err(e.into()))?;
+        builder = builder
+            .with_intra_threads(opts.threads)
+            .map_err(|e| model_err(e.into()))?;
     }
     let unavailable = |reason: String| EngineError::Unavailable { backend, reason };
     match backend {
         Backend::Cpu | Backend::Auto => {}
         Backend::Cuda => {
             let cuda = ep::CUDA::default().with_device_id(opts.device_id);
-            if !matches!(<ep::CUDA as ep::ExecutionProvider>::is_available(), Ok(true)) {
+            if !matches!(
+                <ep::CUDA as ep::ExecutionProvider>::is_available(),
+                Ok(true)
+            ) {
                 return Err(unavailable(
                     "this ONNX Runtime library has no CUDA execution provider (CPU build; install the onnxruntime-gpu library)".into(),
                 ));
@@ -316,15 +318,17 @@ fn build_session(
             let mut trt = ep::TensorRT::default()
                 .with_device_id(opts.device_id)
                 .with_fp16(opts.fp16);
-            if !matches!(<ep::TensorRT as ep::ExecutionProvider>::is_available(), Ok(true)) {
+            if !matches!(
+                <ep::TensorRT as ep::ExecutionProvider>::is_available(),
+                Ok(true)
+            ) {
                 return Err(unavailable(
                     "this ONNX Runtime library has no TensorRT execution provider (CPU build; install the onnxruntime-gpu library and TensorRT 10)".into(),
                 ));
             }
             if let Some(dir) = &opts.cache_dir {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    unavailable(format!("engine cache {}: {e}", dir.display()))
-                })?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| unavailable(format!("engine cache {}: {e}", dir.display())))?;
                 let key = crate::engine::cache_prefix(pkg, opts);
                 trt = trt
                     .with_engine_cache(true)

@@ -9,9 +9,10 @@
 use std::path::Path;
 
 use crate::engine::{self, Engine, EngineError, EngineOptions};
-use crate::head::{CpuHead, HeadConfig, HeadOutput};
+use crate::head::{CpuHead, HeadConfig, HeadError, HeadOutput};
 use crate::image_io::{self, DecodedImage};
 use crate::package::{HashCheck, ModelPackage, PackageError};
+use crate::preprocess::{PreprocessError, Preprocessor};
 
 /// Errors of the inference core.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,10 @@ pub enum ScoreError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Image(#[from] image_io::ImageError),
+    #[error("frame: {0}")]
+    Frame(#[from] PreprocessError),
+    #[error("anomaly head: {0}")]
+    Head(#[from] HeadError),
 }
 
 /// One scored image.
@@ -42,6 +47,8 @@ pub struct Scorer {
     head: CpuHead,
     out: HeadOutput,
     input: Vec<f32>,
+    /// Frame preprocessor for the last frame geometry `(width, height)`.
+    frame_pre: Option<((usize, usize), Preprocessor)>,
 }
 
 impl Scorer {
@@ -49,11 +56,11 @@ impl Scorer {
     pub fn open(dir: &Path, hashes: HashCheck, opts: &EngineOptions) -> Result<Self, ScoreError> {
         let pkg = ModelPackage::load(dir, hashes)?;
         let engine = engine::create(&pkg, opts)?;
-        Ok(Self::new(pkg, engine))
+        Self::new(pkg, engine)
     }
 
     /// Wraps an already built engine.
-    pub fn new(pkg: ModelPackage, engine: Box<dyn Engine>) -> Self {
+    pub fn new(pkg: ModelPackage, engine: Box<dyn Engine>) -> Result<Self, ScoreError> {
         let m = &pkg.manifest.model;
         let cfg = HeadConfig {
             size: pkg.input_size(),
@@ -62,14 +69,15 @@ impl Scorer {
             tau: m.tau,
             sigma: 4.0,
         };
-        let head = CpuHead::new(&pkg.text, cfg);
-        Self {
+        let head = CpuHead::new(cfg, &pkg.text)?;
+        Ok(Self {
             pkg,
             engine,
             head,
-            out: HeadOutput::default(),
+            out: HeadOutput::new(&cfg),
             input: Vec::new(),
-        }
+            frame_pre: None,
+        })
     }
 
     /// The package in use.
@@ -88,22 +96,32 @@ impl Scorer {
     }
 
     /// Converts a decoded file into the model input exactly as the reference does.
-    pub fn prepare_image(&self, img: &DecodedImage, out: &mut [f32]) {
+    pub fn prepare_image(&self, img: &DecodedImage, out: &mut [f32]) -> Result<(), ScoreError> {
         let i = &self.pkg.manifest.input;
-        img.to_model_input(i.size, i.mean, i.std, out);
+        img.to_model_input(i.size, i.mean, i.std, out)?;
+        Ok(())
     }
 
     /// Converts an RGB frame (rows possibly padded) into the model input.
     pub fn prepare_frame(
-        &self,
+        &mut self,
         rgb: &[u8],
         width: usize,
         height: usize,
         stride: usize,
         out: &mut [f32],
-    ) {
-        let i = &self.pkg.manifest.input;
-        crate::preprocess::preprocess_rgb(rgb, width, height, stride, i.size, i.mean, i.std, out);
+    ) -> Result<(), ScoreError> {
+        let geometry = (width, height);
+        let pre = match &mut self.frame_pre {
+            Some((g, p)) if *g == geometry => p,
+            slot => {
+                let i = &self.pkg.manifest.input;
+                let p = Preprocessor::new(width, height, i.size, i.mean, i.std)?;
+                &mut slot.insert((geometry, p)).1
+            }
+        };
+        pre.run(rgb, stride, out)?;
+        Ok(())
     }
 
     /// Runs the encoder on `batch` prepared images and the head on each.
@@ -113,7 +131,7 @@ impl Scorer {
         let mut results = Vec::with_capacity(batch);
         for i in 0..batch {
             let locals = feats.locals(i);
-            self.head.run(feats.global(i), &locals, &mut self.out);
+            self.head.run(feats.global(i), &locals, &mut self.out)?;
             results.push(Scored {
                 score: self.out.score,
                 map: self.out.map.clone(),
@@ -129,8 +147,9 @@ impl Scorer {
         let s = self.size();
         let mut input = std::mem::take(&mut self.input);
         input.resize(3 * s * s, 0.0);
-        self.prepare_image(&img, &mut input);
-        let res = self.score_batch(&input, 1);
+        let res = self
+            .prepare_image(&img, &mut input)
+            .and_then(|()| self.score_batch(&input, 1));
         self.input = input;
         let mut scored = res?;
         let one = scored.pop().ok_or_else(|| {

@@ -2,8 +2,11 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the helpers.
 
+pub mod fx;
 pub mod mjpeg;
 pub mod rtsp;
+
+pub use fx::*;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
