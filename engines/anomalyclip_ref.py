@@ -6,8 +6,7 @@ This module owns the maths of `shared/docs/anomalyclip-inference.md`:
   that identify them (`Arch`, `KNOWN_ARCHS`);
 * the image encoder: a CLIP ViT with the V-V (DPAM) side path, producing the L2-normalised global
   feature and the local features of each requested block (`VisualEncoder`); the same module is the
-  eager fp32 reference and the graph handed to the ONNX exporter (optionally in fp16 with LayerNorm
-  and softmax kept in fp32);
+  eager fp32 reference and the graph handed to the ONNX exporter;
 * the positional-embedding resize baked for the package size (`resize_positional_embedding`);
 * the CLIP text transformer with learned context and deep compound prompts, evaluated once to give
   the constant T = [t_n; t_a] (`compute_text_constant`);
@@ -183,7 +182,8 @@ def prompt_token_ids(anomalous: bool, context: int = 77) -> list[int]:
 
 
 def _frozen(t: Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach().clone().float().contiguous(), requires_grad=False)
+    """A constant parameter (shares memory with `t` when it is already fp32 and contiguous)."""
+    return nn.Parameter(t.detach().float().contiguous(), requires_grad=False)
 
 
 def l2_normalize(x: Tensor) -> Tensor:
@@ -191,7 +191,7 @@ def l2_normalize(x: Tensor) -> Tensor:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm computed in fp32 whatever the dtype of the stream (CLIP's convention)."""
+    """CLIP's LayerNorm (eps 1e-5)."""
 
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
         super().__init__()
@@ -199,8 +199,7 @@ class LayerNorm(nn.Module):
         self.bias = _frozen(bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x.float(), (self.weight.shape[0],), self.weight, self.bias, LN_EPS)
-        return y.to(x.dtype)
+        return F.layer_norm(x, (self.weight.shape[0],), self.weight, self.bias, LN_EPS)
 
 
 class Linear(nn.Module):
@@ -211,11 +210,6 @@ class Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-def _softmax32(scores: Tensor) -> Tensor:
-    """Softmax over the last axis in fp32, returned in the dtype of the scores."""
-    return scores.float().softmax(dim=-1).to(scores.dtype)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -245,7 +239,7 @@ class ResidualAttentionBlock(nn.Module):
         scores = (q * self.scale) @ k.transpose(-2, -1)
         if mask is not None:
             scores = scores + mask.to(scores.dtype)
-        return self.out_proj(self._merge(_softmax32(scores) @ v))
+        return self.out_proj(self._merge(scores.softmax(dim=-1) @ v))
 
     def _mlp(self, x: Tensor) -> Tensor:
         h = self.c_fc(self.ln_2(x))
@@ -317,7 +311,6 @@ class VisualEncoder(nn.Module):
         self.patch = v.patch
         self.vv_start = v.vv_start
         self.feature_layers: tuple[int, ...] = tuple(layers)
-        self.dtype = torch.float32
 
         self.conv1 = _frozen(sd["visual.conv1.weight"])
         self.class_embedding = _frozen(sd["visual.class_embedding"])
@@ -334,18 +327,8 @@ class VisualEncoder(nn.Module):
     def output_names(self) -> list[str]:
         return ["global"] + [f"local_{layer}" for layer in self.feature_layers]
 
-    def half_precision(self) -> "VisualEncoder":
-        """Convert to fp16 in place: every weight but LayerNorm's; LN and softmax stay fp32."""
-        for module in self.modules():
-            if isinstance(module, LayerNorm):
-                continue
-            for name, param in module.named_parameters(recurse=False):
-                setattr(module, name, nn.Parameter(param.data.half(), requires_grad=False))
-        self.dtype = torch.float16
-        return self
-
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        x = F.conv2d(image.to(self.dtype), self.conv1, stride=self.patch)  # [B, W, G, G]
+        x = F.conv2d(image, self.conv1, stride=self.patch)  # [B, W, G, G]
         x = x.flatten(2).transpose(1, 2)  # [B, G*G, W], row-major over the grid
         cls = self.class_embedding + torch.zeros_like(x[:, :1, :])
         x = torch.cat([cls, x], dim=1) + self.positional_embedding
@@ -360,8 +343,8 @@ class VisualEncoder(nn.Module):
             if index in self.feature_layers:
                 assert v_stream is not None
                 local = self.ln_post(v_stream)[:, 1:1 + self.grid * self.grid, :] @ self.proj
-                local_feats.append(l2_normalize(local.float()))
-        global_feat = l2_normalize((x[:, 0, :] @ self.proj).float())
+                local_feats.append(l2_normalize(local))
+        global_feat = l2_normalize(x[:, 0, :] @ self.proj)
         return (global_feat, *local_feats)
 
 

@@ -4,8 +4,8 @@
 Owns the command line and the package writing: loads and validates the inputs
 (`checkpoints.py`), builds the image encoder for the package size and computes the text constant
 (`anomalyclip_ref.py`), exports the encoder to ONNX with the TorchScript-based exporter of
-`torch.onnx` (`dynamo=False`, opset 17), optionally an fp16 copy, and writes `text.f32` and
-`manifest.toml`. The package is written into a temporary directory next to the destination and
+`torch.onnx` (`dynamo=False`, opset 17), optionally an fp16 copy (`fp16.py`), and writes
+`text.f32` and `manifest.toml`. The package is written into a temporary directory next to the destination and
 renamed into place only when complete. Output is deterministic: the same inputs give the same
 bytes.
 
@@ -17,7 +17,6 @@ bytes.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -44,6 +43,7 @@ from anomalyclip_ref import (
     compute_text_constant,
 )
 from checkpoints import ClipWeights, InputError, PromptWeights, load_clip, load_prompts, sha256_file
+from fp16 import convert_float_to_float16
 from random_weights import write_random_sources
 
 EXPORTER = "anomalyclip-edge export 0.1.0"
@@ -95,16 +95,13 @@ def prepare(clip_path: str | Path, checkpoint_path: str | Path, size: int | None
     torch.manual_seed(0)
     encoder = VisualEncoder(arch, clip.state, size, layers).eval()
     text = compute_text_constant(arch, clip.state, prompts.state)
+    clip.state = {}  # the encoder holds what it needs; let the text weights go
     return Prepared(clip=clip, prompts=prompts, arch=arch, encoder=encoder, text=text)
 
 
 # --------------------------------------------------------------------------------------------
 # ONNX
 # --------------------------------------------------------------------------------------------
-
-
-def _param_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _set_output_shapes(model: onnx.ModelProto, encoder: VisualEncoder) -> None:
@@ -128,8 +125,8 @@ def _set_output_shapes(model: onnx.ModelProto, encoder: VisualEncoder) -> None:
                 entry.dim_value = value
 
 
-def export_onnx(encoder: VisualEncoder, destination: Path, scratch: Path) -> list[str]:
-    """Export `encoder` to `destination`; return the file names written (model + data)."""
+def trace_onnx(encoder: VisualEncoder, scratch: Path) -> onnx.ModelProto:
+    """Export `encoder` with torch.onnx's TorchScript-based exporter; return the fp32 graph."""
     names = encoder.output_names
     dynamic_axes: dict[str, dict[int, str]] = {"image": {0: "batch"}}
     dynamic_axes.update({name: {0: "batch"} for name in names})
@@ -141,22 +138,25 @@ def export_onnx(encoder: VisualEncoder, destination: Path, scratch: Path) -> lis
         torch.onnx.export(encoder, (dummy,), str(raw_path), dynamo=False, opset_version=OPSET,
                           input_names=["image"], output_names=names, dynamic_axes=dynamic_axes,
                           do_constant_folding=True, export_params=True)
-    model = onnx.load(str(raw_path))
+    model = onnx.load(str(raw_path))  # also reads external data, if torch wrote any
     shutil.rmtree(scratch)
-    model.doc_string = f"AnomalyCLIP image encoder ({encoder.arch.label}, {encoder.size} px)"
     _set_output_shapes(model, encoder)
-    large = _param_bytes(encoder) > EXTERNAL_DATA_THRESHOLD
-    written = [destination.name]
-    if large:
+    model.doc_string = f"AnomalyCLIP image encoder ({encoder.arch.label}, {encoder.size} px)"
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, destination: Path) -> list[str]:
+    """Save (weights in `<name>.data` beyond the protobuf limit); return the file names."""
+    weight_bytes = sum(len(init.raw_data) for init in model.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
         data_name = destination.name + ".data"
         onnx.save_model(model, str(destination), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        written.append(data_name)
         onnx.checker.check_model(str(destination))
-    else:
-        onnx.checker.check_model(model)
-        onnx.save_model(model, str(destination))
-    return written
+        return [destination.name, data_name]
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(destination))
+    return [destination.name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,14 +251,16 @@ def write_package(prep: Prepared, out: str | Path, *, fp16: bool = False, force:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        files = export_onnx(prep.encoder, tmp / "model.onnx", tmp / ".scratch")
+        model = trace_onnx(prep.encoder, tmp / ".scratch")
+        files = save_onnx(model, tmp / "model.onnx")
         text = prep.text.detach().cpu().numpy().astype("<f4")
         (tmp / "text.f32").write_bytes(text.tobytes(order="C"))
         files.append("text.f32")
         if fp16:
-            half = copy.deepcopy(prep.encoder).half_precision()
-            files += export_onnx(half, tmp / "model.fp16.onnx", tmp / ".scratch")
-            del half
+            model = convert_float_to_float16(model)
+            model.doc_string += ", fp16 with LayerNorm/softmax/L2-norm in fp32"
+            files += save_onnx(model, tmp / "model.fp16.onnx")
+        del model
         hashes = {file: sha256_file(tmp / file) for file in files}
         manifest = render_manifest(prep, name, tiny, hashes, seed)
         (tmp / "manifest.toml").write_text(manifest, encoding="utf-8")
