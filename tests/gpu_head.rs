@@ -164,7 +164,8 @@ fn check_case(ordinal: usize, case: Case, seed: u64) {
     // CPU reference, end to end.
     let mut cpu = CpuHead::new(cfg, &inp.text).expect("cpu head");
     let mut cpu_out = HeadOutput::new(&cfg);
-    cpu.run(&inp.global, &locals, &mut cpu_out).expect("cpu run");
+    cpu.run(&inp.global, &locals, &mut cpu_out)
+        .expect("cpu run");
     let cpu_final = if (case.out_h, case.out_w) == (case.size, case.size) {
         cpu_out.map.clone()
     } else {
@@ -172,7 +173,8 @@ fn check_case(ordinal: usize, case: Case, seed: u64) {
     };
     let thr = median(&cpu_final);
 
-    let mut head = GpuHead::new(ordinal, &inp.text, &cfg, case.out_h, case.out_w).expect("gpu head");
+    let mut head =
+        GpuHead::new(ordinal, &inp.text, &cfg, case.out_h, case.out_w).expect("gpu head");
     head.set_threshold(thr);
     let out = head.run_host(&inp.global, &locals).expect("gpu run");
 
@@ -184,7 +186,14 @@ fn check_case(ordinal: usize, case: Case, seed: u64) {
     // (b) bilinear upsample, fed the GPU's own patch map.
     let raw = head.download_stage(Stage::MapRaw).unwrap();
     let mut raw_ref = vec![0.0; case.size * case.size];
-    upsample_bilinear(&patch, case.grid, case.grid, &mut raw_ref, case.size, case.size);
+    upsample_bilinear(
+        &patch,
+        case.grid,
+        case.grid,
+        &mut raw_ref,
+        case.size,
+        case.size,
+    );
     report("bilinear_upsample", &case, max_abs(&raw, &raw_ref), TOL);
 
     // (c) Gaussian (gauss_cols + gauss_rows), fed the GPU's own raw map.
@@ -222,7 +231,12 @@ fn check_case(ordinal: usize, case: Case, seed: u64) {
     // End to end: GPU pipeline vs CPU pipeline.
     report("end_to_end_map", &case, max_abs(&map, &cpu_final), TOL);
     let cpu_st = map_stats(&cpu_final, thr);
-    report("end_to_end_max", &case, (out.map_max - cpu_st.max).abs(), TOL);
+    report(
+        "end_to_end_max",
+        &case,
+        (out.map_max - cpu_st.max).abs(),
+        TOL,
+    );
     let lo = map_stats(&cpu_final, thr + TOL).above;
     let hi = map_stats(&cpu_final, thr - TOL).above;
     println!(
@@ -255,9 +269,15 @@ fn check_case(ordinal: usize, case: Case, seed: u64) {
         .map(|l| stream.clone_htod(l).unwrap())
         .collect();
     let views: Vec<_> = l_dev.iter().map(|s| s.as_view()).collect();
-    let out_dev = head.run_device(&g_dev.as_view(), &views).expect("run_device");
+    let out_dev = head
+        .run_device(&g_dev.as_view(), &views)
+        .expect("run_device");
     assert_eq!(out_dev, out, "run_device vs run_host");
-    assert_eq!(head.download_map().unwrap(), map, "run_device map vs run_host map");
+    assert_eq!(
+        head.download_map().unwrap(),
+        map,
+        "run_device map vs run_host map"
+    );
 }
 
 const SMALL: Case = Case {
@@ -353,8 +373,22 @@ fn odd_and_tiny_maps(ordinal: usize) {
         7,
     );
     // No blur, another sigma.
-    check_case(ordinal, Case { sigma: 0.0, ..SMALL }, 8);
-    check_case(ordinal, Case { sigma: 2.5, ..SMALL }, 9);
+    check_case(
+        ordinal,
+        Case {
+            sigma: 0.0,
+            ..SMALL
+        },
+        8,
+    );
+    check_case(
+        ordinal,
+        Case {
+            sigma: 2.5,
+            ..SMALL
+        },
+        9,
+    );
 }
 
 fn rejects_bad_input(ordinal: usize) {
@@ -378,7 +412,10 @@ fn rejects_bad_input(ordinal: usize) {
 gpu_test!(parity_small_model, small_model);
 gpu_test!(parity_real_model_518, real_model_model_size);
 gpu_test!(parity_real_model_1080p, real_model_1080p);
-gpu_test!(parity_real_model_four_layers_333x517, real_model_four_layers_odd_frame);
+gpu_test!(
+    parity_real_model_four_layers_333x517,
+    real_model_four_layers_odd_frame
+);
 gpu_test!(parity_odd_and_tiny_maps, odd_and_tiny_maps);
 gpu_test!(rejects_bad_input_with_errors, rejects_bad_input);
 

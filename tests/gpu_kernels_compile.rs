@@ -83,8 +83,13 @@ fn compile_errors_carry_the_nvrtc_log() {
         return;
     }
     let bad = "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }";
-    let err = gpu::sys::compile(bad, "bad.cu", &["--gpu-architecture=compute_80".into()], false)
-        .expect_err("must not compile");
+    let err = gpu::sys::compile(
+        bad,
+        "bad.cu",
+        &["--gpu-architecture=compute_80".into()],
+        false,
+    )
+    .expect_err("must not compile");
     match err {
         GpuError::Compile { log, .. } => assert!(log.contains("undefined_name"), "log: {log}"),
         other => panic!("expected a compile error, got {other}"),
@@ -100,7 +105,10 @@ fn kernel_source_is_self_contained() {
     assert!(!includes, "kernels.cu must not #include anything");
     for name in KERNEL_NAMES {
         let decl = format!("extern \"C\" __global__ void {name}(");
-        assert!(gpu::KERNEL_SOURCE.contains(&decl), "{name} is not extern \"C\"");
+        assert!(
+            gpu::KERNEL_SOURCE.contains(&decl),
+            "{name} is not extern \"C\""
+        );
     }
 }
 

@@ -2,7 +2,8 @@
 //! [`GpuHead::new`] (the token staging buffer of [`GpuHead::run_host`] grows if more layers come);
 //! a frame is a fixed sequence of launches ending in one small synchronising copy.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, CudaView};
 
@@ -114,7 +115,9 @@ fn validate(
         return bad(format!("tau must be positive and finite, got {tau}"));
     }
     if !(sigma >= 0.0 && sigma.is_finite()) {
-        return bad(format!("sigma must be zero or positive and finite, got {sigma}"));
+        return bad(format!(
+            "sigma must be zero or positive and finite, got {sigma}"
+        ));
     }
     if text.len() != 2 * dim {
         return bad(format!(
@@ -141,6 +144,28 @@ fn validate(
     Ok(taps)
 }
 
+/// [`compile_kernels`], once per process for each (architecture, target): several heads (cameras,
+/// tests) share one NVRTC compilation (~0.3 s).
+fn compile_cached(arch: (i32, i32), target: Target) -> Result<sys::Image, GpuError> {
+    type Cache = Mutex<HashMap<((i32, i32), Target), sys::Image>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let hit = cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&(arch, target))
+        .cloned();
+    if let Some(image) = hit {
+        return Ok(image);
+    }
+    let image = compile_kernels(arch, target)?;
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert((arch, target), image.clone());
+    Ok(image)
+}
+
 /// Compiles and loads the kernels for `cc`: a CUBIN for `sm_XY` first (no JIT; loads on drivers
 /// older than NVRTC within the same major version), then PTX for `compute_XY`, then PTX for
 /// `compute_80` (for a GPU newer than this NVRTC knows; the driver JIT-compiles it).
@@ -155,7 +180,7 @@ fn load_module(
     let mut failures = Vec::new();
     for (arch, target) in attempts {
         let what = format!("{target:?} for {}.{}", arch.0, arch.1);
-        match compile_kernels(arch, target) {
+        match compile_cached(arch, target) {
             Ok(image) => match ctx.load_module(image.into_ptx()) {
                 Ok(m) => {
                     if !failures.is_empty() {
@@ -571,7 +596,17 @@ mod tests {
 
     #[test]
     fn float_key_round_trips_and_orders() {
-        let vals = [-3.5f32, -1e-30, -0.0, 0.0, 1e-30, 0.25, 1.0, 7.0, f32::INFINITY];
+        let vals = [
+            -3.5f32,
+            -1e-30,
+            -0.0,
+            0.0,
+            1e-30,
+            0.25,
+            1.0,
+            7.0,
+            f32::INFINITY,
+        ];
         for w in vals.windows(2) {
             assert!(key(w[0]) <= key(w[1]), "{} vs {}", w[0], w[1]);
         }

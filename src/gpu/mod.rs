@@ -52,7 +52,7 @@ pub const KERNEL_NAMES: [&str; 6] = [
 ];
 
 /// What NVRTC should produce.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     /// PTX for the virtual architecture `compute_XY`; the driver JIT-compiles it at load.
     /// Needs a driver at least as new as NVRTC.
@@ -71,7 +71,10 @@ pub fn compile_kernels(cc: (i32, i32), target: Target) -> Result<Image, GpuError
         Target::Ptx => format!("compute_{}{}", cc.0, cc.1),
         Target::Cubin => format!("sm_{}{}", cc.0, cc.1),
     };
-    let options = vec![format!("--gpu-architecture={arch}"), "--fmad=false".to_string()];
+    let options = vec![
+        format!("--gpu-architecture={arch}"),
+        "--fmad=false".to_string(),
+    ];
     sys::compile(
         KERNEL_SOURCE,
         "anomalyclip_head.cu",

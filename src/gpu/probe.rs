@@ -57,7 +57,11 @@ impl std::fmt::Display for GpuProbe {
             None => f.write_str("driver: absent")?,
         }
         match &self.nvrtc {
-            Some(n) => write!(f, "; nvrtc: {}.{} ({})", n.version.0, n.version.1, n.location)?,
+            Some(n) => write!(
+                f,
+                "; nvrtc: {}.{} ({})",
+                n.version.0, n.version.1, n.location
+            )?,
             None => f.write_str("; nvrtc: absent")?,
         }
         for d in &self.devices {

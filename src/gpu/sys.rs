@@ -93,7 +93,10 @@ fn locate_nvrtc() -> Result<NvrtcLocation, String> {
     if let Some(value) = std::env::var_os(NVRTC_ENV) {
         let path = PathBuf::from(&value);
         let file = if path.is_dir() {
-            NVRTC_FILES.iter().map(|f| path.join(f)).find(|p| p.is_file())
+            NVRTC_FILES
+                .iter()
+                .map(|f| path.join(f))
+                .find(|p| p.is_file())
         } else {
             Some(path.clone())
         };
@@ -127,9 +130,8 @@ fn locate_nvrtc() -> Result<NvrtcLocation, String> {
             }
         }
     }
-    let mut searched = vec![
-        "LD_LIBRARY_PATH and the ld.so cache (libnvrtc.so, libnvrtc.so.12, …)".to_string(),
-    ];
+    let mut searched =
+        vec!["LD_LIBRARY_PATH and the ld.so cache (libnvrtc.so, libnvrtc.so.12, …)".to_string()];
     searched.extend(dirs.iter().map(|d| d.display().to_string()));
     Err(searched.join(", "))
 }
@@ -140,7 +142,12 @@ fn nvrtc_search_dirs() -> Vec<PathBuf> {
         dirs.push(cwd.join(".deps/nvrtc"));
     }
     if let Ok(exe) = std::env::current_exe() {
-        dirs.extend(exe.ancestors().skip(1).take(5).map(|d| d.join(".deps/nvrtc")));
+        dirs.extend(
+            exe.ancestors()
+                .skip(1)
+                .take(5)
+                .map(|d| d.join(".deps/nvrtc")),
+        );
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(v) = std::env::var_os(var) {
@@ -236,10 +243,17 @@ fn c_chars_to_string(chars: &[c_char]) -> String {
 
 /// Compiles `source` with NVRTC. `options` are NVRTC flags; pass `--gpu-architecture=sm_XY` with
 /// `cubin = true`, or `compute_XY` with `cubin = false`.
-pub fn compile(source: &str, name: &str, options: &[String], cubin: bool) -> Result<Image, GpuError> {
+pub fn compile(
+    source: &str,
+    name: &str,
+    options: &[String],
+    cubin: bool,
+) -> Result<Image, GpuError> {
     nvrtc_library()?;
-    let src = CString::new(source).map_err(|_| GpuError::Input("kernel source holds a NUL".into()))?;
-    let name = CString::new(name).map_err(|_| GpuError::Input("program name holds a NUL".into()))?;
+    let src =
+        CString::new(source).map_err(|_| GpuError::Input("kernel source holds a NUL".into()))?;
+    let name =
+        CString::new(name).map_err(|_| GpuError::Input("program name holds a NUL".into()))?;
     let prog = Program(nvrtc::result::create_program(&src, Some(&name))?);
     // SAFETY: prog.0 is a live program (destroyed only when `prog` drops, after every use here).
     if let Err(e) = unsafe { nvrtc::result::compile_program(prog.0, options) } {
