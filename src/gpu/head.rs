@@ -40,8 +40,9 @@ pub enum Stage {
     Map,
 }
 
-/// The anomaly head on a GPU. Built once per device and model; `run_*` per frame.
-/// Not `Sync`-shared: one frame at a time (`&mut self`).
+/// The anomaly head on a GPU. Built once per device, model and frame size; `run_*` per frame,
+/// one frame at a time (`&mut self`). `Send`: build it once and move it to the thread or task
+/// that runs the frames. Device buffers are freed when it drops.
 #[derive(Debug)]
 pub struct GpuHead {
     ctx: Arc<CudaContext>,
@@ -592,6 +593,12 @@ mod tests {
         } else {
             b | 0x8000_0000
         }
+    }
+
+    #[test]
+    fn gpu_head_can_move_to_a_worker_thread() {
+        fn send<T: Send>() {}
+        send::<GpuHead>();
     }
 
     #[test]
