@@ -274,7 +274,7 @@ impl OrtEngine {
 fn ort_version() -> String {
     ort::info()
         .split(',')
-        .find_map(|kv| kv.trim().strip_prefix("git-branch="))
+        .find_map(|kv| kv.split("git-branch=").nth(1))
         .map(|b| b.trim_start_matches("rel-").to_string())
         .unwrap_or_else(|| "unknown".into())
 }
