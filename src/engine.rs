@@ -186,6 +186,9 @@ pub fn init_runtime(
         let Some(found) = candidates.iter().find(|p| p.is_file()) else {
             return Err(("no such file".to_string(), tried));
         };
+        if let Some(v) = version_from_path(found) {
+            let _ = ORT_VERSION.set(v);
+        }
         match ort::init_from(found) {
             Ok(builder) => match builder.with_name("anomalyclip-edge").build() {
                 Ok(env) => {
@@ -271,12 +274,25 @@ impl OrtEngine {
     }
 }
 
+static ORT_VERSION: OnceLock<String> = OnceLock::new();
+
+/// Version of the loaded ONNX Runtime library, from its file name (`libonnxruntime.so.1.31.1`,
+/// symlinks resolved) or, failing that, its build string.
 fn ort_version() -> String {
-    ort::info()
-        .split(',')
-        .find_map(|kv| kv.split("git-branch=").nth(1))
-        .map(|b| b.trim_start_matches("rel-").to_string())
-        .unwrap_or_else(|| "unknown".into())
+    ORT_VERSION.get().cloned().unwrap_or_else(|| {
+        ort::info()
+            .split(',')
+            .find_map(|kv| kv.split("git-branch=").nth(1))
+            .map(|b| b.trim_start_matches("rel-").to_string())
+            .unwrap_or_else(|| "unknown".into())
+    })
+}
+
+fn version_from_path(p: &Path) -> Option<String> {
+    let real = std::fs::canonicalize(p).ok()?;
+    let name = real.file_name()?.to_str()?;
+    let v = name.split(".so.").nth(1)?;
+    v.chars().all(|c| c.is_ascii_digit() || c == '.').then(|| v.to_string())
 }
 
 fn build_session(
