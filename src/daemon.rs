@@ -148,8 +148,8 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
-/// Engine options from the config.
-fn engine_options(cfg: &Config) -> EngineOptions {
+/// Engine options from the config (the TensorRT engine cache lives in `<state_dir>/engines`).
+pub fn engine_options(cfg: &Config) -> EngineOptions {
     EngineOptions {
         backend: match cfg.engine.backend {
             config::Backend::Auto => Backend::Auto,
@@ -195,7 +195,8 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         &cfg.model.package,
         HashCheck::UpTo(64 << 20),
         &engine_options(&cfg),
-    )?;
+    )?
+    .with_head(cfg.engine.head)?;
     if scorer.package().manifest.tiny {
         warn!(
             package = %cfg.model.package.display(),

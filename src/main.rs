@@ -40,6 +40,13 @@ enum Command {
         /// Configuration file.
         file: PathBuf,
     },
+    /// Prebuild the TensorRT engine for a configuration (minutes; cached in the state
+    /// directory) and print its cache key and location.
+    BuildEngine {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -61,6 +68,7 @@ fn main() -> ExitCode {
         Command::Score(args) => cli_score::run(args),
         Command::Run { config } => run_daemon(&config),
         Command::CheckConfig { file } => Ok(check_config(&file)),
+        Command::BuildEngine { config } => build_engine(&config),
     };
     match res {
         Ok(code) => code,
@@ -96,6 +104,46 @@ fn run_daemon(config: &std::path::Path) -> anyhow::Result<ExitCode> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn build_engine(config: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use anomalyclip_edge::{config as cfgmod, daemon, engine, package};
+    let cfg = match cfgmod::load_config(config) {
+        Ok(c) => c,
+        Err(errors) => {
+            for p in &errors.problems {
+                eprintln!("{p}");
+            }
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let pkg = package::ModelPackage::load(&cfg.model.package, package::HashCheck::All)?;
+    let opts = daemon::engine_options(&cfg);
+    if opts.backend == engine::Backend::Cpu {
+        println!("backend cpu: nothing to build (engines are built for tensorrt or auto)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some((key, dir)) = engine::engine_cache_dir(&pkg, &opts) {
+        println!("cache key: {key}");
+        println!("cache dir: {}", dir.display());
+    }
+    let t0 = std::time::Instant::now();
+    let eng = engine::create(&pkg, &opts)?;
+    let info = eng.info();
+    println!(
+        "engine: {} ({}) ready in {:.1} s",
+        info.backend,
+        info.detail,
+        t0.elapsed().as_secs_f64()
+    );
+    if info.backend != engine::Backend::Tensorrt {
+        eprintln!(
+            "no TensorRT engine was built: {} (the daemon will run on {})",
+            info.detail, info.backend
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Collapses an error chain into one line.

@@ -4,6 +4,9 @@
 //! the reference's Pillow path does). Output: per image a [`Scored`] result: the image score and
 //! the `S × S` anomaly map in the resized frame. `score`, `eval` and the daemon all go through
 //! this type, so every entry point computes the same numbers.
+//! The head runs on the CPU ([`crate::head::CpuHead`], the reference) or as CUDA kernels
+//! ([`crate::gpu::GpuHead`]) when asked for and a GPU is usable ([`HeadChoice`]); a GPU that is
+//! absent falls back to the CPU head with one log line.
 //! Failure modes: those of the package, the engine and image decoding, as [`ScoreError`].
 
 use std::path::Path;
@@ -27,6 +30,8 @@ pub enum ScoreError {
     Frame(#[from] PreprocessError),
     #[error("anomaly head: {0}")]
     Head(#[from] HeadError),
+    #[error("GPU anomaly head: {0}")]
+    Gpu(String),
 }
 
 /// One scored image.
@@ -40,11 +45,29 @@ pub struct Scored {
     pub size: usize,
 }
 
+/// Where the anomaly head runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadChoice {
+    /// The GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU head (the reference).
+    Cpu,
+    /// The CUDA head; an error if no GPU is usable.
+    Gpu,
+}
+
+enum Head {
+    Cpu(CpuHead),
+    Gpu(Box<crate::gpu::GpuHead>),
+}
+
 /// Package + engine + head.
 pub struct Scorer {
     pkg: ModelPackage,
     engine: Box<dyn Engine>,
-    head: CpuHead,
+    head: Head,
     out: HeadOutput,
     input: Vec<f32>,
     /// Frame preprocessor for the last frame geometry `(width, height)`.
@@ -59,6 +82,58 @@ impl Scorer {
         Self::new(pkg, engine)
     }
 
+    /// Moves the head to the GPU as `choice` says. `Auto` without a usable GPU keeps the CPU
+    /// head and logs why; `Gpu` without one is an error.
+    pub fn with_head(mut self, choice: HeadChoice) -> Result<Self, ScoreError> {
+        if choice == HeadChoice::Cpu {
+            return Ok(self);
+        }
+        let probe = crate::gpu::probe();
+        if !probe.is_usable() {
+            if choice == HeadChoice::Gpu {
+                return Err(ScoreError::Gpu(format!(
+                    "no usable GPU: {}",
+                    probe.reason()
+                )));
+            }
+            tracing::info!(reason = %probe.reason(), "anomaly head on the CPU (no usable GPU)");
+            return Ok(self);
+        }
+        let size = self.size();
+        let cfg = self.head_config();
+        match crate::gpu::GpuHead::new(0, &self.pkg.text, &cfg, size, size) {
+            Ok(h) => {
+                tracing::info!(gpu = %h.device_name(), "anomaly head on the GPU");
+                self.head = Head::Gpu(Box::new(h));
+                Ok(self)
+            }
+            Err(e) if choice == HeadChoice::Auto => {
+                tracing::warn!(error = %e, "GPU head unavailable; anomaly head on the CPU");
+                Ok(self)
+            }
+            Err(e) => Err(ScoreError::Gpu(e.to_string())),
+        }
+    }
+
+    /// Where the head runs: `cpu` or `gpu`.
+    pub fn head_device(&self) -> &'static str {
+        match self.head {
+            Head::Cpu(_) => "cpu",
+            Head::Gpu(_) => "gpu",
+        }
+    }
+
+    fn head_config(&self) -> HeadConfig {
+        let m = &self.pkg.manifest.model;
+        HeadConfig {
+            size: self.pkg.input_size(),
+            grid: m.grid,
+            dim: m.embed_dim,
+            tau: m.tau,
+            sigma: 4.0,
+        }
+    }
+
     /// Wraps an already built engine.
     pub fn new(pkg: ModelPackage, engine: Box<dyn Engine>) -> Result<Self, ScoreError> {
         let m = &pkg.manifest.model;
@@ -69,7 +144,7 @@ impl Scorer {
             tau: m.tau,
             sigma: 4.0,
         };
-        let head = CpuHead::new(cfg, &pkg.text)?;
+        let head = Head::Cpu(CpuHead::new(cfg, &pkg.text)?);
         Ok(Self {
             pkg,
             engine,
@@ -131,12 +206,30 @@ impl Scorer {
         let mut results = Vec::with_capacity(batch);
         for i in 0..batch {
             let locals = feats.locals(i);
-            self.head.run(feats.global(i), &locals, &mut self.out)?;
-            results.push(Scored {
-                score: self.out.score,
-                map: self.out.map.clone(),
-                size,
-            });
+            let scored = match &mut self.head {
+                Head::Cpu(h) => {
+                    h.run(feats.global(i), &locals, &mut self.out)?;
+                    Scored {
+                        score: self.out.score,
+                        map: self.out.map.clone(),
+                        size,
+                    }
+                }
+                Head::Gpu(h) => {
+                    let out = h
+                        .run_host(feats.global(i), &locals)
+                        .map_err(|e| ScoreError::Gpu(e.to_string()))?;
+                    let map = h
+                        .download_map()
+                        .map_err(|e| ScoreError::Gpu(e.to_string()))?;
+                    Scored {
+                        score: out.score,
+                        map,
+                        size,
+                    }
+                }
+            };
+            results.push(scored);
         }
         Ok(results)
     }
