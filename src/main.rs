@@ -123,6 +123,7 @@ fn build_engine(config: &std::path::Path) -> anyhow::Result<ExitCode> {
         println!("backend cpu: nothing to build (engines are built for tensorrt or auto)");
         return Ok(ExitCode::SUCCESS);
     }
+    engine::init_runtime(opts.ort_library.as_deref())?;
     if let Some((key, dir)) = engine::engine_cache_dir(&pkg, &opts) {
         println!("cache key: {key}");
         println!("cache dir: {}", dir.display());
