@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use anomalyclip_edge::head::{
-    Bilinear, CpuHead, HeadConfig, HeadOutput, gaussian_blur, gaussian_kernel,
+    Bilinear, CpuHead, HeadConfig, HeadOutput, gaussian_blur, gaussian_kernel, patch_probabilities,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 
@@ -60,6 +60,11 @@ fn bench_head(c: &mut Criterion) {
     let mut map = noise(518 * 518, 4);
     group.bench_function("blur_518", |b| {
         b.iter(|| gaussian_blur(black_box(&mut map), 518, 518, &kernel, &mut scratch))
+    });
+    let w = head.direction().to_vec();
+    let mut probs = vec![0.0f32; 37 * 37];
+    group.bench_function("patch_probs_1369x768", |b| {
+        b.iter(|| patch_probabilities(black_box(&local), 768, &w, &mut probs))
     });
     let patch = noise(37 * 37, 5);
     let mut up = Bilinear::new(37, 37, 518, 518);

@@ -49,7 +49,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// `⟨v/‖v‖, w⟩`; a zero vector gives 0 (probability 0.5) rather than NaN.
-#[inline]
+#[inline(always)]
 fn normalised_dot(v: &[f32], w: &[f32]) -> f32 {
     let mut acc_d = [0f32; 8];
     let mut acc_n = [0f32; 8];
@@ -91,11 +91,17 @@ pub fn image_score(global: &[f32], w: &[f32]) -> f32 {
     sigmoid(normalised_dot(&global[..n], &w[..n]))
 }
 
-/// Patch probabilities `sigmoid(⟨F_j/‖F_j‖, w⟩)` for the tokens `[n, dim]` into `out[..n]`.
-///
-/// # Panics
-/// If `w` is shorter than `dim`, `dim` is 0, or `out` is shorter than `tokens.len() / dim`.
-pub fn patch_probabilities(tokens: &[f32], dim: usize, w: &[f32], out: &mut [f32]) {
+crate::simd::dispatch_avx2! {
+    /// Patch probabilities `sigmoid(⟨F_j/‖F_j‖, w⟩)` for the tokens `[n, dim]` into `out[..n]`.
+    ///
+    /// # Panics
+    /// If `w` is shorter than `dim`, `dim` is 0, or `out` is shorter than `tokens.len() / dim`.
+    pub fn patch_probabilities(tokens: &[f32], dim: usize, w: &[f32], out: &mut [f32])
+        => probabilities_impl
+}
+
+#[inline(always)]
+fn probabilities_impl(tokens: &[f32], dim: usize, w: &[f32], out: &mut [f32]) {
     let w = &w[..dim];
     for (tok, o) in tokens.chunks_exact(dim).zip(out.iter_mut()) {
         *o = sigmoid(normalised_dot(tok, w));
@@ -167,6 +173,17 @@ impl Bilinear {
     /// # Panics
     /// If a buffer is shorter than its size says.
     pub fn run(&mut self, src: &[f32], dst: &mut [f32]) {
+        bilinear_run(self, src, dst);
+    }
+}
+
+crate::simd::dispatch_avx2! {
+    fn bilinear_run(plan: &mut Bilinear, src: &[f32], dst: &mut [f32]) => bilinear_impl
+}
+
+impl Bilinear {
+    #[inline(always)]
+    fn run_impl(&mut self, src: &[f32], dst: &mut [f32]) {
         let (sw, dw) = (self.src_w, self.dst_w);
         if self.ys.i0.is_empty() || self.xs.i0.is_empty() {
             return;
@@ -190,6 +207,11 @@ impl Bilinear {
             }
         }
     }
+}
+
+#[inline(always)]
+fn bilinear_impl(plan: &mut Bilinear, src: &[f32], dst: &mut [f32]) {
+    plan.run_impl(src, dst);
 }
 
 /// Bilinear resize like `torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`
@@ -242,14 +264,20 @@ fn reflect(i: isize, n: usize) -> usize {
     if m >= n { 2 * n - 1 - m } else { m }
 }
 
-/// Separable Gaussian blur in place, like `scipy.ndimage.gaussian_filter(map, σ, mode="reflect")`
-/// on a float32 `h × w` map: axis 0 (down the columns) first, then axis 1, `f32` in between.
-/// `kernel` comes from [`gaussian_kernel`] (odd length, symmetric); `scratch` is reused across
-/// calls (grown to `h * w + w + len(kernel)` floats).
-///
-/// # Panics
-/// If `map` is shorter than `h * w` or the kernel has an even length.
-pub fn gaussian_blur(map: &mut [f32], h: usize, w: usize, kernel: &[f32], scratch: &mut Vec<f32>) {
+crate::simd::dispatch_avx2! {
+    /// Separable Gaussian blur in place, like `scipy.ndimage.gaussian_filter(map, σ, mode="reflect")`
+    /// on a float32 `h × w` map: axis 0 (down the columns) first, then axis 1, `f32` in between.
+    /// `kernel` comes from [`gaussian_kernel`] (odd length, symmetric); `scratch` is reused across
+    /// calls (grown to `h * w + w + len(kernel)` floats).
+    ///
+    /// # Panics
+    /// If `map` is shorter than `h * w` or the kernel has an even length.
+    pub fn gaussian_blur(map: &mut [f32], h: usize, w: usize, kernel: &[f32], scratch: &mut Vec<f32>)
+        => blur_impl
+}
+
+#[inline(always)]
+fn blur_impl(map: &mut [f32], h: usize, w: usize, kernel: &[f32], scratch: &mut Vec<f32>) {
     assert!(
         kernel.len() % 2 == 1,
         "gaussian kernel must have an odd length"

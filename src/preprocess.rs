@@ -196,6 +196,7 @@ const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
 /// Horizontal pass for `C` interleaved channels: `rows` rows of `src` (stride `stride`, starting at
 /// row `first`) into tight rows of `out_w * C` bytes.
+#[inline(always)]
 fn horizontal<const C: usize>(
     src: &[u8],
     stride: usize,
@@ -226,8 +227,20 @@ fn horizontal<const C: usize>(
     }
 }
 
-/// Vertical pass: `src` rows `row_len` bytes wide (`stride` apart) into `out_h` tight rows.
-fn vertical(
+crate::simd::dispatch_avx2! {
+    /// Vertical pass: `src` rows `row_len` bytes wide (`stride` apart) into `out_h` tight rows.
+    fn vertical(
+        src: &[u8],
+        stride: usize,
+        row_len: usize,
+        coeffs: &Coeffs,
+        acc: &mut Vec<i32>,
+        dst: &mut [u8],
+    ) => vertical_impl
+}
+
+#[inline(always)]
+fn vertical_impl(
     src: &[u8],
     stride: usize,
     row_len: usize,
@@ -436,7 +449,20 @@ impl Resizer {
     }
 }
 
-fn run_horizontal(
+crate::simd::dispatch_avx2! {
+    fn run_horizontal(
+        channels: usize,
+        src: &[u8],
+        stride: usize,
+        first: usize,
+        rows: usize,
+        coeffs: &Coeffs,
+        dst: &mut [u8],
+    ) => horizontal_impl
+}
+
+#[inline(always)]
+fn horizontal_impl(
     channels: usize,
     src: &[u8],
     stride: usize,

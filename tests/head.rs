@@ -260,3 +260,37 @@ fn upsample_identity_and_single_pixel() {
     upsample_bilinear(&[0.25], 1, 1, &mut out, 2, 3);
     assert!(out.iter().all(|&v| v == 0.25));
 }
+
+#[test]
+fn avx2_and_baseline_paths_are_bit_identical() {
+    let idx = index(SUB);
+    let case = &idx["full"][0];
+    let config = HeadConfig {
+        size: usize_of(case, "size"),
+        grid: usize_of(case, "grid"),
+        dim: usize_of(case, "dim"),
+        tau: 0.07,
+        sigma: 4.0,
+    };
+    let text = f32_file(SUB, &case["text"]);
+    let global = f32_file(SUB, &case["global"]);
+    let locals: Vec<Vec<f32>> = case["locals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f32_file(SUB, f))
+        .collect();
+    let refs: Vec<&[f32]> = locals.iter().map(Vec::as_slice).collect();
+    let mut head = CpuHead::new(config, &text).unwrap();
+    let mut outputs = Vec::new();
+    for enabled in [true, false] {
+        anomalyclip_edge::simd::set_avx2_enabled(enabled);
+        let mut out = HeadOutput::new(&config);
+        head.run(&global, &refs, &mut out).unwrap();
+        let mut frame = vec![0.0; 45 * 80];
+        upsample_bilinear(&out.map, config.size, config.size, &mut frame, 45, 80);
+        outputs.push((out, frame));
+    }
+    anomalyclip_edge::simd::set_avx2_enabled(true);
+    assert_eq!(outputs[0], outputs[1]);
+}
