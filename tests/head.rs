@@ -49,6 +49,7 @@ fn upsample_matches_torch() {
             out.clone()
         };
         let (d, at) = max_abs_diff(&ours, &reference);
+        eprintln!("upsample {name}: max |Δ| {d:.2e}");
         assert!(d <= TOL, "{name}: |Δ| = {d} at {at}");
         // resize_map is the same operation.
         assert_eq!(resize_map(&src, sh, sw, dh, dw), out, "{name}: resize_map");
@@ -79,6 +80,7 @@ fn blur_matches_scipy_reflect() {
             map
         };
         let (d, at) = max_abs_diff(&ours, &reference);
+        eprintln!("blur {name}: max |Δ| {d:.2e}");
         assert!(d <= TOL, "{name}: |Δ| = {d} at {at}");
     }
 }
@@ -113,6 +115,10 @@ fn patch_probabilities_and_score_match_numpy() {
         let mut probs = vec![0.0; n];
         patch_probabilities(&tokens, dim, &w, &mut probs);
         let (d, at) = max_abs_diff(&probs, &f32_file(SUB, &case["probs"]));
+        eprintln!(
+            "patch {name}: probs max |Δ| {d:.2e}, score |Δ| {:.2e}",
+            (image_score(&global, &w) - case["score"].as_f64().unwrap() as f32).abs()
+        );
         assert!(d <= TOL, "{name}: probs |Δ| = {d} at {at}");
         let score = image_score(&global, &w);
         let reference = case["score"].as_f64().unwrap() as f32;
@@ -159,6 +165,7 @@ fn full_head_matches_official_pipeline() {
             ("map", &out.map, &case["map"]),
         ] {
             let (d, at) = max_abs_diff(ours, &f32_file(SUB, file));
+            eprintln!("full {name} {what}: max |Δ| {d:.2e}");
             assert!(d <= TOL, "{name}: {what} |Δ| = {d} at {at}");
         }
         // Running again on the same buffers gives the same result (no state leaks between frames).
