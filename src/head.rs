@@ -115,6 +115,8 @@ struct Axis {
     i1: Vec<usize>,
     l0: Vec<f32>,
     l1: Vec<f32>,
+    /// Runs of consecutive outputs with the same source pair: `(start, end, i0, i1)`.
+    runs: Vec<(usize, usize, usize, usize)>,
 }
 
 impl Axis {
@@ -130,6 +132,13 @@ impl Axis {
             a.i1.push(if i0 < src - 1 { i0 + 1 } else { i0 });
             a.l0.push(1.0 - lambda);
             a.l1.push(lambda);
+        }
+        let mut start = 0;
+        for i in 1..=dst {
+            if i == dst || (a.i0[i], a.i1[i]) != (a.i0[start], a.i1[start]) {
+                a.runs.push((start, i, a.i0[start], a.i1[start]));
+                start = i;
+            }
         }
         a
     }
@@ -193,8 +202,16 @@ impl Bilinear {
             .chunks_exact(sw)
             .zip(self.tmp.chunks_exact_mut(dw))
         {
-            for x in 0..dw {
-                out[x] = xs.l0[x] * row[xs.i0[x]] + xs.l1[x] * row[xs.i1[x]];
+            // Per run of outputs between the same two source samples: no gathers.
+            for &(x0, x1, i0, i1) in &xs.runs {
+                let (p, q) = (row[i0], row[i1]);
+                for ((o, &l0), &l1) in out[x0..x1]
+                    .iter_mut()
+                    .zip(&xs.l0[x0..x1])
+                    .zip(&xs.l1[x0..x1])
+                {
+                    *o = l0 * p + l1 * q;
+                }
             }
         }
         let ys = &self.ys;
