@@ -5,9 +5,13 @@
 use std::hint::black_box;
 
 use anomalyclip_edge::head::{
-    Bilinear, CpuHead, HeadConfig, HeadOutput, gaussian_blur, gaussian_kernel,
+    Bilinear, CpuHead, HeadConfig, HeadOutput, gaussian_blur, gaussian_kernel, patch_probabilities,
 };
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::Criterion;
+use criterion::measurement::Measurement;
+
+#[path = "clock.rs"]
+mod clock;
 
 /// Deterministic pseudo-random floats in [-1, 1).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
@@ -24,7 +28,7 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn bench_head(c: &mut Criterion) {
+fn bench_head<M: Measurement>(c: &mut Criterion<M>) {
     let config = HeadConfig {
         size: 518,
         grid: 37,
@@ -61,6 +65,11 @@ fn bench_head(c: &mut Criterion) {
     group.bench_function("blur_518", |b| {
         b.iter(|| gaussian_blur(black_box(&mut map), 518, 518, &kernel, &mut scratch))
     });
+    let w = head.direction().to_vec();
+    let mut probs = vec![0.0f32; 37 * 37];
+    group.bench_function("patch_probs_1369x768", |b| {
+        b.iter(|| patch_probabilities(black_box(&local), 768, &w, &mut probs))
+    });
     let patch = noise(37 * 37, 5);
     let mut up = Bilinear::new(37, 37, 518, 518);
     let mut upmap = vec![0.0f32; 518 * 518];
@@ -70,5 +79,14 @@ fn bench_head(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_head);
-criterion_main!(benches);
+fn main() {
+    if clock::cpu_clock() {
+        let mut c = clock::cpu_criterion();
+        bench_head(&mut c);
+        c.final_summary();
+    } else {
+        let mut c = Criterion::default().configure_from_args();
+        bench_head(&mut c);
+        c.final_summary();
+    }
+}

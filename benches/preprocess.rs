@@ -7,7 +7,11 @@ use std::hint::black_box;
 use anomalyclip_edge::preprocess::{
     CLIP_MEAN, CLIP_STD, Filter, Preprocessor, Resizer, to_chw_normalised,
 };
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::Criterion;
+use criterion::measurement::Measurement;
+
+#[path = "clock.rs"]
+mod clock;
 
 const MEAN: [f32; 3] = CLIP_MEAN;
 const STD: [f32; 3] = CLIP_STD;
@@ -22,7 +26,7 @@ fn frame(w: usize, h: usize, stride: usize) -> Vec<u8> {
     f
 }
 
-fn bench_preprocess(c: &mut Criterion) {
+fn bench_preprocess<M: Measurement>(c: &mut Criterion<M>) {
     let (w, h) = (1920, 1080);
     let stride = w * 3 + 8;
     let src = frame(w, h, stride);
@@ -47,5 +51,14 @@ fn bench_preprocess(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_preprocess);
-criterion_main!(benches);
+fn main() {
+    if clock::cpu_clock() {
+        let mut c = clock::cpu_criterion();
+        bench_preprocess(&mut c);
+        c.final_summary();
+    } else {
+        let mut c = Criterion::default().configure_from_args();
+        bench_preprocess(&mut c);
+        c.final_summary();
+    }
+}

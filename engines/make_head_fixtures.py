@@ -480,6 +480,18 @@ def rle_encode(rows: list[np.ndarray], rle4: bool) -> bytes:
     return bytes(out)
 
 
+def adam7_rows(pixels: np.ndarray, bits: int = 8) -> list[bytes]:
+    """Scanlines of the 7 Adam7 passes (empty passes left out), for write_png(..., interlace=1)."""
+    rows = []
+    for x0, y0, dx, dy in [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]:
+        sub = pixels[y0::dy, x0::dx]
+        if sub.shape[0] == 0 or sub.shape[1] == 0:
+            continue
+        for r in sub:
+            rows.append(pack_bits(r, bits) if bits < 8 else r.tobytes())
+    return rows
+
+
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Packs one row of `bits`-bit samples, most significant first."""
     per = 8 // bits
@@ -546,7 +558,10 @@ def image_fixtures(out: Path) -> None:
     write_png(files / "rgba16.png", W, H, 16, 6, [r.tobytes() for r in rgba16])
     la16 = np.dstack([g16, (alpha.astype(np.uint16) * 257).astype(">u2")]).astype(">u2")
     write_png(files / "la16.png", W, H, 16, 4, [r.tobytes() for r in la16])
+    write_png(files / "rgb_interlaced.png", W, H, 8, 2, adam7_rows(rgb), interlace=1)
+    write_png(files / "gray4_interlaced.png", W, H, 4, 0, adam7_rows(g4, 4), interlace=1)
     made += ["gray2.png", "gray4.png", "palette1.png", "gray16.png", "rgb16.png", "rgba16.png", "la16.png"]
+    made += ["rgb_interlaced.png", "gray4_interlaced.png"]
     # JPEG: the chroma subsamplings, grayscale, progressive, odd and larger sizes.
     big = smooth_image(160, 119, 3, rng)
     pil_save("q90_444.jpg", Image.fromarray(rgb), quality=90, subsampling=0)

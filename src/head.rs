@@ -49,7 +49,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// `⟨v/‖v‖, w⟩`; a zero vector gives 0 (probability 0.5) rather than NaN.
-#[inline]
+#[inline(always)]
 fn normalised_dot(v: &[f32], w: &[f32]) -> f32 {
     let mut acc_d = [0f32; 8];
     let mut acc_n = [0f32; 8];
@@ -91,11 +91,17 @@ pub fn image_score(global: &[f32], w: &[f32]) -> f32 {
     sigmoid(normalised_dot(&global[..n], &w[..n]))
 }
 
-/// Patch probabilities `sigmoid(⟨F_j/‖F_j‖, w⟩)` for the tokens `[n, dim]` into `out[..n]`.
-///
-/// # Panics
-/// If `w` is shorter than `dim`, `dim` is 0, or `out` is shorter than `tokens.len() / dim`.
-pub fn patch_probabilities(tokens: &[f32], dim: usize, w: &[f32], out: &mut [f32]) {
+crate::simd::dispatch_avx2! {
+    /// Patch probabilities `sigmoid(⟨F_j/‖F_j‖, w⟩)` for the tokens `[n, dim]` into `out[..n]`.
+    ///
+    /// # Panics
+    /// If `w` is shorter than `dim`, `dim` is 0, or `out` is shorter than `tokens.len() / dim`.
+    pub fn patch_probabilities(tokens: &[f32], dim: usize, w: &[f32], out: &mut [f32])
+        => probabilities_impl
+}
+
+#[inline(always)]
+fn probabilities_impl(tokens: &[f32], dim: usize, w: &[f32], out: &mut [f32]) {
     let w = &w[..dim];
     for (tok, o) in tokens.chunks_exact(dim).zip(out.iter_mut()) {
         *o = sigmoid(normalised_dot(tok, w));
@@ -109,6 +115,8 @@ struct Axis {
     i1: Vec<usize>,
     l0: Vec<f32>,
     l1: Vec<f32>,
+    /// Runs of consecutive outputs with the same source pair: `(start, end, i0, i1)`.
+    runs: Vec<(usize, usize, usize, usize)>,
 }
 
 impl Axis {
@@ -124,6 +132,13 @@ impl Axis {
             a.i1.push(if i0 < src - 1 { i0 + 1 } else { i0 });
             a.l0.push(1.0 - lambda);
             a.l1.push(lambda);
+        }
+        let mut start = 0;
+        for i in 1..=dst {
+            if i == dst || (a.i0[i], a.i1[i]) != (a.i0[start], a.i1[start]) {
+                a.runs.push((start, i, a.i0[start], a.i1[start]));
+                start = i;
+            }
         }
         a
     }
@@ -167,6 +182,17 @@ impl Bilinear {
     /// # Panics
     /// If a buffer is shorter than its size says.
     pub fn run(&mut self, src: &[f32], dst: &mut [f32]) {
+        bilinear_run(self, src, dst);
+    }
+}
+
+crate::simd::dispatch_avx2! {
+    fn bilinear_run(plan: &mut Bilinear, src: &[f32], dst: &mut [f32]) => bilinear_impl
+}
+
+impl Bilinear {
+    #[inline(always)]
+    fn run_impl(&mut self, src: &[f32], dst: &mut [f32]) {
         let (sw, dw) = (self.src_w, self.dst_w);
         if self.ys.i0.is_empty() || self.xs.i0.is_empty() {
             return;
@@ -176,8 +202,16 @@ impl Bilinear {
             .chunks_exact(sw)
             .zip(self.tmp.chunks_exact_mut(dw))
         {
-            for x in 0..dw {
-                out[x] = xs.l0[x] * row[xs.i0[x]] + xs.l1[x] * row[xs.i1[x]];
+            // Per run of outputs between the same two source samples: no gathers.
+            for &(x0, x1, i0, i1) in &xs.runs {
+                let (p, q) = (row[i0], row[i1]);
+                for ((o, &l0), &l1) in out[x0..x1]
+                    .iter_mut()
+                    .zip(&xs.l0[x0..x1])
+                    .zip(&xs.l1[x0..x1])
+                {
+                    *o = l0 * p + l1 * q;
+                }
             }
         }
         let ys = &self.ys;
@@ -190,6 +224,11 @@ impl Bilinear {
             }
         }
     }
+}
+
+#[inline(always)]
+fn bilinear_impl(plan: &mut Bilinear, src: &[f32], dst: &mut [f32]) {
+    plan.run_impl(src, dst);
 }
 
 /// Bilinear resize like `torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`
@@ -242,14 +281,20 @@ fn reflect(i: isize, n: usize) -> usize {
     if m >= n { 2 * n - 1 - m } else { m }
 }
 
-/// Separable Gaussian blur in place, like `scipy.ndimage.gaussian_filter(map, σ, mode="reflect")`
-/// on a float32 `h × w` map: axis 0 (down the columns) first, then axis 1, `f32` in between.
-/// `kernel` comes from [`gaussian_kernel`] (odd length, symmetric); `scratch` is reused across
-/// calls (grown to `h * w + w + len(kernel)` floats).
-///
-/// # Panics
-/// If `map` is shorter than `h * w` or the kernel has an even length.
-pub fn gaussian_blur(map: &mut [f32], h: usize, w: usize, kernel: &[f32], scratch: &mut Vec<f32>) {
+crate::simd::dispatch_avx2! {
+    /// Separable Gaussian blur in place, like `scipy.ndimage.gaussian_filter(map, σ, mode="reflect")`
+    /// on a float32 `h × w` map: axis 0 (down the columns) first, then axis 1, `f32` in between.
+    /// `kernel` comes from [`gaussian_kernel`] (odd length, symmetric); `scratch` is reused across
+    /// calls (grown to `h * w + w + len(kernel)` floats).
+    ///
+    /// # Panics
+    /// If `map` is shorter than `h * w` or the kernel has an even length.
+    pub fn gaussian_blur(map: &mut [f32], h: usize, w: usize, kernel: &[f32], scratch: &mut Vec<f32>)
+        => blur_impl
+}
+
+#[inline(always)]
+fn blur_impl(map: &mut [f32], h: usize, w: usize, kernel: &[f32], scratch: &mut Vec<f32>) {
     assert!(
         kernel.len() % 2 == 1,
         "gaussian kernel must have an odd length"

@@ -9,6 +9,7 @@
 //! - [`package`]: the model package (ONNX encoder + text constant + manifest) and its checks.
 //! - [`engine`]: the vision encoder backends (ONNX Runtime: TensorRT / CUDA / CPU).
 //! - [`head`]: the CPU anomaly head (score, patch probabilities, upsampling, Gaussian smoothing).
+//! - [`simd`]: run-time AVX2 dispatch of the numerical loops (bit-identical results).
 //! - [`gpu`]: the same head as CUDA kernels (NVRTC at start-up, cudarc), checked against [`head`].
 //! - [`scorer`]: package + engine + head as one object, used by `score`, `eval` and the daemon.
 //! - [`alarm`]: per-camera alarm debouncer (N of the last M frames over threshold, K to clear).
@@ -31,3 +32,4 @@ pub mod package;
 pub mod payload;
 pub mod preprocess;
 pub mod scorer;
+pub mod simd;

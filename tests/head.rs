@@ -49,6 +49,7 @@ fn upsample_matches_torch() {
             out.clone()
         };
         let (d, at) = max_abs_diff(&ours, &reference);
+        eprintln!("upsample {name}: max |Δ| {d:.2e}");
         assert!(d <= TOL, "{name}: |Δ| = {d} at {at}");
         // resize_map is the same operation.
         assert_eq!(resize_map(&src, sh, sw, dh, dw), out, "{name}: resize_map");
@@ -79,6 +80,7 @@ fn blur_matches_scipy_reflect() {
             map
         };
         let (d, at) = max_abs_diff(&ours, &reference);
+        eprintln!("blur {name}: max |Δ| {d:.2e}");
         assert!(d <= TOL, "{name}: |Δ| = {d} at {at}");
     }
 }
@@ -113,6 +115,10 @@ fn patch_probabilities_and_score_match_numpy() {
         let mut probs = vec![0.0; n];
         patch_probabilities(&tokens, dim, &w, &mut probs);
         let (d, at) = max_abs_diff(&probs, &f32_file(SUB, &case["probs"]));
+        eprintln!(
+            "patch {name}: probs max |Δ| {d:.2e}, score |Δ| {:.2e}",
+            (image_score(&global, &w) - case["score"].as_f64().unwrap() as f32).abs()
+        );
         assert!(d <= TOL, "{name}: probs |Δ| = {d} at {at}");
         let score = image_score(&global, &w);
         let reference = case["score"].as_f64().unwrap() as f32;
@@ -159,6 +165,7 @@ fn full_head_matches_official_pipeline() {
             ("map", &out.map, &case["map"]),
         ] {
             let (d, at) = max_abs_diff(ours, &f32_file(SUB, file));
+            eprintln!("full {name} {what}: max |Δ| {d:.2e}");
             assert!(d <= TOL, "{name}: {what} |Δ| = {d} at {at}");
         }
         // Running again on the same buffers gives the same result (no state leaks between frames).
@@ -259,4 +266,38 @@ fn upsample_identity_and_single_pixel() {
     let mut out = vec![0.0; 6];
     upsample_bilinear(&[0.25], 1, 1, &mut out, 2, 3);
     assert!(out.iter().all(|&v| v == 0.25));
+}
+
+#[test]
+fn avx2_and_baseline_paths_are_bit_identical() {
+    let idx = index(SUB);
+    let case = &idx["full"][0];
+    let config = HeadConfig {
+        size: usize_of(case, "size"),
+        grid: usize_of(case, "grid"),
+        dim: usize_of(case, "dim"),
+        tau: 0.07,
+        sigma: 4.0,
+    };
+    let text = f32_file(SUB, &case["text"]);
+    let global = f32_file(SUB, &case["global"]);
+    let locals: Vec<Vec<f32>> = case["locals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f32_file(SUB, f))
+        .collect();
+    let refs: Vec<&[f32]> = locals.iter().map(Vec::as_slice).collect();
+    let mut head = CpuHead::new(config, &text).unwrap();
+    let mut outputs = Vec::new();
+    for enabled in [true, false] {
+        anomalyclip_edge::simd::set_avx2_enabled(enabled);
+        let mut out = HeadOutput::new(&config);
+        head.run(&global, &refs, &mut out).unwrap();
+        let mut frame = vec![0.0; 45 * 80];
+        upsample_bilinear(&out.map, config.size, config.size, &mut frame, 45, 80);
+        outputs.push((out, frame));
+    }
+    anomalyclip_edge::simd::set_avx2_enabled(true);
+    assert_eq!(outputs[0], outputs[1]);
 }

@@ -231,3 +231,23 @@ fn resizer_reports_bad_geometry_instead_of_panicking() {
     assert!(r.resize(&[0; 300], 30, &mut out).is_ok());
     assert!(resize_u8(&[], 0, 0, 0, 3, 10, 10, Filter::Bicubic).is_empty());
 }
+
+#[test]
+fn avx2_and_baseline_paths_are_bit_identical() {
+    let src = pattern(301, 177, 3);
+    let mut outs = Vec::new();
+    for enabled in [true, false] {
+        anomalyclip_edge::simd::set_avx2_enabled(enabled);
+        let mut v = Vec::new();
+        for (w, h, f) in [
+            (64, 64, Filter::Bicubic),
+            (518, 400, Filter::Bilinear),
+            (33, 177, Filter::Bicubic),
+        ] {
+            v.push(resize_u8(&src, 301, 177, 301 * 3, 3, w, h, f));
+        }
+        outs.push(v);
+    }
+    anomalyclip_edge::simd::set_avx2_enabled(true);
+    assert_eq!(outs[0], outs[1]);
+}

@@ -191,6 +191,13 @@ pub fn decode(b: &[u8]) -> Result<Bmp, String> {
         _ => (Mode::Rgb, 3),
     };
     let row_len = width * channels;
+    // Raw data must be all there before the pixel buffer is allocated.
+    let bits_usize = usize::from(bits);
+    let stride = ((width * bits_usize + 31) >> 3) & !3;
+    let line = (width * bits_usize).div_ceil(8);
+    if rle.is_none() && pixels.len() < stride * (height - 1) + line {
+        return Err("BMP pixel data is truncated".into());
+    }
     let mut data = vec![0u8; row_len * height];
     // File row r goes to image row `dest(r)`.
     let dest = |r: usize| if top_down { r } else { height - 1 - r };
@@ -201,12 +208,6 @@ pub fn decode(b: &[u8]) -> Result<Bmp, String> {
             data[dest(r) * row_len..][..row_len].copy_from_slice(row);
         }
     } else {
-        let bits = usize::from(bits);
-        let stride = ((width * bits + 31) >> 3) & !3;
-        let line = (width * bits).div_ceil(8);
-        if pixels.len() < stride * (height - 1) + line {
-            return Err("BMP pixel data is truncated".into());
-        }
         for r in 0..height {
             let src = &pixels[r * stride..r * stride + line];
             let out = &mut data[dest(r) * row_len..][..row_len];
@@ -288,7 +289,7 @@ fn decode_rle(
     rle4: bool,
 ) -> Result<Vec<u8>, String> {
     let total = width * height;
-    let mut data: Vec<u8> = Vec::with_capacity(total);
+    let mut data: Vec<u8> = Vec::new();
     let mut x = 0usize;
     let mut i = 0usize;
     while data.len() < total {
