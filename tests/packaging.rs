@@ -275,6 +275,40 @@ fn unit_has_what_the_daemon_and_the_issue_need() {
     }
 }
 
+/// Every `Exec*=` line that runs the daemon uses a subcommand and options the binary has.
+#[test]
+fn unit_commands_exist_in_the_binary() {
+    let unit = parse_unit(&read("systemd/anomalyclip-edge.service"));
+    let bin = env!("CARGO_BIN_EXE_anomalyclip-edge");
+    let mut checked = 0;
+    for ((_, key), values) in &unit {
+        for line in values.iter().filter(|_| key.starts_with("Exec")) {
+            let mut words = line.split_whitespace();
+            if words.next() != Some(INSTALLED_BIN) {
+                continue;
+            }
+            let Some(sub) = words.next() else { continue };
+            let help = run(Command::new(bin).args([sub, "--help"]));
+            if !help.status.success() {
+                skip(&format!(
+                    "{key}={line}: the binary has no `{sub}` subcommand yet: {}",
+                    text(&help).lines().next().unwrap_or("")
+                ));
+                continue;
+            }
+            let help = text(&help);
+            for opt in words.filter(|w| w.starts_with("--")) {
+                assert!(
+                    help.contains(opt),
+                    "{key}={line}: `{sub}` has no option {opt}:\n{help}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    eprintln!("{checked} Exec lines match the binary's command line");
+}
+
 #[test]
 fn maintainer_scripts_parse_and_never_start_the_service() {
     for name in ["postinst", "prerm", "postrm"] {
