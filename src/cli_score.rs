@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Context;
 use anomalyclip_edge::engine::{Backend, EngineOptions};
 use anomalyclip_edge::head;
 use anomalyclip_edge::package::HashCheck;
-use anomalyclip_edge::scorer::{Scored, Scorer};
+use anomalyclip_edge::scorer::{HeadChoice, Scored, Scorer};
+use anyhow::Context;
 use serde::Serialize;
 
 #[derive(clap::Args)]
@@ -46,6 +46,9 @@ pub struct ScoreArgs {
     /// Inference backend.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// Where the anomaly head runs (`auto`: the GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = HeadChoice::Cpu)]
+    head: HeadChoice,
     /// CPU threads for inference (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -106,6 +109,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         HashCheck::All
     };
     let mut scorer = Scorer::open(&args.model, hashes, &opts)
+        .and_then(|s| s.with_head(args.head))
         .with_context(|| format!("model package {}", args.model.display()))?;
     if scorer.package().manifest.tiny {
         tracing::warn!(

@@ -32,6 +32,7 @@ use toml::de::{DeTable, DeValue};
 use crate::alarm::{self, DebounceConfig};
 use crate::mqtt::{MqttConfig, Secret, TlsConfig, WhenFull};
 use crate::payload::MaskKind;
+use crate::scorer::HeadChoice;
 
 /// `config/example.toml`: every field, documented.
 pub fn example_config() -> &'static str {
@@ -147,8 +148,10 @@ pub struct EngineConfig {
     pub max_wait: Duration,
     /// ONNX Runtime shared library; `None` = `ORT_DYLIB_PATH`, then the default install path.
     pub ort_library: Option<PathBuf>,
-    /// Run the fp16 graph / TensorRT fp16 when the package has it.
+    /// TensorRT: build FP16 engines (LayerNorm/softmax stay fp32). Ignored by the CPU backend.
     pub fp16: bool,
+    /// Where the anomaly head runs (`auto`: the GPU when one is usable).
+    pub head: HeadChoice,
 }
 
 /// Where a camera's frames come from.
@@ -291,6 +294,7 @@ struct RawEngine {
     max_wait_ms: S<u64>,
     ort_library: S<String>,
     fp16: Option<bool>,
+    head: Option<HeadChoice>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -780,7 +784,8 @@ fn resolve_engine(ctx: &mut Ctx<'_>, raw: Option<&RawEngine>) -> Option<EngineCo
             max_batch: default_max_batch(),
             max_wait: Duration::from_millis(default_max_wait_ms()),
             ort_library: None,
-            fp16: false,
+            fp16: true,
+            head: HeadChoice::Auto,
         });
     };
     let mut ok = true;
@@ -809,7 +814,8 @@ fn resolve_engine(ctx: &mut Ctx<'_>, raw: Option<&RawEngine>) -> Option<EngineCo
         max_batch: get(&e.max_batch, default_max_batch()),
         max_wait: Duration::from_millis(get(&e.max_wait_ms, default_max_wait_ms())),
         ort_library,
-        fp16: e.fp16.unwrap_or(false),
+        fp16: e.fp16.unwrap_or(true),
+        head: e.head.unwrap_or_default(),
     })
 }
 

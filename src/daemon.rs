@@ -148,8 +148,8 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
-/// Engine options from the config.
-fn engine_options(cfg: &Config) -> EngineOptions {
+/// Engine options from the config (the TensorRT engine cache lives in `<state_dir>/engines`).
+pub fn engine_options(cfg: &Config) -> EngineOptions {
     EngineOptions {
         backend: match cfg.engine.backend {
             config::Backend::Auto => Backend::Auto,
@@ -195,7 +195,8 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         &cfg.model.package,
         HashCheck::UpTo(64 << 20),
         &engine_options(&cfg),
-    )?;
+    )?
+    .with_head(cfg.engine.head)?;
     if scorer.package().manifest.tiny {
         warn!(
             package = %cfg.model.package.display(),
@@ -358,14 +359,20 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
     match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), joined).await {
         Ok(Ok(Ok(()))) => {}
         Ok(_) => error!("inference worker ended abnormally"),
-        Err(_) => warn!(straggler = "ace-infer", "inference worker still busy at the stop deadline"),
+        Err(_) => warn!(
+            straggler = "ace-infer",
+            "inference worker still busy at the stop deadline"
+        ),
     }
     publisher.shutdown(STOP_DEADLINE);
     if tokio::time::timeout(STOP_DEADLINE + Duration::from_secs(1), pub_task)
         .await
         .is_err()
     {
-        warn!(straggler = "mqtt publisher", "publisher still busy at the stop deadline");
+        warn!(
+            straggler = "mqtt publisher",
+            "publisher still busy at the stop deadline"
+        );
     }
     info!("stopped");
     Ok(())
@@ -397,12 +404,7 @@ fn start_camera(
             publisher.camera_status(&ev.name, st);
         })
     };
-    let camera = Camera::spawn(
-        index,
-        camera_settings(c, size),
-        notify_frames.clone(),
-        cb,
-    )?;
+    let camera = Camera::spawn(index, camera_settings(c, size), notify_frames.clone(), cb)?;
     let handle = CamHandle {
         index,
         name: Arc::from(c.name.as_str()),
@@ -482,16 +484,21 @@ fn worker_loop(
         for chunk in frames.chunks(max_batch) {
             let n = chunk.len();
             input.resize(n * 3 * s * s, 0.0);
+            let mut prepared = Ok(());
             for (i, f) in chunk.iter().enumerate() {
-                scorer.prepare_frame(
-                    &f.data,
-                    f.width as usize,
-                    f.height as usize,
-                    f.stride,
-                    &mut input[i * 3 * s * s..(i + 1) * 3 * s * s],
-                );
+                prepared = prepared.and_then(|()| {
+                    scorer.prepare_frame(
+                        &f.data,
+                        f.width as usize,
+                        f.height as usize,
+                        f.stride,
+                        &mut input[i * 3 * s * s..(i + 1) * 3 * s * s],
+                    )
+                });
             }
-            let results = match scorer.score_batch(&input[..n * 3 * s * s], n) {
+            let results = match prepared
+                .and_then(|()| scorer.score_batch(&input[..n * 3 * s * s], n))
+            {
                 Ok(r) => r,
                 Err(e) => {
                     shared.inference_errors.fetch_add(1, Ordering::Relaxed);
@@ -650,7 +657,11 @@ fn status_line(shared: &Shared, publisher: &PublisherHandle) -> String {
     format!(
         "cameras online {online}/{}; broker {}; alarms queued {}; results dropped {}",
         statuses.len(),
-        if c.connected { "connected" } else { "reconnecting" },
+        if c.connected {
+            "connected"
+        } else {
+            "reconnecting"
+        },
         c.queued_alarms,
         c.dropped_results
     )
@@ -709,7 +720,8 @@ fn reload(
                             }
                             if c.mask != r.cfg.mask {
                                 st.mask = c.mask;
-                                st.gate = MaskGate::new(c.mask.only_on_anomaly, c.mask.min_interval);
+                                st.gate =
+                                    MaskGate::new(c.mask.only_on_anomaly, c.mask.min_interval);
                             }
                         }
                         keep.push(Running {
@@ -739,7 +751,8 @@ fn reload(
                     Ok(r) => keep.push(r),
                     Err(e) => {
                         error!(camera = %c.name, error = %e, "camera could not start");
-                        publisher.camera_status(&c.name, payload::CameraStatus::Error(e.to_string()));
+                        publisher
+                            .camera_status(&c.name, payload::CameraStatus::Error(e.to_string()));
                     }
                 }
             }

@@ -135,10 +135,7 @@ impl Features {
     /// Patch features of image `i` for every layer.
     pub fn locals(&self, i: usize) -> Vec<&[f32]> {
         let n = self.tokens * self.dim;
-        self.locals
-            .iter()
-            .map(|l| &l[i * n..(i + 1) * n])
-            .collect()
+        self.locals.iter().map(|l| &l[i * n..(i + 1) * n]).collect()
     }
 }
 
@@ -189,6 +186,9 @@ pub fn init_runtime(
         let Some(found) = candidates.iter().find(|p| p.is_file()) else {
             return Err(("no such file".to_string(), tried));
         };
+        if let Some(v) = version_from_path(found) {
+            let _ = ORT_VERSION.set(v);
+        }
         match ort::init_from(found) {
             Ok(builder) => match builder.with_name("anomalyclip-edge").build() {
                 Ok(env) => {
@@ -274,12 +274,27 @@ impl OrtEngine {
     }
 }
 
+static ORT_VERSION: OnceLock<String> = OnceLock::new();
+
+/// Version of the loaded ONNX Runtime library, from its file name (`libonnxruntime.so.1.31.1`,
+/// symlinks resolved) or, failing that, its build string.
 fn ort_version() -> String {
-    ort::info()
-        .split(',')
-        .find_map(|kv| kv.trim().strip_prefix("git-branch="))
-        .map(|b| b.trim_start_matches("rel-").to_string())
-        .unwrap_or_else(|| "unknown".into())
+    ORT_VERSION.get().cloned().unwrap_or_else(|| {
+        ort::info()
+            .split(',')
+            .find_map(|kv| kv.split("git-branch=").nth(1))
+            .map(|b| b.trim_start_matches("rel-").to_string())
+            .unwrap_or_else(|| "unknown".into())
+    })
+}
+
+fn version_from_path(p: &Path) -> Option<String> {
+    let real = std::fs::canonicalize(p).ok()?;
+    let name = real.file_name()?.to_str()?;
+    let v = name.split(".so.").nth(1)?;
+    v.chars()
+        .all(|c| c.is_ascii_digit() || c == '.')
+        .then(|| v.to_string())
 }
 
 fn build_session(
@@ -296,14 +311,19 @@ fn build_session(
     };
     let mut builder = ort::session::Session::builder(env).map_err(model_err)?;
     if opts.threads > 0 {
-        builder = builder.with_intra_threads(opts.threads).map_err(|e| model_err(e.into()))?;
+        builder = builder
+            .with_intra_threads(opts.threads)
+            .map_err(|e| model_err(e.into()))?;
     }
     let unavailable = |reason: String| EngineError::Unavailable { backend, reason };
     match backend {
         Backend::Cpu | Backend::Auto => {}
         Backend::Cuda => {
             let cuda = ep::CUDA::default().with_device_id(opts.device_id);
-            if !matches!(<ep::CUDA as ep::ExecutionProvider>::is_available(), Ok(true)) {
+            if !matches!(
+                <ep::CUDA as ep::ExecutionProvider>::is_available(),
+                Ok(true)
+            ) {
                 return Err(unavailable(
                     "this ONNX Runtime library has no CUDA execution provider (CPU build; install the onnxruntime-gpu library)".into(),
                 ));
@@ -313,52 +333,220 @@ fn build_session(
                 .map_err(|e| unavailable(e.to_string()))?;
         }
         Backend::Tensorrt => {
-            let mut trt = ep::TensorRT::default()
-                .with_device_id(opts.device_id)
-                .with_fp16(opts.fp16);
-            if !matches!(<ep::TensorRT as ep::ExecutionProvider>::is_available(), Ok(true)) {
+            if !matches!(
+                <ep::TensorRT as ep::ExecutionProvider>::is_available(),
+                Ok(true)
+            ) {
                 return Err(unavailable(
                     "this ONNX Runtime library has no TensorRT execution provider (CPU build; install the onnxruntime-gpu library and TensorRT 10)".into(),
                 ));
             }
-            if let Some(dir) = &opts.cache_dir {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    unavailable(format!("engine cache {}: {e}", dir.display()))
-                })?;
-                let key = crate::engine::cache_prefix(pkg, opts);
-                trt = trt
-                    .with_engine_cache(true)
-                    .with_engine_cache_path(dir.display().to_string())
-                    .with_engine_cache_prefix(key)
-                    .with_timing_cache(true)
-                    .with_timing_cache_path(dir.display().to_string());
-            }
-            let s = pkg.input_size();
-            let name = &pkg.manifest.input.name;
-            trt = trt
-                .with_profile_min_shapes(format!("{name}:1x3x{s}x{s}"))
-                .with_profile_opt_shapes(format!("{name}:{}x3x{s}x{s}", opts.max_batch.max(1)))
-                .with_profile_max_shapes(format!("{name}:{}x3x{s}x{s}", opts.max_batch.max(1)));
-            builder = builder
-                .with_execution_providers([trt.build().error_on_failure()])
-                .map_err(|e| unavailable(e.to_string()))?;
+            let Some(root) = &opts.cache_dir else {
+                let trt = tensorrt_ep(pkg, opts, None);
+                builder = builder
+                    .with_execution_providers([trt.build().error_on_failure()])
+                    .map_err(|e| unavailable(e.to_string()))?;
+                return builder.commit_from_file(onnx).map_err(model_err);
+            };
+            return tensorrt_cached(env, onnx, pkg, opts, root);
         }
     }
     builder.commit_from_file(onnx).map_err(model_err)
 }
 
-/// Engine-cache prefix: a cached TensorRT engine is only reused for the same model file, ONNX
-/// Runtime version, precision and batch profile (ONNX Runtime adds the GPU's compute capability
-/// to its own file names).
-pub fn cache_prefix(pkg: &ModelPackage, opts: &EngineOptions) -> String {
-    let model = pkg.onnx_sha256().unwrap_or("nohash");
+/// Everything a built TensorRT engine depends on. Two runs share a cached engine only when all
+/// of it is equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheKeyParts {
+    /// SHA-256 of model.onnx (from the manifest).
+    pub model_sha256: String,
+    pub ort_version: String,
+    /// TensorRT library version (e.g. "10.9.0"), "unknown" when it cannot be read.
+    pub trt_version: String,
+    /// GPU name and compute capability.
+    pub gpu: String,
+    pub compute_capability: (i32, i32),
+    pub fp16: bool,
+    pub max_batch: usize,
+    pub input_size: usize,
+}
+
+/// The engine cache folder name for `parts`: readable, file-system safe, and different whenever
+/// any part differs.
+pub fn cache_key(parts: &CacheKeyParts) -> String {
+    let slug = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+            .trim_matches('-')
+            .to_string()
+    };
     format!(
-        "ace_{}_ort{}_{}_b{}",
-        &model[..model.len().min(16)],
-        ort_version().replace('.', "_"),
-        if opts.fp16 { "fp16" } else { "fp32" },
-        opts.max_batch.max(1)
+        "{}-ort{}-trt{}-{}-sm{}{}-{}-b{}-s{}",
+        &parts.model_sha256[..parts.model_sha256.len().min(16)],
+        slug(&parts.ort_version),
+        slug(&parts.trt_version),
+        slug(&parts.gpu),
+        parts.compute_capability.0,
+        parts.compute_capability.1,
+        if parts.fp16 { "fp16" } else { "fp32" },
+        parts.max_batch,
+        parts.input_size
     )
+}
+
+/// The cache key parts of this machine for `pkg` and `opts`.
+pub fn cache_key_parts(pkg: &ModelPackage, opts: &EngineOptions) -> CacheKeyParts {
+    let probe = crate::gpu::probe();
+    let dev = probe
+        .devices
+        .iter()
+        .find(|d| d.ordinal == opts.device_id.max(0) as usize);
+    CacheKeyParts {
+        model_sha256: pkg.onnx_sha256().unwrap_or("nohash").to_string(),
+        ort_version: ort_version(),
+        trt_version: tensorrt_version().unwrap_or_else(|| "unknown".into()),
+        gpu: dev
+            .map(|d| d.name.clone())
+            .unwrap_or_else(|| "nogpu".into()),
+        compute_capability: dev.map(|d| d.compute_capability).unwrap_or((0, 0)),
+        fp16: opts.fp16,
+        max_batch: opts.max_batch.max(1),
+        input_size: pkg.input_size(),
+    }
+}
+
+/// Version of the TensorRT library the TensorRT execution provider will load, read with
+/// `getInferLibVersion()` from `libnvinfer.so.10` (or `.so`).
+pub fn tensorrt_version() -> Option<String> {
+    for name in [c"libnvinfer.so.10", c"libnvinfer.so"] {
+        // SAFETY: dlopen with a valid NUL-terminated name; the handle is closed below.
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if handle.is_null() {
+            continue;
+        }
+        // SAFETY: valid handle and NUL-terminated symbol name.
+        let sym = unsafe { libc::dlsym(handle, c"getInferLibVersion".as_ptr()) };
+        let v = if sym.is_null() {
+            None
+        } else {
+            // SAFETY: TensorRT declares `int32_t getInferLibVersion() noexcept`.
+            let f: extern "C" fn() -> i32 = unsafe { std::mem::transmute(sym) };
+            let v = f();
+            // TensorRT 10 encodes major*10000 + minor*100 + patch.
+            Some(format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
+        };
+        // SAFETY: the handle came from dlopen above and no symbol from it is used after this.
+        unsafe { libc::dlclose(handle) };
+        if v.is_some() {
+            return v;
+        }
+    }
+    None
+}
+
+fn tensorrt_ep(
+    pkg: &ModelPackage,
+    opts: &EngineOptions,
+    cache: Option<&Path>,
+) -> ort::ep::TensorRT {
+    let mut trt = ort::ep::TensorRT::default()
+        .with_device_id(opts.device_id)
+        .with_fp16(opts.fp16)
+        .with_layer_norm_fp32_fallback(true);
+    if let Some(dir) = cache {
+        let d = dir.display().to_string();
+        trt = trt
+            .with_engine_cache(true)
+            .with_engine_cache_path(d.clone())
+            .with_timing_cache(true)
+            .with_timing_cache_path(d);
+    }
+    let s = pkg.input_size();
+    let name = &pkg.manifest.input.name;
+    let b = opts.max_batch.max(1);
+    trt.with_profile_min_shapes(format!("{name}:1x3x{s}x{s}"))
+        .with_profile_opt_shapes(format!("{name}:{b}x3x{s}x{s}"))
+        .with_profile_max_shapes(format!("{name}:{b}x3x{s}x{s}"))
+}
+
+/// Where the engine for `pkg`/`opts` is cached: `<cache_dir>/<key>/`.
+pub fn engine_cache_dir(pkg: &ModelPackage, opts: &EngineOptions) -> Option<(String, PathBuf)> {
+    let root = opts.cache_dir.as_ref()?;
+    let key = cache_key(&cache_key_parts(pkg, opts));
+    let dir = root.join(&key);
+    Some((key, dir))
+}
+
+/// TensorRT session with a keyed, atomically written engine cache: a cached engine is used if
+/// its folder exists; one that fails to load is removed and rebuilt (not fatal); a new engine is
+/// built into a temporary folder, warmed up once, then renamed into place, so a crash mid-build
+/// never leaves a half-written cache entry behind.
+fn tensorrt_cached(
+    env: &ort::environment::Environment,
+    onnx: &Path,
+    pkg: &ModelPackage,
+    opts: &EngineOptions,
+    root: &Path,
+) -> Result<ort::session::Session, EngineError> {
+    let unavailable = |reason: String| EngineError::Unavailable {
+        backend: Backend::Tensorrt,
+        reason,
+    };
+    let key = cache_key(&cache_key_parts(pkg, opts));
+    let final_dir = root.join(&key);
+    let session_in = |dir: &Path| -> Result<ort::session::Session, EngineError> {
+        let mut b = ort::session::Session::builder(env).map_err(|e| unavailable(e.to_string()))?;
+        b = b
+            .with_execution_providers([tensorrt_ep(pkg, opts, Some(dir))
+                .build()
+                .error_on_failure()])
+            .map_err(|e| unavailable(e.to_string()))?;
+        b.commit_from_file(onnx)
+            .map_err(|e| unavailable(e.to_string()))
+    };
+    if final_dir.is_dir() {
+        match session_in(&final_dir) {
+            Ok(s) => {
+                tracing::info!(cache = %final_dir.display(), "TensorRT engine loaded from cache");
+                return Ok(s);
+            }
+            Err(e) => {
+                tracing::warn!(cache = %final_dir.display(), error = %e, "cached TensorRT engine unusable; rebuilding");
+                let _ = std::fs::remove_dir_all(&final_dir);
+            }
+        }
+    }
+    std::fs::create_dir_all(root)
+        .map_err(|e| unavailable(format!("engine cache {}: {e}", root.display())))?;
+    let tmp = root.join(format!(".build-{key}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)
+        .map_err(|e| unavailable(format!("engine cache {}: {e}", tmp.display())))?;
+    tracing::info!(key = %key, "building the TensorRT engine (minutes the first time; cached afterwards)");
+    let mut session = session_in(&tmp)?;
+    // The first run builds the engine for the profile; only then is the cache complete.
+    let s = pkg.input_size();
+    let zeros = vec![0f32; 3 * s * s];
+    let warm = ort::value::TensorRef::from_array_view(([1usize, 3, s, s], zeros.as_slice()))
+        .map_err(|e| unavailable(e.to_string()))?;
+    session
+        .run(ort::inputs![pkg.manifest.input.name.as_str() => warm])
+        .map_err(|e| unavailable(format!("TensorRT warm-up: {e}")))?;
+    match std::fs::rename(&tmp, &final_dir) {
+        Ok(()) => tracing::info!(cache = %final_dir.display(), "TensorRT engine cached"),
+        Err(e) => {
+            tracing::warn!(error = %e, "engine cache not stored (another process may have stored it)");
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    Ok(session)
 }
 
 impl Engine for OrtEngine {
@@ -419,4 +607,54 @@ impl Engine for OrtEngine {
 /// Builds the engine for a package.
 pub fn create(pkg: &ModelPackage, opts: &EngineOptions) -> Result<Box<dyn Engine>, EngineError> {
     Ok(Box::new(OrtEngine::new(pkg, opts)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts() -> CacheKeyParts {
+        CacheKeyParts {
+            model_sha256: "0123456789abcdef0123".into(),
+            ort_version: "1.31.1".into(),
+            trt_version: "10.9.0".into(),
+            gpu: "NVIDIA H100 80GB HBM3".into(),
+            compute_capability: (9, 0),
+            fp16: true,
+            max_batch: 8,
+            input_size: 518,
+        }
+    }
+
+    #[test]
+    fn cache_key_changes_with_every_part() {
+        let base = cache_key(&parts());
+        assert_eq!(
+            base,
+            "0123456789abcdef-ort1.31.1-trt10.9.0-NVIDIA-H100-80GB-HBM3-sm90-fp16-b8-s518"
+        );
+        let variants: Vec<Box<dyn Fn(&mut CacheKeyParts)>> = vec![
+            Box::new(|p| p.model_sha256 = "ffff456789abcdef0123".into()),
+            Box::new(|p| p.ort_version = "1.32.0".into()),
+            Box::new(|p| p.trt_version = "10.10.0".into()),
+            Box::new(|p| p.gpu = "NVIDIA L4".into()),
+            Box::new(|p| p.compute_capability = (8, 9)),
+            Box::new(|p| p.fp16 = false),
+            Box::new(|p| p.max_batch = 4),
+            Box::new(|p| p.input_size = 336),
+        ];
+        for change in variants {
+            let mut p = parts();
+            change(&mut p);
+            assert_ne!(cache_key(&p), base, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn cache_key_is_a_single_safe_path_component() {
+        let mut p = parts();
+        p.gpu = "../../etc/x y".into();
+        let k = cache_key(&p);
+        assert!(!k.contains('/') && !k.contains(' '), "{k}");
+    }
 }

@@ -29,6 +29,24 @@ struct Cli {
 enum Command {
     /// Score image files: one JSON line per image on stdout.
     Score(cli_score::ScoreArgs),
+    /// Run the daemon: cameras → inference → MQTT, until SIGTERM/SIGINT (SIGHUP reloads).
+    Run {
+        /// Configuration file (see config/example.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file: every problem, with its line, then exit 0 (valid) or 2.
+    CheckConfig {
+        /// Configuration file.
+        file: PathBuf,
+    },
+    /// Prebuild the TensorRT engine for a configuration (minutes; cached in the state
+    /// directory) and print its cache key and location.
+    BuildEngine {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -48,6 +66,9 @@ fn main() -> ExitCode {
     init_logging(cli.log.as_deref());
     let res = match cli.command {
         Command::Score(args) => cli_score::run(args),
+        Command::Run { config } => run_daemon(&config),
+        Command::CheckConfig { file } => Ok(check_config(&file)),
+        Command::BuildEngine { config } => build_engine(&config),
     };
     match res {
         Ok(code) => code,
@@ -56,6 +77,74 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let problems = anomalyclip_edge::config::check(file);
+    if problems.is_empty() {
+        println!("{}: ok", file.display());
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        eprintln!("{}: {} problem(s)", file.display(), problems.len());
+        ExitCode::from(2)
+    }
+}
+
+fn run_daemon(config: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match anomalyclip_edge::daemon::run(config) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(anomalyclip_edge::daemon::DaemonError::Config(errors)) => {
+            for p in &errors.problems {
+                eprintln!("{p}");
+            }
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn build_engine(config: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use anomalyclip_edge::{config as cfgmod, daemon, engine, package};
+    let cfg = match cfgmod::load_config(config) {
+        Ok(c) => c,
+        Err(errors) => {
+            for p in &errors.problems {
+                eprintln!("{p}");
+            }
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let pkg = package::ModelPackage::load(&cfg.model.package, package::HashCheck::All)?;
+    let opts = daemon::engine_options(&cfg);
+    if opts.backend == engine::Backend::Cpu {
+        println!("backend cpu: nothing to build (engines are built for tensorrt or auto)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    engine::init_runtime(opts.ort_library.as_deref())?;
+    if let Some((key, dir)) = engine::engine_cache_dir(&pkg, &opts) {
+        println!("cache key: {key}");
+        println!("cache dir: {}", dir.display());
+    }
+    let t0 = std::time::Instant::now();
+    let eng = engine::create(&pkg, &opts)?;
+    let info = eng.info();
+    println!(
+        "engine: {} ({}) ready in {:.1} s",
+        info.backend,
+        info.detail,
+        t0.elapsed().as_secs_f64()
+    );
+    if info.backend != engine::Backend::Tensorrt {
+        eprintln!(
+            "no TensorRT engine was built: {} (the daemon will run on {})",
+            info.detail, info.backend
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Collapses an error chain into one line.

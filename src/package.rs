@@ -28,11 +28,15 @@ pub enum PackageError {
     },
     #[error("{path}: invalid manifest: {message}")]
     Manifest { path: PathBuf, message: String },
-    #[error("{path}: format_version {found} is not supported (this build reads {FORMAT_VERSION}); re-export the package with this release's engines/export.py")]
+    #[error(
+        "{path}: format_version {found} is not supported (this build reads {FORMAT_VERSION}); re-export the package with this release's engines/export.py"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("{path}: SHA-256 mismatch: manifest says {expected}, file has {actual} (corrupt or modified package)")]
+    #[error(
+        "{path}: SHA-256 mismatch: manifest says {expected}, file has {actual} (corrupt or modified package)"
+    )]
     Hash {
         path: PathBuf,
         expected: String,
@@ -279,7 +283,9 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
     };
     let md = &m.model;
     if md.patch == 0 || md.grid == 0 || md.embed_dim == 0 {
-        return Err(bad("model.patch, model.grid and model.embed_dim must be > 0".into()));
+        return Err(bad(
+            "model.patch, model.grid and model.embed_dim must be > 0".into(),
+        ));
     }
     if md.grid * md.patch != m.input.size {
         return Err(bad(format!(
@@ -294,7 +300,9 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
         return Err(bad("input.std values must be > 0".into()));
     }
     if md.feature_layers.is_empty() {
-        return Err(bad("model.feature_layers must name at least one block".into()));
+        return Err(bad(
+            "model.feature_layers must name at least one block".into()
+        ));
     }
     if let Some(l) = md
         .feature_layers

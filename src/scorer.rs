@@ -4,14 +4,18 @@
 //! the reference's Pillow path does). Output: per image a [`Scored`] result: the image score and
 //! the `S × S` anomaly map in the resized frame. `score`, `eval` and the daemon all go through
 //! this type, so every entry point computes the same numbers.
+//! The head runs on the CPU ([`crate::head::CpuHead`], the reference) or as CUDA kernels
+//! ([`crate::gpu::GpuHead`]) when asked for and a GPU is usable ([`HeadChoice`]); a GPU that is
+//! absent falls back to the CPU head with one log line.
 //! Failure modes: those of the package, the engine and image decoding, as [`ScoreError`].
 
 use std::path::Path;
 
 use crate::engine::{self, Engine, EngineError, EngineOptions};
-use crate::head::{CpuHead, HeadConfig, HeadOutput};
+use crate::head::{CpuHead, HeadConfig, HeadError, HeadOutput};
 use crate::image_io::{self, DecodedImage};
 use crate::package::{HashCheck, ModelPackage, PackageError};
+use crate::preprocess::{PreprocessError, Preprocessor};
 
 /// Errors of the inference core.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +26,12 @@ pub enum ScoreError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Image(#[from] image_io::ImageError),
+    #[error("frame: {0}")]
+    Frame(#[from] PreprocessError),
+    #[error("anomaly head: {0}")]
+    Head(#[from] HeadError),
+    #[error("GPU anomaly head: {0}")]
+    Gpu(String),
 }
 
 /// One scored image.
@@ -35,13 +45,33 @@ pub struct Scored {
     pub size: usize,
 }
 
+/// Where the anomaly head runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadChoice {
+    /// The GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU head (the reference).
+    Cpu,
+    /// The CUDA head; an error if no GPU is usable.
+    Gpu,
+}
+
+enum Head {
+    Cpu(CpuHead),
+    Gpu(Box<crate::gpu::GpuHead>),
+}
+
 /// Package + engine + head.
 pub struct Scorer {
     pkg: ModelPackage,
     engine: Box<dyn Engine>,
-    head: CpuHead,
+    head: Head,
     out: HeadOutput,
     input: Vec<f32>,
+    /// Frame preprocessor for the last frame geometry `(width, height)`.
+    frame_pre: Option<((usize, usize), Preprocessor)>,
 }
 
 impl Scorer {
@@ -49,11 +79,63 @@ impl Scorer {
     pub fn open(dir: &Path, hashes: HashCheck, opts: &EngineOptions) -> Result<Self, ScoreError> {
         let pkg = ModelPackage::load(dir, hashes)?;
         let engine = engine::create(&pkg, opts)?;
-        Ok(Self::new(pkg, engine))
+        Self::new(pkg, engine)
+    }
+
+    /// Moves the head to the GPU as `choice` says. `Auto` without a usable GPU keeps the CPU
+    /// head and logs why; `Gpu` without one is an error.
+    pub fn with_head(mut self, choice: HeadChoice) -> Result<Self, ScoreError> {
+        if choice == HeadChoice::Cpu {
+            return Ok(self);
+        }
+        let probe = crate::gpu::probe();
+        if !probe.is_usable() {
+            if choice == HeadChoice::Gpu {
+                return Err(ScoreError::Gpu(format!(
+                    "no usable GPU: {}",
+                    probe.reason()
+                )));
+            }
+            tracing::info!(reason = %probe.reason(), "anomaly head on the CPU (no usable GPU)");
+            return Ok(self);
+        }
+        let size = self.size();
+        let cfg = self.head_config();
+        match crate::gpu::GpuHead::new(0, &self.pkg.text, &cfg, size, size) {
+            Ok(h) => {
+                tracing::info!(gpu = %h.device_name(), "anomaly head on the GPU");
+                self.head = Head::Gpu(Box::new(h));
+                Ok(self)
+            }
+            Err(e) if choice == HeadChoice::Auto => {
+                tracing::warn!(error = %e, "GPU head unavailable; anomaly head on the CPU");
+                Ok(self)
+            }
+            Err(e) => Err(ScoreError::Gpu(e.to_string())),
+        }
+    }
+
+    /// Where the head runs: `cpu` or `gpu`.
+    pub fn head_device(&self) -> &'static str {
+        match self.head {
+            Head::Cpu(_) => "cpu",
+            Head::Gpu(_) => "gpu",
+        }
+    }
+
+    fn head_config(&self) -> HeadConfig {
+        let m = &self.pkg.manifest.model;
+        HeadConfig {
+            size: self.pkg.input_size(),
+            grid: m.grid,
+            dim: m.embed_dim,
+            tau: m.tau,
+            sigma: 4.0,
+        }
     }
 
     /// Wraps an already built engine.
-    pub fn new(pkg: ModelPackage, engine: Box<dyn Engine>) -> Self {
+    pub fn new(pkg: ModelPackage, engine: Box<dyn Engine>) -> Result<Self, ScoreError> {
         let m = &pkg.manifest.model;
         let cfg = HeadConfig {
             size: pkg.input_size(),
@@ -62,14 +144,15 @@ impl Scorer {
             tau: m.tau,
             sigma: 4.0,
         };
-        let head = CpuHead::new(&pkg.text, cfg);
-        Self {
+        let head = Head::Cpu(CpuHead::new(cfg, &pkg.text)?);
+        Ok(Self {
             pkg,
             engine,
             head,
-            out: HeadOutput::default(),
+            out: HeadOutput::new(&cfg),
             input: Vec::new(),
-        }
+            frame_pre: None,
+        })
     }
 
     /// The package in use.
@@ -88,22 +171,32 @@ impl Scorer {
     }
 
     /// Converts a decoded file into the model input exactly as the reference does.
-    pub fn prepare_image(&self, img: &DecodedImage, out: &mut [f32]) {
+    pub fn prepare_image(&self, img: &DecodedImage, out: &mut [f32]) -> Result<(), ScoreError> {
         let i = &self.pkg.manifest.input;
-        img.to_model_input(i.size, i.mean, i.std, out);
+        img.to_model_input(i.size, i.mean, i.std, out)?;
+        Ok(())
     }
 
     /// Converts an RGB frame (rows possibly padded) into the model input.
     pub fn prepare_frame(
-        &self,
+        &mut self,
         rgb: &[u8],
         width: usize,
         height: usize,
         stride: usize,
         out: &mut [f32],
-    ) {
-        let i = &self.pkg.manifest.input;
-        crate::preprocess::preprocess_rgb(rgb, width, height, stride, i.size, i.mean, i.std, out);
+    ) -> Result<(), ScoreError> {
+        let geometry = (width, height);
+        let pre = match &mut self.frame_pre {
+            Some((g, p)) if *g == geometry => p,
+            slot => {
+                let i = &self.pkg.manifest.input;
+                let p = Preprocessor::new(width, height, i.size, i.mean, i.std)?;
+                &mut slot.insert((geometry, p)).1
+            }
+        };
+        pre.run(rgb, stride, out)?;
+        Ok(())
     }
 
     /// Runs the encoder on `batch` prepared images and the head on each.
@@ -113,12 +206,30 @@ impl Scorer {
         let mut results = Vec::with_capacity(batch);
         for i in 0..batch {
             let locals = feats.locals(i);
-            self.head.run(feats.global(i), &locals, &mut self.out);
-            results.push(Scored {
-                score: self.out.score,
-                map: self.out.map.clone(),
-                size,
-            });
+            let scored = match &mut self.head {
+                Head::Cpu(h) => {
+                    h.run(feats.global(i), &locals, &mut self.out)?;
+                    Scored {
+                        score: self.out.score,
+                        map: self.out.map.clone(),
+                        size,
+                    }
+                }
+                Head::Gpu(h) => {
+                    let out = h
+                        .run_host(feats.global(i), &locals)
+                        .map_err(|e| ScoreError::Gpu(e.to_string()))?;
+                    let map = h
+                        .download_map()
+                        .map_err(|e| ScoreError::Gpu(e.to_string()))?;
+                    Scored {
+                        score: out.score,
+                        map,
+                        size,
+                    }
+                }
+            };
+            results.push(scored);
         }
         Ok(results)
     }
@@ -129,8 +240,9 @@ impl Scorer {
         let s = self.size();
         let mut input = std::mem::take(&mut self.input);
         input.resize(3 * s * s, 0.0);
-        self.prepare_image(&img, &mut input);
-        let res = self.score_batch(&input, 1);
+        let res = self
+            .prepare_image(&img, &mut input)
+            .and_then(|()| self.score_batch(&input, 1));
         self.input = input;
         let mut scored = res?;
         let one = scored.pop().ok_or_else(|| {

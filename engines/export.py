@@ -1,0 +1,367 @@
+#!/usr/bin/env python3
+"""AnomalyCLIP model exporter: CLIP file + prompt checkpoint -> model package (PACKAGE.md).
+
+Owns the command line and the package writing: loads and validates the inputs
+(`checkpoints.py`), builds the image encoder for the package size and computes the text constant
+(`anomalyclip_ref.py`), exports the encoder to ONNX with the TorchScript-based exporter of
+`torch.onnx` (`dynamo=False`, opset 17), optionally an fp16 copy (`fp16.py`), and writes
+`text.f32` and `manifest.toml`. The package is written into a temporary directory next to the destination and
+renamed into place only when complete. Output is deterministic: the same inputs give the same
+bytes.
+
+    python engines/export.py --clip ViT-L-14-336px.pt --checkpoint epoch_15.pth --out DIR
+    python engines/export.py --tiny --seed 0 --out DIR          # random tiny model, for tests
+    python engines/export.py --random-full --seed 0 --out DIR   # random ViT-L/14, for parity runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import onnx
+import torch
+from torch import Tensor
+
+from anomalyclip_ref import (
+    MEAN,
+    STD,
+    TAU,
+    TINY,
+    VIT_L_14_336,
+    Arch,
+    VisualEncoder,
+    compute_text_constant,
+)
+from checkpoints import ClipWeights, InputError, PromptWeights, load_clip, load_prompts, sha256_file
+from fp16 import convert_float_to_float16
+from random_weights import write_random_sources
+
+EXPORTER = "anomalyclip-edge export 0.1.0"
+OPSET = 17
+FORMAT_VERSION = 1
+# ONNX protobufs cannot exceed 2 GiB; above this the weights go to `model.onnx.data`.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+
+
+@dataclass
+class Prepared:
+    """Everything needed to write a package, and the fp32 PyTorch reference of its encoder."""
+
+    clip: ClipWeights
+    prompts: PromptWeights
+    arch: Arch
+    encoder: VisualEncoder
+    text: Tensor  # [2, D] float32
+
+    @property
+    def size(self) -> int:
+        return self.encoder.size
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(None, f"--layers: expected comma-separated block numbers, got {text!r}")
+
+
+def prepare(clip_path: str | Path, checkpoint_path: str | Path, size: int | None = None,
+            feature_layers: Sequence[int] | None = None) -> Prepared:
+    clip = load_clip(clip_path)
+    arch = clip.arch
+    prompts = load_prompts(checkpoint_path, arch)
+    size = arch.default_size if size is None else size
+    v = arch.vision
+    if size <= 0 or size % v.patch != 0:
+        raise InputError(None, f"--size {size}: must be a positive multiple of the patch size "
+                               f"{v.patch} for {arch.label}")
+    layers = list(arch.default_feature_layers if feature_layers is None else feature_layers)
+    bad = [layer for layer in layers if not v.vv_start <= layer <= v.layers]
+    if not layers or bad:
+        raise InputError(None, f"--layers {','.join(map(str, layers))}: feature layers must lie in "
+                               f"{v.vv_start}..{v.layers} for {arch.label}")
+    torch.manual_seed(0)
+    encoder = VisualEncoder(arch, clip.state, size, layers).eval()
+    text = compute_text_constant(arch, clip.state, prompts.state)
+    clip.state = {}  # the encoder holds what it needs; let the text weights go
+    return Prepared(clip=clip, prompts=prompts, arch=arch, encoder=encoder, text=text)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX
+# --------------------------------------------------------------------------------------------
+
+
+def _set_output_shapes(model: onnx.ModelProto, encoder: VisualEncoder) -> None:
+    """Declare the static output shapes: global [batch, D], local_<l> [batch, G*G, D]."""
+    dim = encoder.arch.vision.embed_dim
+    tokens = encoder.grid * encoder.grid
+    for output in model.graph.output:
+        wanted: list[int | str] = ["batch", dim] if output.name == "global" else \
+            ["batch", tokens, dim]
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) != len(wanted):
+            raise RuntimeError(f"output {output.name} has rank {len(dims)}, expected "
+                               f"{len(wanted)}")
+        for entry, value in zip(dims, wanted):
+            if isinstance(value, str):
+                entry.dim_param = value
+            else:
+                if entry.HasField("dim_value") and entry.dim_value != value:
+                    raise RuntimeError(f"output {output.name}: dimension {entry.dim_value}, "
+                                       f"expected {value}")
+                entry.dim_value = value
+
+
+def trace_onnx(encoder: VisualEncoder, scratch: Path) -> onnx.ModelProto:
+    """Export `encoder` with torch.onnx's TorchScript-based exporter; return the fp32 graph."""
+    names = encoder.output_names
+    dynamic_axes: dict[str, dict[int, str]] = {"image": {0: "batch"}}
+    dynamic_axes.update({name: {0: "batch"} for name in names})
+    dummy = torch.zeros(2, 3, encoder.size, encoder.size)
+    scratch.mkdir()
+    raw_path = scratch / "raw.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(encoder, (dummy,), str(raw_path), dynamo=False, opset_version=OPSET,
+                          input_names=["image"], output_names=names, dynamic_axes=dynamic_axes,
+                          do_constant_folding=True, export_params=True)
+    model = onnx.load(str(raw_path))  # also reads external data, if torch wrote any
+    shutil.rmtree(scratch)
+    _set_output_shapes(model, encoder)
+    model.doc_string = f"AnomalyCLIP image encoder ({encoder.arch.label}, {encoder.size} px)"
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, destination: Path) -> list[str]:
+    """Save (weights in `<name>.data` beyond the protobuf limit); return the file names."""
+    weight_bytes = sum(len(init.raw_data) for init in model.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        data_name = destination.name + ".data"
+        onnx.save_model(model, str(destination), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        onnx.checker.check_model(str(destination))
+        return [destination.name, data_name]
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(destination))
+    return [destination.name]
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def _toml_key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else json.dumps(key)
+
+
+def _toml_table(header: str | None, items: dict[str, Any]) -> Iterator[str]:
+    if header is not None:
+        yield header
+    for key, value in items.items():
+        yield f"{_toml_key(key)} = {_toml_value(value)}"
+
+
+def render_manifest(prep: Prepared, name: str, tiny: bool, files: dict[str, str],
+                    seed: int | None) -> str:
+    arch, enc = prep.arch, prep.encoder
+    v = arch.vision
+    n_tokens = enc.grid * enc.grid
+    lines: list[str] = []
+    lines += _toml_table(None, {"format_version": FORMAT_VERSION, "name": name, "tiny": tiny})
+    lines += [""]
+    lines += _toml_table("[input]", {"name": "image", "size": enc.size, "mean": list(MEAN),
+                                     "std": list(STD)})
+    lines += [""]
+    lines += _toml_table("[model]", {
+        "arch": arch.name, "width": v.width, "layers": v.layers, "heads": v.heads,
+        "patch": v.patch, "grid": enc.grid, "embed_dim": v.embed_dim, "vv_start": v.vv_start,
+        "feature_layers": list(enc.feature_layers), "tau": TAU})
+    lines += [""]
+    lines += _toml_table("[text]", {"file": "text.f32", "shape": [2, v.embed_dim]})
+    lines += [""]
+    lines += _toml_table("[[outputs]]", {"name": "global", "shape": ["batch", v.embed_dim]})
+    for layer in enc.feature_layers:
+        lines += _toml_table("[[outputs]]", {"name": f"local_{layer}",
+                                             "shape": ["batch", n_tokens, v.embed_dim],
+                                             "layer": layer})
+    lines += [""]
+    lines += _toml_table("[files]", files)
+    lines += [""]
+    source: dict[str, Any] = {
+        "clip_file": prep.clip.path.name, "clip_sha256": prep.clip.sha256,
+        "checkpoint_file": prep.prompts.path.name, "checkpoint_sha256": prep.prompts.sha256,
+        "exporter": EXPORTER, "torch": torch.__version__.split("+")[0]}
+    if seed is not None:
+        source["seed"] = seed
+    lines += _toml_table("[source]", source)
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Package
+# --------------------------------------------------------------------------------------------
+
+
+def check_destination(out: Path, force: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise InputError(out, "already exists (use --force to replace it)")
+        if not out.is_dir():
+            raise InputError(out, "exists and is not a directory")
+
+
+def write_package(prep: Prepared, out: str | Path, *, fp16: bool = False, force: bool = False,
+                  name: str | None = None, tiny: bool | None = None,
+                  seed: int | None = None) -> Path:
+    """Write the package for `prep` to `out` atomically (temporary sibling dir, then rename)."""
+    out = Path(out).absolute()
+    check_destination(out, force)
+    tiny = prep.arch.tiny if tiny is None else tiny
+    if name is None:
+        name = f"anomalyclip-vitl14-{prep.size}" if prep.arch is VIT_L_14_336 else prep.arch.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model = trace_onnx(prep.encoder, tmp / ".scratch")
+        files = save_onnx(model, tmp / "model.onnx")
+        text = prep.text.detach().cpu().numpy().astype("<f4")
+        (tmp / "text.f32").write_bytes(text.tobytes(order="C"))
+        files.append("text.f32")
+        if fp16:
+            model = convert_float_to_float16(model)
+            model.doc_string += ", fp16 with LayerNorm/softmax/L2-norm in fp32"
+            files += save_onnx(model, tmp / "model.fp16.onnx")
+        del model
+        hashes = {file: sha256_file(tmp / file) for file in files}
+        manifest = render_manifest(prep, name, tiny, hashes, seed)
+        (tmp / "manifest.toml").write_text(manifest, encoding="utf-8")
+        for file in [*files, "manifest.toml"]:
+            with open(tmp / file, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "package")
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_random(arch: Arch, seed: int, out: str | Path, *, size: int | None = None,
+                  feature_layers: Sequence[int] | None = None, fp16: bool = False,
+                  force: bool = False) -> tuple[Path, Prepared]:
+    """Generate random source files for `arch`, then export them through the normal path."""
+    check_destination(Path(out).absolute(), force)
+    stem = "tiny" if arch is TINY else "random-vitl14"
+    with tempfile.TemporaryDirectory(prefix="anomalyclip-src-") as src:
+        clip_path, prompt_path = write_random_sources(arch, seed, src, stem)
+        prep = prepare(clip_path, prompt_path, size, feature_layers)
+        name = f"tiny-seed{seed}" if arch is TINY else f"random-vitl14-{prep.size}-seed{seed}"
+        path = write_package(prep, out, fp16=fp16, force=force, name=name, tiny=True, seed=seed)
+    return path, prep
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="export.py", description="Export AnomalyCLIP (CLIP ViT-L/14@336px + prompt "
+                                      "checkpoint) to an anomalyclip-edge model package.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--clip", type=Path, help="OpenAI CLIP ViT-L-14-336px.pt (TorchScript "
+                                                  "archive or torch.save state dict)")
+    source.add_argument("--tiny", action="store_true",
+                        help="generate a tiny random-weight model (tests only)")
+    source.add_argument("--random-full", action="store_true",
+                        help="generate a random-weight ViT-L/14@336px (parity checks only)")
+    parser.add_argument("--checkpoint", type=Path, help="AnomalyCLIP prompt checkpoint "
+                                                        "(epoch_15.pth)")
+    parser.add_argument("--out", type=Path, required=True, help="package directory to write")
+    parser.add_argument("--size", type=int, help="input edge in pixels (default 518; tiny: 112)")
+    parser.add_argument("--layers", help="feature blocks, comma-separated (default 24; tiny: 4)")
+    parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx")
+    parser.add_argument("--force", action="store_true", help="replace an existing package")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --tiny/--random-full")
+    parser.add_argument("--name", help="package name in the manifest")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("ignore")
+    started = time.perf_counter()
+    try:
+        layers = parse_layers(args.layers)
+        out: Path = args.out
+        if args.clip is not None:
+            if args.checkpoint is None:
+                raise InputError(None, "--checkpoint is required with --clip")
+            check_destination(out.absolute(), args.force)
+            prep = prepare(args.clip, args.checkpoint, args.size, layers)
+            write_package(prep, out, fp16=args.fp16, force=args.force, name=args.name)
+        else:
+            if args.checkpoint is not None:
+                raise InputError(None, "--checkpoint is only used with --clip")
+            arch = TINY if args.tiny else VIT_L_14_336
+            _, prep = export_random(arch, args.seed, out, size=args.size, feature_layers=layers,
+                                    fp16=args.fp16, force=args.force)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory while exporting", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line for the user, traceback on request
+        if os.environ.get("ANOMALYCLIP_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: export failed: {type(exc).__name__}: {first} "
+              f"(set ANOMALYCLIP_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - started
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB"
+                      for p in sorted(Path(out).iterdir()))
+    print(f"wrote {out} ({prep.arch.label}, {prep.size} px, layers "
+          f"{list(prep.encoder.feature_layers)}; {sizes}) in {elapsed:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+//! From a [`Source`] to a built pipeline whose last element is `appsink name=sink`.
+//!
+//! [`plan`] is pure (no GStreamer): it checks the URI scheme and writes the description.
+//! URIs are not written into the description: they are set as properties on the element named
+//! `src` after parsing, so they need no quoting and never appear in logs unredacted.
+//! [`build`] parses the description and finds the appsink.
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+
+use super::{CameraError, CameraSettings, Source};
+
+/// What kind of source a plan is for; decides the EOS policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Rtsp,
+    File,
+    Http,
+    V4l2,
+    Pipeline,
+}
+
+/// A property set on the element named `src` after parsing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SourceProperty {
+    pub property: &'static str,
+    pub value: String,
+}
+
+/// A pipeline ready to be built (repeatedly: once per attempt).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub kind: Kind,
+    /// The full description, or for [`Kind::Pipeline`] the user's description.
+    pub description: String,
+    /// For [`Kind::Pipeline`]: the tail appended when the user's description has no `sink`.
+    pub wrap_tail: Option<String>,
+    pub source_property: Option<SourceProperty>,
+}
+
+impl Plan {
+    /// A `file://` source loops at its end instead of failing.
+    pub fn loops_at_eos(&self) -> bool {
+        self.kind == Kind::File
+    }
+
+    /// The description for logs, with the URI (redacted) in place.
+    pub fn display(&self) -> String {
+        let mut s = match &self.source_property {
+            Some(p) => self.description.replacen(
+                "name=src",
+                &format!("name=src {}=\"{}\"", p.property, redact_uri(&p.value)),
+                1,
+            ),
+            None => self.description.clone(),
+        };
+        if let Some(tail) = &self.wrap_tail {
+            s = format!("{s} [! {tail}, unless it has an appsink named sink]");
+        }
+        s
+    }
+}
+
+/// The standard tail: convert to RGB (optionally scale) into `appsink name=sink`.
+fn tail(settings: &CameraSettings, sync: bool) -> String {
+    let caps = match settings.scale {
+        Some((w, h)) => format!("videoscale ! video/x-raw,format=RGB,width={w},height={h}"),
+        None => "video/x-raw,format=RGB".to_owned(),
+    };
+    format!(
+        "videoconvert ! {caps} ! appsink name=sink max-buffers=1 drop=true sync={sync} \
+         enable-last-sample=false"
+    )
+}
+
+/// The lowercase scheme of `uri` (`rtsp` for `RTSP://h/x`), if it has one.
+fn scheme(uri: &str) -> Option<String> {
+    let (scheme, _) = uri.split_once("://")?;
+    let valid = !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    valid.then(|| scheme.to_ascii_lowercase())
+}
+
+/// Checks the source and writes its description. No GStreamer needed.
+pub(crate) fn plan(settings: &CameraSettings) -> Result<Plan, CameraError> {
+    let uri = match &settings.source {
+        Source::Pipeline(description) => {
+            let description = description.trim();
+            if description.is_empty() {
+                return Err(CameraError::Parse(
+                    "the pipeline description is empty".into(),
+                ));
+            }
+            return Ok(Plan {
+                kind: Kind::Pipeline,
+                description: description.to_owned(),
+                wrap_tail: Some(tail(settings, true)),
+                source_property: None,
+            });
+        }
+        Source::Uri(uri) => uri.trim(),
+    };
+    let property = |property, value: &str| {
+        Some(SourceProperty {
+            property,
+            value: value.to_owned(),
+        })
+    };
+    if uri.starts_with("/dev/video") {
+        return Ok(Plan {
+            kind: Kind::V4l2,
+            description: format!("v4l2src name=src ! decodebin ! {}", tail(settings, false)),
+            wrap_tail: None,
+            source_property: property("device", uri),
+        });
+    }
+    let unsupported = || CameraError::UnsupportedUri(redact_uri(uri));
+    let plan = match scheme(uri).ok_or_else(unsupported)?.as_str() {
+        "rtsp" | "rtspu" | "rtspt" | "rtsph" | "rtsps" | "rtspsu" | "rtspst" | "rtspsh" => Plan {
+            kind: Kind::Rtsp,
+            // Only the video stream is linked; an audio stream stays unlinked (harmless).
+            description: format!(
+                "rtspsrc name=src latency={} protocols=tcp+udp drop-on-latency=true \
+                 ! application/x-rtp,media=video ! decodebin ! {}",
+                settings.rtsp_latency.as_millis(),
+                tail(settings, false)
+            ),
+            wrap_tail: None,
+            source_property: property("location", uri),
+        },
+        "file" => Plan {
+            kind: Kind::File,
+            description: format!("uridecodebin name=src ! {}", tail(settings, true)),
+            wrap_tail: None,
+            source_property: property("uri", uri),
+        },
+        "http" | "https" => Plan {
+            kind: Kind::Http,
+            description: format!(
+                "souphttpsrc name=src is-live=true do-timestamp=true \
+                 ! multipartdemux single-stream=true ! jpegdec ! {}",
+                tail(settings, false)
+            ),
+            wrap_tail: None,
+            source_property: property("location", uri),
+        },
+        _ => return Err(unsupported()),
+    };
+    Ok(plan)
+}
+
+/// The GStreamer pipeline description the camera will run, with the URI redacted. For a
+/// `pipeline` source: the user's description and the tail appended when it has no
+/// `appsink name=sink`. Checks the source like [`CameraSettings::validate`].
+pub fn describe_pipeline(settings: &CameraSettings) -> Result<String, CameraError> {
+    plan(settings).map(|p| p.display())
+}
+
+/// `uri` with any `user:password@` replaced by `***@`, for logs.
+pub fn redact_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => uri.to_owned(),
+    }
+}
+
+/// `text` with the `user:password@` of every URI in it replaced by `***@`.
+pub(crate) fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| {
+                c.is_whitespace() || matches!(c, '/' | '?' | '#' | '"' | '\'' | ')' | ',')
+            })
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&tail[at..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A built pipeline and its appsink.
+pub(crate) struct Built {
+    pub pipeline: gst::Pipeline,
+    pub sink: gst_app::AppSink,
+}
+
+fn parse(description: &str) -> Result<gst::Element, CameraError> {
+    gst::parse::launch_full(description, None, gst::ParseFlags::FATAL_ERRORS)
+        .map_err(|e| CameraError::Parse(one_line(e.message())))
+}
+
+/// A user's description with its own element named `sink` is used as is; otherwise the tail
+/// is appended (a description ending in caps, `… ! video/x-raw,width=64`, only parses so).
+fn parse_user_pipeline(description: &str, tail: &str) -> Result<gst::Element, CameraError> {
+    let alone = parse(description);
+    if let Ok(element) = &alone {
+        let has_sink = element
+            .downcast_ref::<gst::Bin>()
+            .is_some_and(|bin| bin.by_name("sink").is_some());
+        if has_sink {
+            return alone;
+        }
+    }
+    match parse(&format!("{description} ! {tail}")) {
+        Ok(wrapped) => Ok(wrapped),
+        // Report the user's own description's error when it has one.
+        Err(wrapped_error) => Err(alone.err().unwrap_or(wrapped_error)),
+    }
+}
+
+/// Parses the plan, sets the source property and finds the appsink. Every error here is a
+/// configuration fault (it would fail the same way on every attempt).
+pub(crate) fn build(plan: &Plan) -> Result<Built, CameraError> {
+    let element = match &plan.wrap_tail {
+        None => parse(&plan.description)?,
+        Some(tail) => parse_user_pipeline(&plan.description, tail)?,
+    };
+    let pipeline = element.downcast::<gst::Pipeline>().map_err(|_| {
+        CameraError::Sink("the description must link a source to a sink, not be one element".into())
+    })?;
+    let sink = pipeline
+        .by_name("sink")
+        .ok_or_else(|| CameraError::Sink("no element named 'sink'".into()))?;
+    let sink = sink.downcast::<gst_app::AppSink>().map_err(|other| {
+        let factory = other
+            .factory()
+            .map(|f| f.name().to_string())
+            .unwrap_or_else(|| other.type_().name().to_owned());
+        CameraError::Sink(format!(
+            "the element named 'sink' is a {factory}, it must be an appsink"
+        ))
+    })?;
+    if plan.kind == Kind::Pipeline {
+        // The user's own appsink (or ours, harmlessly): force the edge contract.
+        sink.set_caps(Some(
+            &gst::Caps::builder("video/x-raw")
+                .field("format", "RGB")
+                .build(),
+        ));
+        sink.set_max_buffers(1);
+        sink.set_drop(true);
+        sink.set_property("enable-last-sample", false);
+    }
+    if let Some(p) = &plan.source_property {
+        let src = pipeline
+            .by_name("src")
+            .ok_or_else(|| CameraError::Sink("no element named 'src'".into()))?;
+        let settable = src
+            .find_property(p.property)
+            .is_some_and(|spec| spec.value_type() == String::static_type());
+        if !settable {
+            return Err(CameraError::Parse(format!(
+                "element 'src' has no string property '{}'",
+                p.property
+            )));
+        }
+        src.set_property(p.property, &p.value);
+    }
+    Ok(Built { pipeline, sink })
+}
+
+/// Whether a bus error needs a human rather than a reconnect (a missing plugin or codec:
+/// retrying cannot install it).
+pub(crate) fn is_persistent(error: &gst::glib::Error) -> bool {
+    error.matches(gst::CoreError::MissingPlugin) || error.matches(gst::StreamError::CodecNotFound)
+}
+
+/// The first line of `s`, trimmed.
+pub(crate) fn one_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(source: Source) -> CameraSettings {
+        CameraSettings::new("cam", source)
+    }
+
+    #[test]
+    fn rtsp_plan_sets_location_after_parsing() {
+        let p = plan(&settings(Source::Uri("rtsp://u:p@10.0.0.5:554/s1".into()))).expect("plan");
+        assert_eq!(p.kind, Kind::Rtsp);
+        assert!(p.description.starts_with("rtspsrc name=src latency=200 "));
+        assert!(p.description.ends_with(
+            "appsink name=sink max-buffers=1 drop=true sync=false enable-last-sample=false"
+        ));
+        assert!(!p.description.contains("10.0.0.5"));
+        assert_eq!(
+            p.source_property
+                .as_ref()
+                .map(|s| (s.property, s.value.as_str())),
+            Some(("location", "rtsp://u:p@10.0.0.5:554/s1"))
+        );
+        let shown = p.display();
+        assert!(
+            shown.contains("location=\"rtsp://***@10.0.0.5:554/s1\""),
+            "{shown}"
+        );
+        assert!(!shown.contains("u:p"));
+    }
+
+    #[test]
+    fn each_uri_kind_gets_its_source() {
+        let kind = |uri: &str| plan(&settings(Source::Uri(uri.into()))).map(|p| p.kind);
+        assert_eq!(kind("RTSP://h/x").ok(), Some(Kind::Rtsp));
+        assert_eq!(kind("rtsps://h/x").ok(), Some(Kind::Rtsp));
+        assert_eq!(kind("file:///tmp/a.mp4").ok(), Some(Kind::File));
+        assert_eq!(kind("http://h/mjpg").ok(), Some(Kind::Http));
+        assert_eq!(kind("https://h/mjpg").ok(), Some(Kind::Http));
+        assert_eq!(kind("/dev/video0").ok(), Some(Kind::V4l2));
+        for bad in ["foo://x", "x", "", "/tmp/a.mp4", "://x"] {
+            let err = kind(bad).expect_err(bad);
+            assert!(err.to_string().contains("unsupported camera uri"), "{err}");
+        }
+    }
+
+    #[test]
+    fn file_plays_in_real_time_and_loops() {
+        let p = plan(&settings(Source::Uri("file:///a.mp4".into()))).expect("plan");
+        assert!(p.description.contains("sync=true"));
+        assert!(p.loops_at_eos());
+    }
+
+    #[test]
+    fn scale_adds_videoscale_and_size_caps() {
+        let mut s = settings(Source::Uri("http://h/m".into()));
+        s.scale = Some((640, 360));
+        let p = plan(&s).expect("plan");
+        assert!(
+            p.description
+                .contains("videoscale ! video/x-raw,format=RGB,width=640,height=360 ! appsink"),
+            "{}",
+            p.description
+        );
+    }
+
+    #[test]
+    fn pipeline_source_keeps_description_and_wraps_lazily() {
+        let p = plan(&settings(Source::Pipeline(" videotestsrc ".into()))).expect("plan");
+        assert_eq!(p.description, "videotestsrc");
+        assert!(
+            p.wrap_tail
+                .as_deref()
+                .is_some_and(|t| t.contains("sync=true"))
+        );
+        assert!(plan(&settings(Source::Pipeline("  ".into()))).is_err());
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(redact_uri("rtsp://a:b@h:1/p@q"), "rtsp://***@h:1/p@q");
+        assert_eq!(redact_uri("rtsp://h/p"), "rtsp://h/p");
+        assert_eq!(redact_uri("/dev/video0"), "/dev/video0");
+        assert_eq!(redact_uri("http://a@b@h?x=@"), "http://***@h?x=@");
+        assert_eq!(
+            redact_text("Not Found (404), URL: http://u:p@h/x, Redirect to: rtsp://h:1/y."),
+            "Not Found (404), URL: http://***@h/x, Redirect to: rtsp://h:1/y."
+        );
+        assert_eq!(redact_text("no uri"), "no uri");
+    }
+}

@@ -1,0 +1,513 @@
+//! The CPU anomaly head: image features → anomaly score and anomaly map (spec §5), in plain Rust.
+//!
+//! Input: the text constant `T = [t_n; t_a]` (`[2, D]`, once), then per image the global feature
+//! `g` (`[D]`) and the local features of each enabled layer (`[grid², D]`, row-major over the patch
+//! grid). Output ([`HeadOutput`]): the score `sigmoid(⟨ĝ, w⟩)` with `w = (t_a − t_n)/τ`, the patch
+//! probabilities `sigmoid(⟨F̂_j, w⟩)` summed over layers (`grid²`), the map upsampled to
+//! `size × size` with bilinear interpolation (`align_corners=False`, like PyTorch's
+//! `F.interpolate`), and that map smoothed with scipy's `gaussian_filter` (σ = 4, truncate 4,
+//! border `reflect` = half-sample symmetric, repeated for maps smaller than the radius).
+//!
+//! It is the reference the GPU head is checked against. Agreement with the PyTorch + scipy
+//! reference (`tests/head.rs`, fixtures from `engines/make_head_fixtures.py`): |Δ| ≤ 1e-5 on maps
+//! and probabilities.
+//!
+//! Two departures from the reference's operation order, both exact in real arithmetic: layers are
+//! summed on the patch grid before the (linear) upsampling rather than after it, and the Gaussian
+//! accumulates in `f32` where scipy accumulates in `f64` (both store `f32` between the two passes).
+//!
+//! Failure modes: [`CpuHead::new`] rejects an inconsistent configuration or text constant and
+//! [`CpuHead::run`] rejects features of the wrong length ([`HeadError`]). The free functions take
+//! slices whose lengths the caller controls and panic when they disagree (documented on each).
+
+use thiserror::Error;
+
+/// Why the head could not be built or run.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum HeadError {
+    /// A configuration value is out of range.
+    #[error("invalid head configuration: {0}")]
+    Config(String),
+    /// The text constant does not hold `2 × dim` floats.
+    #[error("text constant holds {got} floats, expected 2 x {dim} = {}", 2 * dim)]
+    Text { got: usize, dim: usize },
+    /// A feature tensor has the wrong number of floats.
+    #[error("{what} holds {got} floats, expected {expected}")]
+    Shape {
+        what: &'static str,
+        got: usize,
+        expected: usize,
+    },
+    /// At least one layer of local features is needed.
+    #[error("no local feature layer given")]
+    NoLayers,
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `⟨v/‖v‖, w⟩`; a zero vector gives 0 (probability 0.5) rather than NaN.
+#[inline]
+fn normalised_dot(v: &[f32], w: &[f32]) -> f32 {
+    let mut acc_d = [0f32; 8];
+    let mut acc_n = [0f32; 8];
+    let cv = v.chunks_exact(8);
+    let cw = w.chunks_exact(8);
+    let (rv, rw) = (cv.remainder(), cw.remainder());
+    for (x, y) in cv.zip(cw) {
+        for i in 0..8 {
+            acc_d[i] += x[i] * y[i];
+            acc_n[i] += x[i] * x[i];
+        }
+    }
+    let (mut td, mut tn) = (0f32, 0f32);
+    for (x, y) in rv.iter().zip(rw) {
+        td += x * y;
+        tn += x * x;
+    }
+    let sum = |a: [f32; 8]| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    let d = sum(acc_d) + td;
+    let n = (sum(acc_n) + tn).sqrt();
+    if n > 0.0 { d / n } else { 0.0 }
+}
+
+/// The text direction `w = (t_a − t_n)/τ` from `T = [t_n; t_a]` (`[2, dim]`, row-major).
+///
+/// # Panics
+/// If `text` holds fewer than `2 * dim` floats.
+pub fn text_direction(text: &[f32], dim: usize, tau: f32) -> Vec<f32> {
+    let (tn, ta) = (&text[..dim], &text[dim..2 * dim]);
+    ta.iter().zip(tn).map(|(a, n)| (a - n) / tau).collect()
+}
+
+/// Image score `sigmoid(⟨g/‖g‖, w⟩)` (= the softmax over the two prompts at temperature τ).
+///
+/// # Panics
+/// Never; a length mismatch uses the common prefix (callers check shapes, see [`CpuHead`]).
+pub fn image_score(global: &[f32], w: &[f32]) -> f32 {
+    let n = global.len().min(w.len());
+    sigmoid(normalised_dot(&global[..n], &w[..n]))
+}
+
+/// Patch probabilities `sigmoid(⟨F_j/‖F_j‖, w⟩)` for the tokens `[n, dim]` into `out[..n]`.
+///
+/// # Panics
+/// If `w` is shorter than `dim`, `dim` is 0, or `out` is shorter than `tokens.len() / dim`.
+pub fn patch_probabilities(tokens: &[f32], dim: usize, w: &[f32], out: &mut [f32]) {
+    let w = &w[..dim];
+    for (tok, o) in tokens.chunks_exact(dim).zip(out.iter_mut()) {
+        *o = sigmoid(normalised_dot(tok, w));
+    }
+}
+
+/// Source indices and weights of one axis of a bilinear resize (PyTorch, `align_corners=False`).
+#[derive(Clone, Debug, Default)]
+struct Axis {
+    i0: Vec<usize>,
+    i1: Vec<usize>,
+    l0: Vec<f32>,
+    l1: Vec<f32>,
+}
+
+impl Axis {
+    /// PyTorch's `area_pixel_compute_source_index` and `guard_index_and_lambda`, in `f32`.
+    fn new(src: usize, dst: usize) -> Axis {
+        let scale = src as f32 / dst as f32;
+        let mut a = Axis::default();
+        for i in 0..dst {
+            let real = (scale * (i as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = (real.floor() as usize).min(src - 1);
+            let lambda = (real - i0 as f32).clamp(0.0, 1.0);
+            a.i0.push(i0);
+            a.i1.push(if i0 < src - 1 { i0 + 1 } else { i0 });
+            a.l0.push(1.0 - lambda);
+            a.l1.push(lambda);
+        }
+        a
+    }
+}
+
+/// A bilinear resize plan (`align_corners=False`) between two fixed sizes; reusable.
+#[derive(Clone, Debug)]
+pub struct Bilinear {
+    src_h: usize,
+    src_w: usize,
+    dst_h: usize,
+    dst_w: usize,
+    ys: Axis,
+    xs: Axis,
+    /// `src_h × dst_w`: the rows interpolated horizontally.
+    tmp: Vec<f32>,
+}
+
+impl Bilinear {
+    /// Plans `src_h × src_w` → `dst_h × dst_w`. All sizes must be non-zero.
+    pub fn new(src_h: usize, src_w: usize, dst_h: usize, dst_w: usize) -> Bilinear {
+        let ok = src_h > 0 && src_w > 0 && dst_h > 0 && dst_w > 0;
+        let (ys, xs) = if ok {
+            (Axis::new(src_h, dst_h), Axis::new(src_w, dst_w))
+        } else {
+            (Axis::default(), Axis::default())
+        };
+        Bilinear {
+            src_h,
+            src_w,
+            dst_h,
+            dst_w,
+            ys,
+            xs,
+            tmp: vec![0.0; if ok { src_h * dst_w } else { 0 }],
+        }
+    }
+
+    /// Resizes `src` (`src_h * src_w`) into `dst` (`dst_h * dst_w`).
+    ///
+    /// # Panics
+    /// If a buffer is shorter than its size says.
+    pub fn run(&mut self, src: &[f32], dst: &mut [f32]) {
+        let (sw, dw) = (self.src_w, self.dst_w);
+        if self.ys.i0.is_empty() || self.xs.i0.is_empty() {
+            return;
+        }
+        let xs = &self.xs;
+        for (row, out) in src[..self.src_h * sw]
+            .chunks_exact(sw)
+            .zip(self.tmp.chunks_exact_mut(dw))
+        {
+            for x in 0..dw {
+                out[x] = xs.l0[x] * row[xs.i0[x]] + xs.l1[x] * row[xs.i1[x]];
+            }
+        }
+        let ys = &self.ys;
+        for (y, out) in dst[..self.dst_h * dw].chunks_exact_mut(dw).enumerate() {
+            let (a, b) = (ys.i0[y] * dw, ys.i1[y] * dw);
+            let (r0, r1) = (&self.tmp[a..a + dw], &self.tmp[b..b + dw]);
+            let (l0, l1) = (ys.l0[y], ys.l1[y]);
+            for ((o, &p), &q) in out.iter_mut().zip(r0).zip(r1) {
+                *o = l0 * p + l1 * q;
+            }
+        }
+    }
+}
+
+/// Bilinear resize like `torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`
+/// (no antialias), any sizes up or down, non-square. Empty sizes do nothing.
+///
+/// # Panics
+/// If `src` is shorter than `src_h * src_w` or `dst` shorter than `dst_h * dst_w`.
+pub fn upsample_bilinear(
+    src: &[f32],
+    src_h: usize,
+    src_w: usize,
+    dst: &mut [f32],
+    dst_h: usize,
+    dst_w: usize,
+) {
+    Bilinear::new(src_h, src_w, dst_h, dst_w).run(src, dst);
+}
+
+/// Bilinear resize of a map to another size (e.g. back to the camera frame), see
+/// [`upsample_bilinear`].
+pub fn resize_map(map: &[f32], h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
+    let mut out = vec![0.0; out_h * out_w];
+    upsample_bilinear(map, h, w, &mut out, out_h, out_w);
+    out
+}
+
+/// scipy's Gaussian kernel: radius `int(truncate·σ + 0.5)`, weights `exp(−x²/(2σ²))` normalised
+/// to sum 1 (computed in `f64`, returned as `f32`). σ = 4, truncate = 4 gives 33 taps. A σ that is
+/// not positive and finite gives the identity kernel `[1.0]`.
+pub fn gaussian_kernel(sigma: f32, truncate: f32) -> Vec<f32> {
+    let (sigma, truncate) = (f64::from(sigma), f64::from(truncate));
+    if !(sigma > 0.0 && sigma.is_finite() && truncate.is_finite() && truncate >= 0.0) {
+        return vec![1.0];
+    }
+    let radius = (truncate * sigma + 0.5) as i64;
+    let s2 = sigma * sigma;
+    let phi: Vec<f64> = (-radius..=radius)
+        .map(|x| (-0.5 / s2 * (x * x) as f64).exp())
+        .collect();
+    let sum: f64 = phi.iter().sum();
+    phi.iter().map(|p| (p / sum) as f32).collect()
+}
+
+/// scipy's `reflect` (half-sample symmetric, `d c b a | a b c d | d c b a`) index for any offset,
+/// reflecting repeatedly when the signal is shorter than the kernel radius.
+#[inline]
+fn reflect(i: isize, n: usize) -> usize {
+    let period = 2 * n as isize;
+    let m = i.rem_euclid(period) as usize;
+    if m >= n { 2 * n - 1 - m } else { m }
+}
+
+/// Separable Gaussian blur in place, like `scipy.ndimage.gaussian_filter(map, σ, mode="reflect")`
+/// on a float32 `h × w` map: axis 0 (down the columns) first, then axis 1, `f32` in between.
+/// `kernel` comes from [`gaussian_kernel`] (odd length, symmetric); `scratch` is reused across
+/// calls (grown to `h * w + w + len(kernel)` floats).
+///
+/// # Panics
+/// If `map` is shorter than `h * w` or the kernel has an even length.
+pub fn gaussian_blur(map: &mut [f32], h: usize, w: usize, kernel: &[f32], scratch: &mut Vec<f32>) {
+    assert!(
+        kernel.len() % 2 == 1,
+        "gaussian kernel must have an odd length"
+    );
+    if h == 0 || w == 0 {
+        return;
+    }
+    let r = kernel.len() / 2;
+    let map = &mut map[..h * w];
+    let need = h * w + w + 2 * r;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let (src, pad) = scratch.split_at_mut(h * w);
+    // Axis 0: each output row is a weighted sum of whole (reflected) input rows.
+    src.copy_from_slice(map);
+    for (y, out) in map.chunks_exact_mut(w).enumerate() {
+        let row = |t: usize| {
+            let i = reflect(y as isize + t as isize - r as isize, h);
+            &src[i * w..(i + 1) * w]
+        };
+        let k0 = kernel[r];
+        for (o, &c) in out.iter_mut().zip(row(r)) {
+            *o = k0 * c;
+        }
+        for t in 1..=r {
+            let k = kernel[r + t];
+            for ((o, &a), &b) in out.iter_mut().zip(row(r - t)).zip(row(r + t)) {
+                *o += k * (a + b);
+            }
+        }
+    }
+    // Axis 1: each row is copied with reflected margins, then convolved in place.
+    let pad = &mut pad[..w + 2 * r];
+    for line in map.chunks_exact_mut(w) {
+        for (j, p) in pad.iter_mut().enumerate() {
+            *p = line[reflect(j as isize - r as isize, w)];
+        }
+        let k0 = kernel[r];
+        for (o, &c) in line.iter_mut().zip(&pad[r..]) {
+            *o = k0 * c;
+        }
+        for t in 1..=r {
+            let k = kernel[r + t];
+            for ((o, &a), &b) in line.iter_mut().zip(&pad[r - t..]).zip(&pad[r + t..]) {
+                *o += k * (a + b);
+            }
+        }
+    }
+}
+
+/// Summary of a map against a pixel threshold.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MapStats {
+    /// Largest value (`-inf` for an empty map; NaN values are ignored).
+    pub max: f32,
+    /// Number of values strictly above the threshold.
+    pub above: usize,
+    /// `above / len` (0 for an empty map).
+    pub area: f32,
+}
+
+/// Maximum, count and fraction of values strictly above `pixel_threshold`.
+pub fn map_stats(map: &[f32], pixel_threshold: f32) -> MapStats {
+    let mut max = f32::NEG_INFINITY;
+    let mut above = 0usize;
+    for &v in map {
+        max = max.max(v);
+        above += usize::from(v > pixel_threshold);
+    }
+    let area = if map.is_empty() {
+        0.0
+    } else {
+        (above as f64 / map.len() as f64) as f32
+    };
+    MapStats { max, above, area }
+}
+
+/// `255` where the value is strictly above `threshold`, else `0` (over the common length).
+pub fn binary_mask(map: &[f32], threshold: f32, out: &mut [u8]) {
+    for (o, &v) in out.iter_mut().zip(map) {
+        *o = if v > threshold { 255 } else { 0 };
+    }
+}
+
+/// `round(clamp(v, 0, 1) · 255)` per value (NaN → 0), over the common length.
+pub fn quantize_u8(map: &[f32], out: &mut [u8]) {
+    for (o, &v) in out.iter_mut().zip(map) {
+        *o = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+    }
+}
+
+/// Shape and constants of the head.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeadConfig {
+    /// Map edge in pixels (the model input size, 518 for the real model).
+    pub size: usize,
+    /// Patches per side (37 for the real model).
+    pub grid: usize,
+    /// Feature dimension D (768 for the real model).
+    pub dim: usize,
+    /// Temperature τ (0.07).
+    pub tau: f32,
+    /// Gaussian σ in pixels (4; 0 disables the blur). Truncated at 4σ like scipy's default.
+    pub sigma: f32,
+}
+
+/// What the head computes for one image.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeadOutput {
+    /// Image anomaly score in [0, 1].
+    pub score: f32,
+    /// Patch probabilities summed over layers, `grid × grid` row-major.
+    pub patch: Vec<f32>,
+    /// Map after upsampling, before the Gaussian, `size × size`.
+    pub map_raw: Vec<f32>,
+    /// Final map, `size × size`.
+    pub map: Vec<f32>,
+}
+
+impl HeadOutput {
+    /// Buffers sized for `config`, so that [`CpuHead::run`] does not allocate.
+    pub fn new(config: &HeadConfig) -> HeadOutput {
+        HeadOutput {
+            score: 0.0,
+            patch: vec![0.0; config.grid * config.grid],
+            map_raw: vec![0.0; config.size * config.size],
+            map: vec![0.0; config.size * config.size],
+        }
+    }
+}
+
+/// The CPU head: owns `w`, the Gaussian kernel, the bilinear plan and every scratch buffer, so a
+/// frame allocates nothing once the output buffers have their size.
+#[derive(Clone, Debug)]
+pub struct CpuHead {
+    config: HeadConfig,
+    w: Vec<f32>,
+    kernel: Vec<f32>,
+    upsample: Bilinear,
+    layer: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+/// Gaussian truncation used by the reference (scipy's default).
+pub const GAUSSIAN_TRUNCATE: f32 = 4.0;
+
+impl CpuHead {
+    /// Builds the head from its configuration and the text constant `T = [t_n; t_a]` (`[2, dim]`).
+    pub fn new(config: HeadConfig, text: &[f32]) -> Result<CpuHead, HeadError> {
+        let HeadConfig {
+            size,
+            grid,
+            dim,
+            tau,
+            sigma,
+        } = config;
+        if size == 0 || grid == 0 || dim == 0 {
+            return Err(HeadError::Config(format!(
+                "size ({size}), grid ({grid}) and dim ({dim}) must be positive"
+            )));
+        }
+        if !(tau > 0.0 && tau.is_finite()) {
+            return Err(HeadError::Config(format!(
+                "tau must be positive and finite, got {tau}"
+            )));
+        }
+        if !(sigma >= 0.0 && sigma.is_finite()) {
+            return Err(HeadError::Config(format!(
+                "sigma must be zero or positive and finite, got {sigma}"
+            )));
+        }
+        if text.len() != 2 * dim {
+            return Err(HeadError::Text {
+                got: text.len(),
+                dim,
+            });
+        }
+        let kernel = if sigma > 0.0 {
+            gaussian_kernel(sigma, GAUSSIAN_TRUNCATE)
+        } else {
+            vec![1.0]
+        };
+        let r = kernel.len() / 2;
+        Ok(CpuHead {
+            config,
+            w: text_direction(text, dim, tau),
+            kernel,
+            upsample: Bilinear::new(grid, grid, size, size),
+            layer: vec![0.0; grid * grid],
+            scratch: vec![0.0; size * size + size + 2 * r],
+        })
+    }
+
+    /// The configuration this head was built with.
+    pub fn config(&self) -> &HeadConfig {
+        &self.config
+    }
+
+    /// The text direction `w = (t_a − t_n)/τ`.
+    pub fn direction(&self) -> &[f32] {
+        &self.w
+    }
+
+    /// The Gaussian kernel in use.
+    pub fn kernel(&self) -> &[f32] {
+        &self.kernel
+    }
+
+    /// Runs the head on one image: `global` is `[dim]`, each entry of `locals` is one layer's
+    /// `[grid², dim]` local features. Output buffers are resized if needed (no allocation when
+    /// they come from [`HeadOutput::new`]).
+    pub fn run(
+        &mut self,
+        global: &[f32],
+        locals: &[&[f32]],
+        out: &mut HeadOutput,
+    ) -> Result<(), HeadError> {
+        let HeadConfig {
+            size, grid, dim, ..
+        } = self.config;
+        let n = grid * grid;
+        if global.len() != dim {
+            return Err(HeadError::Shape {
+                what: "global feature",
+                got: global.len(),
+                expected: dim,
+            });
+        }
+        if locals.is_empty() {
+            return Err(HeadError::NoLayers);
+        }
+        for l in locals {
+            if l.len() != n * dim {
+                return Err(HeadError::Shape {
+                    what: "local features",
+                    got: l.len(),
+                    expected: n * dim,
+                });
+            }
+        }
+        out.patch.resize(n, 0.0);
+        out.map_raw.resize(size * size, 0.0);
+        out.map.resize(size * size, 0.0);
+
+        out.score = image_score(global, &self.w);
+        patch_probabilities(locals[0], dim, &self.w, &mut out.patch);
+        for l in &locals[1..] {
+            patch_probabilities(l, dim, &self.w, &mut self.layer);
+            for (p, q) in out.patch.iter_mut().zip(&self.layer) {
+                *p += q;
+            }
+        }
+        self.upsample.run(&out.patch, &mut out.map_raw);
+        out.map.copy_from_slice(&out.map_raw);
+        if self.kernel.len() > 1 {
+            gaussian_blur(&mut out.map, size, size, &self.kernel, &mut self.scratch);
+        }
+        Ok(())
+    }
+}

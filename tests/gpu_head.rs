@@ -1,0 +1,444 @@
+//! GPU head vs the CPU head (the reference) on random inputs of several shapes, on every CUDA
+//! device present. Without a GPU each test prints `skipped: <reason>` and passes.
+//!
+//! Each kernel is checked in isolation (the CPU function gets the GPU's own previous stage as
+//! input, so errors do not accumulate) and end to end. Lines `PARITY kernel=… case=… max_abs=…`
+//! feed the table of `scripts/gpu-check run`.
+//!
+//! Tolerances: |Δ| ≤ 1e-5 on maps, probabilities, score and max. The map kernels do the CPU head's
+//! operations in the CPU head's order without FMA contraction, so in isolation they agree almost to
+//! the bit; the token kernel sums its dot products in another order (warp tree vs 8 lanes) and uses
+//! CUDA's `expf`, ~1e-7. Counts: in isolation (same map on both sides) `above` is exact. End to end
+//! a pixel within 1e-5 of the threshold may fall on either side, so the GPU count must lie between
+//! the CPU counts at thr + 1e-5 and thr − 1e-5; the thresholds are picked at the map's median, the
+//! worst case for such flips.
+
+use anomalyclip_edge::gpu::{self, GpuDevice, GpuError, GpuHead, Stage};
+use anomalyclip_edge::head::{
+    CpuHead, GAUSSIAN_TRUNCATE, HeadConfig, HeadOutput, binary_mask, gaussian_blur,
+    gaussian_kernel, map_stats, quantize_u8, resize_map, upsample_bilinear,
+};
+
+const TOL: f32 = 1e-5;
+
+/// The devices to run on, or `None` after printing why the test is skipped.
+fn devices_or_skip(test: &str) -> Option<Vec<GpuDevice>> {
+    let p = gpu::probe();
+    if p.is_usable() {
+        Some(p.devices)
+    } else {
+        println!("{test}: skipped: {}", p.reason());
+        None
+    }
+}
+
+/// Runs a test body once per available CUDA device (candle's `test_device!`, with the CPU head as
+/// the fixed reference instead of a device variant).
+macro_rules! gpu_test {
+    ($name:ident, $body:ident) => {
+        #[test]
+        fn $name() {
+            let Some(devices) = devices_or_skip(stringify!($name)) else {
+                return;
+            };
+            for d in devices {
+                eprintln!("{}: gpu {} ({})", stringify!($name), d.ordinal, d.name);
+                $body(d.ordinal);
+            }
+        }
+    };
+}
+
+/// splitmix64: deterministic test data without a rand dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform()).collect()
+    }
+}
+
+fn normalised(mut v: Vec<f32>) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= n);
+    v
+}
+
+/// One shape to test.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    grid: usize,
+    size: usize,
+    dim: usize,
+    layers: usize,
+    out_h: usize,
+    out_w: usize,
+    sigma: f32,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        format!(
+            "g{}-s{}-d{}-L{}-o{}x{}-sig{}",
+            self.grid, self.size, self.dim, self.layers, self.out_h, self.out_w, self.sigma
+        )
+    }
+    fn cfg(&self) -> HeadConfig {
+        HeadConfig {
+            size: self.size,
+            grid: self.grid,
+            dim: self.dim,
+            tau: 0.07,
+            sigma: self.sigma,
+        }
+    }
+}
+
+/// Random text constant and features for a case.
+struct Inputs {
+    text: Vec<f32>,
+    global: Vec<f32>,
+    locals: Vec<Vec<f32>>,
+}
+
+fn inputs(case: &Case, seed: u64) -> Inputs {
+    let mut rng = Rng(seed);
+    let d = case.dim;
+    let tn = normalised(rng.vec(d));
+    let ta = normalised(rng.vec(d));
+    let text = [tn, ta].concat();
+    let global = rng.vec(d);
+    let locals = (0..case.layers)
+        .map(|_| rng.vec(case.grid * case.grid * d))
+        .collect();
+    Inputs {
+        text,
+        global,
+        locals,
+    }
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn report(kernel: &str, case: &Case, delta: f32, tol: f32) {
+    println!(
+        "PARITY kernel={kernel} case={} max_abs={delta:.3e}",
+        case.name()
+    );
+    assert!(
+        delta <= tol,
+        "{kernel} on {}: max |Δ| {delta:e} > {tol:e}",
+        case.name()
+    );
+}
+
+fn median(v: &[f32]) -> f32 {
+    let mut s = v.to_vec();
+    s.sort_by(f32::total_cmp);
+    s[s.len() / 2]
+}
+
+/// Every kernel in isolation and the whole head end to end, for one case on one device.
+fn check_case(ordinal: usize, case: Case, seed: u64) {
+    let cfg = case.cfg();
+    let inp = inputs(&case, seed);
+    let locals: Vec<&[f32]> = inp.locals.iter().map(|v| v.as_slice()).collect();
+
+    // CPU reference, end to end.
+    let mut cpu = CpuHead::new(cfg, &inp.text).expect("cpu head");
+    let mut cpu_out = HeadOutput::new(&cfg);
+    cpu.run(&inp.global, &locals, &mut cpu_out)
+        .expect("cpu run");
+    let cpu_final = if (case.out_h, case.out_w) == (case.size, case.size) {
+        cpu_out.map.clone()
+    } else {
+        resize_map(&cpu_out.map, case.size, case.size, case.out_h, case.out_w)
+    };
+    let thr = median(&cpu_final);
+
+    let mut head =
+        GpuHead::new(ordinal, &inp.text, &cfg, case.out_h, case.out_w).expect("gpu head");
+    head.set_threshold(thr);
+    let out = head.run_host(&inp.global, &locals).expect("gpu run");
+
+    // (a) head_tokens: score and summed patch probabilities against the CPU head.
+    report("score", &case, (out.score - cpu_out.score).abs(), TOL);
+    let patch = head.download_stage(Stage::Patch).unwrap();
+    report("head_tokens", &case, max_abs(&patch, &cpu_out.patch), TOL);
+
+    // (b) bilinear upsample, fed the GPU's own patch map.
+    let raw = head.download_stage(Stage::MapRaw).unwrap();
+    let mut raw_ref = vec![0.0; case.size * case.size];
+    upsample_bilinear(
+        &patch,
+        case.grid,
+        case.grid,
+        &mut raw_ref,
+        case.size,
+        case.size,
+    );
+    report("bilinear_upsample", &case, max_abs(&raw, &raw_ref), TOL);
+
+    // (c) Gaussian (gauss_cols + gauss_rows), fed the GPU's own raw map.
+    let smooth = head.download_stage(Stage::MapSmoothed).unwrap();
+    let mut smooth_ref = raw.clone();
+    if case.sigma > 0.0 {
+        let k = gaussian_kernel(case.sigma, GAUSSIAN_TRUNCATE);
+        gaussian_blur(&mut smooth_ref, case.size, case.size, &k, &mut Vec::new());
+    }
+    report("gaussian", &case, max_abs(&smooth, &smooth_ref), TOL);
+
+    // (d) bilinear resize to the frame, fed the GPU's own smoothed map.
+    let map = head.download_map().unwrap();
+    let map_ref = resize_map(&smooth, case.size, case.size, case.out_h, case.out_w);
+    report("bilinear_resize", &case, max_abs(&map, &map_ref), TOL);
+
+    // (e) map_stats on the GPU's own final map: exact.
+    let st = map_stats(&map, thr);
+    report("map_stats_max", &case, (out.map_max - st.max).abs(), 0.0);
+    assert_eq!(out.above, st.above, "map_stats count on identical input");
+    assert_eq!(out.area, st.area, "map_stats area on identical input");
+
+    // (f) quantisation and mask of the GPU's own final map: exact.
+    let q = head.download_u8().unwrap();
+    let mut q_ref = vec![0u8; map.len()];
+    quantize_u8(&map, &mut q_ref);
+    let q_diff = q.iter().zip(&q_ref).filter(|(a, b)| a != b).count();
+    report("quantize_u8", &case, q_diff as f32, 0.0);
+    let mask = head.download_mask().unwrap();
+    let mut mask_ref = vec![0u8; map.len()];
+    binary_mask(&map, thr, &mut mask_ref);
+    let m_diff = mask.iter().zip(&mask_ref).filter(|(a, b)| a != b).count();
+    report("binary_mask", &case, m_diff as f32, 0.0);
+
+    // End to end: GPU pipeline vs CPU pipeline.
+    report("end_to_end_map", &case, max_abs(&map, &cpu_final), TOL);
+    let cpu_st = map_stats(&cpu_final, thr);
+    report(
+        "end_to_end_max",
+        &case,
+        (out.map_max - cpu_st.max).abs(),
+        TOL,
+    );
+    let lo = map_stats(&cpu_final, thr + TOL).above;
+    let hi = map_stats(&cpu_final, thr - TOL).above;
+    println!(
+        "COUNT case={} gpu={} cpu={} band=[{lo}, {hi}]",
+        case.name(),
+        out.above,
+        cpu_st.above
+    );
+    assert!(
+        (lo..=hi).contains(&out.above),
+        "above: gpu {} outside the CPU band [{lo}, {hi}] (cpu {})",
+        out.above,
+        cpu_st.above
+    );
+    let mut cpu_q = vec![0u8; map.len()];
+    quantize_u8(&cpu_final, &mut cpu_q);
+    let q_far = q
+        .iter()
+        .zip(&cpu_q)
+        .filter(|(a, b)| a.abs_diff(**b) > 1)
+        .count();
+    assert_eq!(q_far, 0, "u8 maps differ by more than one step");
+
+    // The device-input path gives bit-identical results to the host-input path.
+    let stream = head.stream().clone();
+    let g_dev = stream.clone_htod(&inp.global).unwrap();
+    let l_dev: Vec<_> = inp
+        .locals
+        .iter()
+        .map(|l| stream.clone_htod(l).unwrap())
+        .collect();
+    let views: Vec<_> = l_dev.iter().map(|s| s.as_view()).collect();
+    let out_dev = head
+        .run_device(&g_dev.as_view(), &views)
+        .expect("run_device");
+    assert_eq!(out_dev, out, "run_device vs run_host");
+    assert_eq!(
+        head.download_map().unwrap(),
+        map,
+        "run_device map vs run_host map"
+    );
+}
+
+const SMALL: Case = Case {
+    grid: 8,
+    size: 112,
+    dim: 64,
+    layers: 1,
+    out_h: 112,
+    out_w: 112,
+    sigma: 4.0,
+};
+
+const REAL: Case = Case {
+    grid: 37,
+    size: 518,
+    dim: 768,
+    layers: 1,
+    out_h: 518,
+    out_w: 518,
+    sigma: 4.0,
+};
+
+fn small_model(ordinal: usize) {
+    check_case(ordinal, SMALL, 1);
+    check_case(
+        ordinal,
+        Case {
+            layers: 2,
+            out_h: 333,
+            out_w: 517,
+            ..SMALL
+        },
+        2,
+    );
+}
+
+fn real_model_model_size(ordinal: usize) {
+    check_case(ordinal, REAL, 3);
+}
+
+fn real_model_1080p(ordinal: usize) {
+    check_case(
+        ordinal,
+        Case {
+            out_h: 1080,
+            out_w: 1920,
+            ..REAL
+        },
+        4,
+    );
+}
+
+fn real_model_four_layers_odd_frame(ordinal: usize) {
+    check_case(
+        ordinal,
+        Case {
+            layers: 4,
+            out_h: 333,
+            out_w: 517,
+            ..REAL
+        },
+        5,
+    );
+}
+
+fn odd_and_tiny_maps(ordinal: usize) {
+    // Odd sizes, a dim that is not a multiple of 32, a downscale in one axis.
+    check_case(
+        ordinal,
+        Case {
+            grid: 5,
+            size: 97,
+            dim: 50,
+            layers: 3,
+            out_h: 61,
+            out_w: 203,
+            sigma: 4.0,
+        },
+        6,
+    );
+    // A map smaller than the Gaussian radius (16): scipy's repeated reflection.
+    check_case(
+        ordinal,
+        Case {
+            grid: 3,
+            size: 12,
+            dim: 33,
+            layers: 1,
+            out_h: 12,
+            out_w: 12,
+            sigma: 4.0,
+        },
+        7,
+    );
+    // No blur, another sigma.
+    check_case(
+        ordinal,
+        Case {
+            sigma: 0.0,
+            ..SMALL
+        },
+        8,
+    );
+    check_case(
+        ordinal,
+        Case {
+            sigma: 2.5,
+            ..SMALL
+        },
+        9,
+    );
+}
+
+fn rejects_bad_input(ordinal: usize) {
+    let inp = inputs(&SMALL, 10);
+    let mut head = GpuHead::new(ordinal, &inp.text, &SMALL.cfg(), 112, 112).unwrap();
+    let l: &[f32] = &inp.locals[0];
+    let err = head.run_host(&inp.global[..10], &[l]).unwrap_err();
+    assert!(matches!(err, GpuError::Input(_)), "{err}");
+    let err = head.run_host(&inp.global, &[&l[1..]]).unwrap_err();
+    assert!(matches!(err, GpuError::Input(_)), "{err}");
+    let err = head.run_host(&inp.global, &[l, l, l, l, l]).unwrap_err();
+    assert!(matches!(err, GpuError::Input(_)), "{err}");
+    let err = head.run_host(&inp.global, &[]).unwrap_err();
+    assert!(matches!(err, GpuError::Input(_)), "{err}");
+    // Still usable after rejected input.
+    head.run_host(&inp.global, &[l]).unwrap();
+    let err = GpuHead::new(usize::MAX, &inp.text, &SMALL.cfg(), 112, 112).unwrap_err();
+    assert!(matches!(err, GpuError::NoDevice { .. }), "{err}");
+}
+
+gpu_test!(parity_small_model, small_model);
+gpu_test!(parity_real_model_518, real_model_model_size);
+gpu_test!(parity_real_model_1080p, real_model_1080p);
+gpu_test!(
+    parity_real_model_four_layers_333x517,
+    real_model_four_layers_odd_frame
+);
+gpu_test!(parity_odd_and_tiny_maps, odd_and_tiny_maps);
+gpu_test!(rejects_bad_input_with_errors, rejects_bad_input);
+
+/// Runs everywhere: without a GPU, building a head is an error value, never a panic; with one, it
+/// must succeed.
+#[test]
+fn no_gpu_is_an_error_not_a_panic() {
+    let inp = inputs(&SMALL, 11);
+    let usable = gpu::probe().is_usable();
+    match GpuHead::new(0, &inp.text, &SMALL.cfg(), 112, 112) {
+        Ok(head) => println!("gpu present: {}", head.device_name()),
+        Err(e) if usable => panic!("the probe found a usable GPU but the head failed: {e}"),
+        Err(e) => {
+            println!("no gpu head here: {e}");
+            assert!(
+                matches!(
+                    e,
+                    GpuError::DriverMissing
+                        | GpuError::NvrtcMissing { .. }
+                        | GpuError::NoDevice { .. }
+                ),
+                "unexpected error without a GPU: {e}"
+            );
+        }
+    }
+}
