@@ -152,10 +152,10 @@ pub fn default_library_paths() -> Vec<PathBuf> {
     let mut v = vec![PathBuf::from(
         "/usr/lib/anomalyclip-edge/onnxruntime/libonnxruntime.so",
     )];
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            v.push(dir.join("../lib/anomalyclip-edge/onnxruntime/libonnxruntime.so"));
-        }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        v.push(dir.join("../lib/anomalyclip-edge/onnxruntime/libonnxruntime.so"));
     }
     v.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/onnxruntime/lib/libonnxruntime.so"));
     v
@@ -633,7 +633,8 @@ mod tests {
             base,
             "0123456789abcdef-ort1.31.1-trt10.9.0-NVIDIA-H100-80GB-HBM3-sm90-fp16-b8-s518"
         );
-        let variants: Vec<Box<dyn Fn(&mut CacheKeyParts)>> = vec![
+        type Change = Box<dyn Fn(&mut CacheKeyParts)>;
+        let variants: Vec<Change> = vec![
             Box::new(|p| p.model_sha256 = "ffff456789abcdef0123".into()),
             Box::new(|p| p.ort_version = "1.32.0".into()),
             Box::new(|p| p.trt_version = "10.10.0".into()),

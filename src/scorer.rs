@@ -59,7 +59,7 @@ pub enum HeadChoice {
 }
 
 enum Head {
-    Cpu(CpuHead),
+    Cpu(Box<CpuHead>),
     Gpu(Box<crate::gpu::GpuHead>),
 }
 
@@ -144,7 +144,7 @@ impl Scorer {
             tau: m.tau,
             sigma: 4.0,
         };
-        let head = Head::Cpu(CpuHead::new(cfg, &pkg.text)?);
+        let head = Head::Cpu(Box::new(CpuHead::new(cfg, &pkg.text)?));
         Ok(Self {
             pkg,
             engine,
