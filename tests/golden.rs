@@ -81,7 +81,11 @@ impl Deltas {
         format!(
             "{label:<24} {:>11.2e} {:>11.2e} {:>9.2e} {:>9.2e} {:>9.2e} {:>9.2e}",
             1.0 - self.global_cos,
-            1.0 - self.local_cos, self.patch, self.map_raw, self.map, self.score
+            1.0 - self.local_cos,
+            self.patch,
+            self.map_raw,
+            self.map,
+            self.score
         )
     }
 
@@ -103,7 +107,8 @@ impl Deltas {
     }
 }
 
-const HEADER: &str = "image / input            1-cos(glob) 1-cos(loc)  patch|Δ| map_raw|Δ|   map|Δ|  score|Δ|";
+const HEADER: &str =
+    "image / input            1-cos(glob) 1-cos(loc)  patch|Δ| map_raw|Δ|   map|Δ|  score|Δ|";
 
 /// Runs `input` (one image) through engine + head and compares every quantity with the
 /// reference of `stem`.
@@ -206,7 +211,11 @@ fn golden_fp32_parity_every_image() {
 
         let a = compare(&golden, engine.as_mut(), &mut head, &img.name, &ref_input);
         lines.push(a.row(&format!("{} / ref input", img.name)));
-        a.assert_within(&format!("{} (reference input)", img.name), COS_FP32, TOL_FP32);
+        a.assert_within(
+            &format!("{} (reference input)", img.name),
+            COS_FP32,
+            TOL_FP32,
+        );
         worst_ref = worst_ref.worst(a);
 
         let b = compare(&golden, engine.as_mut(), &mut head, &img.name, &input);

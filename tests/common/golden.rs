@@ -73,7 +73,8 @@ pub fn tiny_package() -> PathBuf {
 pub fn ort_library() -> Option<PathBuf> {
     let p = match std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".deps/onnxruntime/lib/libonnxruntime.so"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(".deps/onnxruntime/lib/libonnxruntime.so"),
     };
     p.is_file().then_some(p)
 }
