@@ -16,7 +16,7 @@ use std::time::Instant;
 use anomalyclip_edge::engine::{Backend, EngineOptions};
 use anomalyclip_edge::head;
 use anomalyclip_edge::package::HashCheck;
-use anomalyclip_edge::scorer::{HeadChoice, Scored, Scorer};
+use anomalyclip_edge::scorer::{HeadChoice, ScoreError, Scored, Scorer};
 use anyhow::Context;
 use serde::Serialize;
 
@@ -108,9 +108,14 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     } else {
         HashCheck::All
     };
-    let mut scorer = Scorer::open(&args.model, hashes, &opts)
-        .and_then(|s| s.with_head(args.head))
-        .with_context(|| format!("model package {}", args.model.display()))?;
+    // Package and engine errors name their file (or the library paths tried) themselves.
+    let scorer = Scorer::open(&args.model, hashes, &opts).map_err(|e| match e {
+        ScoreError::Package(_) | ScoreError::Engine(_) => anyhow::Error::new(e),
+        other => {
+            anyhow::Error::new(other).context(format!("model package {}", args.model.display()))
+        }
+    })?;
+    let mut scorer = scorer.with_head(args.head)?;
     if scorer.package().manifest.tiny {
         tracing::warn!(
             "model package {} holds random weights (a test model): scores are meaningless for real detection",

@@ -8,7 +8,8 @@
 //! and why. The ONNX Runtime shared library is loaded at run time (`ort` `load-dynamic`); a
 //! missing or too-old library is an [`EngineError::Library`] naming every path tried.
 //! Failure modes: library not found, model that ONNX Runtime rejects, an output missing or of the
-//! wrong shape, a run-time error inside ONNX Runtime. None of them panics.
+//! wrong shape (checked against the manifest when the session is built), a run-time error inside
+//! ONNX Runtime. None of them panics.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -86,6 +87,8 @@ pub enum EngineError {
     Unavailable { backend: Backend, reason: String },
     #[error("{path}: ONNX Runtime cannot load the model: {message}")]
     Model { path: PathBuf, message: String },
+    #[error("{path}: the model does not match manifest.toml: {message}")]
+    Interface { path: PathBuf, message: String },
     #[error("inference failed: {0}")]
     Run(String),
     #[error("model output {name}: expected {expected} values, got {got}")]
@@ -184,7 +187,12 @@ pub fn init_runtime(
             .collect::<Vec<_>>()
             .join(", ");
         let Some(found) = candidates.iter().find(|p| p.is_file()) else {
-            return Err(("no such file".to_string(), tried));
+            let reason = if candidates.iter().any(|p| p.exists()) {
+                "not a regular file"
+            } else {
+                "no such file"
+            };
+            return Err((reason.to_string(), tried));
         };
         if let Some(v) = version_from_path(found) {
             let _ = ORT_VERSION.set(v);
@@ -236,6 +244,7 @@ impl OrtEngine {
         for &backend in order {
             match build_session(&env, &onnx, backend, pkg, opts) {
                 Ok(session) => {
+                    check_interface(&session, pkg, &onnx)?;
                     let detail = if notes.is_empty() {
                         format!("{backend} (requested {})", opts.backend)
                     } else {
@@ -387,6 +396,7 @@ pub fn cache_key(parts: &CacheKeyParts) -> String {
             .trim_matches('-')
             .to_string()
     };
+
     format!(
         "{}-ort{}-trt{}-{}-sm{}{}-{}-b{}-s{}",
         &parts.model_sha256[..parts.model_sha256.len().min(16)],
@@ -399,6 +409,83 @@ pub fn cache_key(parts: &CacheKeyParts) -> String {
         parts.max_batch,
         parts.input_size
     )
+}
+
+/// Checks the session's input and outputs against the manifest (names, float32, fixed dims; the
+/// batch dimension may be dynamic), so that a model that does not belong to its manifest is
+/// refused at load time with one message instead of failing on every frame.
+fn check_interface(
+    session: &ort::session::Session,
+    pkg: &ModelPackage,
+    onnx: &Path,
+) -> Result<(), EngineError> {
+    use ort::value::TensorElementType;
+    let (s, d, n) = (pkg.input_size(), pkg.dim(), pkg.grid() * pkg.grid());
+    let fail = |message: String| EngineError::Interface {
+        path: onnx.to_path_buf(),
+        message,
+    };
+    let fmt = |dims: &[i64]| {
+        let v: Vec<String> = dims
+            .iter()
+            .map(|d| if *d < 0 { "?".into() } else { d.to_string() })
+            .collect();
+        format!("[{}]", v.join(", "))
+    };
+    let check = |kind: &str,
+                 outlets: &[ort::value::Outlet],
+                 name: &str,
+                 want: &[usize]|
+     -> Result<(), EngineError> {
+        let names = || {
+            outlets
+                .iter()
+                .map(|o| o.name().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let o = outlets.iter().find(|o| o.name() == name).ok_or_else(|| {
+            fail(format!(
+                "the model has no {kind} named {name:?} (its {kind}s: {})",
+                names()
+            ))
+        })?;
+        let want_str = format!(
+            "float32 [batch, {}]",
+            want.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let (Some(ty), Some(shape)) = (o.dtype().tensor_type(), o.dtype().tensor_shape()) else {
+            return Err(fail(format!(
+                "{kind} {name:?} is not a tensor, expected {want_str}"
+            )));
+        };
+        let dims_ok = shape.len() == want.len() + 1
+            && shape[1..]
+                .iter()
+                .zip(want)
+                .all(|(&got, &w)| got < 0 || got as usize == w);
+        if ty != TensorElementType::Float32 || !dims_ok {
+            return Err(fail(format!(
+                "{kind} {name:?} is {ty:?} {}, the manifest says {want_str}",
+                fmt(shape)
+            )));
+        }
+        Ok(())
+    };
+    check(
+        "input",
+        session.inputs(),
+        &pkg.manifest.input.name,
+        &[3, s, s],
+    )?;
+    check("output", session.outputs(), "global", &[d])?;
+    for name in pkg.local_output_names() {
+        check("output", session.outputs(), &name, &[n, d])?;
+    }
+    Ok(())
 }
 
 /// The cache key parts of this machine for `pkg` and `opts`.

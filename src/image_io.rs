@@ -380,12 +380,20 @@ fn decode_png(bytes: &[u8], check: Check) -> Result<DecodedImage, DecodeFailure>
                 ColorType::Rgba => (Mode::Rgba, 4),
             };
             let step = bits / 8;
-            let mut data = Vec::with_capacity(width * height * channels);
-            for row in rows {
-                // 16-bit samples keep their high (first) byte.
-                data.extend(row[..width * channels * step].iter().step_by(step));
+            let row_bytes = width * channels * step;
+            if step == 1 && line == row_bytes {
+                // Already tight 8-bit rows: use the decoder's buffer as is (a 12000×12000 RGB
+                // file then peaks at one 432 MB buffer instead of two).
+                buf.truncate(row_bytes * height);
+                (mode, buf)
+            } else {
+                let mut data = Vec::with_capacity(width * height * channels);
+                for row in rows {
+                    // 16-bit samples keep their high (first) byte.
+                    data.extend(row[..row_bytes].iter().step_by(step));
+                }
+                (mode, data)
             }
-            (mode, data)
         }
         (color, bits) => {
             return Err(DecodeFailure::Message(format!(

@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            eprintln!("error: {}", error_line(&e));
             ExitCode::from(2)
         }
     }
@@ -147,7 +147,25 @@ fn build_engine(config: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Collapses an error chain into one line.
+/// An error and its causes as one line: `outer: cause: cause`, leaving out a cause whose text
+/// the line already holds (our error types print their `source` in their own message, so
+/// `{:#}` would repeat it).
+pub(crate) fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = one_line(&cause.to_string());
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Collapses whitespace (newlines included) into single spaces.
 pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -86,6 +86,21 @@ pub enum Dim {
     Symbolic(String),
 }
 
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// A shape as the manifest writes it: `["batch", 1369, 768]`.
+fn shape_str(shape: &[Dim]) -> String {
+    let dims: Vec<String> = shape.iter().map(Dim::to_string).collect();
+    format!("[{}]", dims.join(", "))
+}
+
 /// One `[[outputs]]` entry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -335,8 +350,9 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
             .ok_or_else(|| bad(format!("outputs: no output named {name:?}")))?;
         if out.shape != shape {
             return Err(bad(format!(
-                "outputs.{name}.shape: expected {shape:?}, found {:?}",
-                out.shape
+                "outputs.{name}.shape: expected {}, found {}",
+                shape_str(&shape),
+                shape_str(&out.shape)
             )));
         }
         Ok(())

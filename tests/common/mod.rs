@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the helpers.
 
 pub mod fx;
+pub mod golden;
 pub mod mjpeg;
 pub mod rtsp;
 
