@@ -288,9 +288,11 @@ def pipeline(root: Path, package: Path, layout: str, threads: int) -> dict:
                 c.truths.append(load_truth(mask, size) if anomalous
                                 else np.zeros((size, size), dtype=bool))
         classes.append(c)
+    t_scored = time.perf_counter()
     out = summary(classes)
     seconds = time.perf_counter() - t0
     out["timing"] = {"images": n_images, "setup_seconds": setup, "eval_seconds": seconds,
+                     "scoring_seconds": t_scored - t0, "metrics_seconds": seconds - (t_scored - t0),
                      "images_per_second": n_images / seconds if seconds > 0 else None,
                      "torch_threads": torch.get_num_threads()}
     return out

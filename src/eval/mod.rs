@@ -37,7 +37,9 @@ pub use mask::MaskResizer;
 pub use metrics::{Metric, Undefined};
 pub use report::{ClassReport, EvalReport, MeanReport, Timing};
 
-use dataset::{ClassItems, DatasetError, Issue, IssueCounts, IssueKind, Origin, ValidateOptions};
+use dataset::{
+    ClassItems, DatasetError, EvalItem, Issue, IssueCounts, IssueKind, Origin, ValidateOptions,
+};
 use metrics::{MetricsError, PixelAccumulator};
 
 /// Side of the reference anomaly maps.
@@ -229,13 +231,12 @@ impl MapDump {
     fn write(
         &mut self,
         class: &str,
-        img_path: &str,
-        anomalous: bool,
+        item: &EvalItem,
         score: f32,
         map: &[f32],
         size: usize,
-        mask_path: Option<&str>,
     ) -> Result<(), EvalError> {
+        let img_path = item.img_path.as_str();
         // Only plain components: a meta.json path must not escape the dump folder.
         let rel: PathBuf = Path::new(img_path)
             .components()
@@ -269,10 +270,10 @@ impl MapDump {
             "{},{},{},{:e},{},{size},{size},{}",
             field(class),
             field(img_path),
-            u8::from(anomalous),
+            u8::from(item.anomalous),
             score,
             field(&rel.to_string_lossy()),
-            field(mask_path.unwrap_or("")),
+            field(item.mask_path.as_deref().unwrap_or("")),
         )
         .map_err(err)
     }
@@ -430,15 +431,7 @@ fn evaluate_class(run: &mut Run<'_>, class: &ClassItems) -> Result<ClassReport, 
             labels.push(item.anomalous);
             scores.push(score);
             if let Some(d) = dump.as_mut() {
-                d.write(
-                    &class.name,
-                    &item.img_path,
-                    item.anomalous,
-                    score,
-                    &map,
-                    size,
-                    item.mask_path.as_deref(),
-                )?;
+                d.write(&class.name, item, score, &map, size)?;
             }
             if let Some(acc) = acc.as_mut()
                 && item.has_pixel_truth()

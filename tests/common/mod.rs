@@ -6,6 +6,7 @@ pub mod fx;
 pub mod mjpeg;
 pub mod rtsp;
 
+#[allow(unused_imports)] // Not every test binary uses the fixture helpers.
 pub use fx::*;
 
 use std::sync::{Arc, Mutex};
