@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cli_eval;
 mod cli_score;
 
 #[derive(Parser)]
@@ -29,6 +30,10 @@ struct Cli {
 enum Command {
     /// Score image files: one JSON line per image on stdout.
     Score(cli_score::ScoreArgs),
+    /// Evaluate a labelled dataset: image AUROC/AP, pixel AUROC, AUPRO per class (table, JSON, CSV).
+    Eval(cli_eval::EvalArgs),
+    /// Write the meta.json describing a dataset folder tree.
+    DatasetMeta(cli_eval::DatasetMetaArgs),
     /// Run the daemon: cameras → inference → MQTT, until SIGTERM/SIGINT (SIGHUP reloads).
     Run {
         /// Configuration file (see config/example.toml).
@@ -66,6 +71,8 @@ fn main() -> ExitCode {
     init_logging(cli.log.as_deref());
     let res = match cli.command {
         Command::Score(args) => cli_score::run(args),
+        Command::Eval(args) => cli_eval::run(args),
+        Command::DatasetMeta(args) => cli_eval::run_dataset_meta(args),
         Command::Run { config } => run_daemon(&config),
         Command::CheckConfig { file } => Ok(check_config(&file)),
         Command::BuildEngine { config } => build_engine(&config),

@@ -7,9 +7,13 @@
 //! The head runs on the CPU ([`crate::head::CpuHead`], the reference) or as CUDA kernels
 //! ([`crate::gpu::GpuHead`]) when asked for and a GPU is usable ([`HeadChoice`]); a GPU that is
 //! absent falls back to the CPU head with one log line.
+//! [`Scorer::score_files`] batches many files into one engine call (decoding and preprocessing
+//! them in parallel).
 //! Failure modes: those of the package, the engine and image decoding, as [`ScoreError`].
 
 use std::path::Path;
+
+use rayon::prelude::*;
 
 use crate::engine::{self, Engine, EngineError, EngineOptions};
 use crate::head::{CpuHead, HeadConfig, HeadError, HeadOutput};
@@ -232,6 +236,60 @@ impl Scorer {
             results.push(scored);
         }
         Ok(results)
+    }
+
+    /// Decodes and prepares `paths` in parallel, then scores every readable one with a single
+    /// engine call (the head runs per image, so results do not depend on the grouping).
+    ///
+    /// Returns one inner result per path, in order: a file that cannot be read or decoded gets
+    /// its own error and the others are still scored. The outer error is an engine or head
+    /// failure, which concerns the whole call.
+    pub fn score_files(
+        &mut self,
+        paths: &[&Path],
+    ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
+        let i = &self.pkg.manifest.input;
+        let (size, mean, std) = (i.size, i.mean, i.std);
+        let n = 3 * size * size;
+        let mut input = std::mem::take(&mut self.input);
+        input.clear();
+        input.resize(paths.len() * n, 0.0);
+        let prepared: Vec<Result<(), ScoreError>> = input
+            .par_chunks_mut(n.max(1))
+            .zip(paths.par_iter())
+            .map(|(out, path)| {
+                let img = image_io::load_image(path)?;
+                img.to_model_input(size, mean, std, out)?;
+                Ok(())
+            })
+            .collect();
+        // Close the gaps left by unreadable files: the readable ones go back to back.
+        let mut ok = 0;
+        for (k, r) in prepared.iter().enumerate() {
+            if r.is_ok() {
+                if k != ok {
+                    input.copy_within(k * n..(k + 1) * n, ok * n);
+                }
+                ok += 1;
+            }
+        }
+        let scored = if ok == 0 {
+            Ok(Vec::new())
+        } else {
+            self.score_batch(&input[..ok * n], ok)
+        };
+        self.input = input;
+        let mut scored = scored?.into_iter();
+        let mut out = Vec::with_capacity(paths.len());
+        for r in prepared {
+            out.push(match r {
+                Ok(()) => scored.next().ok_or_else(|| {
+                    ScoreError::Engine(EngineError::Run("engine returned too few results".into()))
+                }),
+                Err(e) => Err(e),
+            });
+        }
+        Ok(out)
     }
 
     /// Decodes, prepares and scores one image file.

@@ -516,6 +516,91 @@ fn driver_output_is_identical_across_runs_and_thread_counts() {
     }
 }
 
+/// A scorer that batches: records the group sizes it is handed; fails one image inside a group.
+struct Batching {
+    groups: Vec<usize>,
+}
+
+impl eval::Scorer for Batching {
+    fn score(&mut self, _: &Path) -> eval::ScoreResult {
+        panic!("the driver must go through score_batch");
+    }
+
+    fn score_batch(&mut self, images: &[&Path]) -> Vec<eval::ScoreResult> {
+        self.groups.push(images.len());
+        images
+            .iter()
+            .map(|p| {
+                if p.ends_with("bottle/test/good/001.png") {
+                    Err("decoder: truncated".to_owned())
+                } else {
+                    fake_scorer(p)
+                }
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn driver_hands_images_over_in_groups_and_results_do_not_depend_on_them() {
+    let t = mvtec_tree();
+    let v = validate_all(t.path(), Layout::Mvtec);
+    let run = |per_call: usize| {
+        let mut s = Batching { groups: Vec::new() };
+        let opts = EvalOptions {
+            images_per_call: per_call,
+            ..options()
+        };
+        let r = eval::evaluate(&v, &mut s, &nearest, &opts).unwrap();
+        (r.to_json(), r.to_csv(), s.groups)
+    };
+    let (json1, csv1, groups1) = run(1);
+    assert_eq!(
+        groups1,
+        vec![1; 12],
+        "bottle 6, cable 2 (001 unreadable), carpet 4"
+    );
+    for per_call in [2, 4, 64] {
+        let (json, csv, groups) = run(per_call);
+        assert_eq!((&json, &csv), (&json1, &csv1), "images_per_call={per_call}");
+        // Groups never span two classes.
+        let want: Vec<usize> = [6, 2, 4]
+            .iter()
+            .flat_map(|&n: &usize| {
+                (0..n.div_ceil(per_call)).map(move |k| per_call.min(n - k * per_call))
+            })
+            .collect();
+        assert_eq!(groups, want, "images_per_call={per_call}");
+    }
+    assert!(
+        json1.contains("\"score_failed\""),
+        "the failure inside a group is counted"
+    );
+
+    // A scorer returning the wrong number of results is a bug that stops the run.
+    let mut short = |_: &Path| -> eval::ScoreResult { unreachable!() };
+    struct Short<'a, F>(&'a mut F);
+    impl<F: FnMut(&Path) -> eval::ScoreResult> eval::Scorer for Short<'_, F> {
+        fn score(&mut self, p: &Path) -> eval::ScoreResult {
+            (self.0)(p)
+        }
+        fn score_batch(&mut self, _: &[&Path]) -> Vec<eval::ScoreResult> {
+            Vec::new()
+        }
+    }
+    let e = eval::evaluate(&v, &mut Short(&mut short), &nearest, &options()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EvalError::BatchSize {
+                got: 0,
+                expected: 1
+            }
+        ),
+        "{e}"
+    );
+}
+
 #[test]
 fn driver_counts_scorer_failures_and_strict_stops() {
     let t = mvtec_tree();

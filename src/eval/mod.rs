@@ -3,7 +3,8 @@
 //! Stages, in order:
 //! 1. [`dataset`]: open ROOT (`meta.json` or folder layout), validate items → [`dataset::Validated`]
 //!    with per-item issues (`--strict` fails on any);
-//! 2. [`evaluate`]: for each class, call the [`Scorer`] (engine + head) on every image, load masks
+//! 2. [`evaluate`]: for each class, call the [`Scorer`] (engine + head) on every image
+//!    ([`EvalOptions::images_per_call`] images per call, so engines can batch), load masks
 //!    ([`mask`], with a pluggable Pillow-exact [`MaskResizer`]), stream maps into
 //!    [`metrics::PixelAccumulator`] in parallel batches, compute the class's metrics;
 //! 3. [`report`]: per-class and mean metrics (undefined ones excluded from the mean and shown as
@@ -36,25 +37,40 @@ pub use mask::MaskResizer;
 pub use metrics::{Metric, Undefined};
 pub use report::{ClassReport, EvalReport, MeanReport, Timing};
 
-use dataset::{ClassItems, DatasetError, Issue, IssueCounts, IssueKind, Origin, ValidateOptions};
+use dataset::{
+    ClassItems, DatasetError, EvalItem, Issue, IssueCounts, IssueKind, Origin, ValidateOptions,
+};
 use metrics::{MetricsError, PixelAccumulator};
 
 /// Side of the reference anomaly maps.
 pub const REFERENCE_MAP_SIZE: usize = 518;
 
+/// What a [`Scorer`] returns per image: the score and the `S × S` map, or why it failed.
+pub type ScoreResult = Result<(f32, Vec<f32>), String>;
+
 /// Scores one image file: the image score and its `S × S` anomaly map (row-major, in the resized
 /// frame, `S` = [`EvalOptions::map_size`]). An `Err` marks the item unreadable/failed and the run
 /// continues. Closures `FnMut(&Path) -> Result<(f32, Vec<f32>), String>` implement it.
+///
+/// The driver hands images over in groups of [`EvalOptions::images_per_call`] through
+/// [`Scorer::score_batch`]; a scorer that can batch engine calls overrides it, the default scores
+/// them one by one.
 pub trait Scorer {
     /// Runs decode + preprocess + engine + head on `image`.
-    fn score(&mut self, image: &Path) -> Result<(f32, Vec<f32>), String>;
+    fn score(&mut self, image: &Path) -> ScoreResult;
+
+    /// Scores `images` (one result per image, in order). Results must not depend on how the
+    /// images are grouped.
+    fn score_batch(&mut self, images: &[&Path]) -> Vec<ScoreResult> {
+        images.iter().map(|p| self.score(p)).collect()
+    }
 }
 
 impl<F> Scorer for F
 where
-    F: FnMut(&Path) -> Result<(f32, Vec<f32>), String>,
+    F: FnMut(&Path) -> ScoreResult,
 {
-    fn score(&mut self, image: &Path) -> Result<(f32, Vec<f32>), String> {
+    fn score(&mut self, image: &Path) -> ScoreResult {
         self(image)
     }
 }
@@ -69,10 +85,14 @@ pub struct EvalOptions {
     /// Show a progress bar (only drawn when stderr is a terminal).
     pub progress: bool,
     /// Write every map as raw little-endian `f32` (`S × S`) under this folder, mirroring the
-    /// image paths (`<img_path>.f32`), plus `index.csv` (class, image, label, score, file).
+    /// image paths (`<img_path>.f32`), plus `index.csv` (class, image, label, score, file, size,
+    /// and the mask used for the pixel metrics, empty when none).
     pub dump_maps: Option<PathBuf>,
     /// Maps buffered before a parallel accumulation step (memory: `batch × S² × 5` bytes).
     pub batch: usize,
+    /// Images per [`Scorer::score_batch`] call (`--batch`; 1 = the paper's protocol). Results do
+    /// not depend on it.
+    pub images_per_call: usize,
 }
 
 impl Default for EvalOptions {
@@ -83,6 +103,7 @@ impl Default for EvalOptions {
             progress: true,
             dump_maps: None,
             batch: 16,
+            images_per_call: 1,
         }
     }
 }
@@ -113,6 +134,14 @@ pub enum EvalError {
         /// The cause.
         #[source]
         source: MetricsError,
+    },
+    /// The scorer returned another number of results than images it was given (a scorer bug).
+    #[error("scorer returned {got} results for a batch of {expected} images")]
+    BatchSize {
+        /// Results returned.
+        got: usize,
+        /// Images given.
+        expected: usize,
     },
     /// `--strict` and an issue during evaluation.
     #[error("--strict: {0}")]
@@ -187,7 +216,7 @@ impl MapDump {
         })?;
         writeln!(
             index,
-            "class,img_path,anomalous,score,map_file,width,height"
+            "class,img_path,anomalous,score,map_file,width,height,mask_path"
         )
         .map_err(|source| EvalError::Dump {
             path: index_path,
@@ -202,12 +231,12 @@ impl MapDump {
     fn write(
         &mut self,
         class: &str,
-        img_path: &str,
-        anomalous: bool,
+        item: &EvalItem,
         score: f32,
         map: &[f32],
         size: usize,
     ) -> Result<(), EvalError> {
+        let img_path = item.img_path.as_str();
         // Only plain components: a meta.json path must not escape the dump folder.
         let rel: PathBuf = Path::new(img_path)
             .components()
@@ -238,12 +267,13 @@ impl MapDump {
         };
         writeln!(
             self.index,
-            "{},{},{},{:e},{},{size},{size}",
+            "{},{},{},{:e},{},{size},{size},{}",
             field(class),
             field(img_path),
-            u8::from(anomalous),
+            u8::from(item.anomalous),
             score,
             field(&rel.to_string_lossy()),
+            field(item.mask_path.as_deref().unwrap_or("")),
         )
         .map_err(err)
     }
@@ -352,74 +382,77 @@ fn evaluate_class(run: &mut Run<'_>, class: &ClassItems) -> Result<ClassReport, 
     let mut acc = class.has_masks.then(|| PixelAccumulator::new(size, size));
     let mut pending: Vec<Pending> = Vec::with_capacity(batch);
     let mut pixel_images = 0;
-    for item in &class.items {
-        let result = scorer.score(&item.image);
-        pb.inc(1);
-        let (score, map) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                skipped += 1;
-                record(
-                    issues,
-                    Issue::new(
-                        IssueKind::ScoreFailed,
-                        &class.name,
-                        Some(&item.img_path),
-                        format!("scoring failed ({e}): skipped"),
-                    ),
-                    opts.strict,
-                )?;
-                continue;
-            }
-        };
-        if map.len() != size * size {
-            return Err(EvalError::MapSize {
-                image: item.image.clone(),
-                got: map.len(),
-                expected: size * size,
-                size,
+    let per_call = opts.images_per_call.max(1);
+    for chunk in class.items.chunks(per_call) {
+        let paths: Vec<&Path> = chunk.iter().map(|i| i.image.as_path()).collect();
+        let results = scorer.score_batch(&paths);
+        if results.len() != chunk.len() {
+            return Err(EvalError::BatchSize {
+                got: results.len(),
+                expected: chunk.len(),
             });
         }
-        if !score.is_finite() {
-            return Err(EvalError::Metrics {
-                class: class.name.clone(),
-                source: MetricsError::NonFinite {
-                    index: labels.len(),
-                    value: score,
-                },
-            });
-        }
-        labels.push(item.anomalous);
-        scores.push(score);
-        if let Some(d) = dump.as_mut() {
-            d.write(
-                &class.name,
-                &item.img_path,
-                item.anomalous,
-                score,
-                &map,
-                size,
-            )?;
-        }
-        if let Some(acc) = acc.as_mut()
-            && item.has_pixel_truth()
-        {
-            pending.push(Pending {
-                map,
-                mask: item.mask.clone().zip(item.mask_path.clone()),
-                img_path: item.img_path.clone(),
-            });
-            if pending.len() >= batch {
-                pixel_images += flush(
-                    acc,
-                    &mut pending,
-                    &class.name,
+        pb.inc(chunk.len() as u64);
+        for (item, result) in chunk.iter().zip(results) {
+            let (score, map) = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    skipped += 1;
+                    record(
+                        issues,
+                        Issue::new(
+                            IssueKind::ScoreFailed,
+                            &class.name,
+                            Some(&item.img_path),
+                            format!("scoring failed ({e}): skipped"),
+                        ),
+                        opts.strict,
+                    )?;
+                    continue;
+                }
+            };
+            if map.len() != size * size {
+                return Err(EvalError::MapSize {
+                    image: item.image.clone(),
+                    got: map.len(),
+                    expected: size * size,
                     size,
-                    resizer,
-                    issues,
-                    opts.strict,
-                )?;
-                *peak_memory = (*peak_memory).max(acc.memory_bytes());
+                });
+            }
+            if !score.is_finite() {
+                return Err(EvalError::Metrics {
+                    class: class.name.clone(),
+                    source: MetricsError::NonFinite {
+                        index: labels.len(),
+                        value: score,
+                    },
+                });
+            }
+            labels.push(item.anomalous);
+            scores.push(score);
+            if let Some(d) = dump.as_mut() {
+                d.write(&class.name, item, score, &map, size)?;
+            }
+            if let Some(acc) = acc.as_mut()
+                && item.has_pixel_truth()
+            {
+                pending.push(Pending {
+                    map,
+                    mask: item.mask.clone().zip(item.mask_path.clone()),
+                    img_path: item.img_path.clone(),
+                });
+                if pending.len() >= batch {
+                    pixel_images += flush(
+                        acc,
+                        &mut pending,
+                        &class.name,
+                        size,
+                        resizer,
+                        issues,
+                        opts.strict,
+                    )?;
+                    *peak_memory = (*peak_memory).max(acc.memory_bytes());
+                }
             }
         }
     }
