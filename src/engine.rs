@@ -292,7 +292,9 @@ fn version_from_path(p: &Path) -> Option<String> {
     let real = std::fs::canonicalize(p).ok()?;
     let name = real.file_name()?.to_str()?;
     let v = name.split(".so.").nth(1)?;
-    v.chars().all(|c| c.is_ascii_digit() || c == '.').then(|| v.to_string())
+    v.chars()
+        .all(|c| c.is_ascii_digit() || c == '.')
+        .then(|| v.to_string())
 }
 
 fn build_session(

@@ -2,10 +2,13 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the helpers.
 
+pub mod broker;
+pub mod daemon;
 pub mod fx;
 pub mod mjpeg;
 pub mod rtsp;
 
+#[allow(unused_imports)] // Not every test binary uses the fixtures.
 pub use fx::*;
 
 use std::sync::{Arc, Mutex};
