@@ -152,10 +152,10 @@ pub fn default_library_paths() -> Vec<PathBuf> {
     let mut v = vec![PathBuf::from(
         "/usr/lib/anomalyclip-edge/onnxruntime/libonnxruntime.so",
     )];
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            v.push(dir.join("../lib/anomalyclip-edge/onnxruntime/libonnxruntime.so"));
-        }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        v.push(dir.join("../lib/anomalyclip-edge/onnxruntime/libonnxruntime.so"));
     }
     v.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/onnxruntime/lib/libonnxruntime.so"));
     v
