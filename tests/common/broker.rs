@@ -151,6 +151,8 @@ pub struct Msg {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
+    /// When the subscriber received it (Unix epoch milliseconds).
+    pub received_ms: u64,
 }
 
 impl Msg {
@@ -216,6 +218,9 @@ impl Watcher {
                             topic: p.topic.clone(),
                             payload: p.payload.to_vec(),
                             retain: p.retain,
+                            received_ms: std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis() as u64),
                         });
                     }
                     Ok(_) => {}
@@ -280,6 +285,21 @@ impl Watcher {
                 ),
             }
         }
+    }
+
+    /// Every message received during the next `d` (benchmarks).
+    pub async fn collect_for(&mut self, d: Duration) -> Vec<Msg> {
+        let deadline = Instant::now() + d;
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            self.rx.recv(),
+        )
+        .await
+        {
+            out.push(m);
+        }
+        out
     }
 
     /// The messages received and not yet consumed, without waiting.
