@@ -187,6 +187,14 @@ impl Debouncer {
         Ok(())
     }
 
+    /// Sets the alarm state known from before a restart, without reporting a transition (the
+    /// subscribers were told it then). A restored raised alarm clears after `clear_count`
+    /// normal frames, as any other.
+    pub fn restore(&mut self, active: bool) {
+        self.active = active;
+        self.clear_history();
+    }
+
     /// Forgets the history (e.g. after the camera reconnects). Returns `Some(Cleared)` if the
     /// alarm was active, so the caller can publish the clear.
     pub fn reset(&mut self) -> Option<Transition> {
@@ -345,6 +353,16 @@ mod tests {
         };
         assert_eq!(d.reconfigure(bad), Err(DebounceError::ZeroRaiseCount));
         assert_eq!(d.config(), DebounceConfig::default());
+    }
+
+    #[test]
+    fn restored_raised_alarm_clears_after_k_normal_frames() {
+        let mut d = deb(1, 1, 2);
+        d.restore(true);
+        assert!(d.is_active());
+        assert_eq!(run(&mut d, "0 1 0 0"), "...C");
+        d.restore(false);
+        assert_eq!(run(&mut d, "1"), "R");
     }
 
     #[test]

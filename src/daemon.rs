@@ -11,6 +11,11 @@
 //! counted when the broker is away or the channel is full); alarms are never dropped (disk queue
 //! in the state directory, replayed in order).
 //!
+//! Alarm state survives restarts: the last alarm state of each camera is kept in
+//! `<state_dir>/alarm-state.v1.json` (written atomically at every transition), so an alarm raised
+//! before a restart (its retained `active: true` still on the broker) is cleared by the new
+//! process's first normal frames instead of staying raised for good.
+//!
 //! Failure modes: a configuration, model or state-directory problem at start is an error (the
 //! process exits 2 and systemd's `ExecStartPre=check-config` shows why); a camera or the broker
 //! failing at run time is reported on MQTT and in the log, and the daemon keeps running.
@@ -39,6 +44,69 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 /// Test hook: while the file named by this variable exists, the inference worker stalls
 /// (as a hung GPU or a deadlocked engine would), so tests can prove the watchdog stops.
 pub const STALL_FILE_ENV: &str = "ANOMALYCLIP_TEST_STALL_FILE";
+
+/// File in the state directory holding the last alarm state of each camera (JSON object,
+/// camera name → raised).
+pub const ALARM_STATE_FILE: &str = "alarm-state.v1.json";
+
+/// The last alarm state of each camera, as the subscribers were told it, kept on disk.
+struct AlarmStates {
+    path: PathBuf,
+    raised: Mutex<std::collections::BTreeMap<String, bool>>,
+}
+
+impl AlarmStates {
+    /// Reads the file in `dir`; missing is empty, unreadable or corrupt is logged and empty.
+    /// Only the cameras in `cameras` are kept.
+    fn load(dir: &Path, cameras: &[CameraConfig]) -> Self {
+        let path = dir.join(ALARM_STATE_FILE);
+        let mut raised: std::collections::BTreeMap<String, bool> =
+            match std::fs::read(&path) {
+                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                    warn!(path = %path.display(), error = %e, "alarm state file unreadable: every alarm starts clear");
+                    Default::default()
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "alarm state file unreadable: every alarm starts clear");
+                    Default::default()
+                }
+            };
+        raised.retain(|name, _| cameras.iter().any(|c| c.name == *name));
+        for (camera, _) in raised.iter().filter(|(_, r)| **r) {
+            info!(
+                camera,
+                "alarm raised before the restart: it clears on normal frames"
+            );
+        }
+        Self {
+            path,
+            raised: Mutex::new(raised),
+        }
+    }
+
+    fn is_raised(&self, camera: &str) -> bool {
+        lock(&self.raised).get(camera).copied().unwrap_or(false)
+    }
+
+    /// Records a transition and rewrites the file (temporary file, fsync, rename).
+    fn set(&self, camera: &str, raised: bool) {
+        let mut map = lock(&self.raised);
+        map.insert(camera.to_owned(), raised);
+        let tmp = self.path.with_extension("json.tmp");
+        let res = serde_json::to_vec(&*map)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, &bytes)?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = res {
+            warn!(path = %self.path.display(), error = %e, "cannot record the alarm state: a restart now would forget it");
+        }
+    }
+}
 
 /// Start-up errors of the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -86,16 +154,18 @@ struct CamState {
 }
 
 impl CamState {
-    fn new(cfg: &CameraConfig, index: usize) -> Self {
+    fn new(cfg: &CameraConfig, index: usize, raised: bool) -> Self {
+        let mut debouncer = Debouncer::new(cfg.alarm)
+            .unwrap_or_else(|_| Debouncer::new(Default::default()).expect("default debounce"));
+        debouncer.restore(raised);
         Self {
             index,
             seq_base: 0,
             next_seq: 0,
             threshold: cfg.threshold,
             pixel_threshold: cfg.pixel_threshold,
-            // The config validated the debounce parameters; fall back to the defaults if not.
-            debouncer: Debouncer::new(cfg.alarm)
-                .unwrap_or_else(|_| Debouncer::new(Default::default()).expect("default debounce")),
+            // The config validated the debounce parameters (defaults above if not).
+            debouncer,
             mask: cfg.mask,
             gate: MaskGate::new(cfg.mask.only_on_anomaly, cfg.mask.min_interval),
             scored: 0,
@@ -155,6 +225,7 @@ struct Shared {
     scored_ms: AtomicU64,
     inference_errors: AtomicU64,
     statuses: Mutex<HashMap<String, camera::CameraStatus>>,
+    alarm_states: AlarmStates,
     started: Instant,
 }
 
@@ -261,6 +332,7 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
         scored_ms: AtomicU64::new(0),
         inference_errors: AtomicU64::new(0),
         statuses: Mutex::new(HashMap::new()),
+        alarm_states: AlarmStates::load(&cfg.state_dir, &cfg.cameras),
         started: Instant::now(),
     });
     let notify_frames = FrameNotify::new();
@@ -460,7 +532,11 @@ fn start_camera(
             }
             state
         }
-        None => Arc::new(Mutex::new(CamState::new(c, index))),
+        None => Arc::new(Mutex::new(CamState::new(
+            c,
+            index,
+            shared.alarm_states.is_raised(&c.name),
+        ))),
     };
     let handle = CamHandle {
         index,
@@ -595,6 +671,7 @@ fn worker_loop(
                 });
                 if let Some(t) = st.debouncer.update(anomaly) {
                     info!(camera = %h.name, active = t.active(), seq, score = r.score, "alarm");
+                    shared.alarm_states.set(&h.name, t.active());
                     publisher.alarm(Alarm {
                         camera: h.name.to_string(),
                         active: t.active(),

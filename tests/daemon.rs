@@ -658,3 +658,57 @@ async fn sighup_reload_keeps_alarm_state_and_frame_numbering_and_applies_stats_i
     assert_eq!(restarted, 4, "{}", d.log());
     d.assert_running();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_during_a_broker_outage_then_restart_replays_and_clears_the_alarm() {
+    // One state directory for two lives of the daemon; no broker during the first.
+    let state = tempfile::tempdir().expect("state dir");
+    let port = common::broker::free_port();
+    let cfg = |threshold: f32| {
+        config("rs", port, &sim_camera("sim", threshold)).replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"{}\"", state.path().display()),
+        )
+    };
+
+    // First life: the alarm raises while the broker is away; SIGTERM still exits 0 (within the
+    // stop deadline) and leaves the alarm in the disk queue.
+    let mut d = Daemon::start(&cfg(0.0));
+    d.wait_ready().await;
+    d.wait_log(&["daemon: alarm", "camera=sim ", "active=true"], 1)
+        .await;
+    let raised = logged_alarms(&d, "sim");
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit().await.code(), Some(0), "{}", d.log());
+    let queue = std::fs::read_to_string(state.path().join("alarm-queue.v1.jsonl"))
+        .expect("alarm queue file");
+    assert_eq!(queue.lines().count(), 1, "{queue}");
+
+    // Second life, broker up, frames now normal: the alarm of the first life is replayed, then
+    // cleared (not left raised on the broker for good).
+    let broker = Broker::start(Some(port)).await;
+    let alarm = "anomalyclip/rs/sim/alarm";
+    let mut plc = Watcher::start(broker.port, alarm).await;
+    let mut d = Daemon::start(&cfg(1.0));
+    d.wait_ready().await;
+    let v = plc.next_on(alarm).await.json();
+    assert_eq!(
+        (
+            v["active"].as_bool(),
+            v["seq"].as_u64(),
+            v["replayed"].as_bool()
+        ),
+        (Some(true), Some(raised[0].1), Some(true)),
+        "{v}"
+    );
+    let v = plc.next_on(alarm).await.json();
+    assert_eq!(
+        (v["active"].as_bool(), v["replayed"].as_bool()),
+        (Some(false), Some(false)),
+        "{v}"
+    );
+    let mut late = Watcher::start(broker.port, alarm).await;
+    assert_eq!(late.next_on(alarm).await.json()["active"], false);
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit().await.code(), Some(0), "{}", d.log());
+}
