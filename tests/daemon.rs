@@ -116,6 +116,24 @@ fn logged_alarms(d: &Daemon, camera: &str) -> Vec<(bool, u64)> {
         .collect()
 }
 
+/// Waits (bounded) until the text of `path` (empty if missing) satisfies `cond`.
+async fn wait_file(path: &std::path::Path, what: &str, cond: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + common::broker::WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if cond(&text) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: not {what} within {:?}:\n{text}",
+            path.display(),
+            common::broker::WAIT
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtsp_camera_to_plc_status_results_masks_stats_and_clean_stop() {
     let broker = Broker::start(None).await;
@@ -314,6 +332,11 @@ async fn broker_outage_alarms_replayed_in_order_none_missing() {
         "{v}"
     );
 
+    // The broker acknowledged it: the disk queue is empty again (else it is replayed too, as
+    // delivery is at least once).
+    let queue_file = d.dir.path().join("state/alarm-queue.v1.jsonl");
+    wait_file(&queue_file, "the live alarm acknowledged", str::is_empty).await;
+
     // Outage: the broker is killed (no clean shutdown) and may not be reached again yet.
     proxy.set_open(false);
     broker.kill();
@@ -334,14 +357,11 @@ async fn broker_outage_alarms_replayed_in_order_none_missing() {
         [false, true, false],
         "{logged:?}"
     );
-    // They wait on disk, in the state directory.
-    let queue = std::fs::read_to_string(d.dir.path().join("state/alarm-queue.v1.jsonl"))
-        .expect("alarm queue file");
-    assert_eq!(
-        queue.lines().filter(|l| l.contains("\"add\"")).count(),
-        3,
-        "{queue}"
-    );
+    // They wait on disk, in the state directory (written by the publisher task, just after).
+    wait_file(&queue_file, "3 alarms queued on disk", |q| {
+        q.lines().filter(|l| l.contains("\"add\"")).count() == 3
+    })
+    .await;
 
     // The broker is back on the same port; the PLC re-subscribes, then the gate opens.
     let subs = plc.subscriptions();
