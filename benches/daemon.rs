@@ -9,10 +9,12 @@
 //!
 //! ```text
 //! source scripts/env.sh && cargo bench --bench daemon
-//! BENCH_SECONDS=20 BENCH_CAMERAS=1,2,4,8 BENCH_FRAME=1280x720 BENCH_THREADS=1 cargo bench --bench daemon
+//! BENCH_SECONDS=20 BENCH_CAMERAS=1,2,4,8 BENCH_FRAME=1280x720 BENCH_THREADS=1 \
+//!     BENCH_MAX_WAIT_MS=0 cargo bench --bench daemon -- tiny
 //! ```
 //! Columns: `in fps` frames the cameras delivered (from the daemon's stats); `out fps` results
-//! the subscriber received; `drop %` frames not scored (the latest-frame slot was overwritten
+//! the subscriber received (in total; per camera on average, and for the camera that got the
+//! fewest, in parentheses); `drop %` frames not scored (the latest-frame slot was overwritten
 //! while the worker was busy); `lat p50/p99` the results' `latency_ms` (capture → handed to the
 //! publisher); `e2e p50/p99` capture time (`ts_ms`) → received by the subscriber; `cpu %` the
 //! daemon's CPU time over the window (100 % = one core; it includes the `videotestsrc` sources,
@@ -33,11 +35,20 @@ use std::time::{Duration, Instant};
 use broker::{Broker, Msg, Watcher};
 use daemon::Daemon;
 
+/// `[engine]` settings of the runs.
+#[derive(Clone, Copy)]
+struct Engine {
+    threads: u32,
+    max_wait_ms: u32,
+}
+
 struct Run {
     model: &'static str,
     cameras: usize,
     fps_in: f64,
     fps_out: f64,
+    /// Results per second of the camera that got the fewest (fairness between cameras).
+    fps_min_cam: f64,
     drop_pct: f64,
     lat: (f64, f64),
     e2e: (f64, f64),
@@ -73,13 +84,15 @@ fn cpu_seconds(pid: i32) -> f64 {
     (ticks(11) + ticks(12)) / hz.max(1.0)
 }
 
-fn config(model: &Path, port: u16, cameras: usize, frame: (u32, u32), threads: u32) -> String {
+fn config(model: &Path, port: u16, cameras: usize, frame: (u32, u32), engine: Engine) -> String {
     let mut s = format!(
         "node_id = \"bench\"\nstate_dir = \"state\"\nstats_interval_s = 1\n\
          [model]\npackage = \"{}\"\n\
-         [engine]\nbackend = \"cpu\"\nthreads = {threads}\nmax_batch = 4\nmax_wait_ms = 10\n\
+         [engine]\nbackend = \"cpu\"\nthreads = {}\nmax_batch = 4\nmax_wait_ms = {}\n\
          [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n",
-        model.display()
+        model.display(),
+        engine.threads,
+        engine.max_wait_ms,
     );
     for i in 0..cameras {
         s += &format!(
@@ -109,7 +122,7 @@ async fn run_one(
     model: &'static str,
     cameras: usize,
     frame: (u32, u32),
-    threads: u32,
+    engine: Engine,
     warmup: Duration,
     window: Duration,
 ) -> Run {
@@ -117,7 +130,7 @@ async fn run_one(
         .join("tests/fixtures")
         .join(model);
     let mut plc = Watcher::start(broker.port, "anomalyclip/bench/#").await;
-    let mut d = Daemon::start(&config(&dir, broker.port, cameras, frame, threads));
+    let mut d = Daemon::start(&config(&dir, broker.port, cameras, frame, engine));
     d.wait_ready().await;
     // Every camera publishing, then the warm-up.
     let mut seen = vec![false; cameras];
@@ -155,6 +168,17 @@ async fn run_one(
         .zip(&results)
         .filter_map(|(m, v)| Some(m.received_ms.checked_sub(v["ts_ms"].as_u64()?)? as f64))
         .collect();
+    let mut per_cam = vec![0usize; cameras];
+    for v in &results {
+        if let Some(i) = v["camera"]
+            .as_str()
+            .and_then(|c| c.strip_prefix("cam"))
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|i| *i < cameras)
+        {
+            per_cam[i] += 1;
+        }
+    }
     let lat: Vec<f64> = results
         .iter()
         .filter_map(|v| v["latency_ms"].as_f64())
@@ -174,6 +198,7 @@ async fn run_one(
         cameras,
         fps_in,
         fps_out: results.len() as f64 / elapsed,
+        fps_min_cam: per_cam.iter().copied().min().unwrap_or(0) as f64 / elapsed,
         drop_pct,
         lat: percentiles(lat),
         e2e: percentiles(e2e),
@@ -195,7 +220,10 @@ fn smoke() {
             "identity",
             1,
             (320, 240),
-            1,
+            Engine {
+                threads: 1,
+                max_wait_ms: 10,
+            },
             Duration::ZERO,
             Duration::from_secs(1),
         )
@@ -237,7 +265,10 @@ fn main() {
     }
     let window = Duration::from_secs(env_or("BENCH_SECONDS", 10));
     let warmup = Duration::from_secs(env_or("BENCH_WARMUP_SECONDS", 3));
-    let threads: u32 = env_or("BENCH_THREADS", 1);
+    let engine = Engine {
+        threads: env_or("BENCH_THREADS", 1),
+        max_wait_ms: env_or("BENCH_MAX_WAIT_MS", 10),
+    };
     let frame = std::env::var("BENCH_FRAME")
         .ok()
         .and_then(|f| {
@@ -257,9 +288,11 @@ fn main() {
     println!("daemon benchmark: {}", machine());
     println!(
         "cameras: videotestsrc {}x{} @ 30 fps each, scaled to the model input in GStreamer; \
-         engine cpu, {threads} ORT thread(s), max_batch 4, max_wait 10 ms; window {} s after {} s warm-up",
+         engine cpu, {} ORT thread(s), max_batch 4, max_wait {} ms; window {} s after {} s warm-up",
         frame.0,
         frame.1,
+        engine.threads,
+        engine.max_wait_ms,
         window.as_secs(),
         warmup.as_secs()
     );
@@ -273,7 +306,7 @@ fn main() {
         let mut runs = Vec::new();
         for model in &models {
             for &n in &counts {
-                let r = run_one(&broker, model, n, frame, threads, warmup, window).await;
+                let r = run_one(&broker, model, n, frame, engine, warmup, window).await;
                 eprintln!(
                     "  {model} ×{n}: {:.1} fps out, p50 {:.1} ms",
                     r.fps_out, r.lat.0
@@ -285,19 +318,20 @@ fn main() {
     });
     println!();
     println!(
-        "| model    | cams | in fps | out fps | out fps/cam | drop % | lat p50 / p99 ms | e2e p50 / p99 ms | daemon cpu % |"
+        "| model    | cams | in fps | out fps | out fps/cam (min) | drop % | lat p50 / p99 ms | e2e p50 / p99 ms | daemon cpu % |"
     );
     println!(
-        "|----------|-----:|-------:|--------:|------------:|-------:|-----------------:|-----------------:|-------------:|"
+        "|----------|-----:|-------:|--------:|------------------:|-------:|-----------------:|-----------------:|-------------:|"
     );
     for r in &runs {
         println!(
-            "| {:<8} | {:>4} | {:>6.1} | {:>7.1} | {:>11.1} | {:>6.1} | {:>7.1} / {:>6.1} | {:>7.1} / {:>6.1} | {:>12.0} |",
+            "| {:<8} | {:>4} | {:>6.1} | {:>7.1} | {:>10.1} ({:>4.1}) | {:>6.1} | {:>7.1} / {:>6.1} | {:>7.1} / {:>6.1} | {:>12.0} |",
             r.model,
             r.cameras,
             r.fps_in,
             r.fps_out,
             r.fps_out / r.cameras as f64,
+            r.fps_min_cam,
             r.drop_pct,
             r.lat.0,
             r.lat.1,
