@@ -807,8 +807,10 @@ fn status_line(shared: &Shared, publisher: &PublisherHandle) -> String {
     )
 }
 
-/// SIGHUP: re-read and validate the config; apply camera settings and camera additions and
-/// removals; keep the MQTT session. An invalid file is rejected and the running config stays.
+/// SIGHUP: re-read and validate the config; apply camera settings in place, restart cameras
+/// whose source or rate cap changed (their alarm state and `seq` numbering carry over), start
+/// added ones, stop removed ones; keep the MQTT session. (The caller applies a changed stats
+/// interval.) An invalid file is rejected and the running config stays.
 #[allow(clippy::too_many_arguments)]
 fn reload(
     path: &Path,
