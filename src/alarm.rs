@@ -176,6 +176,25 @@ impl Debouncer {
         None
     }
 
+    /// Switches to a new configuration (a config reload) **keeping the alarm state**: a raised
+    /// alarm stays raised and clears under the new `clear_count`, so the state the subscribers
+    /// were last told is never silently forgotten. The history (window, clear count) restarts.
+    pub fn reconfigure(&mut self, cfg: DebounceConfig) -> Result<(), DebounceError> {
+        cfg.validate()?;
+        self.cfg = cfg;
+        self.window = VecDeque::with_capacity(cfg.raise_window as usize);
+        self.clear_history();
+        Ok(())
+    }
+
+    /// Sets the alarm state known from before a restart, without reporting a transition (the
+    /// subscribers were told it then). A restored raised alarm clears after `clear_count`
+    /// normal frames, as any other.
+    pub fn restore(&mut self, active: bool) {
+        self.active = active;
+        self.clear_history();
+    }
+
     /// Forgets the history (e.g. after the camera reconnects). Returns `Some(Cleared)` if the
     /// alarm was active, so the caller can publish the clear.
     pub fn reset(&mut self) -> Option<Transition> {
@@ -311,6 +330,39 @@ mod tests {
         assert_eq!(d.reset(), Some(Transition::Cleared));
         assert!(!d.is_active());
         assert_eq!(run(&mut d, "0"), ".");
+    }
+
+    #[test]
+    fn reconfigure_keeps_a_raised_alarm_and_applies_the_new_counts() {
+        let mut d = deb(1, 1, 1);
+        assert_eq!(run(&mut d, "1"), "R");
+        d.reconfigure(DebounceConfig {
+            raise_count: 2,
+            raise_window: 3,
+            clear_count: 2,
+        })
+        .expect("valid");
+        assert!(d.is_active(), "a raised alarm is not forgotten by a reload");
+        assert_eq!(run(&mut d, "0 0"), ".C");
+        assert_eq!(run(&mut d, "1 0 1"), "..R");
+        assert!(d.reconfigure(DebounceConfig::default()).is_ok());
+        assert!(d.is_active());
+        let bad = DebounceConfig {
+            raise_count: 0,
+            ..DebounceConfig::default()
+        };
+        assert_eq!(d.reconfigure(bad), Err(DebounceError::ZeroRaiseCount));
+        assert_eq!(d.config(), DebounceConfig::default());
+    }
+
+    #[test]
+    fn restored_raised_alarm_clears_after_k_normal_frames() {
+        let mut d = deb(1, 1, 2);
+        d.restore(true);
+        assert!(d.is_active());
+        assert_eq!(run(&mut d, "0 1 0 0"), "...C");
+        d.restore(false);
+        assert_eq!(run(&mut d, "1"), "R");
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //! counted when the broker is away or the channel is full); alarms are never dropped (disk queue
 //! in the state directory, replayed in order).
 //!
+//! Alarm state survives restarts: the last alarm state of each camera is kept in
+//! `<state_dir>/alarm-state.v1.json` (written atomically at every transition), so an alarm raised
+//! before a restart (its retained `active: true` still on the broker) is cleared by the new
+//! process's first normal frames instead of staying raised for good.
+//!
 //! Failure modes: a configuration, model or state-directory problem at start is an error (the
 //! process exits 2 and systemd's `ExecStartPre=check-config` shows why); a camera or the broker
 //! failing at run time is reported on MQTT and in the log, and the daemon keeps running.
@@ -40,6 +45,69 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 /// (as a hung GPU or a deadlocked engine would), so tests can prove the watchdog stops.
 pub const STALL_FILE_ENV: &str = "ANOMALYCLIP_TEST_STALL_FILE";
 
+/// File in the state directory holding the last alarm state of each camera (JSON object,
+/// camera name → raised).
+pub const ALARM_STATE_FILE: &str = "alarm-state.v1.json";
+
+/// The last alarm state of each camera, as the subscribers were told it, kept on disk.
+struct AlarmStates {
+    path: PathBuf,
+    raised: Mutex<std::collections::BTreeMap<String, bool>>,
+}
+
+impl AlarmStates {
+    /// Reads the file in `dir`; missing is empty, unreadable or corrupt is logged and empty.
+    /// Only the cameras in `cameras` are kept.
+    fn load(dir: &Path, cameras: &[CameraConfig]) -> Self {
+        let path = dir.join(ALARM_STATE_FILE);
+        let mut raised: std::collections::BTreeMap<String, bool> =
+            match std::fs::read(&path) {
+                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                    warn!(path = %path.display(), error = %e, "alarm state file unreadable: every alarm starts clear");
+                    Default::default()
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "alarm state file unreadable: every alarm starts clear");
+                    Default::default()
+                }
+            };
+        raised.retain(|name, _| cameras.iter().any(|c| c.name == *name));
+        for (camera, _) in raised.iter().filter(|(_, r)| **r) {
+            info!(
+                camera,
+                "alarm raised before the restart: it clears on normal frames"
+            );
+        }
+        Self {
+            path,
+            raised: Mutex::new(raised),
+        }
+    }
+
+    fn is_raised(&self, camera: &str) -> bool {
+        lock(&self.raised).get(camera).copied().unwrap_or(false)
+    }
+
+    /// Records a transition and rewrites the file (temporary file, fsync, rename).
+    fn set(&self, camera: &str, raised: bool) {
+        let mut map = lock(&self.raised);
+        map.insert(camera.to_owned(), raised);
+        let tmp = self.path.with_extension("json.tmp");
+        let res = serde_json::to_vec(&*map)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, &bytes)?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = res {
+            warn!(path = %self.path.display(), error = %e, "cannot record the alarm state: a restart now would forget it");
+        }
+    }
+}
+
 /// Start-up errors of the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -62,8 +130,18 @@ pub enum DaemonError {
     Worker(String),
 }
 
-/// Scoring settings of one camera, changed in place by a reload.
+/// Scoring settings and alarm state of one camera, changed in place by a reload. It outlives
+/// the camera's pipeline: a reload that restarts the camera (new source or rate cap) hands it
+/// to the new one, so the alarm state and the frame numbering carry on.
 struct CamState {
+    /// Index of the camera instance whose frames this state scores. A reload that restarts the
+    /// camera gives it a new index; frames of the old instance still in flight are dropped.
+    index: usize,
+    /// Added to the camera instance's own frame numbers (which start at 0), so that `seq` keeps
+    /// increasing for subscribers when a reload restarts the camera.
+    seq_base: u64,
+    /// One past the last `seq` scored.
+    next_seq: u64,
     threshold: f32,
     pixel_threshold: f32,
     debouncer: Debouncer,
@@ -76,13 +154,18 @@ struct CamState {
 }
 
 impl CamState {
-    fn new(cfg: &CameraConfig) -> Self {
+    fn new(cfg: &CameraConfig, index: usize, raised: bool) -> Self {
+        let mut debouncer = Debouncer::new(cfg.alarm)
+            .unwrap_or_else(|_| Debouncer::new(Default::default()).expect("default debounce"));
+        debouncer.restore(raised);
         Self {
+            index,
+            seq_base: 0,
+            next_seq: 0,
             threshold: cfg.threshold,
             pixel_threshold: cfg.pixel_threshold,
-            // The config validated the debounce parameters; fall back to the defaults if not.
-            debouncer: Debouncer::new(cfg.alarm)
-                .unwrap_or_else(|_| Debouncer::new(Default::default()).expect("default debounce")),
+            // The config validated the debounce parameters (defaults above if not).
+            debouncer,
             mask: cfg.mask,
             gate: MaskGate::new(cfg.mask.only_on_anomaly, cfg.mask.min_interval),
             scored: 0,
@@ -90,6 +173,29 @@ impl CamState {
             frames_in_at_last_stats: 0,
             latencies_ms: Vec::new(),
         }
+    }
+
+    /// Applies a reloaded `[[camera]]` entry. A changed debounce keeps the alarm state (a
+    /// raised alarm must still be cleared on MQTT, not forgotten with the old debouncer).
+    fn apply(&mut self, old: &CameraConfig, new: &CameraConfig) {
+        self.threshold = new.threshold;
+        self.pixel_threshold = new.pixel_threshold;
+        if new.alarm != old.alarm
+            && let Err(e) = self.debouncer.reconfigure(new.alarm)
+        {
+            warn!(camera = %new.name, error = %e, "reload: alarm debounce not changed");
+        }
+        if new.mask != old.mask {
+            self.mask = new.mask;
+            self.gate = MaskGate::new(new.mask.only_on_anomaly, new.mask.min_interval);
+        }
+    }
+
+    /// The camera was restarted as instance `index`: its frame numbers start again at 0.
+    fn restarted(&mut self, index: usize) {
+        self.index = index;
+        self.seq_base = self.next_seq;
+        self.frames_in_at_last_stats = 0;
     }
 }
 
@@ -119,6 +225,7 @@ struct Shared {
     scored_ms: AtomicU64,
     inference_errors: AtomicU64,
     statuses: Mutex<HashMap<String, camera::CameraStatus>>,
+    alarm_states: AlarmStates,
     started: Instant,
 }
 
@@ -226,6 +333,7 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
         scored_ms: AtomicU64::new(0),
         inference_errors: AtomicU64::new(0),
         statuses: Mutex::new(HashMap::new()),
+        alarm_states: AlarmStates::load(&cfg.state_dir, &cfg.cameras),
         started: Instant::now(),
     });
     let notify_frames = FrameNotify::new();
@@ -234,6 +342,7 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
     for c in &cfg.cameras {
         match start_camera(
             c,
+            None,
             size,
             &mut next_index,
             &notify_frames,
@@ -277,11 +386,7 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Runtime)?;
 
     let mut current = cfg;
-    let stats_every = current
-        .stats_interval
-        .unwrap_or(Duration::from_secs(3600 * 24 * 365));
-    let mut stats_tick = tokio::time::interval(stats_every);
-    stats_tick.tick().await;
+    let mut stats_tick = stats_timer(current.stats_interval);
     let wd = sd_notify::watchdog_enabled();
     let mut wd_tick = tokio::time::interval(
         wd.map(|d| d / 2)
@@ -307,8 +412,13 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
+                let stats_before = current.stats_interval;
                 reload(&config_path, &mut current, &mut running, size, &mut next_index,
                        &notify_frames, &publisher, &shared);
+                if current.stats_interval != stats_before {
+                    info!(interval = ?current.stats_interval, "reload: stats interval changed");
+                    stats_tick = stats_timer(current.stats_interval);
+                }
             }
             _ = stats_tick.tick() => {
                 let stats = build_stats(&shared, &running, &engine_name, last_stats.elapsed());
@@ -378,8 +488,17 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
     Ok(())
 }
 
+/// The stats timer: its first tick one period from now; a disabled report (`None`) never ticks.
+fn stats_timer(every: Option<Duration>) -> tokio::time::Interval {
+    let every = every.unwrap_or(Duration::from_secs(3600 * 24 * 365));
+    tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+}
+
+/// Starts camera `c` as a new instance. `carried`: the state and config of the instance it
+/// replaces (reload with a new source or rate cap), so alarm state and numbering carry on.
 fn start_camera(
     c: &CameraConfig,
+    carried: Option<(Arc<Mutex<CamState>>, CameraConfig)>,
     size: usize,
     next_index: &mut usize,
     notify_frames: &Arc<FrameNotify>,
@@ -405,11 +524,26 @@ fn start_camera(
         })
     };
     let camera = Camera::spawn(index, camera_settings(c, size), notify_frames.clone(), cb)?;
+    let state = match carried {
+        Some((state, old)) => {
+            {
+                let mut st = lock(&state);
+                st.apply(&old, c);
+                st.restarted(index);
+            }
+            state
+        }
+        None => Arc::new(Mutex::new(CamState::new(
+            c,
+            index,
+            shared.alarm_states.is_raised(&c.name),
+        ))),
+    };
     let handle = CamHandle {
         index,
         name: Arc::from(c.name.as_str()),
         slot: camera.slot().clone(),
-        state: Arc::new(Mutex::new(CamState::new(c))),
+        state,
     };
     Ok(Running {
         cfg: c.clone(),
@@ -515,12 +649,18 @@ fn worker_loop(
                     continue;
                 };
                 let mut st = lock(&h.state);
+                if st.index != f.camera {
+                    // A frame of the instance a reload just replaced: its numbering is gone.
+                    continue;
+                }
+                let seq = st.seq_base + f.seq;
+                st.next_seq = seq + 1;
                 let stats = head::map_stats(&r.map, st.pixel_threshold);
                 let anomaly = r.score >= st.threshold;
                 let latency_ms = f.captured_at.elapsed().as_secs_f32() * 1e3;
                 publisher.result(FrameResult {
                     camera: h.name.to_string(),
-                    seq: f.seq,
+                    seq,
                     ts_ms: f.capture_unix_ms,
                     score: r.score,
                     anomaly,
@@ -531,11 +671,12 @@ fn worker_loop(
                     model: model_name.clone(),
                 });
                 if let Some(t) = st.debouncer.update(anomaly) {
-                    info!(camera = %h.name, active = t.active(), seq = f.seq, score = r.score, "alarm");
+                    info!(camera = %h.name, active = t.active(), seq, score = r.score, "alarm");
+                    shared.alarm_states.set(&h.name, t.active());
                     publisher.alarm(Alarm {
                         camera: h.name.to_string(),
                         active: t.active(),
-                        seq: f.seq,
+                        seq,
                         ts_ms: f.capture_unix_ms,
                         score: r.score,
                     });
@@ -552,7 +693,7 @@ fn worker_loop(
                     );
                     match payload::mask_png(
                         &h.name,
-                        f.seq,
+                        seq,
                         f.capture_unix_ms,
                         mask.size,
                         mask.size,
@@ -667,8 +808,10 @@ fn status_line(shared: &Shared, publisher: &PublisherHandle) -> String {
     )
 }
 
-/// SIGHUP: re-read and validate the config; apply camera settings and camera additions and
-/// removals; keep the MQTT session. An invalid file is rejected and the running config stays.
+/// SIGHUP: re-read and validate the config; apply camera settings in place, restart cameras
+/// whose source or rate cap changed (their alarm state and `seq` numbering carry over), start
+/// added ones, stop removed ones; keep the MQTT session. (The caller applies a changed stats
+/// interval.) An invalid file is rejected and the running config stays.
 #[allow(clippy::too_many_arguments)]
 fn reload(
     path: &Path,
@@ -704,26 +847,14 @@ fn reload(
                     warn!("reload: {what} changed; it takes effect at the next restart");
                 }
             }
-            // Removed or re-sourced cameras stop; new ones start; the rest change in place.
+            // Removed cameras stop; re-sourced ones restart (keeping their alarm state and
+            // numbering); new ones start; the rest change in place.
             let mut keep: Vec<Running> = Vec::new();
+            let mut carried: HashMap<String, (Arc<Mutex<CamState>>, CameraConfig)> = HashMap::new();
             for r in running.drain(..) {
                 match new.cameras.iter().find(|c| c.name == r.cfg.name) {
                     Some(c) if c.source == r.cfg.source && c.max_fps == r.cfg.max_fps => {
-                        {
-                            let mut st = lock(&r.handle.state);
-                            st.threshold = c.threshold;
-                            st.pixel_threshold = c.pixel_threshold;
-                            if c.alarm != r.cfg.alarm
-                                && let Ok(d) = Debouncer::new(c.alarm)
-                            {
-                                st.debouncer = d;
-                            }
-                            if c.mask != r.cfg.mask {
-                                st.mask = c.mask;
-                                st.gate =
-                                    MaskGate::new(c.mask.only_on_anomaly, c.mask.min_interval);
-                            }
-                        }
+                        lock(&r.handle.state).apply(&r.cfg, c);
                         keep.push(Running {
                             cfg: c.clone(),
                             ..r
@@ -738,6 +869,8 @@ fn reload(
                         lock(&shared.statuses).remove(&name);
                         if other.is_none() {
                             publisher.camera_status(&name, payload::CameraStatus::Offline);
+                        } else {
+                            carried.insert(name, (r.handle.state.clone(), r.cfg.clone()));
                         }
                     }
                 }
@@ -747,7 +880,8 @@ fn reload(
                     continue;
                 }
                 info!(camera = %c.name, "reload: starting camera");
-                match start_camera(c, size, next_index, notify_frames, publisher, shared) {
+                let old = carried.remove(&c.name);
+                match start_camera(c, old, size, next_index, notify_frames, publisher, shared) {
                     Ok(r) => keep.push(r),
                     Err(e) => {
                         error!(camera = %c.name, error = %e, "camera could not start");

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the helpers.
 
+pub mod broker;
+pub mod daemon;
 pub mod fx;
 pub mod golden;
 pub mod mjpeg;
