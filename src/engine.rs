@@ -142,12 +142,36 @@ impl Features {
     }
 }
 
+/// Outputs of a batch left in CUDA device memory (owned by the engine; valid only during the
+/// callback of [`Engine::infer_on_device`]): `(device pointer, number of f32)`.
+#[derive(Debug, Clone)]
+pub struct DeviceFeatures {
+    pub batch: usize,
+    pub dim: usize,
+    pub tokens: usize,
+    /// `[B, D]`.
+    pub global: (u64, usize),
+    /// One `[B, N, D]` buffer per feature layer.
+    pub locals: Vec<(u64, usize)>,
+}
+
 /// A vision encoder.
 pub trait Engine: Send {
     /// What runs.
     fn info(&self) -> &EngineInfo;
     /// Runs a batch: `input` holds `batch` images `[3, S, S]` back to back.
     fn infer(&mut self, input: &[f32], batch: usize) -> Result<Features, EngineError>;
+    /// Runs a batch with the outputs bound to CUDA device memory and hands them to `consume`
+    /// without a host round trip (the GPU head reads them there). `None` when this engine does
+    /// not run on a GPU; the caller then uses [`Engine::infer`].
+    fn infer_on_device(
+        &mut self,
+        _input: &[f32],
+        _batch: usize,
+        _consume: &mut dyn FnMut(&DeviceFeatures) -> Result<(), String>,
+    ) -> Option<Result<(), EngineError>> {
+        None
+    }
 }
 
 /// Default places to look for `libonnxruntime.so`, after the config and `ORT_DYLIB_PATH`.
@@ -226,6 +250,7 @@ pub struct OrtEngine {
     dim: usize,
     tokens: usize,
     local_names: Vec<String>,
+    device_id: i32,
 }
 
 impl OrtEngine {
@@ -267,6 +292,7 @@ impl OrtEngine {
                         dim: pkg.dim(),
                         tokens: pkg.grid() * pkg.grid(),
                         local_names: pkg.local_output_names(),
+                        device_id: opts.device_id,
                     });
                 }
                 Err(e @ EngineError::Unavailable { .. }) => {
@@ -644,6 +670,18 @@ impl Engine for OrtEngine {
         &self.info
     }
 
+    fn infer_on_device(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        consume: &mut dyn FnMut(&DeviceFeatures) -> Result<(), String>,
+    ) -> Option<Result<(), EngineError>> {
+        if !matches!(self.info.backend, Backend::Cuda | Backend::Tensorrt) {
+            return None;
+        }
+        Some(self.run_bound(input, batch, consume))
+    }
+
     fn infer(&mut self, input: &[f32], batch: usize) -> Result<Features, EngineError> {
         let s = self.size;
         let expected = batch * 3 * s * s;
@@ -691,6 +729,91 @@ impl Engine for OrtEngine {
             global,
             locals,
         })
+    }
+}
+
+impl OrtEngine {
+    /// IoBinding run: the input is copied from the host, every output is allocated by ONNX
+    /// Runtime in CUDA memory of the engine's device. ONNX Runtime synchronises its stream at
+    /// the end of the run, so the outputs are complete when `consume` sees them.
+    fn run_bound(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        consume: &mut dyn FnMut(&DeviceFeatures) -> Result<(), String>,
+    ) -> Result<(), EngineError> {
+        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+        let s = self.size;
+        let expected = batch * 3 * s * s;
+        if input.len() != expected || batch == 0 {
+            return Err(EngineError::Input {
+                got: input.len(),
+                expected,
+                batch,
+                size: s,
+            });
+        }
+        let run = |e: ort::Error| EngineError::Run(e.to_string());
+        let tensor =
+            ort::value::TensorRef::from_array_view(([batch, 3, s, s], input)).map_err(run)?;
+        let mut binding = self.session.create_binding().map_err(run)?;
+        binding
+            .bind_input(self.input_name.as_str(), &tensor)
+            .map_err(run)?;
+        let mem = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            self.device_id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(run)?;
+        binding.bind_output_to_device("global", &mem).map_err(run)?;
+        for name in &self.local_names {
+            binding
+                .bind_output_to_device(name.as_str(), &mem)
+                .map_err(run)?;
+        }
+        let outputs = self.session.run_binding(&binding).map_err(run)?;
+        let ptr = |name: &str, expected: usize| -> Result<(u64, usize), EngineError> {
+            let value = outputs.get(name).ok_or_else(|| EngineError::Output {
+                name: name.to_string(),
+                expected,
+                got: 0,
+            })?;
+            let t = value
+                .view()
+                .downcast::<ort::value::DynTensorValueType>()
+                .map_err(|e| EngineError::Run(format!("output {name}: {e}")))?;
+            let got: i64 = match t.dtype() {
+                ort::value::ValueType::Tensor { shape, .. } => shape.iter().product(),
+                other => {
+                    return Err(EngineError::Run(format!(
+                        "output {name}: expected a tensor, got {other:?}"
+                    )));
+                }
+            };
+            if got as usize != expected {
+                return Err(EngineError::Output {
+                    name: name.to_string(),
+                    expected,
+                    got: got.max(0) as usize,
+                });
+            }
+            Ok((t.data_ptr() as u64, expected))
+        };
+        let global = ptr("global", batch * self.dim)?;
+        let mut locals = Vec::with_capacity(self.local_names.len());
+        for name in &self.local_names {
+            locals.push(ptr(name, batch * self.tokens * self.dim)?);
+        }
+        consume(&DeviceFeatures {
+            batch,
+            dim: self.dim,
+            tokens: self.tokens,
+            global,
+            locals,
+        })
+        .map_err(EngineError::Run)
     }
 }
 

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::engine::{self, Engine, EngineError, EngineOptions};
+use crate::engine::{self, DeviceFeatures, Engine, EngineError, EngineOptions};
 use crate::head::{CpuHead, HeadConfig, HeadError, HeadOutput};
 use crate::image_io::{self, DecodedImage};
 use crate::package::{HashCheck, ModelPackage, PackageError};
@@ -205,6 +205,39 @@ impl Scorer {
 
     /// Runs the encoder on `batch` prepared images and the head on each.
     pub fn score_batch(&mut self, input: &[f32], batch: usize) -> Result<Vec<Scored>, ScoreError> {
+        if let Head::Gpu(h) = &mut self.head {
+            // GPU encoder + GPU head: features stay in device memory (IoBinding).
+            let size = self.pkg.input_size();
+            let mut results = Vec::with_capacity(batch);
+            let mut consume = |d: &DeviceFeatures| -> Result<(), String> {
+                let f32s = std::mem::size_of::<f32>() as u64;
+                let per_local = (d.tokens * d.dim) as u64;
+                for i in 0..d.batch as u64 {
+                    let global = (d.global.0 + i * d.dim as u64 * f32s, d.dim);
+                    let locals: Vec<(u64, usize)> = d
+                        .locals
+                        .iter()
+                        .map(|l| (l.0 + i * per_local * f32s, per_local as usize))
+                        .collect();
+                    // SAFETY: the engine hands over complete device buffers of `[B, D]` and
+                    // `[B, N, D]` f32 on the primary context of its device, alive for this
+                    // callback; the offsets stay inside them.
+                    let out =
+                        unsafe { h.run_device_raw(global, &locals) }.map_err(|e| e.to_string())?;
+                    let map = h.download_map().map_err(|e| e.to_string())?;
+                    results.push(Scored {
+                        score: out.score,
+                        map,
+                        size,
+                    });
+                }
+                Ok(())
+            };
+            if let Some(res) = self.engine.infer_on_device(input, batch, &mut consume) {
+                res?;
+                return Ok(results);
+            }
+        }
         let feats = self.engine.infer(input, batch)?;
         let size = self.size();
         let mut results = Vec::with_capacity(batch);

@@ -445,6 +445,41 @@ impl GpuHead {
         self.finish()
     }
 
+    /// [`GpuHead::run_device`] on features in device memory that someone else owns (ONNX
+    /// Runtime's IoBinding outputs): `(device pointer, number of f32)` for the global feature and
+    /// each layer's local features of one image. Nothing is copied to the host and the memory is
+    /// not freed.
+    ///
+    /// # Safety
+    /// Every pointer must address at least its length of `f32` in device memory of this head's
+    /// CUDA context (the device's primary context, which ONNX Runtime's CUDA and TensorRT
+    /// execution providers use), written completely before the call and not changed or freed
+    /// until it returns.
+    pub unsafe fn run_device_raw(
+        &mut self,
+        global: (u64, usize),
+        locals: &[(u64, usize)],
+    ) -> Result<GpuHeadOutput, GpuError> {
+        let stream = self.stream.clone();
+        // SAFETY: the caller guarantees each (pointer, length) is a live f32 allocation of this
+        // context; the slices are leaked below so that dropping them never frees foreign memory.
+        let g: CudaSlice<f32> = unsafe { stream.upgrade_device_ptr(global.0, global.1) };
+        let ls: Vec<CudaSlice<f32>> = locals
+            .iter()
+            // SAFETY: as above.
+            .map(|&(p, n)| unsafe { stream.upgrade_device_ptr(p, n) })
+            .collect();
+        let res = {
+            let views: Vec<CudaView<'_, f32>> = ls.iter().map(|l| l.slice(..)).collect();
+            self.run_device(&g.slice(..), &views)
+        };
+        g.leak();
+        for l in ls {
+            l.leak();
+        }
+        res
+    }
+
     /// Copies the scalars back (this synchronises the stream) and decodes them.
     fn finish(&mut self) -> Result<GpuHeadOutput, GpuError> {
         let mut s = [0u32; 4];
