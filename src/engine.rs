@@ -684,15 +684,7 @@ impl Engine for OrtEngine {
 
     fn infer(&mut self, input: &[f32], batch: usize) -> Result<Features, EngineError> {
         let s = self.size;
-        let expected = batch * 3 * s * s;
-        if input.len() != expected || batch == 0 {
-            return Err(EngineError::Input {
-                got: input.len(),
-                expected,
-                batch,
-                size: s,
-            });
-        }
+        self.check_input(input, batch)?;
         let tensor = ort::value::TensorRef::from_array_view(([batch, 3, s, s], input))
             .map_err(|e| EngineError::Run(e.to_string()))?;
         let outputs = self
@@ -733,6 +725,21 @@ impl Engine for OrtEngine {
 }
 
 impl OrtEngine {
+    /// The input must hold exactly `batch ≥ 1` images `[3, S, S]`.
+    fn check_input(&self, input: &[f32], batch: usize) -> Result<(), EngineError> {
+        let s = self.size;
+        let expected = batch * 3 * s * s;
+        if input.len() != expected || batch == 0 {
+            return Err(EngineError::Input {
+                got: input.len(),
+                expected,
+                batch,
+                size: s,
+            });
+        }
+        Ok(())
+    }
+
     /// IoBinding run: the input is copied from the host, every output is allocated by ONNX
     /// Runtime in CUDA memory of the engine's device. ONNX Runtime synchronises its stream at
     /// the end of the run, so the outputs are complete when `consume` sees them.
@@ -744,15 +751,7 @@ impl OrtEngine {
     ) -> Result<(), EngineError> {
         use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
         let s = self.size;
-        let expected = batch * 3 * s * s;
-        if input.len() != expected || batch == 0 {
-            return Err(EngineError::Input {
-                got: input.len(),
-                expected,
-                batch,
-                size: s,
-            });
-        }
+        self.check_input(input, batch)?;
         let run = |e: ort::Error| EngineError::Run(e.to_string());
         let tensor =
             ort::value::TensorRef::from_array_view(([batch, 3, s, s], input)).map_err(run)?;

@@ -1,75 +1,52 @@
-//! ONNX Runtime's CUDA execution provider on a GPU: the tiny package through the `cuda` backend
-//! against the `cpu` backend (the reference), on every golden image, head on the CPU for both.
+//! ONNX Runtime's CUDA execution provider on a GPU, against the `cpu` backend + CPU head (the
+//! reference) on every golden image: the `cuda` backend with the CPU head, and the whole GPU path
+//! (outputs bound to device memory with IoBinding, read there by the GPU head).
 //! Needs a GPU build of the ONNX Runtime library (`ORT_DYLIB_PATH` → the `onnxruntime-gpu`
 //! wheel's `libonnxruntime.so`); elsewhere it prints why and passes. Run by hand on a GPU machine
-//! (see docs/measurements); CI has neither a GPU nor that library.
+//! (see docs/measurements/cuda-ep-h100.txt); CI has neither a GPU nor that library.
 
-use std::path::{Path, PathBuf};
+mod gpu_common;
 
-use anomalyclip_edge::engine::{self, Backend, EngineError, EngineOptions};
-use anomalyclip_edge::package::HashCheck;
-use anomalyclip_edge::scorer::{ScoreError, Scorer};
+use anomalyclip_edge::engine::{Backend, EngineError};
+use anomalyclip_edge::scorer::{HeadChoice, ScoreError, Scored, Scorer};
+use gpu_common::{golden_images, gpu_and_runtime_ready, max_abs_diff, open_tiny};
 
-fn fixture(sub: &str) -> PathBuf {
-    let rel = Path::new("tests/fixtures").join(sub);
-    if rel.exists() {
-        rel
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(sub)
+/// The `cuda` backend, or `None` (printed) when this ONNX Runtime library has no CUDA EP.
+fn open_cuda() -> Option<Scorer> {
+    match open_tiny(Backend::Cuda) {
+        Ok(s) => Some(s),
+        Err(ScoreError::Engine(e @ EngineError::Unavailable { .. })) => {
+            println!("skipped: {e}");
+            None
+        }
+        Err(e) => panic!("cuda backend: {e}"),
     }
+}
+
+/// Worst score and map |Δ| of `results` against the CPU path, image by image.
+fn worst_against_cpu(results: &[Scored]) -> (f32, f32) {
+    let mut cpu = open_tiny(Backend::Cpu).expect("cpu backend");
+    let (mut ws, mut wm) = (0f32, 0f32);
+    for (p, b) in golden_images().iter().zip(results) {
+        let (_, a) = cpu.score_file(p).expect("cpu");
+        ws = ws.max((a.score - b.score).abs());
+        wm = wm.max(max_abs_diff(&a.map, &b.map));
+    }
+    (ws, wm)
 }
 
 #[test]
 fn cuda_backend_matches_the_cpu_backend() {
-    if !anomalyclip_edge::gpu::probe().is_usable() {
-        println!("skipped: no usable GPU");
+    if !gpu_and_runtime_ready() {
         return;
     }
-    if let Err(e) = engine::init_runtime(None) {
-        println!("skipped: {e}");
-        return;
-    }
-    let tiny = fixture("tiny");
-    let open = |backend| {
-        Scorer::open(
-            &tiny,
-            HashCheck::All,
-            &EngineOptions {
-                backend,
-                ..EngineOptions::default()
-            },
-        )
-    };
-    let mut cpu = open(Backend::Cpu).expect("cpu backend");
-    let mut cuda = match open(Backend::Cuda) {
-        Ok(s) => s,
-        Err(ScoreError::Engine(e @ EngineError::Unavailable { .. })) => {
-            println!("skipped: {e}");
-            return;
-        }
-        Err(e) => panic!("cuda backend: {e}"),
-    };
+    let Some(mut cuda) = open_cuda() else { return };
     assert_eq!(cuda.engine().info().backend, Backend::Cuda);
-    let mut images: Vec<PathBuf> = std::fs::read_dir(fixture("golden/images"))
-        .expect("golden images")
-        .map(|e| e.expect("entry").path())
+    let results: Vec<Scored> = golden_images()
+        .iter()
+        .map(|p| cuda.score_file(p).expect("cuda").1)
         .collect();
-    images.sort();
-    let (mut ws, mut wm) = (0f32, 0f32);
-    for p in &images {
-        let (_, a) = cpu.score_file(p).expect("cpu");
-        let (_, b) = cuda.score_file(p).expect("cuda");
-        let dm = a
-            .map
-            .iter()
-            .zip(&b.map)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        ws = ws.max((a.score - b.score).abs());
-        wm = wm.max(dm);
-    }
+    let (ws, wm) = worst_against_cpu(&results);
     println!("PARITY kernel=cuda_ep_score case=golden max_abs={ws:e}");
     println!("PARITY kernel=cuda_ep_map case=golden max_abs={wm:e}");
     // fp32 parity targets of the spec (§7).
@@ -77,47 +54,16 @@ fn cuda_backend_matches_the_cpu_backend() {
     assert!(wm <= 1e-4, "map |Δ| {wm}");
 }
 
-/// The whole GPU path: encoder on the CUDA execution provider with its outputs bound to device
-/// memory (IoBinding), the head's CUDA kernels reading them there, against the CPU encoder + CPU
-/// head.
 #[test]
 fn cuda_backend_with_gpu_head_matches_the_cpu_path() {
-    use anomalyclip_edge::scorer::HeadChoice;
-    if !anomalyclip_edge::gpu::probe().is_usable() {
-        println!("skipped: no usable GPU");
+    if !gpu_and_runtime_ready() {
         return;
     }
-    if let Err(e) = engine::init_runtime(None) {
-        println!("skipped: {e}");
-        return;
-    }
-    let tiny = fixture("tiny");
-    let open = |backend| {
-        Scorer::open(
-            &tiny,
-            HashCheck::All,
-            &EngineOptions {
-                backend,
-                ..EngineOptions::default()
-            },
-        )
-    };
-    let mut cpu = open(Backend::Cpu).expect("cpu backend");
-    let mut gpu = match open(Backend::Cuda) {
-        Ok(s) => s.with_head(HeadChoice::Gpu).expect("gpu head"),
-        Err(ScoreError::Engine(e @ EngineError::Unavailable { .. })) => {
-            println!("skipped: {e}");
-            return;
-        }
-        Err(e) => panic!("cuda backend: {e}"),
-    };
+    let Some(cuda) = open_cuda() else { return };
+    let mut gpu = cuda.with_head(HeadChoice::Gpu).expect("gpu head");
     assert_eq!(gpu.head_device(), "gpu");
-    let mut images: Vec<PathBuf> = std::fs::read_dir(fixture("golden/images"))
-        .expect("golden images")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    images.sort();
-    // One batch through the device path, compared image by image with the CPU path.
+    // One batch through the device path.
+    let images = golden_images();
     let s = gpu.size();
     let mut input = vec![0f32; images.len() * 3 * s * s];
     for (i, p) in images.iter().enumerate() {
@@ -126,18 +72,7 @@ fn cuda_backend_with_gpu_head_matches_the_cpu_path() {
             .expect("prepare");
     }
     let batch = gpu.score_batch(&input, images.len()).expect("gpu batch");
-    let (mut ws, mut wm) = (0f32, 0f32);
-    for (p, b) in images.iter().zip(&batch) {
-        let (_, a) = cpu.score_file(p).expect("cpu");
-        let dm = a
-            .map
-            .iter()
-            .zip(&b.map)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        ws = ws.max((a.score - b.score).abs());
-        wm = wm.max(dm);
-    }
+    let (ws, wm) = worst_against_cpu(&batch);
     println!("PARITY kernel=iobinding_gpu_head_score case=golden max_abs={ws:e}");
     println!("PARITY kernel=iobinding_gpu_head_map case=golden max_abs={wm:e}");
     assert!(ws <= 1e-4, "score |Δ| {ws}");
