@@ -24,9 +24,9 @@
 //! the identity model, one second, results must arrive.
 
 // The integration tests' helpers (`daemon` refers to `super::broker`).
-#[path = "../tests/common/broker.rs"]
+#[path = "../tests/it/common/broker.rs"]
 mod broker;
-#[path = "../tests/common/daemon.rs"]
+#[path = "../tests/it/common/daemon.rs"]
 mod daemon;
 
 use std::path::Path;

@@ -38,8 +38,15 @@ use crate::package::HashCheck;
 use crate::payload::{self, Alarm, CameraStats, FrameResult, MaskGate, Stats};
 use crate::scorer::{ScoreError, Scorer};
 
+mod control;
+pub use control::{Control, ControlHandle, Deadline, control};
+
 /// How long a clean stop may take for in-flight frames and the final MQTT messages.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The part of [`STOP_DEADLINE`] kept for the publisher (flush queued alarms, publish every
+/// camera `offline` and the node `stopped`, DISCONNECT) whatever the cameras and the worker took.
+pub const PUBLISHER_STOP_RESERVE: Duration = Duration::from_millis(1500);
 
 /// Test hook: while the file named by this variable exists, the inference worker stalls
 /// (as a hung GPU or a deadlocked engine would), so tests can prove the watchdog stops.
@@ -288,8 +295,10 @@ fn camera_settings(cfg: &CameraConfig, size: usize) -> CameraSettings {
     s
 }
 
-/// Runs the daemon until SIGTERM/SIGINT. Returns after a clean stop.
-pub fn run(config_path: &Path) -> Result<(), DaemonError> {
+/// Runs the daemon until `control`'s shutdown token is cancelled (`main` cancels it on
+/// SIGTERM/SIGINT; a reload request re-reads `config_path`). Returns after a clean stop, also
+/// when the stop was requested during start-up (checked between the start-up steps).
+pub fn run(config_path: &Path, control: Control) -> Result<(), DaemonError> {
     let cfg = config::load_config(config_path)?;
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
         path: cfg.state_dir.clone(),
@@ -304,6 +313,10 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         &engine_options(&cfg),
     )?
     .with_head(cfg.engine.head)?;
+    if control.shutdown.is_cancelled() {
+        info!("stop requested during start-up: stopping before connecting");
+        return Ok(());
+    }
     if scorer.package().manifest.tiny {
         warn!(
             package = %cfg.model.package.display(),
@@ -316,12 +329,15 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    rt.block_on(run_async(config_path.to_path_buf(), cfg, scorer))
+    rt.block_on(run_async(config_path.to_path_buf(), cfg, scorer, control))
 }
 
-async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<(), DaemonError> {
-    use tokio::signal::unix::{SignalKind, signal};
-
+async fn run_async(
+    config_path: PathBuf,
+    cfg: Config,
+    scorer: Scorer,
+    mut control: Control,
+) -> Result<(), DaemonError> {
     let (publisher, pub_task) = Publisher::spawn(&cfg.mqtt, &cfg.node_id, &cfg.state_dir)?;
     let size = scorer.size();
     let model_name = scorer.package().manifest.name.clone();
@@ -381,10 +397,6 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
             .map_err(DaemonError::Runtime)?
     };
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Runtime)?;
-
     let mut current = cfg;
     let mut stats_tick = stats_timer(current.stats_interval);
     let wd = sd_notify::watchdog_enabled();
@@ -407,11 +419,11 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
         "anomalyclip-edge running"
     );
 
+    let shutdown = control.shutdown.clone();
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
-            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
-            _ = sighup.recv() => {
+            _ = shutdown.cancelled() => { info!("stopping"); break; }
+            Some(()) = control.reload.recv() => {
                 let stats_before = current.stats_interval;
                 reload(&config_path, &mut current, &mut running, size, &mut next_index,
                        &notify_frames, &publisher, &shared);
@@ -441,32 +453,35 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
         }
     }
 
-    // One shutdown path: a second signal quits at once.
+    // One shutdown path and one deadline: cameras first (in parallel), so no new frames
+    // arrive; the worker finishes the batch in flight; the publisher gets what is left, and at
+    // least PUBLISHER_STOP_RESERVE. A second signal quits at once (main).
     notify(&[sd_notify::NotifyState::Stopping]);
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
-        eprintln!("second signal: exiting now");
-        std::process::exit(130);
-    });
-    let deadline = Instant::now() + STOP_DEADLINE;
-    // Cameras first, so no new frames arrive; the worker finishes the batch in flight.
+    let deadline = Deadline::after(STOP_DEADLINE);
+    let stages = Deadline::after(STOP_DEADLINE.saturating_sub(PUBLISHER_STOP_RESERVE));
     let cams: Vec<Running> = std::mem::take(&mut running);
-    let stopper = tokio::task::spawn_blocking(move || {
-        for r in cams {
-            let name = r.cfg.name.clone();
+    let mut stoppers = Vec::new();
+    for r in cams {
+        let name = r.cfg.name.clone();
+        let task = tokio::task::spawn_blocking(move || {
             if let Err(e) = r.camera.stop() {
-                warn!(camera = %name, error = %e, "camera did not stop cleanly");
+                warn!(camera = %r.cfg.name, error = %e, "camera did not stop cleanly");
             }
+        });
+        stoppers.push((name, task));
+    }
+    for (name, task) in stoppers {
+        if tokio::time::timeout_at(stages.instant().into(), task)
+            .await
+            .is_err()
+        {
+            warn!(straggler = %format!("camera {name}"), "camera still stopping at the stop deadline");
         }
-    });
-    let _ = tokio::time::timeout(STOP_DEADLINE, stopper).await;
+    }
     shared.stop.store(true, Ordering::SeqCst);
     notify_frames.notify();
     let joined = tokio::task::spawn_blocking(move || worker.join());
-    match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), joined).await {
+    match tokio::time::timeout_at(stages.instant().into(), joined).await {
         Ok(Ok(Ok(()))) => {}
         Ok(_) => error!("inference worker ended abnormally"),
         Err(_) => warn!(
@@ -474,8 +489,9 @@ async fn run_async(config_path: PathBuf, cfg: Config, scorer: Scorer) -> Result<
             "inference worker still busy at the stop deadline"
         ),
     }
-    publisher.shutdown(STOP_DEADLINE);
-    if tokio::time::timeout(STOP_DEADLINE + Duration::from_secs(1), pub_task)
+    // A quarter second of the budget for the publisher task to return after its own stop.
+    publisher.shutdown(deadline.left().saturating_sub(Duration::from_millis(250)));
+    if tokio::time::timeout_at(deadline.instant().into(), pub_task)
         .await
         .is_err()
     {

@@ -69,6 +69,7 @@ fn init_logging(filter: Option<&str>) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log.as_deref());
+
     let res = match cli.command {
         Command::Score(args) => cli_score::run(args),
         Command::Eval(args) => cli_eval::run(args),
@@ -100,8 +101,39 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Signals for `run`, handled from the first instruction of the command: SIGTERM/SIGINT ask
+/// the daemon to stop (a second one exits at once with 130), SIGHUP asks for a reload — also
+/// during start-up, when the request waits until the daemon is ready instead of killing it.
+fn forward_signals(handle: anomalyclip_edge::daemon::ControlHandle) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("ace-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let name = match sig {
+                    SIGTERM => "SIGTERM",
+                    SIGINT => "SIGINT",
+                    _ => "SIGHUP",
+                };
+                if sig == SIGHUP {
+                    tracing::info!("SIGHUP: reload requested");
+                    handle.reload();
+                } else if handle.stop() {
+                    tracing::info!("{name}: stopping");
+                } else {
+                    eprintln!("second signal ({name}): exiting now");
+                    std::process::exit(130);
+                }
+            }
+        })?;
+    Ok(())
+}
+
 fn run_daemon(config: &std::path::Path) -> anyhow::Result<ExitCode> {
-    match anomalyclip_edge::daemon::run(config) {
+    let (handle, control) = anomalyclip_edge::daemon::control();
+    forward_signals(handle)?;
+    match anomalyclip_edge::daemon::run(config, control) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(anomalyclip_edge::daemon::DaemonError::Config(errors)) => {
             for p in &errors.problems {

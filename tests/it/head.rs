@@ -4,7 +4,7 @@
 //! references (torch `F.interpolate`, `scipy.ndimage.gaussian_filter`, numpy); the whole head
 //! |Δ| ≤ 1e-5 against the official float32 torch + scipy pipeline.
 
-mod common;
+use crate::common;
 
 use anomalyclip_edge::head::{
     CpuHead, HeadConfig, HeadError, HeadOutput, binary_mask, gaussian_blur, gaussian_kernel,

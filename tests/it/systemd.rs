@@ -8,7 +8,7 @@
 //! reconnect; a broken config rejected with the old one kept; SIGTERM → `STOPPING=1`,
 //! `stopped` retained, exit 0.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

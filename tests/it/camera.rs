@@ -1,7 +1,7 @@
 //! Camera stage against real GStreamer pipelines and a simulated RTSP IP camera on 127.0.0.1.
 //! Every wait is bounded; the whole file runs in well under a minute.
 
-mod common;
+use crate::common;
 
 use std::net::TcpStream;
 use std::sync::Arc;

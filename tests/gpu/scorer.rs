@@ -5,12 +5,16 @@
 //!
 //! [`Scorer`]: anomalyclip_edge::scorer::Scorer
 
-mod gpu_common;
+use crate::support as gpu_common;
 
 use anomalyclip_edge::engine::Backend;
 use anomalyclip_edge::scorer::HeadChoice;
 use gpu_common::{golden_images, gpu_and_runtime_ready, max_abs_diff, open_tiny};
 
+#[cfg_attr(
+    not(have_gpu),
+    ignore = "needs a CUDA GPU: on a GPU machine run scripts/gpu-check (--include-ignored)"
+)]
 #[test]
 fn gpu_head_matches_the_cpu_head_through_the_scorer() {
     if !gpu_and_runtime_ready() {

@@ -6,9 +6,9 @@
 //!   library paths tried); nothing panics.
 //!
 //! Runs with `--log off`, so stderr holds only those error lines. Needs the ONNX Runtime library
-//! (skipped with a message without it, unless `ANOMALYCLIP_REQUIRE_ORT` is set).
+//! (ignored without it; CI runs it with `--include-ignored`).
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -83,6 +83,10 @@ fn exact(path: &Path) -> bool {
     jpeg_decoder() == JpegDecoder::LibjpegTurbo || path.extension().is_none_or(|e| e != "jpg")
 }
 
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn happy_path_golden_images_and_outputs() {
     let Some(lib) = ort_or_skip("happy_path_golden_images_and_outputs") else {
@@ -214,6 +218,10 @@ fn replace_with_hash(pkg: &Path, file: &str, content: &[u8]) {
 }
 
 /// Every broken package or library: exit 2, one line naming the culprit, nothing on stdout.
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn bad_package_or_library_exit_2_with_one_line() {
     let Some(lib) = ort_or_skip("bad_package_or_library_exit_2_with_one_line") else {
@@ -383,6 +391,10 @@ fn bad_package_or_library_exit_2_with_one_line() {
 }
 
 /// Bad usage: exit 2 before anything is scored.
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn bad_usage_exit_2() {
     let Some(lib) = ort_or_skip("bad_usage_exit_2") else {
@@ -437,6 +449,10 @@ fn uniform_png(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
 
 /// Bad image files: exit 1, one stderr line naming the file, a JSON line with `error` and no
 /// score. Also an image over the pixel limit (header only: refused before any pixel is decoded).
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn bad_images_exit_1_with_one_line_each() {
     let Some(lib) = ort_or_skip("bad_images_exit_1_with_one_line_each") else {
@@ -551,6 +567,10 @@ fn fixtures_jpeg(golden: &Golden) -> PathBuf {
 
 /// Good and bad images in one call: exit 1, the good ones scored (same numbers as alone), the bad
 /// one reported, order kept; default logging (info) still gives exactly one `error:` line.
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn mixed_good_and_bad_exit_1_good_still_scored() {
     let Some(lib) = ort_or_skip("mixed_good_and_bad_exit_1_good_still_scored") else {
@@ -603,6 +623,10 @@ fn mixed_good_and_bad_exit_1_good_still_scored() {
 /// give a correct result. Both are the same uniform colour, and Pillow's resize of a uniform
 /// image is that colour at any size, so both must get the same score and map (checked to 1e-6:
 /// identical model input). The 12000×12000 run is timed (decode 432 MB of RGB + resize).
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn one_pixel_and_12000_square_images() {
     let Some(lib) = ort_or_skip("one_pixel_and_12000_square_images") else {

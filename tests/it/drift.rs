@@ -13,7 +13,7 @@
 //! Score and map differences are for the tiny package (S = 112, random weights); the pixel
 //! differences at 518 (the real model's input size) are the scaler alone, for the real model.
 
-mod common;
+use crate::common;
 
 use std::time::Instant;
 
@@ -184,13 +184,11 @@ fn gst_scale(src: &Frame, size: usize, method: Option<&str>, frames: usize) -> (
 
 fn gst_or_skip(test: &str) -> bool {
     if let Err(e) = gst::init() {
-        eprintln!("{test}: SKIPPED, GStreamer: {e}");
-        return false;
+        panic!("{test}: GStreamer: {e}");
     }
     for el in ["appsrc", "videoconvert", "videoscale", "appsink"] {
         if gst::ElementFactory::find(el).is_none() {
-            eprintln!("{test}: SKIPPED, GStreamer element {el} missing");
-            return false;
+            panic!("{test}: GStreamer element {el} missing");
         }
     }
     true
@@ -259,6 +257,10 @@ fn frames(golden: &Golden) -> Vec<(String, Frame)> {
 /// No GStreamer scaling: the native frame (rows padded) through `prepare_frame` gives exactly the
 /// file path's numbers for RGB and L files (RGBA differs only because Pillow resizes files with
 /// premultiplied alpha; camera frames have none).
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn native_frame_path_equals_file_path() {
     let Some(lib) = ort_or_skip("native_frame_path_equals_file_path") else {
@@ -284,6 +286,10 @@ fn native_frame_path_equals_file_path() {
     assert!(checked >= 4);
 }
 
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn gstreamer_videoscale_drift_table() {
     let Some(lib) = ort_or_skip("gstreamer_videoscale_drift_table") else {

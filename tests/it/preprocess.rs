@@ -1,7 +1,7 @@
 //! The resampler and the normalisation against Pillow 13 / torch (`tests/fixtures/resize`):
 //! every resize is required to be bit-exact, and so is the normalised tensor.
 
-mod common;
+use crate::common;
 
 use anomalyclip_edge::preprocess::{
     CLIP_MEAN, CLIP_STD, Filter, PreprocessError, Preprocessor, Resizer, preprocess_rgb, resize_u8,

@@ -7,10 +7,11 @@
 //! Every child process (daemon, mosquitto) runs under a guard that kills it on drop; every
 //! wait is bounded (`common::broker::WAIT`). The systemd side is in `tests/systemd.rs`.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::time::Duration;
 
 use common::broker::{Broker, Msg, Proxy, Watcher};
 use common::daemon::{BIN, Daemon, config, sim_camera, tiny_model};
@@ -731,4 +732,130 @@ async fn stop_during_a_broker_outage_then_restart_replays_and_clears_the_alarm()
     assert_eq!(late.next_on(alarm).await.json()["active"], false);
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit().await.code(), Some(0), "{}", d.log());
+}
+
+/// Whether process `pid` has a handler for signal `sig` (`SigCgt` in /proc/PID/status).
+fn catches(pid: i32, sig: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
+}
+
+/// Waits (bounded) until the daemon handles `sig`, which it does from the start of `run`.
+async fn wait_catches(d: &mut Daemon, sig: i32) {
+    let t0 = std::time::Instant::now();
+    while !catches(d.pid(), sig) {
+        assert!(d.try_exit().is_none(), "the daemon exited:\n{}", d.log());
+        assert!(
+            t0.elapsed() < common::broker::WAIT,
+            "signal {sig} never handled"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// SIGHUP before the daemon is ready (while the model loads) used to kill it: the default action
+/// of SIGHUP is to terminate, and the handler was installed just before READY=1. Now the
+/// handler is there from the start of `run`, and a SIGHUP during start-up is a reload request
+/// carried out once the daemon is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_during_start_up_is_deferred_not_fatal() {
+    let broker = Broker::start(None).await;
+    let mut d = Daemon::start(&config("hup", broker.port, &sim_camera("sim", 0.5)));
+    wait_catches(&mut d, libc::SIGHUP).await;
+    let mut sent_before_ready = 0;
+    while d.notify.notes().iter().all(|n| !n.has("READY=1")) {
+        assert!(
+            d.try_exit().is_none(),
+            "the daemon died during start-up:\n{}",
+            d.log()
+        );
+        d.signal(libc::SIGHUP);
+        sent_before_ready += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(sent_before_ready >= 1, "no SIGHUP sent before READY=1");
+    d.wait_ready().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.assert_running();
+    let log = d.log();
+    let requested = log
+        .find("SIGHUP: reload requested")
+        .expect("reload request logged");
+    let running = log
+        .find("anomalyclip-edge running")
+        .expect("running logged");
+    assert!(
+        requested < running,
+        "no SIGHUP arrived during start-up:\n{log}"
+    );
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit().await;
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+}
+
+/// SIGTERM during start-up (before READY=1): a clean exit (0) without connecting, never death
+/// by the signal's default action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_exits_cleanly() {
+    let broker = Broker::start(None).await;
+    let mut d = Daemon::start(&config("term", broker.port, &sim_camera("sim", 0.5)));
+    wait_catches(&mut d, libc::SIGTERM).await;
+    let ready_before = d.notify.notes().iter().any(|n| n.has("READY=1"));
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit().await;
+    assert_eq!(status.code(), Some(0), "{status:?}\n{}", d.log());
+    if !ready_before {
+        assert!(
+            d.notify.notes().iter().all(|n| !n.has("READY=1")),
+            "stopped during start-up, yet reported ready"
+        );
+    }
+}
+
+/// The daemon as a library call: `daemon::run(config, control)` in a thread of the test
+/// process, stopped through its control handle within the one stop deadline, leaving the
+/// retained node status `stopped`.
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_runs_in_process_and_stops_on_its_control_handle() {
+    use anomalyclip_edge::daemon;
+    let lib = common::golden::ort_or_skip("daemon_runs_in_process").expect("ONNX Runtime");
+    let broker = Broker::start(None).await;
+    let status = "anomalyclip/inproc/status";
+    let mut plc = Watcher::start(broker.port, status).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = config("inproc", broker.port, &sim_camera("sim", 0.5))
+        .replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = {:?}", dir.path().join("state")),
+        )
+        .replace(
+            "[engine]\n",
+            &format!("[engine]\nort_library = {:?}\n", lib),
+        );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).expect("config");
+    let (handle, control) = daemon::control();
+    let thread = std::thread::spawn(move || daemon::run(&path, control));
+    assert_eq!(plc.next_on(status).await.text(), "online");
+    let t0 = std::time::Instant::now();
+    assert!(handle.stop(), "first stop");
+    let joined = tokio::task::spawn_blocking(move || thread.join());
+    let res = tokio::time::timeout(daemon::STOP_DEADLINE + Duration::from_secs(1), joined)
+        .await
+        .expect("daemon::run did not return within the stop deadline")
+        .expect("join")
+        .expect("daemon thread panicked");
+    assert!(res.is_ok(), "{res:?}");
+    assert!(t0.elapsed() <= daemon::STOP_DEADLINE + Duration::from_millis(500));
+    assert_eq!(plc.next_on(status).await.text(), "stopped");
 }

@@ -1,0 +1,26 @@
+//! The integration tests that need no GPU, as one test binary (one link instead of one per
+//! file): each module is one area, in the order a frame travels, then the commands and packaging.
+//! Shared helpers (a real mosquitto, an RTSP camera on 127.0.0.1, the daemon binary, fixtures)
+//! live in [`common`].
+//!
+//! A test whose dependency is not installed here shows as *ignored* with the reason (see
+//! `build.rs`); `scripts/test` (CI) sets `ANOMALYCLIP_REQUIRE_*` and fails on any ignored test.
+//! Run one area with `cargo test --test it camera::`.
+
+mod common;
+
+mod camera;
+mod config;
+mod daemon;
+mod drift;
+mod eval_cli;
+mod eval_dataset;
+mod eval_metrics;
+mod golden;
+mod head;
+mod image_io;
+mod mqtt;
+mod packaging;
+mod preprocess;
+mod score_cli;
+mod systemd;
