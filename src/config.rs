@@ -32,6 +32,7 @@ use toml::de::{DeTable, DeValue};
 use crate::alarm::{self, DebounceConfig};
 use crate::mqtt::{MqttConfig, Secret, TlsConfig, WhenFull};
 use crate::payload::MaskKind;
+pub use crate::payload::{MAX_NAME_LEN, is_valid_name};
 use crate::scorer::HeadChoice;
 
 /// `config/example.toml`: every field, documented.
@@ -248,17 +249,6 @@ pub const fn default_mask_kind() -> MaskKind {
 /// `[camera.mask] min_interval_ms` default.
 pub const fn default_mask_min_interval_ms() -> u64 {
     1000
-}
-
-/// Longest accepted node id / camera name (a topic level; also a PLC string).
-pub const MAX_NAME_LEN: usize = 64;
-
-/// Whether `s` is a valid node id / camera name: 1 to 64 of `[A-Za-z0-9_-]`.
-pub fn is_valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_NAME_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 // ---------------------------------------------------------------------------------------------

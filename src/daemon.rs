@@ -17,7 +17,8 @@
 //! process's first normal frames instead of staying raised for good.
 //!
 //! Failure modes: a configuration, model or state-directory problem at start is an error (the
-//! process exits 2 and systemd's `ExecStartPre=check-config` shows why); a camera or the broker
+//! process exits 2 and systemd's `ExecStartPre=check-config` shows why) — among them a state
+//! directory already locked by another daemon ([`crate::statedir`]); a camera or the broker
 //! failing at run time is reported on MQTT and in the log, and the daemon keeps running.
 
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ use crate::mqtt::{Publisher, PublisherError, PublisherHandle};
 use crate::package::HashCheck;
 use crate::payload::{self, Alarm, CameraStats, FrameResult, MaskGate, Stats};
 use crate::scorer::{ScoreError, Scorer};
+use crate::statedir::{self, StateDir, StateDirError};
 
 mod control;
 pub use control::{Control, ControlHandle, Deadline, control};
@@ -68,12 +70,12 @@ impl AlarmStates {
     fn load(dir: &Path, cameras: &[CameraConfig]) -> Self {
         let path = dir.join(ALARM_STATE_FILE);
         let mut raised: std::collections::BTreeMap<String, bool> =
-            match std::fs::read(&path) {
-                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            match statedir::read_file(&path) {
+                Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                     warn!(path = %path.display(), error = %e, "alarm state file unreadable: every alarm starts clear");
                     Default::default()
                 }),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+                Ok(None) => Default::default(),
                 Err(e) => {
                     warn!(path = %path.display(), error = %e, "alarm state file unreadable: every alarm starts clear");
                     Default::default()
@@ -96,19 +98,14 @@ impl AlarmStates {
         lock(&self.raised).get(camera).copied().unwrap_or(false)
     }
 
-    /// Records a transition and rewrites the file (temporary file, fsync, rename).
+    /// Records a transition and rewrites the file ([`statedir::replace_file`]: temporary file,
+    /// fsync, rename; never through a symlink).
     fn set(&self, camera: &str, raised: bool) {
         let mut map = lock(&self.raised);
         map.insert(camera.to_owned(), raised);
-        let tmp = self.path.with_extension("json.tmp");
         let res = serde_json::to_vec(&*map)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                let mut f = std::fs::File::create(&tmp)?;
-                std::io::Write::write_all(&mut f, &bytes)?;
-                f.sync_all()
-            })
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
+            .and_then(|bytes| statedir::replace_file(&self.path, &bytes));
         if let Err(e) = res {
             warn!(path = %self.path.display(), error = %e, "cannot record the alarm state: a restart now would forget it");
         }
@@ -126,11 +123,8 @@ pub enum DaemonError {
     Publisher(#[from] PublisherError),
     #[error("camera: {0}")]
     Camera(#[from] camera::CameraError),
-    #[error("state directory {path}: {source}")]
-    StateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    StateDir(#[from] StateDirError),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
     #[error("inference worker: {0}")]
@@ -300,10 +294,8 @@ fn camera_settings(cfg: &CameraConfig, size: usize) -> CameraSettings {
 /// when the stop was requested during start-up (checked between the start-up steps).
 pub fn run(config_path: &Path, control: Control) -> Result<(), DaemonError> {
     let cfg = config::load_config(config_path)?;
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
-        path: cfg.state_dir.clone(),
-        source,
-    })?;
+    // Ours alone until we return: a second daemon on this state directory stops here.
+    let _state_dir = StateDir::open(&cfg.state_dir)?;
     camera::init()?;
 
     // The model first: a bad package fails before anything touches the broker.

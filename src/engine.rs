@@ -642,8 +642,10 @@ fn tensorrt_cached(
     std::fs::create_dir_all(root)
         .map_err(|e| unavailable(format!("engine cache {}: {e}", root.display())))?;
     let tmp = root.join(format!(".build-{key}-{}", std::process::id()));
+    // remove_dir_all unlinks a symlink planted at the name; create_dir then fails rather than
+    // follow one planted since.
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)
+    std::fs::create_dir(&tmp)
         .map_err(|e| unavailable(format!("engine cache {}: {e}", tmp.display())))?;
     tracing::info!(key = %key, "building the TensorRT engine (minutes the first time; cached afterwards)");
     let mut session = session_in(&tmp)?;

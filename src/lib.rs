@@ -16,6 +16,7 @@
 //! - [`payload`]: the versioned MQTT payloads (result, alarm, status, mask PNG, stats).
 //! - [`mqtt`]: the publisher task, its topic contract and the on-disk alarm queue.
 //! - [`daemon`]: the `run` loop that ties the stages together, with systemd integration.
+//! - [`statedir`]: the state directory, locked for one daemon; atomic, symlink-safe file writes.
 //!
 //! Off the frame path: [`eval`] (dataset evaluation with the paper's metrics).
 pub mod alarm;
@@ -33,3 +34,4 @@ pub mod payload;
 pub mod preprocess;
 pub mod scorer;
 pub mod simd;
+pub mod statedir;

@@ -16,12 +16,13 @@
 //!
 //! Delivery policy, per edge (named, bounded):
 //! - alarms never drop while the disk has room: every alarm is appended (fsync'd) to the queue file
-//!   `<state_dir>/alarm-queue.v1.jsonl` before it is sent, and removed only when the broker's
-//!   PUBACK arrives. After a reconnect, or at start with a non-empty file, queued alarms are
-//!   re-sent in order with `replayed: true`. The queue holds at most `queue_max_alarms`; when full,
-//!   [`WhenFull`] decides (default: drop the oldest, so the latest state always gets through),
-//!   and each drop is counted (`dropped_alarms`). Delivery is at least once: an alarm whose PUBACK
-//!   was lost may arrive twice (same `seq`).
+//!   `<state_dir>/alarm-queue.v2` before it is sent, and removed only when the broker's PUBACK
+//!   arrives (file format, checksums, how a damaged file is read: [`queue`]). After a reconnect,
+//!   or at start with a non-empty file, queued alarms are re-sent in order with `replayed: true`.
+//!   The queue holds at most `queue_max_alarms`; when full, [`WhenFull`] decides (default: drop
+//!   the oldest, so the latest state always gets through), and each drop is counted
+//!   (`dropped_alarms`). Delivery is at least once: an alarm whose PUBACK was lost may arrive
+//!   twice (same `seq`); consumers de-duplicate on (camera, seq, active).
 //! - results and masks are latest-value data: dropped (and counted) while disconnected or when
 //!   the 256-slot input channel or the MQTT request channel is full.
 //! - node and camera statuses are retained and re-published on every (re)connect, as is the latest
@@ -43,8 +44,7 @@
 //! of `Outgoing::Publish` events (the event loop handles requests in FIFO order).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,15 +54,17 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS,
     TlsConfiguration, Transport,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::config::is_valid_name;
-use crate::payload::{Alarm, CameraStatus, FrameResult, MqttStats, Stats};
+use crate::payload::{Alarm, CameraStatus, FrameResult, MqttStats, Stats, is_valid_name};
+
+pub mod queue;
+pub use queue::{AlarmQueue, PushOutcome, QUEUE_FILE, QUEUE_FILE_V1};
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -165,8 +167,6 @@ pub const MAX_MASK_BYTES: usize = 512 * 1024;
 pub const MAX_PACKET_BYTES: usize = 1024 * 1024;
 /// Default deadline of the clean stop started when every handle is dropped.
 pub const DEFAULT_STOP_DEADLINE: Duration = Duration::from_secs(5);
-/// File name of the alarm queue inside the state directory (format version in the name).
-pub const QUEUE_FILE: &str = "alarm-queue.v1.jsonl";
 
 const DATA_CHANNEL: usize = 256;
 const REQUEST_CHANNEL: usize = 128;
@@ -181,292 +181,6 @@ pub enum PublisherError {
     Queue { path: PathBuf, source: io::Error },
     #[error("cannot read TLS file {path}: {source}")]
     TlsFile { path: PathBuf, source: io::Error },
-}
-
-// ---------------------------------------------------------------------------------------------
-// Disk queue
-// ---------------------------------------------------------------------------------------------
-
-/// One line of the queue file.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-enum Record {
-    /// An alarm was queued (written and fsync'd before it is sent).
-    Add { id: u64, alarm: Alarm },
-    /// The alarm with this id was acknowledged by the broker, or dropped because the queue was
-    /// full (not fsync'd: a lost `del` only means a duplicate after a crash).
-    Del { id: u64 },
-}
-
-#[derive(Debug, Clone)]
-struct Entry {
-    id: u64,
-    alarm: Alarm,
-    /// Send with `replayed: true`.
-    replay: bool,
-    /// Handed to the current connection.
-    sent: bool,
-}
-
-/// What [`AlarmQueue::push`] did.
-#[derive(Debug, Default)]
-pub struct PushOutcome {
-    /// An alarm discarded by the full-queue policy (the oldest, or the new one).
-    pub dropped: Option<Alarm>,
-    /// The write failed; the alarm is kept in memory only.
-    pub io_error: Option<io::Error>,
-}
-
-/// Bounded, append-only, fsync'd alarm queue.
-///
-/// Format: JSON lines, `{"op":"add","id":N,"alarm":{…}}` and `{"op":"del","id":N}`. On open, the
-/// live entries (adds without a del) are restored in order, a torn last line (crash during a
-/// write) or a corrupt line is skipped with a warning, and the file is rewritten atomically with
-/// just the live entries. The file is truncated whenever the queue becomes empty, and rewritten
-/// when dead records dominate it.
-#[derive(Debug)]
-pub struct AlarmQueue {
-    path: PathBuf,
-    file: Option<File>,
-    entries: VecDeque<Entry>,
-    next_id: u64,
-    max: usize,
-    when_full: WhenFull,
-    records: usize,
-}
-
-impl AlarmQueue {
-    /// Opens (creating `dir` and the file if needed) and restores the queue. Restored alarms
-    /// will be sent with `replayed: true`.
-    pub fn open(dir: &Path, max: usize, when_full: WhenFull) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join(QUEUE_FILE);
-        let mut entries: VecDeque<Entry> = VecDeque::new();
-        let mut next_id = 0;
-        match File::open(&path) {
-            Ok(f) => {
-                let mut reader = BufReader::new(f);
-                let mut line = String::new();
-                let mut n = 0usize;
-                loop {
-                    line.clear();
-                    let read = match reader.read_line(&mut line) {
-                        Ok(read) => read,
-                        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                            warn!(path = %path.display(), "alarm queue: invalid UTF-8, rest of file skipped");
-                            break;
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    if read == 0 {
-                        break;
-                    }
-                    n += 1;
-                    if !line.ends_with('\n') {
-                        warn!(path = %path.display(), line = n, "alarm queue: torn last record (crash during write) skipped");
-                        break;
-                    }
-                    match serde_json::from_str::<Record>(line.trim_end()) {
-                        Ok(Record::Add { id, alarm }) => {
-                            next_id = next_id.max(id + 1);
-                            entries.push_back(Entry {
-                                id,
-                                alarm,
-                                replay: true,
-                                sent: false,
-                            });
-                        }
-                        Ok(Record::Del { id }) => entries.retain(|e| e.id != id),
-                        Err(e) => {
-                            warn!(path = %path.display(), line = n, error = %e, "alarm queue: corrupt record skipped");
-                        }
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let mut q = Self {
-            path,
-            file: None,
-            entries,
-            next_id,
-            max: max.max(1),
-            when_full,
-            records: 0,
-        };
-        while q.entries.len() > q.max {
-            q.entries.pop_front();
-        }
-        if !q.entries.is_empty() {
-            info!(path = %q.path.display(), alarms = q.entries.len(), "alarm queue restored; will replay after connecting");
-        }
-        q.rewrite()?;
-        Ok(q)
-    }
-
-    /// Number of queued alarms (sent but unacknowledged included).
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether the queue is empty.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The queued alarms, oldest first.
-    pub fn alarms(&self) -> impl Iterator<Item = &Alarm> {
-        self.entries.iter().map(|e| &e.alarm)
-    }
-
-    /// Appends an alarm (fsync'd) and returns its id, applying the full-queue policy first.
-    pub fn push(&mut self, alarm: Alarm, replay: bool) -> (Option<u64>, PushOutcome) {
-        let mut out = PushOutcome::default();
-        if self.entries.len() >= self.max {
-            match self.when_full {
-                WhenFull::DropNewest => {
-                    out.dropped = Some(alarm);
-                    return (None, out);
-                }
-                WhenFull::DropOldest => {
-                    if let Some(old) = self.entries.pop_front() {
-                        if let Err(e) = self.append(&Record::Del { id: old.id }, false) {
-                            out.io_error = Some(e);
-                        }
-                        out.dropped = Some(old.alarm);
-                    }
-                }
-            }
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        let rec = Record::Add {
-            id,
-            alarm: alarm.clone(),
-        };
-        if let Err(e) = self.append(&rec, true) {
-            out.io_error = Some(e);
-        }
-        self.entries.push_back(Entry {
-            id,
-            alarm,
-            replay,
-            sent: false,
-        });
-        if self.records > 2 * self.entries.len() + 1024
-            && let Err(e) = self.rewrite()
-        {
-            out.io_error = Some(e);
-        }
-        (Some(id), out)
-    }
-
-    /// Removes an acknowledged alarm; returns it (None if it was dropped meanwhile).
-    pub fn ack(&mut self, id: u64) -> io::Result<Option<Alarm>> {
-        let Some(pos) = self.entries.iter().position(|e| e.id == id) else {
-            return Ok(None);
-        };
-        let entry = self.entries.remove(pos);
-        if self.entries.is_empty() {
-            self.truncate()?;
-        } else if self.records > 2 * self.entries.len() + 1024 {
-            self.rewrite()?;
-        } else {
-            self.append(&Record::Del { id }, false)?;
-        }
-        Ok(entry.map(|e| e.alarm))
-    }
-
-    /// After a lost connection: everything is to be sent again, marked replayed.
-    fn mark_all_unsent(&mut self) {
-        for e in &mut self.entries {
-            e.sent = false;
-            e.replay = true;
-        }
-    }
-
-    fn has_camera(&self, camera: &str) -> bool {
-        self.entries.iter().any(|e| e.alarm.camera == camera)
-    }
-
-    fn append(&mut self, rec: &Record, sync: bool) -> io::Result<()> {
-        let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
-        line.push(b'\n');
-        let file = match &mut self.file {
-            Some(f) => f,
-            None => {
-                // A previous failure closed it: try again.
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?;
-                self.file.insert(f)
-            }
-        };
-        let res = file
-            .write_all(&line)
-            .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
-        match res {
-            Ok(()) => {
-                self.records += 1;
-                Ok(())
-            }
-            Err(e) => {
-                // Reopen next time; a partial line is skipped at the next open.
-                self.file = None;
-                Err(e)
-            }
-        }
-    }
-
-    fn truncate(&mut self) -> io::Result<()> {
-        let f = match &mut self.file {
-            Some(f) => f,
-            None => self.file.insert(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            ),
-        };
-        f.set_len(0)?;
-        self.records = 0;
-        Ok(())
-    }
-
-    /// Writes the live entries to a temporary file, fsyncs it, renames it over the queue file and
-    /// fsyncs the directory; then reopens for appending.
-    fn rewrite(&mut self) -> io::Result<()> {
-        self.file = None;
-        let tmp = self.path.with_extension("jsonl.tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            let mut buf = Vec::new();
-            for e in &self.entries {
-                let rec = Record::Add {
-                    id: e.id,
-                    alarm: e.alarm.clone(),
-                };
-                serde_json::to_writer(&mut buf, &rec).map_err(io::Error::other)?;
-                buf.push(b'\n');
-            }
-            f.write_all(&buf)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        self.records = self.entries.len();
-        self.file = Some(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)?,
-        );
-        Ok(())
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1295,111 +1009,6 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn alarm(seq: u64) -> Alarm {
-        Alarm {
-            camera: "cam".into(),
-            active: seq.is_multiple_of(2),
-            seq,
-            ts_ms: 1000 + seq,
-            score: 0.5,
-        }
-    }
-
-    fn seqs(q: &AlarmQueue) -> Vec<u64> {
-        q.alarms().map(|a| a.seq).collect()
-    }
-
-    #[test]
-    fn queue_survives_reopen_in_order_without_acked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut q = AlarmQueue::open(dir.path(), 100, WhenFull::DropOldest).expect("open");
-        let ids: Vec<u64> = (0..5).filter_map(|s| q.push(alarm(s), false).0).collect();
-        assert_eq!(q.ack(ids[1]).expect("ack").map(|a| a.seq), Some(1));
-        drop(q);
-        let q = AlarmQueue::open(dir.path(), 100, WhenFull::DropOldest).expect("reopen");
-        assert_eq!(seqs(&q), vec![0, 2, 3, 4]);
-        assert!(q.entries.iter().all(|e| e.replay && !e.sent));
-        // Rewritten on open: only live records remain.
-        let text = std::fs::read_to_string(dir.path().join(QUEUE_FILE)).expect("read");
-        assert_eq!(text.lines().count(), 4);
-        assert!(!text.contains("\"del\""));
-    }
-
-    #[test]
-    fn queue_skips_torn_and_corrupt_records() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut q = AlarmQueue::open(dir.path(), 100, WhenFull::DropOldest).expect("open");
-        q.push(alarm(0), false);
-        q.push(alarm(1), false);
-        drop(q);
-        let path = dir.path().join(QUEUE_FILE);
-        let mut text = std::fs::read_to_string(&path).expect("read");
-        text.insert_str(0, "garbage line\n");
-        text.push_str("{\"op\":\"add\",\"id\":9,\"alarm\":{\"camera\":\"c"); // torn
-        std::fs::write(&path, text).expect("write");
-        let mut q = AlarmQueue::open(dir.path(), 100, WhenFull::DropOldest).expect("reopen");
-        assert_eq!(seqs(&q), vec![0, 1]);
-        // New ids continue after the restored ones and appends land on a clean line.
-        let (id, _) = q.push(alarm(2), false);
-        assert_eq!(id, Some(2));
-        drop(q);
-        let q = AlarmQueue::open(dir.path(), 100, WhenFull::DropOldest).expect("reopen 2");
-        assert_eq!(seqs(&q), vec![0, 1, 2]);
-    }
-
-    #[test]
-    fn queue_bound_drop_oldest_and_drop_newest() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut q = AlarmQueue::open(dir.path(), 3, WhenFull::DropOldest).expect("open");
-        for s in 0..3 {
-            assert!(q.push(alarm(s), false).1.dropped.is_none());
-        }
-        let (_, out) = q.push(alarm(3), false);
-        assert_eq!(out.dropped.map(|a| a.seq), Some(0));
-        assert_eq!(seqs(&q), vec![1, 2, 3]);
-        drop(q);
-        let mut q = AlarmQueue::open(dir.path(), 3, WhenFull::DropNewest).expect("reopen");
-        assert_eq!(seqs(&q), vec![1, 2, 3]);
-        let (id, out) = q.push(alarm(4), false);
-        assert_eq!((id, out.dropped.map(|a| a.seq)), (None, Some(4)));
-        assert_eq!(seqs(&q), vec![1, 2, 3]);
-        // Reopening with a smaller bound keeps the newest.
-        drop(q);
-        let q = AlarmQueue::open(dir.path(), 2, WhenFull::DropOldest).expect("reopen small");
-        assert_eq!(seqs(&q), vec![2, 3]);
-    }
-
-    #[test]
-    fn queue_file_truncated_when_empty_and_compacted_under_churn() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(QUEUE_FILE);
-        let mut q = AlarmQueue::open(dir.path(), 10, WhenFull::DropOldest).expect("open");
-        let (id, _) = q.push(alarm(0), false);
-        assert!(std::fs::metadata(&path).expect("meta").len() > 0);
-        q.ack(id.expect("id")).expect("ack");
-        assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
-        // Churn through a full queue: the file stays bounded.
-        // Each push over the bound writes a del and an add: 700 pushes pass the compaction point.
-        for s in 0..700 {
-            q.push(alarm(s), false);
-        }
-        let lines = std::fs::read_to_string(&path)
-            .expect("read")
-            .lines()
-            .count();
-        assert!(lines <= 2 * 10 + 1024 + 2, "{lines}");
-        let ids: Vec<u64> = q.entries.iter().map(|e| e.id).collect();
-        for id in ids.iter().take(9) {
-            q.ack(*id).expect("ack");
-        }
-        let lines = std::fs::read_to_string(&path)
-            .expect("read")
-            .lines()
-            .count();
-        assert!(lines < 1100, "{lines}");
-        assert_eq!(seqs(&q), vec![699]);
-    }
 
     #[test]
     fn backoff_is_capped_and_resets() {

@@ -335,7 +335,11 @@ async fn broker_outage_alarms_replayed_in_order_none_missing() {
 
     // The broker acknowledged it: the disk queue is empty again (else it is replayed too, as
     // delivery is at least once).
-    let queue_file = d.dir.path().join("state/alarm-queue.v1.jsonl");
+    let queue_file = d
+        .dir
+        .path()
+        .join("state")
+        .join(anomalyclip_edge::mqtt::QUEUE_FILE);
     wait_file(&queue_file, "the live alarm acknowledged", str::is_empty).await;
 
     // Outage: the broker is killed (no clean shutdown) and may not be reached again yet.
@@ -701,7 +705,7 @@ async fn stop_during_a_broker_outage_then_restart_replays_and_clears_the_alarm()
     let raised = logged_alarms(&d, "sim");
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit().await.code(), Some(0), "{}", d.log());
-    let queue = std::fs::read_to_string(state.path().join("alarm-queue.v1.jsonl"))
+    let queue = std::fs::read_to_string(state.path().join(anomalyclip_edge::mqtt::QUEUE_FILE))
         .expect("alarm queue file");
     assert_eq!(queue.lines().count(), 1, "{queue}");
 
