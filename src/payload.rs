@@ -411,6 +411,17 @@ impl MaskGate {
     }
 }
 
+/// Longest accepted node id / camera name (a topic level; also a PLC string).
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Whether `s` is a valid node id / camera name: 1 to 64 of `[A-Za-z0-9_-]`.
+pub fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
