@@ -106,7 +106,10 @@ fn minimal_file_loads_with_defaults() {
     );
     std::fs::write(&path, &text).expect("write");
     assert_eq!(check(&path), Vec::new());
-    assert!(state.is_dir(), "check-config creates the state directory as run would");
+    assert!(
+        state.is_dir(),
+        "check-config creates the state directory as run would"
+    );
 }
 
 #[test]

@@ -177,7 +177,11 @@ fn garbage_inside_pem_markers_is_refused() {
     let path = write_config(dir.path(), &good, CAMERA);
     assert_eq!(check(&path), Vec::new());
 
-    let bad = tls_table(&garbage_cert, &bad_base64.display().to_string(), &garbage_key);
+    let bad = tls_table(
+        &garbage_cert,
+        &bad_base64.display().to_string(),
+        &garbage_key,
+    );
     let path = write_config(dir.path(), &bad, CAMERA);
     let ps = check(&path);
     assert_one(&ps, "mqtt.tls.ca_file", "not a usable CA certificate");
@@ -188,7 +192,11 @@ fn garbage_inside_pem_markers_is_refused() {
     let path = write_config(dir.path(), &bad, CAMERA);
     let ps = check(&path);
     assert_one(&ps, "mqtt.tls.ca_file", "not valid PEM");
-    assert_one(&ps, "mqtt.tls.client_cert_file", "not a valid X.509 certificate");
+    assert_one(
+        &ps,
+        "mqtt.tls.client_cert_file",
+        "not a valid X.509 certificate",
+    );
     assert_one(&ps, "mqtt.tls.client_key_file", "2 private keys");
 
     // A certificate given as the key, and a key given as the CA.
@@ -199,7 +207,11 @@ fn garbage_inside_pem_markers_is_refused() {
     );
     let path = write_config(dir.path(), &bad, CAMERA);
     let ps = check(&path);
-    assert_one(&ps, "mqtt.tls.ca_file", "does not look like a PEM certificate");
+    assert_one(
+        &ps,
+        "mqtt.tls.ca_file",
+        "does not look like a PEM certificate",
+    );
     assert_one(
         &ps,
         "mqtt.tls.client_key_file",
@@ -216,9 +228,8 @@ fn a_broker_host_written_as_a_url_or_with_spaces_is_refused() {
         ("broker local", "white space"),
         ("broker;rm", "not a valid host name"),
     ] {
-        let text = format!(
-            "node_id = \"n\"\n[model]\npackage = \"p\"\n[mqtt]\nhost = {host:?}\n{CAMERA}"
-        );
+        let text =
+            format!("node_id = \"n\"\n[model]\npackage = \"p\"\n[mqtt]\nhost = {host:?}\n{CAMERA}");
         let err = parse_config(&text, "c.toml", FsChecks::Disabled).expect_err(host);
         assert_one(&err.problems, "mqtt.host", fragment);
         assert_eq!(err.problems[0].line, Some(5), "{err}");
@@ -282,14 +293,14 @@ fn a_password_file_with_a_second_line_is_refused_and_never_sent() {
     let pw = dir.path().join("pw");
     let text = |pw: &Path| {
         format!(
-            "node_id = \"n\"\n[model]\npackage = \"p\"\n[mqtt]\nhost = \"h\"\nusername = \"u\"\n\
+            "node_id = \"n\"\n[model]\npackage = {:?}\n[mqtt]\nhost = \"h\"\nusername = \"u\"\n\
              password_file = {:?}\n{CAMERA}",
+            tiny(),
             pw.display().to_string()
         )
     };
     std::fs::write(&pw, "s3cret\nsecond-line-secret\n").expect("write");
-    let err = parse_config(&text(&pw), "c.toml", FsChecks::Enabled)
-        .expect_err("two lines");
+    let err = parse_config(&text(&pw), "c.toml", FsChecks::Enabled).expect_err("two lines");
     assert_one(&err.problems, "mqtt.password_file", "more than one line");
     assert!(!err.to_string().contains("s3cret"), "{err}");
     assert!(!err.to_string().contains("second-line"), "{err}");

@@ -476,7 +476,6 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
     })
 }
 
-
 /// The state directory check of `check-config`, as the user running it (the service's user
 /// under `ExecStartPre=`): creates the directory if missing (mode 0750, as `run` would), then
 /// creates and removes a file in it.
@@ -615,13 +614,18 @@ mod tests {
         // True leaves: nothing from the crate.
         for f in ["config/problems.rs", "payload.rs", "package.rs", "alarm.rs"] {
             let imports = crate_imports(&root.join(f));
-            assert!(imports.is_empty(), "src/{f} is a leaf but imports {imports:?}");
+            assert!(
+                imports.is_empty(),
+                "src/{f} is a leaf but imports {imports:?}"
+            );
         }
         // The engine config leaf does not look at its own stage either: the TOML parser never
         // depends on ONNX Runtime or the GPU code.
         let engine = std::fs::read_to_string(root.join("engine/config.rs")).expect("read");
         assert!(
-            !engine.lines().any(|l| l.trim_start().starts_with("use super")),
+            !engine
+                .lines()
+                .any(|l| l.trim_start().starts_with("use super")),
             "src/engine/config.rs must not import the engine"
         );
     }

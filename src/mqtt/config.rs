@@ -193,7 +193,9 @@ pub(crate) fn host_problem(h: &str) -> Option<String> {
     if let Some(inner) = h.strip_prefix('[').and_then(|s| s.strip_suffix(']'))
         && inner.parse::<std::net::Ipv6Addr>().is_ok()
     {
-        return Some(format!("write the IPv6 address without brackets: {inner:?}"));
+        return Some(format!(
+            "write the IPv6 address without brackets: {inner:?}"
+        ));
     }
     if let Some((host, port)) = h.rsplit_once(':')
         && !host.contains(':')
@@ -220,7 +222,10 @@ pub(crate) fn host_problem(h: &str) -> Option<String> {
             "{h:?} is not a valid host name ({EXPECTED}: letters, digits, '-' and '.')"
         ));
     }
-    if name.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+    if name
+        .split('.')
+        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Some(format!("{h:?} is not a valid IP address ({EXPECTED})"));
     }
     None
@@ -303,9 +308,7 @@ pub(crate) fn client_key_problem(bytes: &[u8]) -> Option<String> {
         0 => return Some("does not look like a PEM private key".to_owned()),
         1 => keys.remove(0),
         n => {
-            return Some(format!(
-                "holds {n} private keys (expected exactly one)"
-            ));
+            return Some(format!("holds {n} private keys (expected exactly one)"));
         }
     };
     let key = match kind {
