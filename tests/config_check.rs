@@ -127,6 +127,32 @@ fn an_unwritable_state_directory_is_refused() {
     let ps = check(&path);
     assert_one(&ps, "state_dir", "cannot create the state directory");
 
+    // A file with other problems: the missing directory is not created (run would not create
+    // it either), but an unwritable place for it is still reported with the rest.
+    let text = format!(
+        "node_id = \"n1\"\nstate_dir = \"/proc/self/state\"\n[model]\npackage = {:?}\n\
+         [mqtt]\nhost = \"h\"\nport = 0\n{CAMERA}",
+        tiny()
+    );
+    std::fs::write(&path, text).expect("write");
+    let ps = check(&path);
+    assert_one(&ps, "state_dir", "cannot create the state directory");
+    assert_one(&ps, "mqtt.port", "port 0");
+    let missing = dir.path().join("not-created");
+    let text = format!(
+        "node_id = \"n1\"\nstate_dir = {:?}\n[model]\npackage = {:?}\n\
+         [mqtt]\nhost = \"h\"\nport = 0\n{CAMERA}",
+        missing.display().to_string(),
+        tiny()
+    );
+    std::fs::write(&path, text).expect("write");
+    let ps = check(&path);
+    assert_eq!(ps.len(), 1, "{ps:#?}");
+    assert!(
+        !missing.exists(),
+        "a file with problems must not create the state directory"
+    );
+
     // The probe file is gone after a good check.
     let path = write_config(dir.path(), "", CAMERA);
     assert_eq!(check(&path), Vec::new());

@@ -343,17 +343,6 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         }
         None => Some(default_state_dir()),
     };
-    if ctx.full()
-        && let Some(dir) = &state_dir
-        && !ctx.reported("state_dir")
-        && let Err(msg) = probe_state_dir(dir)
-    {
-        match &raw.state_dir {
-            Some(v) => ctx.at(v, "state_dir", msg),
-            None => ctx.push(None, "state_dir", format!("{msg} (the default)")),
-        }
-    }
-
     // stats_interval_s
     let stats_interval = match &raw.stats_interval_s {
         Some(v) => {
@@ -461,6 +450,19 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         }
     }
 
+    // Last, so that the directory is created only for an otherwise good file (as `run` would);
+    // with other problems it is only looked at.
+    if ctx.full()
+        && let Some(dir) = &state_dir
+        && !ctx.reported("state_dir")
+        && let Err(msg) = probe_state_dir(dir, ctx.problems.is_empty())
+    {
+        match &raw.state_dir {
+            Some(v) => ctx.at(v, "state_dir", msg),
+            None => ctx.push(None, "state_dir", format!("{msg} (the default)")),
+        }
+    }
+
     let all_cameras = raw.camera.as_ref().map_or(0, |l| l.get_ref().len());
     if cameras.len() != all_cameras || !ctx.problems.is_empty() {
         return None;
@@ -477,12 +479,27 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
 }
 
 /// The state directory check of `check-config`, as the user running it (the service's user
-/// under `ExecStartPre=`): creates the directory if missing (mode 0750, as `run` would), then
-/// creates and removes a file in it.
-fn probe_state_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+/// under `ExecStartPre=`): with `create`, creates the directory if missing (mode 0750, as `run`
+/// would), then creates and removes a file in it. Without `create` (the file has other
+/// problems, so `run` would create nothing either), a missing directory is not created: the
+/// nearest existing parent gets the write probe instead.
+fn probe_state_dir(dir: &Path, create: bool) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
     let shown = dir.display();
     if !dir.exists() {
+        if !create {
+            let Some(parent) = dir.ancestors().skip(1).find(|a| a.exists()) else {
+                return Ok(());
+            };
+            if !parent.is_dir() {
+                return Err(format!(
+                    "cannot create the state directory {shown:?}: {:?} is not a directory",
+                    parent.display().to_string()
+                ));
+            }
+            return write_probe(parent)
+                .map_err(|e| format!("cannot create the state directory {shown:?}: {e}"));
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o750)
@@ -492,6 +509,17 @@ fn probe_state_dir(dir: &Path) -> Result<(), String> {
     if !dir.is_dir() {
         return Err(format!("{shown:?} exists and is not a directory"));
     }
+    write_probe(dir).map_err(|e| {
+        format!(
+            "cannot write in the state directory {shown:?}: {e} (the alarm queue and the \
+             engine cache live there: give the service's user write access)"
+        )
+    })
+}
+
+/// Creates and removes a file in `dir` (never following a symlink planted at its name).
+fn write_probe(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
     let probe = dir.join(format!(".check-config.{}.tmp", std::process::id()));
     std::fs::OpenOptions::new()
         .write(true)
@@ -500,16 +528,12 @@ fn probe_state_dir(dir: &Path) -> Result<(), String> {
         .open(&probe)
         .map_err(|e| {
             format!(
-                "cannot write in the state directory {shown:?}: {e} (the alarm queue and the \
-                 engine cache live there: give the service's user write access)"
+                "cannot create a file in {:?}: {e}",
+                dir.display().to_string()
             )
         })?;
-    std::fs::remove_file(&probe).map_err(|e| {
-        format!(
-            "cannot remove {:?} in the state directory: {e}",
-            probe.display().to_string()
-        )
-    })
+    std::fs::remove_file(&probe)
+        .map_err(|e| format!("cannot remove {:?}: {e}", probe.display().to_string()))
 }
 
 #[cfg(test)]
