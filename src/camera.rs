@@ -77,6 +77,7 @@
 //! there is returned as a `gst::FlowError`, which GStreamer turns into a bus error.
 //! [`Camera::stop`] stops the thread within a deadline ([`STOP_DEADLINE`]).
 
+pub mod config;
 mod pipeline;
 mod runner;
 mod slot;
@@ -318,6 +319,10 @@ pub enum CameraError {
         "unsupported camera uri '{0}': use rtsp://, rtsps://, file://, http(s):// (MJPEG) or /dev/videoN, or give a pipeline"
     )]
     UnsupportedUri(String),
+    /// The URI has a supported scheme but cannot work: no host, not `/dev/videoN`, a relative
+    /// `file://` path.
+    #[error("invalid camera uri: {0}")]
+    Source(config::SourceError),
     /// The pipeline description does not parse, or names an element that is not installed.
     #[error("pipeline does not parse: {0}")]
     Parse(String),

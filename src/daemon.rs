@@ -30,9 +30,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{error, info, warn};
 
 use crate::alarm::Debouncer;
-use crate::camera::{self, Camera, CameraSettings, FrameNotify, LatestSlot, Source};
-use crate::config::{self, CameraConfig, CameraSource, Config, ConfigErrors, MaskConfig};
-use crate::engine::{Backend, EngineOptions};
+use crate::camera::{self, Camera, CameraSettings, FrameNotify, LatestSlot};
+use crate::config::{self, CameraConfig, Config, ConfigErrors, MaskConfig};
+use crate::engine::EngineOptions;
 use crate::head;
 use crate::mqtt::{Publisher, PublisherError, PublisherHandle};
 use crate::package::HashCheck;
@@ -259,12 +259,7 @@ fn notify(states: &[sd_notify::NotifyState]) {
 /// Engine options from the config (the TensorRT engine cache lives in `<state_dir>/engines`).
 pub fn engine_options(cfg: &Config) -> EngineOptions {
     EngineOptions {
-        backend: match cfg.engine.backend {
-            config::Backend::Auto => Backend::Auto,
-            config::Backend::Tensorrt => Backend::Tensorrt,
-            config::Backend::Cuda => Backend::Cuda,
-            config::Backend::Cpu => Backend::Cpu,
-        },
+        backend: cfg.engine.backend,
         threads: cfg.engine.threads as usize,
         ort_library: cfg.engine.ort_library.clone(),
         cache_dir: Some(cfg.state_dir.join("engines")),
@@ -277,16 +272,7 @@ pub fn engine_options(cfg: &Config) -> EngineOptions {
 /// Camera-stage settings from a `[[camera]]` entry; frames are scaled to the model's input
 /// size in GStreamer.
 fn camera_settings(cfg: &CameraConfig, size: usize) -> CameraSettings {
-    let source = match &cfg.source {
-        CameraSource::Rtsp(u) | CameraSource::Http(u) => Source::Uri(u.clone()),
-        CameraSource::File(p) => Source::Uri(format!("file://{}", p.display())),
-        CameraSource::V4l2(p) => Source::Uri(p.display().to_string()),
-        CameraSource::Pipeline(p) => Source::Pipeline(p.clone()),
-    };
-    let mut s = CameraSettings::new(cfg.name.clone(), source);
-    s.max_fps = cfg.max_fps.filter(|f| *f > 0.0).map(|f| f as f32);
-    s.scale = Some((size as u32, size as u32));
-    s
+    cfg.settings(size as u32)
 }
 
 /// Runs the daemon until `control`'s shutdown token is cancelled (`main` cancels it on

@@ -14,35 +14,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use serde::Deserialize;
-
 use crate::package::ModelPackage;
 
-/// Which inference backend to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// TensorRT, then CUDA, then CPU: the first that works.
-    #[default]
-    Auto,
-    /// ONNX Runtime's TensorRT execution provider (FP16 by default).
-    Tensorrt,
-    /// ONNX Runtime's CUDA execution provider.
-    Cuda,
-    /// ONNX Runtime's CPU execution provider.
-    Cpu,
-}
+pub mod config;
 
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Backend::Auto => "auto",
-            Backend::Tensorrt => "tensorrt",
-            Backend::Cuda => "cuda",
-            Backend::Cpu => "cpu",
-        })
-    }
-}
+pub use config::{Backend, HeadChoice};
 
 /// Options for building an engine.
 #[derive(Debug, Clone)]

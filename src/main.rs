@@ -41,6 +41,11 @@ enum Command {
         config: PathBuf,
     },
     /// Validate a configuration file: every problem, with its line, then exit 0 (valid) or 2.
+    ///
+    /// Refuses everything `run` would refuse at start, and also checks, as the running user,
+    /// that the state directory is writable (creating it if missing), that every file of the
+    /// model package matches its SHA-256 (a few seconds for a full-size model) and that every
+    /// camera source builds in GStreamer.
     CheckConfig {
         /// Configuration file.
         file: PathBuf,

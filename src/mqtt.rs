@@ -70,95 +70,9 @@ pub use queue::{AlarmQueue, PushOutcome, QUEUE_FILE, QUEUE_FILE_V1};
 // Configuration
 // ---------------------------------------------------------------------------------------------
 
-/// What to do with a new alarm when the disk queue is full (`[mqtt] queue_when_full`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WhenFull {
-    /// Discard the oldest queued alarm (the newest state always gets through).
-    DropOldest,
-    /// Discard the new alarm (the history is kept as it was).
-    DropNewest,
-}
+pub mod config;
 
-/// A secret string whose `Debug` does not show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
-
-/// `[mqtt.tls]`: TLS is on when present.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsConfig {
-    /// CA certificate(s) (PEM) that signed the broker's certificate.
-    pub ca_file: PathBuf,
-    /// Client certificate (PEM) for mutual TLS.
-    pub client_cert_file: Option<PathBuf>,
-    /// Client private key (PEM) for mutual TLS.
-    pub client_key_file: Option<PathBuf>,
-}
-
-/// `[mqtt]`, resolved.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MqttConfig {
-    pub host: String,
-    pub port: u16,
-    /// `None` = `anomalyclip-<node_id>`.
-    pub client_id: Option<String>,
-    /// `None` = `anomalyclip/<node_id>`.
-    pub topic_prefix: Option<String>,
-    /// Zero disables keep-alive pings.
-    pub keep_alive: Duration,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    pub tls: Option<TlsConfig>,
-    pub result_qos: QoS,
-    pub mask_qos: QoS,
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-    pub queue_max_alarms: usize,
-    pub queue_when_full: WhenFull,
-}
-
-impl Default for MqttConfig {
-    fn default() -> Self {
-        Self {
-            host: "localhost".to_owned(),
-            port: 1883,
-            client_id: None,
-            topic_prefix: None,
-            keep_alive: Duration::from_secs(30),
-            username: None,
-            password: None,
-            tls: None,
-            result_qos: QoS::AtMostOnce,
-            mask_qos: QoS::AtMostOnce,
-            reconnect_min: Duration::from_millis(500),
-            reconnect_max: Duration::from_secs(30),
-            queue_max_alarms: 10_000,
-            queue_when_full: WhenFull::DropOldest,
-        }
-    }
-}
-
-impl MqttConfig {
-    /// The topic prefix in use for `node_id`.
-    pub fn prefix_for(&self, node_id: &str) -> String {
-        self.topic_prefix
-            .clone()
-            .unwrap_or_else(|| format!("anomalyclip/{node_id}"))
-    }
-
-    /// The client id in use for `node_id`.
-    pub fn client_id_for(&self, node_id: &str) -> String {
-        self.client_id
-            .clone()
-            .unwrap_or_else(|| format!("anomalyclip-{node_id}"))
-    }
-}
+pub use config::{MqttConfig, Secret, TlsConfig, WhenFull};
 
 /// Largest mask payload sent; larger ones are dropped and counted (the MQTT packet limit is
 /// [`MAX_PACKET_BYTES`]).

@@ -49,18 +49,8 @@ pub struct Scored {
     pub size: usize,
 }
 
-/// Where the anomaly head runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum HeadChoice {
-    /// The GPU when one is usable, else the CPU.
-    #[default]
-    Auto,
-    /// The CPU head (the reference).
-    Cpu,
-    /// The CUDA head; an error if no GPU is usable.
-    Gpu,
-}
+/// Where the anomaly head runs (defined with the engine's config).
+pub use crate::engine::HeadChoice;
 
 enum Head {
     Cpu(Box<CpuHead>),

@@ -1,6 +1,7 @@
-//! From a [`Source`] to a built pipeline whose last element is `appsink name=sink`.
+//! From a [`Source`](super::Source) to a built pipeline whose last element is `appsink name=sink`.
 //!
-//! [`plan`] is pure (no GStreamer): it checks the URI scheme and writes the description.
+//! [`plan`] is pure (no GStreamer): it checks the source with [`check_source`] (the check the
+//! config uses too) and writes the description.
 //! URIs are not written into the description: they are set as properties on the element named
 //! `src` after parsing, so they need no quoting and never appear in logs unredacted.
 //! [`build`] parses the description and finds the appsink.
@@ -9,7 +10,8 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 
-use super::{CameraError, CameraSettings, Source};
+use super::config::{Checked, UriKind, check_source};
+use super::{CameraError, CameraSettings};
 
 /// What kind of source a plan is for; decides the EOS policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,26 +83,11 @@ fn tail(settings: &CameraSettings, sync: bool) -> String {
     )
 }
 
-/// The lowercase scheme of `uri` (`rtsp` for `RTSP://h/x`), if it has one.
-fn scheme(uri: &str) -> Option<String> {
-    let (scheme, _) = uri.split_once("://")?;
-    let valid = !scheme.is_empty()
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    valid.then(|| scheme.to_ascii_lowercase())
-}
-
-/// Checks the source and writes its description. No GStreamer needed.
+/// Checks the source ([`check_source`], the one check the config uses too) and writes its
+/// description. No GStreamer needed.
 pub(crate) fn plan(settings: &CameraSettings) -> Result<Plan, CameraError> {
-    let uri = match &settings.source {
-        Source::Pipeline(description) => {
-            let description = description.trim();
-            if description.is_empty() {
-                return Err(CameraError::Parse(
-                    "the pipeline description is empty".into(),
-                ));
-            }
+    let (kind, uri) = match check_source(&settings.source)? {
+        Checked::Pipeline(description) => {
             return Ok(Plan {
                 kind: Kind::Pipeline,
                 description: description.to_owned(),
@@ -108,7 +95,7 @@ pub(crate) fn plan(settings: &CameraSettings) -> Result<Plan, CameraError> {
                 source_property: None,
             });
         }
-        Source::Uri(uri) => uri.trim(),
+        Checked::Uri(kind, uri) => (kind, uri),
     };
     let property = |property, value: &str| {
         Some(SourceProperty {
@@ -116,17 +103,14 @@ pub(crate) fn plan(settings: &CameraSettings) -> Result<Plan, CameraError> {
             value: value.to_owned(),
         })
     };
-    if uri.starts_with("/dev/video") {
-        return Ok(Plan {
+    let plan = match kind {
+        UriKind::V4l2 => Plan {
             kind: Kind::V4l2,
             description: format!("v4l2src name=src ! decodebin ! {}", tail(settings, false)),
             wrap_tail: None,
             source_property: property("device", uri),
-        });
-    }
-    let unsupported = || CameraError::UnsupportedUri(redact_uri(uri));
-    let plan = match scheme(uri).ok_or_else(unsupported)?.as_str() {
-        "rtsp" | "rtspu" | "rtspt" | "rtsph" | "rtsps" | "rtspsu" | "rtspst" | "rtspsh" => Plan {
+        },
+        UriKind::Rtsp => Plan {
             kind: Kind::Rtsp,
             // Only the video stream is linked; an audio stream stays unlinked (harmless).
             description: format!(
@@ -138,13 +122,13 @@ pub(crate) fn plan(settings: &CameraSettings) -> Result<Plan, CameraError> {
             wrap_tail: None,
             source_property: property("location", uri),
         },
-        "file" => Plan {
+        UriKind::File => Plan {
             kind: Kind::File,
             description: format!("uridecodebin name=src ! {}", tail(settings, true)),
             wrap_tail: None,
             source_property: property("uri", uri),
         },
-        "http" | "https" => Plan {
+        UriKind::Http => Plan {
             kind: Kind::Http,
             description: format!(
                 "souphttpsrc name=src is-live=true do-timestamp=true \
@@ -154,7 +138,6 @@ pub(crate) fn plan(settings: &CameraSettings) -> Result<Plan, CameraError> {
             wrap_tail: None,
             source_property: property("location", uri),
         },
-        _ => return Err(unsupported()),
     };
     Ok(plan)
 }
@@ -298,6 +281,7 @@ pub(crate) fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::camera::Source;
 
     fn settings(source: Source) -> CameraSettings {
         CameraSettings::new("cam", source)

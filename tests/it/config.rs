@@ -3,9 +3,10 @@
 
 use std::path::Path;
 
+use anomalyclip_edge::camera::Source;
 use anomalyclip_edge::config::{
-    self, Backend, CameraSource, ConfigErrors, FsChecks, Problem, check, example_config,
-    load_config, parse_config,
+    self, Backend, ConfigErrors, FsChecks, Problem, check, example_config, load_config,
+    parse_config,
 };
 use anomalyclip_edge::payload::MaskKind;
 
@@ -51,8 +52,8 @@ fn example_and_demo_parse() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.node_id, "line1-station3");
     assert_eq!(cfg.cameras.len(), 2);
-    assert!(matches!(cfg.cameras[0].source, CameraSource::Rtsp(_)));
-    assert!(matches!(cfg.cameras[1].source, CameraSource::Pipeline(_)));
+    assert!(matches!(&cfg.cameras[0].source, Source::Uri(u) if u.starts_with("rtsp://")));
+    assert!(matches!(cfg.cameras[1].source, Source::Pipeline(_)));
     assert_eq!(cfg.cameras[0].alarm.raise_count, 3);
     assert_eq!(
         cfg.mqtt.prefix_for(&cfg.node_id),
@@ -67,7 +68,7 @@ fn example_and_demo_parse() {
     assert_eq!((cfg.mqtt.host.as_str(), cfg.mqtt.port), ("127.0.0.1", 1883));
     assert_eq!(cfg.state_dir, Path::new(".state/demo"));
     match &cfg.cameras[0].source {
-        CameraSource::Pipeline(p) => assert!(p.ends_with("appsink name=sink")),
+        Source::Pipeline(p) => assert!(p.ends_with("appsink name=sink")),
         other => panic!("{other:?}"),
     }
 }
@@ -83,17 +84,32 @@ fn minimal_file_loads_with_defaults() {
     let path = dir.path().join("config.toml");
     std::fs::write(&path, &text).expect("write");
     let cfg = load_config(&path).unwrap_or_else(|e| panic!("{e}"));
-    assert!(check(&path).is_empty());
     assert_eq!(cfg.state_dir, config::default_state_dir());
     assert_eq!(cfg.stats_interval, Some(std::time::Duration::from_secs(10)));
     assert_eq!(cfg.engine.backend, Backend::Auto);
     assert_eq!(cfg.mqtt.port, 1883);
     let cam = &cfg.cameras[0];
-    assert_eq!(cam.source, CameraSource::V4l2("/dev/video0".into()));
+    assert_eq!(cam.source, Source::Uri("/dev/video0".into()));
     assert_eq!(cam.max_fps, None);
     assert_eq!((cam.threshold, cam.pixel_threshold), (0.5, 0.5));
     assert_eq!(cam.mask.kind, MaskKind::GrayMap);
     assert!(cam.mask.enabled && cam.mask.only_on_anomaly);
+
+    // check-config on the same minimal file also needs a real package (it verifies every hash)
+    // and a state directory it can write in.
+    let tiny = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny");
+    let state = dir.path().join("state");
+    let text = format!(
+        "node_id = \"n1\"\nstate_dir = {:?}\n[model]\npackage = {tiny:?}\n[mqtt]\nhost = \"localhost\"\n\
+         [[camera]]\nname = \"cam\"\nuri = \"/dev/video0\"\n",
+        state.display().to_string()
+    );
+    std::fs::write(&path, &text).expect("write");
+    assert_eq!(check(&path), Vec::new());
+    assert!(
+        state.is_dir(),
+        "check-config creates the state directory as run would"
+    );
 }
 
 #[test]
@@ -160,7 +176,7 @@ pipeline = "videotestsrc ! appsink name=sink"
 
 [[camera]]
 name = "cam-4"
-pipeline = "videotestsrc ! autovideosink"
+pipeline = "  "
 
 [[camera]]
 name = "cam-5"
@@ -295,8 +311,8 @@ size = 4096
         &ps,
         &text,
         "camera[3].pipeline",
-        "autovideosink",
-        "no appsink",
+        "pipeline = \"  \"",
+        "the pipeline description is empty",
     );
     expect(&ps, &text, "camera[5].uri", "/dev/videoX", "/dev/videoN");
     expect(
@@ -406,13 +422,8 @@ fn credentials_rules() {
         "client_key_file",
         "needs client_cert_file",
     );
-    // A real PEM-looking CA is accepted.
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(
-        &ca,
-        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-    )
-    .expect("ca");
+    // A real CA certificate is accepted.
+    let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls/ca.pem");
     let text = base(&format!(
         "[mqtt.tls]\nca_file = {:?}",
         ca.display().to_string()

@@ -11,6 +11,7 @@ mod common;
 
 mod camera;
 mod config;
+mod config_check;
 mod daemon;
 mod drift;
 mod eval_cli;

@@ -676,6 +676,17 @@ fn deb_installs_what_install_md_lists_and_its_config_checks() {
          (rebased: {rebased:?})"
     );
     let work = tempfile::tempdir().expect("tempdir");
+    // check-config probes (and creates) the state directory as the user running it: point it
+    // into the work directory rather than at this machine's /var/lib.
+    let state_line = "state_dir = \"/var/lib/anomalyclip-edge\"";
+    assert!(conf_text.contains(state_line), "{conf_text}");
+    let conf_text = conf_text.replace(
+        state_line,
+        &format!(
+            "state_dir = {:?}",
+            work.path().join("state").display().to_string()
+        ),
+    );
     let conf_path = work.path().join("config.toml");
     std::fs::write(&conf_path, &conf_text).expect("write config");
     let help = run(Command::new(&bin).args(["check-config", "--help"]));

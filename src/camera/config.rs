@@ -1,0 +1,568 @@
+//! The camera stage's configuration: `[[camera]]` as written and resolved ([`CameraConfig`],
+//! [`MaskConfig`]), its defaults, and **the one check of a camera source** ([`check_source`]),
+//! which both the config resolution and the camera's own planner ([`super::pipeline`]) call, so
+//! the two cannot disagree about what a camera accepts.
+//!
+//! Input: the raw `[[camera]]` tables (keys optional, `deny_unknown_fields`). Output: one
+//! [`CameraConfig`] per table, or problems at each key's line: a name that is not a topic level
+//! or is used twice, a source that is missing, doubled or rejected by [`check_source`]
+//! (scheme, host, `/dev/videoN`, absolute `file://` path, empty pipeline), a `file://` that does
+//! not exist, ranges. At [`FsChecks::Full`] (`check-config`) every source is also built with
+//! GStreamer exactly as the camera builds it (elements created, none started), so an unknown
+//! element, an unlinkable description or a missing plugin is refused with GStreamer's message.
+//!
+//! [`FsChecks::Full`]: crate::config::FsChecks::Full
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::pipeline::{self, redact_uri};
+use super::{CameraError, CameraSettings, Source};
+use crate::alarm::{self, DebounceConfig};
+use crate::config::problems::{Ctx, S, in_range, name_problem, unit_interval};
+use crate::payload::{MAX_NAME_LEN, MaskKind, is_valid_name};
+
+/// `[camera.mask]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskConfig {
+    /// Publish masks at all.
+    pub enabled: bool,
+    /// Edge of the square mask in pixels.
+    pub size: u32,
+    pub kind: MaskKind,
+    /// Only for frames whose score is over the threshold.
+    pub only_on_anomaly: bool,
+    /// Least time between two masks of this camera.
+    pub min_interval: Duration,
+}
+
+impl Default for MaskConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            size: default_mask_size(),
+            kind: default_mask_kind(),
+            only_on_anomaly: true,
+            min_interval: Duration::from_millis(default_mask_min_interval_ms()),
+        }
+    }
+}
+
+/// One `[[camera]]`, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CameraConfig {
+    /// `[A-Za-z0-9_-]{1,64}`, unique: the MQTT topic level.
+    pub name: String,
+    /// Where the frames come from (accepted by [`check_source`]).
+    pub source: Source,
+    /// Inference rate cap in frames per second; `None` = every frame the engine can take.
+    pub max_fps: Option<f64>,
+    /// Image score threshold in [0, 1].
+    pub threshold: f32,
+    /// Pixel threshold in [0, 1] for `area` and binary masks.
+    pub pixel_threshold: f32,
+    pub alarm: DebounceConfig,
+    pub mask: MaskConfig,
+}
+
+impl CameraConfig {
+    /// The camera stage's settings for this camera, frames scaled in GStreamer to
+    /// `size × size` (the model's input size).
+    pub fn settings(&self, size: u32) -> CameraSettings {
+        let mut s = CameraSettings::new(self.name.clone(), self.source.clone());
+        s.max_fps = self.max_fps.filter(|f| *f > 0.0).map(|f| f as f32);
+        s.scale = Some((size, size));
+        s
+    }
+}
+
+// Defaults, one function each (referenced from `config/example.toml`).
+
+/// `[camera] max_fps` default (0 = no cap).
+pub const fn default_max_fps() -> f64 {
+    0.0
+}
+/// `[camera] threshold` default.
+pub const fn default_threshold() -> f64 {
+    0.5
+}
+/// `[camera] pixel_threshold` default.
+pub const fn default_pixel_threshold() -> f64 {
+    0.5
+}
+/// `[camera.mask] size` default.
+pub const fn default_mask_size() -> u32 {
+    128
+}
+/// `[camera.mask] kind` default.
+pub const fn default_mask_kind() -> MaskKind {
+    MaskKind::GrayMap
+}
+/// `[camera.mask] min_interval_ms` default.
+pub const fn default_mask_min_interval_ms() -> u64 {
+    1000
+}
+
+// ---------------------------------------------------------------------------------------------
+// The source check
+// ---------------------------------------------------------------------------------------------
+
+/// What kind of URI a camera source is; decides the pipeline the camera builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UriKind {
+    /// `rtsp://` and its variants (`rtsps`, `rtspt`, `rtspu`, `rtsph`, `rtspsu`, …).
+    Rtsp,
+    /// `file:///abs/path` or `file://localhost/abs/path`.
+    File,
+    /// `http://` or `https://` (MJPEG).
+    Http,
+    /// `/dev/videoN`.
+    V4l2,
+}
+
+/// A source that passed [`check_source`], trimmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Checked<'a> {
+    Uri(UriKind, &'a str),
+    Pipeline(&'a str),
+}
+
+/// Why a camera source cannot work. URIs in messages have their credentials redacted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    #[error("unsupported scheme {scheme:?} (expected rtsp, file, http, https or /dev/video*)")]
+    Scheme {
+        /// The scheme as written.
+        scheme: String,
+        /// The whole URI, redacted.
+        uri: String,
+    },
+    #[error("{0:?} is not a URI (expected rtsp, file, http, https or /dev/video*)")]
+    NotUri(String),
+    #[error("{0:?} has no host")]
+    NoHost(String),
+    #[error("invalid V4L2 device {0:?} (expected /dev/videoN)")]
+    Device(String),
+    #[error("{0:?}: a file URI needs an absolute path (file:///path/to/video)")]
+    RelativeFile(String),
+    #[error("the pipeline description is empty")]
+    EmptyPipeline,
+}
+
+/// The lowercase scheme of `uri` (`rtsp` for `RTSP://h/x`), if it has one.
+fn scheme(uri: &str) -> Option<(String, &str)> {
+    let (scheme, rest) = uri.split_once("://")?;
+    let valid = !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    valid.then(|| (scheme.to_ascii_lowercase(), rest))
+}
+
+/// The one check of a camera source, without GStreamer: the URI's scheme, host, device number
+/// or absolute file path; a pipeline description that is not empty. What a pipeline
+/// description contains is GStreamer's to judge (see [`build_source`]): with an element named
+/// `sink` (an appsink) it is used as is, otherwise the camera appends its standard tail.
+pub(crate) fn check_source(source: &Source) -> Result<Checked<'_>, SourceError> {
+    let uri = match source {
+        Source::Pipeline(description) => {
+            let description = description.trim();
+            return if description.is_empty() {
+                Err(SourceError::EmptyPipeline)
+            } else {
+                Ok(Checked::Pipeline(description))
+            };
+        }
+        Source::Uri(uri) => uri.trim(),
+    };
+    if let Some(n) = uri.strip_prefix("/dev/video") {
+        return if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+            Ok(Checked::Uri(UriKind::V4l2, uri))
+        } else {
+            Err(SourceError::Device(uri.to_owned()))
+        };
+    }
+    let Some((scheme, rest)) = scheme(uri) else {
+        return Err(SourceError::NotUri(redact_uri(uri)));
+    };
+    let has_host = || {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = authority.rsplit('@').next().unwrap_or("");
+        !host.is_empty()
+    };
+    let kind = match scheme.as_str() {
+        "rtsp" | "rtspu" | "rtspt" | "rtsph" | "rtsps" | "rtspsu" | "rtspst" | "rtspsh" => {
+            UriKind::Rtsp
+        }
+        "http" | "https" => UriKind::Http,
+        "file" => {
+            let path = rest.strip_prefix("localhost").unwrap_or(rest);
+            if path.starts_with('/') && path.len() > 1 {
+                return Ok(Checked::Uri(UriKind::File, uri));
+            }
+            return Err(SourceError::RelativeFile(redact_uri(uri)));
+        }
+        _ => {
+            return Err(SourceError::Scheme {
+                scheme: uri[..scheme.len()].to_owned(),
+                uri: redact_uri(uri),
+            });
+        }
+    };
+    if !has_host() {
+        return Err(SourceError::NoHost(redact_uri(uri)));
+    }
+    Ok(Checked::Uri(kind, uri))
+}
+
+impl From<SourceError> for CameraError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Scheme { uri, .. } | SourceError::NotUri(uri) => {
+                CameraError::UnsupportedUri(uri)
+            }
+            SourceError::EmptyPipeline => CameraError::Parse(e.to_string()),
+            other => CameraError::Source(other),
+        }
+    }
+}
+
+/// Builds the camera's pipeline with GStreamer exactly as the camera does at each attempt
+/// (plan, parse, find the appsink, set the source property) and drops it: elements are created,
+/// none is started, nothing is opened. `check-config` uses it to refuse an unknown element, a
+/// description that does not link or a missing plugin.
+pub(crate) fn build_source(settings: &CameraSettings) -> Result<(), CameraError> {
+    super::init()?;
+    let plan = pipeline::plan(settings)?;
+    pipeline::build(&plan).map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw (as written) and resolution
+// ---------------------------------------------------------------------------------------------
+
+/// `[[camera]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCamera {
+    name: S<String>,
+    uri: S<String>,
+    pipeline: S<String>,
+    max_fps: S<f64>,
+    threshold: S<f64>,
+    pixel_threshold: S<f64>,
+    alarm: Option<RawAlarm>,
+    mask: Option<RawMask>,
+}
+
+/// `[camera.alarm]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlarm {
+    raise_count: S<u32>,
+    raise_window: S<u32>,
+    clear_count: S<u32>,
+}
+
+/// `[camera.mask]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMask {
+    enabled: Option<bool>,
+    size: S<u32>,
+    kind: Option<MaskKind>,
+    only_on_anomaly: Option<bool>,
+    min_interval_ms: S<u64>,
+}
+
+/// Edge of the frames built by the `check-config` source check (any size builds the same
+/// elements; the daemon uses the model's input size).
+const CHECK_SCALE: u32 = 224;
+
+/// Checks a source as the camera will, reporting at `at` (`key`: `uri` or `pipeline`).
+fn resolve_source(
+    ctx: &mut Ctx<'_>,
+    p: &str,
+    key: &str,
+    at: &Spanned<String>,
+    source: Source,
+) -> Option<Source> {
+    let path = format!("{p}.{key}");
+    match check_source(&source) {
+        Err(e) => {
+            ctx.at(at, path, e.to_string());
+            return None;
+        }
+        Ok(Checked::Uri(UriKind::File, uri)) if ctx.fs() => {
+            match gstreamer::glib::filename_from_uri(uri) {
+                Ok((file, _)) if file.is_file() => {}
+                Ok((file, _)) => {
+                    ctx.at(
+                        at,
+                        &path,
+                        format!("file {:?} not found", file.display().to_string()),
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    ctx.at(at, &path, format!("{:?}: {}", redact_uri(uri), e.message()));
+                    return None;
+                }
+            }
+        }
+        Ok(_) => {}
+    }
+    if ctx.full() {
+        let mut settings = CameraSettings::new("check", source.clone());
+        settings.scale = Some((CHECK_SCALE, CHECK_SCALE));
+        if let Err(e) = build_source(&settings) {
+            ctx.at(at, path, e.to_string());
+            return None;
+        }
+    }
+    Some(source)
+}
+
+/// Checks one `[[camera]]` and resolves it; `None` (with problems reported) when something is
+/// wrong. `names`: the names seen so far, with their index and line, for duplicates.
+pub(crate) fn resolve_camera(
+    ctx: &mut Ctx<'_>,
+    i: usize,
+    cam: &Spanned<RawCamera>,
+    names: &mut HashMap<String, (usize, usize)>,
+) -> Option<CameraConfig> {
+    let p = format!("camera[{i}]");
+    let c = cam.get_ref();
+    let before = ctx.problems.len();
+
+    let name = match &c.name {
+        Some(n) if !is_valid_name(n.get_ref()) => {
+            ctx.at(
+                n,
+                format!("{p}.name"),
+                name_problem(n.get_ref(), MAX_NAME_LEN),
+            );
+            String::new()
+        }
+        Some(n) => {
+            let line = ctx.line_of(n.span().start);
+            if let Some((first, first_line)) = names.get(n.get_ref()) {
+                let msg = format!(
+                    "duplicate camera name {:?} (also camera[{first}] at line {first_line}): names must be unique",
+                    n.get_ref()
+                );
+                ctx.at(n, format!("{p}.name"), msg);
+            } else {
+                names.insert(n.get_ref().clone(), (i, line));
+            }
+            n.get_ref().clone()
+        }
+        None => {
+            if !ctx.reported(&format!("{p}.name")) {
+                ctx.at(
+                    cam,
+                    format!("{p}.name"),
+                    "missing: set name = \"<camera name>\"",
+                );
+            }
+            String::new()
+        }
+    };
+
+    let source = match (&c.uri, &c.pipeline) {
+        (Some(u), Some(_)) => {
+            ctx.at(
+                u,
+                format!("{p}.uri"),
+                "set either uri or pipeline, not both",
+            );
+            None
+        }
+        (Some(u), None) => resolve_source(ctx, &p, "uri", u, Source::Uri(u.get_ref().clone())),
+        (None, Some(pl)) => resolve_source(
+            ctx,
+            &p,
+            "pipeline",
+            pl,
+            Source::Pipeline(pl.get_ref().clone()),
+        ),
+        (None, None) => {
+            if !ctx.reported(&format!("{p}.uri")) && !ctx.reported(&format!("{p}.pipeline")) {
+                ctx.at(
+                    cam,
+                    &p,
+                    "no source: set uri = \"rtsp://…\" (or file://, http(s)://, /dev/videoN) or pipeline = \"…\"",
+                );
+            }
+            None
+        }
+    };
+
+    let max_fps = match &c.max_fps {
+        Some(v) => {
+            let x = *v.get_ref();
+            if !x.is_finite() || !(0.0..=1000.0).contains(&x) {
+                ctx.at(
+                    v,
+                    format!("{p}.max_fps"),
+                    format!("{x} is out of range (expected 0 to 1000; 0 = no cap)"),
+                );
+            }
+            (x > 0.0).then_some(x)
+        }
+        None => (default_max_fps() > 0.0).then_some(default_max_fps()),
+    };
+    let threshold = match &c.threshold {
+        Some(v) => {
+            unit_interval(ctx, v, &format!("{p}.threshold"));
+            *v.get_ref()
+        }
+        None => default_threshold(),
+    };
+    let pixel_threshold = match &c.pixel_threshold {
+        Some(v) => {
+            unit_interval(ctx, v, &format!("{p}.pixel_threshold"));
+            *v.get_ref()
+        }
+        None => default_pixel_threshold(),
+    };
+
+    // [camera.alarm]
+    let mut alarm = DebounceConfig::default();
+    if let Some(a) = &c.alarm {
+        if let Some(v) = &a.raise_count
+            && in_range(
+                ctx,
+                v,
+                &format!("{p}.alarm.raise_count"),
+                1,
+                alarm::MAX_WINDOW,
+            )
+        {
+            alarm.raise_count = *v.get_ref();
+        }
+        if let Some(v) = &a.raise_window
+            && in_range(
+                ctx,
+                v,
+                &format!("{p}.alarm.raise_window"),
+                1,
+                alarm::MAX_WINDOW,
+            )
+        {
+            alarm.raise_window = *v.get_ref();
+        }
+        if let Some(v) = &a.clear_count
+            && in_range(ctx, v, &format!("{p}.alarm.clear_count"), 1, 1_000_000)
+        {
+            alarm.clear_count = *v.get_ref();
+        }
+        if alarm.raise_count > alarm.raise_window {
+            let msg = format!(
+                "raise_count ({}) is larger than raise_window ({}): N of the last M frames needs N <= M",
+                alarm.raise_count, alarm.raise_window
+            );
+            match (&a.raise_count, &a.raise_window) {
+                (Some(v), _) => ctx.at(v, format!("{p}.alarm.raise_count"), msg),
+                (None, Some(v)) => ctx.at(v, format!("{p}.alarm.raise_window"), msg),
+                (None, None) => {}
+            }
+        }
+    }
+
+    // [camera.mask]
+    let mut mask = MaskConfig::default();
+    if let Some(m) = &c.mask {
+        mask.enabled = m.enabled.unwrap_or(true);
+        if let Some(v) = &m.size {
+            in_range(ctx, v, &format!("{p}.mask.size"), 16, 512);
+            mask.size = *v.get_ref();
+        }
+        mask.kind = m.kind.unwrap_or(default_mask_kind());
+        mask.only_on_anomaly = m.only_on_anomaly.unwrap_or(true);
+        if let Some(v) = &m.min_interval_ms {
+            in_range(ctx, v, &format!("{p}.mask.min_interval_ms"), 0, 86_400_000);
+            mask.min_interval = Duration::from_millis(*v.get_ref());
+        }
+    }
+
+    if ctx.problems.len() != before {
+        return None;
+    }
+    Some(CameraConfig {
+        name,
+        source: source?,
+        max_fps,
+        threshold: threshold as f32,
+        pixel_threshold: pixel_threshold as f32,
+        alarm,
+        mask,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(uri: &str) -> Result<UriKind, SourceError> {
+        match check_source(&Source::Uri(uri.into()))? {
+            Checked::Uri(kind, _) => Ok(kind),
+            Checked::Pipeline(_) => panic!("{uri} is not a pipeline"),
+        }
+    }
+
+    #[test]
+    fn uri_classification() {
+        assert_eq!(check("rtsp://cam/stream"), Ok(UriKind::Rtsp));
+        assert_eq!(check("rtsps://cam/stream"), Ok(UriKind::Rtsp));
+        assert_eq!(check("RTSPT://u:p@cam:554/s"), Ok(UriKind::Rtsp));
+        assert_eq!(check("http://cam:8080/mjpg"), Ok(UriKind::Http));
+        assert_eq!(check("HTTPS://cam/mjpg"), Ok(UriKind::Http));
+        assert_eq!(check("file:///v.mp4"), Ok(UriKind::File));
+        assert_eq!(check("file://localhost/v.mp4"), Ok(UriKind::File));
+        assert_eq!(check("/dev/video0"), Ok(UriKind::V4l2));
+        assert_eq!(check(" /dev/video12 "), Ok(UriKind::V4l2));
+        assert_eq!(
+            check("ftp://x/y").map_err(|e| e.to_string()),
+            Err(
+                "unsupported scheme \"ftp\" (expected rtsp, file, http, https or /dev/video*)"
+                    .into()
+            )
+        );
+        assert!(matches!(check("/dev/videoX"), Err(SourceError::Device(_))));
+        assert!(matches!(check("rtsp:///x"), Err(SourceError::NoHost(_))));
+        assert!(matches!(
+            check("file://v.mp4"),
+            Err(SourceError::RelativeFile(_))
+        ));
+        assert!(matches!(check("camera1"), Err(SourceError::NotUri(_))));
+        assert!(matches!(check("://x"), Err(SourceError::NotUri(_))));
+        assert!(matches!(check(""), Err(SourceError::NotUri(_))));
+        // Credentials never reach a message.
+        let e = check("rtsp://admin:hunter2@/x").expect_err("no host");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_pipeline_needs_only_to_be_non_empty_without_gstreamer() {
+        let check = |d: &str| check_source(&Source::Pipeline(d.into())).map(|_| ());
+        // Without an appsink the camera appends its own tail: valid.
+        assert_eq!(check("videotestsrc"), Ok(()));
+        assert_eq!(check("videotestsrc ! appsink name=sink"), Ok(()));
+        assert_eq!(check("  "), Err(SourceError::EmptyPipeline));
+    }
+
+    #[test]
+    fn source_errors_keep_the_camera_messages() {
+        let e: CameraError = check("foo://x").expect_err("bad").into();
+        assert!(
+            e.to_string().contains("unsupported camera uri 'foo://x'"),
+            "{e}"
+        );
+        let e: CameraError = check("/tmp/a.mp4").expect_err("bad").into();
+        assert!(e.to_string().contains("unsupported camera uri"), "{e}");
+    }
+}
