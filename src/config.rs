@@ -364,14 +364,14 @@ struct RawMask {
 pub fn load_config(path: impl AsRef<Path>) -> Result<Config, ConfigErrors> {
     let path = path.as_ref();
     let origin = path.display().to_string();
-    match std::fs::read_to_string(path) {
+    match crate::fsio::read_limited_string(path, crate::fsio::MAX_CONFIG_FILE, "config file") {
         Ok(text) => parse_config(&text, &origin, FsChecks::Enabled),
         Err(e) => Err(ConfigErrors {
             problems: vec![Problem {
                 file: origin,
                 line: None,
                 path: String::new(),
-                message: format!("cannot read config file: {e}"),
+                message: format!("cannot read config file: {}", e.cause()),
             }],
         }),
     }
@@ -789,8 +789,11 @@ fn resolve_engine(ctx: &mut Ctx<'_>, raw: Option<&RawEngine>) -> Option<EngineCo
         });
     };
     let mut ok = true;
-    if let Some(v) = &e.threads {
-        ok &= in_range(ctx, v, "engine.threads", 0, 1024);
+    if let Some(v) = &e.threads
+        && let Err(message) = crate::engine::check_threads(*v.get_ref() as usize)
+    {
+        ctx.at(v, "engine.threads", message);
+        ok = false;
     }
     if let Some(v) = &e.max_batch {
         ok &= in_range(ctx, v, "engine.max_batch", 1, 64);
@@ -825,13 +828,18 @@ fn read_file(ctx: &mut Ctx<'_>, v: &Spanned<String>, path: &str, what: &str) -> 
     if !ctx.fs() {
         return None;
     }
-    match std::fs::read(v.get_ref()) {
+    let max = if path == "mqtt.password_file" {
+        crate::fsio::MAX_PASSWORD_FILE
+    } else {
+        crate::fsio::MAX_PEM_FILE
+    };
+    match crate::fsio::read_limited(Path::new(v.get_ref()), max, "file") {
         Ok(bytes) => Some(bytes),
         Err(e) => {
             ctx.at(
                 v,
                 path,
-                format!("cannot read {what} {:?}: {e}", v.get_ref()),
+                format!("cannot read {what} {:?}: {}", v.get_ref(), e.cause()),
             );
             None
         }

@@ -44,11 +44,44 @@ impl std::fmt::Display for Backend {
     }
 }
 
+/// Absolute upper bound of CPU inference threads (`[engine] threads`, `score --threads`,
+/// `eval --threads`), whatever the machine: a single-socket server has at most 256 hardware
+/// threads today, and ONNX Runtime's intra-op scaling for one image stops long before.
+pub const MAX_THREADS: usize = 256;
+
+/// Oversubscription allowed over the CPUs available to the process: 4× leaves room for cgroup
+/// quotas that make `available_parallelism` under-report (a 1.5-CPU quota reads as 1), while
+/// refusing the settings that only hurt (256 threads on 2 cores measured 54–95× slower).
+pub const THREADS_PER_CPU: usize = 4;
+
+/// The largest thread count accepted here: `min(MAX_THREADS, THREADS_PER_CPU × CPUs available)`
+/// (the CPUs as `std::thread::available_parallelism` sees them: affinity and cgroup quota
+/// included; 1 when unknown). Machine-dependent on purpose: `check-config` runs on the target
+/// (`ExecStartPre=`), where the count matters.
+pub fn max_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    MAX_THREADS.min(THREADS_PER_CPU.saturating_mul(cpus))
+}
+
+/// Checks a thread count (0 = ONNX Runtime's default, all cores) against [`max_threads`];
+/// the error is the message to show after the option's name.
+pub fn check_threads(threads: usize) -> Result<(), String> {
+    let max = max_threads();
+    if threads <= max {
+        return Ok(());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    Err(format!(
+        "{threads} is out of range (expected 0 = all cores, or up to {max}: {THREADS_PER_CPU} × the {cpus} CPU(s) available, at most {MAX_THREADS})"
+    ))
+}
+
 /// Options for building an engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub backend: Backend,
-    /// Intra-op threads for the CPU backend; 0 = ONNX Runtime's default (all cores).
+    /// Intra-op threads for the CPU backend; 0 = ONNX Runtime's default (all cores). At most
+    /// [`max_threads`] ([`check_threads`]; building the engine refuses more).
     pub threads: usize,
     /// Explicit path of `libonnxruntime.so`; otherwise `ORT_DYLIB_PATH`, then the defaults.
     pub ort_library: Option<PathBuf>,
@@ -344,6 +377,11 @@ fn build_session(
         path: onnx.to_path_buf(),
         message: e.to_string(),
     };
+    // Thousands of threads make ONNX Runtime crash (SIGSEGV) instead of failing.
+    check_threads(opts.threads).map_err(|reason| EngineError::Unavailable {
+        backend,
+        reason: format!("threads {reason}"),
+    })?;
     let mut builder = ort::session::Session::builder(env).map_err(model_err)?;
     if opts.threads > 0 {
         builder = builder
