@@ -5,8 +5,8 @@
 //! is (`"config file"`, `"image"`…, used in messages). Output: the bytes ([`read_limited`],
 //! [`read_limited_string`]) or an open [`File`] and its size ([`open_regular`], for streaming
 //! readers such as the model hash). Failure modes ([`FsioError`], one line naming the file and
-//! what it is): the path cannot be opened; it is not a regular file (FIFO, character or block
-//! device, socket, directory); it is larger than the bound; reading fails; text that is not UTF-8.
+//! what it is): the path cannot be opened (a directory counts: `EISDIR`); it is not a regular
+//! file (FIFO, character or block device, socket); it is larger than the bound; reading fails; text that is not UTF-8.
 //!
 //! Why: `std::fs::read` on a FIFO blocks forever in `open`, on `/dev/zero` reads until memory
 //! runs out, and on a multi-gigabyte file allocates it whole before any size check. Here:
@@ -86,7 +86,8 @@ pub enum FsioError {
         what: &'static str,
         source: std::io::Error,
     },
-    /// The path is a FIFO, device, socket or directory.
+    /// The path is a FIFO, device or socket (a directory is an [`FsioError::Open`] error with
+    /// the OS's `EISDIR`).
     #[error("{what} {path} is {kind}, not a regular file")]
     NotRegular {
         path: PathBuf,
@@ -95,7 +96,7 @@ pub enum FsioError {
         kind: &'static str,
     },
     /// Larger than the bound for this kind of file (at open, or it grew while being read).
-    #[error("{what} {path} is {}, over the {what} limit of {}", human(*.size), human(*.max))]
+    #[error("{what} {path} is {}, over the {what} limit of {}", human_pair(*.size, *.max).0, human_pair(*.size, *.max).1)]
     TooLarge {
         path: PathBuf,
         what: &'static str,
@@ -138,7 +139,8 @@ impl FsioError {
             FsioError::Open { source, .. } | FsioError::Read { source, .. } => source.to_string(),
             FsioError::NotRegular { kind, .. } => format!("it is {kind}, not a regular file"),
             FsioError::TooLarge { size, max, .. } => {
-                format!("it is {}, over the limit of {}", human(*size), human(*max))
+                let (size, max) = human_pair(*size, *max);
+                format!("it is {size}, over the limit of {max}")
             }
             FsioError::NotUtf8 { offset, .. } => format!("not UTF-8 text (byte {offset})"),
         }
@@ -168,6 +170,16 @@ fn human(n: u64) -> String {
     }
 }
 
+/// `human` of both, in exact bytes when the rounded forms would read the same.
+fn human_pair(size: u64, max: u64) -> (String, String) {
+    let (a, b) = (human(size), human(max));
+    if a == b {
+        (format!("{size} bytes"), format!("{max} bytes"))
+    } else {
+        (a, b)
+    }
+}
+
 /// What a non-regular file is, for messages.
 fn kind_of(ft: std::fs::FileType) -> &'static str {
     if ft.is_fifo() {
@@ -194,10 +206,17 @@ pub fn open_regular(path: &Path, max: u64, what: &'static str) -> Result<(File, 
         what,
         source,
     };
-    let not_regular = |ft| FsioError::NotRegular {
-        path: path.to_owned(),
-        what,
-        kind: kind_of(ft),
+    // A directory keeps the OS's own wording ("Is a directory (os error 21)"), as `read` gave.
+    let not_regular = |ft: std::fs::FileType| {
+        if ft.is_dir() {
+            open_err(std::io::Error::from_raw_os_error(libc::EISDIR))
+        } else {
+            FsioError::NotRegular {
+                path: path.to_owned(),
+                what,
+                kind: kind_of(ft),
+            }
+        }
     };
     // Step 1: refuse special files by name, before opening them (follows symlinks, as open does).
     let meta = std::fs::metadata(path).map_err(open_err)?;
@@ -366,7 +385,11 @@ mod tests {
     fn a_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let e = open_regular(dir.path(), 10, "manifest").unwrap_err();
-        assert!(e.to_string().contains("is a directory"), "{e}");
+        assert!(e.to_string().contains("Is a directory (os error 21)"), "{e}");
+        assert_eq!(
+            e.io_error().map(std::io::Error::kind),
+            Some(std::io::ErrorKind::IsADirectory)
+        );
     }
 
     #[test]
@@ -391,7 +414,7 @@ mod tests {
             other => panic!("{other}"),
         }
         assert!(
-            e.to_string().contains("is 2.0 KiB, over the manifest limit of 2047 bytes"),
+            e.to_string().contains("is 2048 bytes, over the manifest limit of 2047 bytes"),
             "{e}"
         );
         assert!(read_limited(&p, 2048, "manifest").is_ok());
@@ -434,5 +457,7 @@ mod tests {
         assert_eq!(human(1536), "1.5 KiB");
         assert_eq!(human(MAX_IMAGE_FILE), "256.0 MiB");
         assert_eq!(human(MAX_PACKAGE_FILE), "64.0 GiB");
+        assert_eq!(human_pair(300 * MIB, MAX_IMAGE_FILE).0, "300.0 MiB");
+        assert_eq!(human_pair(2049, 2048), ("2049 bytes".into(), "2048 bytes".into()));
     }
 }

@@ -328,13 +328,22 @@ fn files_entries_outside_the_package_are_refused() {
     for (i, name) in [
         "../outside.bin".to_string(),
         s(&outside).to_string(),
-        "./model.onnx".to_string(),
+        "./text.f32".to_string(),
         "sub/../../outside.bin".to_string(),
     ]
     .iter()
     .enumerate()
     {
-        let pkg = package_copy(&tmp.path().join(i.to_string()).join("x"));
+        // The file is really there, with the right hash: the loader used to accept it.
+        let dir = tmp.path().join(i.to_string());
+        let pkg = package_copy(&dir);
+        std::fs::copy(&outside, dir.join("outside.bin")).expect("cp");
+        std::fs::create_dir(pkg.join("sub")).expect("mkdir");
+        let hash = if name.ends_with("text.f32") {
+            sha256_file(&pkg.join("text.f32")).expect("hash")
+        } else {
+            hash.clone()
+        };
         edit_manifest(&pkg, "[files]\n", &format!("[files]\n{name:?} = \"{hash}\"\n"));
         let o = score_pkg(&pkg, &[]);
         assert_exit(
@@ -534,10 +543,10 @@ fn a_fifo_or_dev_zero_as_image_is_an_item_error_not_a_hang() {
     assert!(lines[2]["score"].is_f64(), "the good image is still scored: {}", lines[2]);
 }
 
-/// In a dataset, a FIFO image or mask is an issue of that item (validation reads headers only:
-/// it used to open the FIFO and wait).
+/// In a dataset, a FIFO image or mask is an issue of that item that says what it is (it used to
+/// be reported as "does not exist"), and validation does not wait on it.
 #[test]
-fn a_fifo_image_or_mask_in_a_dataset_is_an_item_issue_not_a_hang() {
+fn a_fifo_image_or_mask_in_a_dataset_is_an_item_issue_that_names_it() {
     use anomalyclip_edge::eval::dataset::{self, Layout, ValidateOptions};
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("cls");
