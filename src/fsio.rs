@@ -25,6 +25,9 @@
 //! The bounds are the `MAX_*` constants below, one per kind of file, each far above what a real
 //! file of that kind holds and far below what would hurt a small edge box.
 //!
+//! The module's only `unsafe` is the two `fcntl` calls of step 4 (`set_blocking`; std has no
+//! safe way to change the flags of an open file, and `libc` is already a dependency).
+//!
 //! Not covered: a path checked here and opened again by a library by name (ONNX Runtime opens
 //! `model.onnx` itself) can be swapped in between; the package directory is trusted not to change
 //! under a running load (it is written once by `engines/export.py`).
@@ -293,11 +296,7 @@ pub fn read_limited(path: &Path, max: u64, what: &'static str) -> Result<Vec<u8>
 }
 
 /// [`read_limited`], then UTF-8 text.
-pub fn read_limited_string(
-    path: &Path,
-    max: u64,
-    what: &'static str,
-) -> Result<String, FsioError> {
+pub fn read_limited_string(path: &Path, max: u64, what: &'static str) -> Result<String, FsioError> {
     let bytes = read_limited(path, max, what)?;
     String::from_utf8(bytes).map_err(|e| FsioError::NotUtf8 {
         path: path.to_owned(),
@@ -362,7 +361,10 @@ mod tests {
         });
         assert!(matches!(e, FsioError::NotRegular { .. }), "{e}");
         let msg = e.to_string();
-        assert!(msg.contains("FIFO") && msg.contains(&p.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("FIFO") && msg.contains(&p.display().to_string()),
+            "{msg}"
+        );
         assert!(msg.starts_with("config file "), "{msg}");
     }
 
@@ -385,7 +387,10 @@ mod tests {
     fn a_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let e = open_regular(dir.path(), 10, "manifest").unwrap_err();
-        assert!(e.to_string().contains("Is a directory (os error 21)"), "{e}");
+        assert!(
+            e.to_string().contains("Is a directory (os error 21)"),
+            "{e}"
+        );
         assert_eq!(
             e.io_error().map(std::io::Error::kind),
             Some(std::io::ErrorKind::IsADirectory)
@@ -396,9 +401,15 @@ mod tests {
     fn a_missing_file_names_the_path_and_the_os_error() {
         let e = read_limited(Path::new("/nonexistent/x.png"), 10, "image").unwrap_err();
         let msg = e.to_string();
-        assert!(msg.starts_with("cannot read image /nonexistent/x.png: "), "{msg}");
+        assert!(
+            msg.starts_with("cannot read image /nonexistent/x.png: "),
+            "{msg}"
+        );
         assert!(msg.contains("No such file"), "{msg}");
-        assert_eq!(e.io_error().map(std::io::Error::kind), Some(std::io::ErrorKind::NotFound));
+        assert_eq!(
+            e.io_error().map(std::io::Error::kind),
+            Some(std::io::ErrorKind::NotFound)
+        );
     }
 
     #[test]
@@ -414,7 +425,8 @@ mod tests {
             other => panic!("{other}"),
         }
         assert!(
-            e.to_string().contains("is 2048 bytes, over the manifest limit of 2047 bytes"),
+            e.to_string()
+                .contains("is 2048 bytes, over the manifest limit of 2047 bytes"),
             "{e}"
         );
         assert!(read_limited(&p, 2048, "manifest").is_ok());
@@ -458,6 +470,9 @@ mod tests {
         assert_eq!(human(MAX_IMAGE_FILE), "256.0 MiB");
         assert_eq!(human(MAX_PACKAGE_FILE), "64.0 GiB");
         assert_eq!(human_pair(300 * MIB, MAX_IMAGE_FILE).0, "300.0 MiB");
-        assert_eq!(human_pair(2049, 2048), ("2049 bytes".into(), "2048 bytes".into()));
+        assert_eq!(
+            human_pair(2049, 2048),
+            ("2049 bytes".into(), "2048 bytes".into())
+        );
     }
 }

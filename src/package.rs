@@ -189,11 +189,10 @@ impl ModelPackage {
         let raw = fsio::read_limited_string(&manifest_path, fsio::MAX_MANIFEST, "manifest")?;
         // Read the version first so that a future format gets the version message, not a
         // list of unknown fields.
-        let table =
-            toml::from_str::<toml::Table>(&raw).map_err(|e| PackageError::Manifest {
-                path: manifest_path.clone(),
-                message: one_line(&e.to_string()),
-            })?;
+        let table = toml::from_str::<toml::Table>(&raw).map_err(|e| PackageError::Manifest {
+            path: manifest_path.clone(),
+            message: one_line(&e.to_string()),
+        })?;
         let version = table.get("format_version").and_then(|v| v.as_integer());
         match version {
             Some(v) if v == i64::from(FORMAT_VERSION) => {}
@@ -336,7 +335,9 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
     // become infinite, and 1e-40 denormal.
     for (i, v) in m.input.mean.iter().enumerate() {
         if !v.is_finite() {
-            return Err(bad(format!("input.mean[{i}] is {v}: expected a finite number")));
+            return Err(bad(format!(
+                "input.mean[{i}] is {v}: expected a finite number"
+            )));
         }
     }
     for (i, v) in m.input.std.iter().enumerate() {
@@ -449,11 +450,7 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
     for l in &md.feature_layers {
         expect(
             &format!("local_{l}"),
-            vec![
-                batch.clone(),
-                Dim::Fixed(patches),
-                Dim::Fixed(md.embed_dim),
-            ],
+            vec![batch.clone(), Dim::Fixed(patches), Dim::Fixed(md.embed_dim)],
         )?;
     }
     Ok(())

@@ -88,7 +88,10 @@ fn assert_exit(case: &str, o: &Output, code: i32, needles: &[&str]) {
     );
     assert!(!err.contains("panicked"), "{case}: {err}");
     for n in needles {
-        assert!(err.contains(n), "{case}: stderr does not mention {n:?}: {err}");
+        assert!(
+            err.contains(n),
+            "{case}: stderr does not mention {n:?}: {err}"
+        );
     }
 }
 
@@ -188,7 +191,11 @@ fn package_files_that_are_fifos_or_devices_are_refused_not_read() {
                 mkfifo(&p.join("manifest.toml"));
             },
             &[],
-            &["manifest", "manifest.toml", "FIFO (named pipe), not a regular file"],
+            &[
+                "manifest",
+                "manifest.toml",
+                "FIFO (named pipe), not a regular file",
+            ],
         ),
         (
             "manifest is /dev/zero",
@@ -239,10 +246,7 @@ fn manifest_sizes_that_overflow_are_load_errors_not_panics() {
     let cases: Vec<(&str, Vec<(String, String)>, Vec<String>)> = vec![
         (
             "grid × patch overflows",
-            vec![(
-                "grid = 8".into(),
-                format!("grid = {huge}"),
-            )],
+            vec![("grid = 8".into(), format!("grid = {huge}"))],
             vec!["model.grid".into(), huge.to_string(), "input.size".into()],
         ),
         (
@@ -260,7 +264,11 @@ fn manifest_sizes_that_overflow_are_load_errors_not_panics() {
                     format!("shape = [\"batch\", 64, {huge}]"),
                 ),
             ],
-            vec!["model.embed_dim".into(), huge.to_string(), "out of range".into()],
+            vec![
+                "model.embed_dim".into(),
+                huge.to_string(),
+                "out of range".into(),
+            ],
         ),
         (
             "grid² × embed_dim over the bound",
@@ -269,13 +277,14 @@ fn manifest_sizes_that_overflow_are_load_errors_not_panics() {
                 ("patch = 14".into(), "patch = 1".into()),
                 ("grid = 8".into(), "grid = 4096".into()),
             ],
-            vec!["model.grid² × model.embed_dim".into(), "over the limit".into()],
+            vec![
+                "model.grid² × model.embed_dim".into(),
+                "over the limit".into(),
+            ],
         ),
         (
             "input.size over the bound",
-            vec![
-                ("size = 112".into(), format!("size = {huge}")),
-            ],
+            vec![("size = 112".into(), format!("size = {huge}"))],
             vec!["input.size".into(), "out of range".into()],
         ),
     ];
@@ -287,7 +296,11 @@ fn manifest_sizes_that_overflow_are_load_errors_not_panics() {
         let o = score_pkg(&pkg, &[]);
         let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
         assert_exit(case, &o, 2, &needles);
-        assert!(stderr(&o).contains("manifest.toml"), "{case}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("manifest.toml"),
+            "{case}: {}",
+            stderr(&o)
+        );
     }
 }
 
@@ -297,22 +310,56 @@ fn manifest_sizes_that_overflow_are_load_errors_not_panics() {
 fn non_finite_zero_or_denormal_manifest_numbers_are_load_errors() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cases: [(&str, &str, &str, &[&str]); 8] = [
-        ("NaN mean", "mean = [0.48145466", "mean = [nan", &["input.mean[0]", "NaN", "finite"]),
-        ("inf std", "0.26130258", "inf", &["input.std[1]", "inf", "finite"]),
+        (
+            "NaN mean",
+            "mean = [0.48145466",
+            "mean = [nan",
+            &["input.mean[0]", "NaN", "finite"],
+        ),
+        (
+            "inf std",
+            "0.26130258",
+            "inf",
+            &["input.std[1]", "inf", "finite"],
+        ),
         ("NaN std", "0.27577711]", "-nan]", &["input.std[2]", "NaN"]),
         ("NaN tau", "tau = 0.07", "tau = nan", &["model.tau", "NaN"]),
         // Finite as TOML (f64), infinite as the f32 the head uses.
-        ("mean overflows f32", "mean = [0.48145466", "mean = [1e39", &["input.mean[0]", "inf"]),
-        ("denormal tau", "tau = 0.07", "tau = 1e-40", &["model.tau", "positive normal"]),
-        ("zero std", "std = [0.26862954", "std = [0.0", &["input.std[0]", "positive normal"]),
-        ("NaN under [source]", "seed = 0", "seed = nan", &["source.seed", "NaN"]),
+        (
+            "mean overflows f32",
+            "mean = [0.48145466",
+            "mean = [1e39",
+            &["input.mean[0]", "inf"],
+        ),
+        (
+            "denormal tau",
+            "tau = 0.07",
+            "tau = 1e-40",
+            &["model.tau", "positive normal"],
+        ),
+        (
+            "zero std",
+            "std = [0.26862954",
+            "std = [0.0",
+            &["input.std[0]", "positive normal"],
+        ),
+        (
+            "NaN under [source]",
+            "seed = 0",
+            "seed = nan",
+            &["source.seed", "NaN"],
+        ),
     ];
     for (i, (case, from, to, needles)) in cases.into_iter().enumerate() {
         let pkg = package_copy(&tmp.path().join(i.to_string()));
         edit_manifest(&pkg, from, to);
         let o = score_pkg(&pkg, &[]);
         assert_exit(case, &o, 2, needles);
-        assert!(stderr(&o).contains("manifest.toml"), "{case}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("manifest.toml"),
+            "{case}: {}",
+            stderr(&o)
+        );
         assert!(o.stdout.is_empty(), "{case}: nothing scored");
     }
 }
@@ -344,13 +391,20 @@ fn files_entries_outside_the_package_are_refused() {
         } else {
             hash.clone()
         };
-        edit_manifest(&pkg, "[files]\n", &format!("[files]\n{name:?} = \"{hash}\"\n"));
+        edit_manifest(
+            &pkg,
+            "[files]\n",
+            &format!("[files]\n{name:?} = \"{hash}\"\n"),
+        );
         let o = score_pkg(&pkg, &[]);
         assert_exit(
             name,
             &o,
             2,
-            &[&format!("{name:?}"), "not a plain relative path inside the package"],
+            &[
+                &format!("{name:?}"),
+                "not a plain relative path inside the package",
+            ],
         );
     }
     // A symlink inside the package that leads out of it.
@@ -364,7 +418,10 @@ fn files_entries_outside_the_package_are_refused() {
         "symlink out",
         &o,
         2,
-        &["\"model.onnx\" resolves to", "outside the package directory"],
+        &[
+            "\"model.onnx\" resolves to",
+            "outside the package directory",
+        ],
     );
     // A symlink that stays inside is fine (the hash still has to match).
     let pkg = package_copy(&tmp.path().join("inside"));
@@ -375,7 +432,11 @@ fn files_entries_outside_the_package_are_refused() {
         &pkg,
         anomalyclip_edge::package::HashCheck::All,
     );
-    assert!(loaded.is_ok(), "symlink inside the package: {:?}", loaded.err());
+    assert!(
+        loaded.is_ok(),
+        "symlink inside the package: {:?}",
+        loaded.err()
+    );
 }
 
 /// `score --threads 100000` crashed with SIGSEGV inside ONNX Runtime; `[engine] threads` took
@@ -383,12 +444,20 @@ fn files_entries_outside_the_package_are_refused() {
 #[test]
 fn absurd_thread_counts_are_usage_errors() {
     let max = anomalyclip_edge::engine::max_threads();
-    assert!((4..=anomalyclip_edge::engine::MAX_THREADS).contains(&max), "{max}");
+    assert!(
+        (4..=anomalyclip_edge::engine::MAX_THREADS).contains(&max),
+        "{max}"
+    );
     let image = Golden::load().images[0].path.clone();
     let model = tiny_package();
     for n in ["100000".to_string(), (max + 1).to_string()] {
         let o = run(&["score", "--model", s(&model), "--threads", &n, s(&image)]);
-        assert_exit("score", &o, 2, &[&format!("--threads {n} is out of range"), "CPU"]);
+        assert_exit(
+            "score",
+            &o,
+            2,
+            &[&format!("--threads {n} is out of range"), "CPU"],
+        );
         assert!(o.stdout.is_empty());
         let data = tempfile::tempdir().expect("tempdir");
         let o = run(&[
@@ -402,8 +471,21 @@ fn absurd_thread_counts_are_usage_errors() {
         ]);
         assert_exit("eval", &o, 2, &[&format!("--threads {n} is out of range")]);
     }
-    let o = run(&["eval", "--model", s(&model), "--data", "/nonexistent", "--batch", "100000"]);
-    assert_exit("eval --batch", &o, 2, &["--batch 100000", "expected 1 to 64"]);
+    let o = run(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        "/nonexistent",
+        "--batch",
+        "100000",
+    ]);
+    assert_exit(
+        "eval --batch",
+        &o,
+        2,
+        &["--batch 100000", "expected 1 to 64"],
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("c.toml");
@@ -431,7 +513,10 @@ fn a_fifo_or_dev_zero_as_meta_json_is_refused() {
     let fifo = dir.path().join("meta.json");
     mkfifo(&fifo);
     let model = tiny_package();
-    for (case, meta, kind) in [("fifo", s(&fifo), "FIFO"), ("zero", "/dev/zero", "character device")] {
+    for (case, meta, kind) in [
+        ("fifo", s(&fifo), "FIFO"),
+        ("zero", "/dev/zero", "character device"),
+    ] {
         let o = run(&[
             "eval",
             "--model",
@@ -468,8 +553,16 @@ fn dataset_meta_on_a_tree_without_images_writes_nothing_and_exits_2() {
         (&mvtec, "mvtec", "ROOT/<class>/test/<species>/"),
     ] {
         let o = run(&["dataset-meta", s(root), "--layout", layout]);
-        assert_exit(layout, &o, 2, &["no test images under", s(root), needle, "nothing written"]);
-        assert!(!root.join("meta.json").exists(), "{layout}: meta.json written");
+        assert_exit(
+            layout,
+            &o,
+            2,
+            &["no test images under", s(root), needle, "nothing written"],
+        );
+        assert!(
+            !root.join("meta.json").exists(),
+            "{layout}: meta.json written"
+        );
     }
 }
 
@@ -493,7 +586,15 @@ fn an_output_file_that_cannot_be_written_puts_error_in_the_json_line() {
         let out = tmp.path().join(suffix);
         // A directory where the file for image `a` should go: unwritable even for root.
         std::fs::create_dir_all(out.join(format!("{stem_a}.{suffix}"))).expect("mkdir");
-        let o = run(&["score", "--model", s(&tiny_package()), flag, s(&out), s(a), s(b)]);
+        let o = run(&[
+            "score",
+            "--model",
+            s(&tiny_package()),
+            flag,
+            s(&out),
+            s(a),
+            s(b),
+        ]);
         assert_exit(flag, &o, 1, &[suffix]);
         let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
             .lines()
@@ -504,7 +605,11 @@ fn an_output_file_that_cannot_be_written_puts_error_in_the_json_line() {
             panic!("{flag}: the failed image's line has no error: {}", lines[0])
         });
         assert!(err.contains(&format!("{stem_a}.{suffix}")), "{flag}: {err}");
-        assert!(lines[0]["score"].is_f64(), "{flag}: scored all the same: {}", lines[0]);
+        assert!(
+            lines[0]["score"].is_f64(),
+            "{flag}: scored all the same: {}",
+            lines[0]
+        );
         assert!(lines[1].get("error").is_none(), "{flag}: {}", lines[1]);
         assert!(lines[1]["score"].is_f64(), "{flag}: {}", lines[1]);
     }
@@ -536,11 +641,20 @@ fn a_fifo_or_dev_zero_as_image_is_an_item_error_not_a_hang() {
         .collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
     for (line, needle) in lines.iter().zip(["FIFO", "character device"]) {
-        let err = line["error"].as_str().unwrap_or_else(|| panic!("no error: {line}"));
-        assert!(err.contains(needle) && err.contains("not a regular file"), "{err}");
+        let err = line["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error: {line}"));
+        assert!(
+            err.contains(needle) && err.contains("not a regular file"),
+            "{err}"
+        );
         assert!(line.get("score").is_none(), "{line}");
     }
-    assert!(lines[2]["score"].is_f64(), "the good image is still scored: {}", lines[2]);
+    assert!(
+        lines[2]["score"].is_f64(),
+        "the good image is still scored: {}",
+        lines[2]
+    );
 }
 
 /// In a dataset, a FIFO image or mask is an issue of that item that says what it is (it used to
@@ -575,7 +689,8 @@ fn a_fifo_image_or_mask_in_a_dataset_is_an_item_issue_that_names_it() {
         let validated = opened.and_then(|o| {
             dataset::validate(&r, &o, &ValidateOptions::default()).map_err(|e| e.to_string())
         });
-        let _ = tx.send(validated.map(|v| v.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>()));
+        let _ =
+            tx.send(validated.map(|v| v.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>()));
     });
     let issues = rx
         .recv_timeout(TIMEOUT)
