@@ -243,7 +243,9 @@ fn package_files_that_are_fifos_or_devices_are_refused_not_read() {
 fn manifest_sizes_that_overflow_are_load_errors_not_panics() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let huge = 1u64 << 62;
-    let cases: Vec<(&str, Vec<(String, String)>, Vec<String>)> = vec![
+    /// Name, manifest edits (from, to), stderr needles.
+    type Case = (&'static str, Vec<(String, String)>, Vec<String>);
+    let cases: Vec<Case> = vec![
         (
             "grid × patch overflows",
             vec![("grid = 8".into(), format!("grid = {huge}"))],
@@ -674,13 +676,11 @@ fn a_fifo_image_or_mask_in_a_dataset_is_an_item_issue_that_names_it() {
     mkfifo(&root.join("ground_truth/crack/000_mask.png"));
     // Discovery lists regular files only; the meta.json names the FIFOs explicitly, as a hostile
     // one would.
-    let meta = format!(
-        r#"{{"train": {{}}, "test": {{"cls": [
-            {{"img_path": "test/good/000.png", "mask_path": "", "cls_name": "cls", "specie_name": "good", "anomaly": 0}},
-            {{"img_path": "test/good/001.png", "mask_path": "", "cls_name": "cls", "specie_name": "good", "anomaly": 0}},
-            {{"img_path": "test/crack/000.png", "mask_path": "ground_truth/crack/000_mask.png", "cls_name": "cls", "specie_name": "crack", "anomaly": 1}}
-        ]}}}}"#
-    );
+    let meta = r#"{"train": {}, "test": {"cls": [
+            {"img_path": "test/good/000.png", "mask_path": "", "cls_name": "cls", "specie_name": "good", "anomaly": 0},
+            {"img_path": "test/good/001.png", "mask_path": "", "cls_name": "cls", "specie_name": "good", "anomaly": 0},
+            {"img_path": "test/crack/000.png", "mask_path": "ground_truth/crack/000_mask.png", "cls_name": "cls", "specie_name": "crack", "anomaly": 1}
+        ]}}"#;
     std::fs::write(root.join("meta.json"), meta).expect("meta");
     let (tx, rx) = std::sync::mpsc::channel();
     let r = root.clone();
