@@ -539,3 +539,43 @@ fn sha256_reader(mut f: std::fs::File, path: &Path) -> Result<String, PackageErr
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_names_must_be_plain_relative_paths() {
+        for ok in ["model.onnx", "text.f32", "data/weights.bin", "a.b/c"] {
+            assert!(is_plain_relative(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            "../x",
+            "a/../b",
+            "/etc/passwd",
+            "./x",
+            "a/./b",
+            "a//b",
+            "a/",
+            "x\0y",
+        ] {
+            assert!(!is_plain_relative(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn non_finite_numbers_are_found_with_their_key() {
+        let t: toml::Table =
+            toml::from_str("a = 1.0\n[b]\nc = [1.0, 2.0, nan]\n[d]\ne = { f = -inf }\n").unwrap();
+        let (key, v) = non_finite(&toml::Value::Table(t), String::new()).unwrap();
+        assert_eq!(key, "b.c[2]");
+        assert!(v.is_nan());
+        let t: toml::Table = toml::from_str("[d]\ne = { f = -inf }\n").unwrap();
+        let (key, v) = non_finite(&toml::Value::Table(t), String::new()).unwrap();
+        assert_eq!((key.as_str(), v), ("d.e.f", f64::NEG_INFINITY));
+        let t: toml::Table = toml::from_str("a = 1e300\nb = \"nan\"\n").unwrap();
+        assert!(non_finite(&toml::Value::Table(t), String::new()).is_none());
+    }
+}
