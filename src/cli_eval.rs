@@ -16,7 +16,8 @@
 //! bad label, scoring failed); 2 no report: bad usage, unreadable ROOT or no dataset found,
 //! malformed `meta.json`, unknown `--classes`, nothing to evaluate, `--strict` with any issue,
 //! model or engine failure, report file not writable (one line on stderr).
-//! `dataset-meta`: 0 written (unpaired masks are printed as warnings), 2 not written.
+//! `dataset-meta`: 0 written (unpaired masks are printed as warnings), 2 not written (no layout,
+//! or a layout without any test image: an empty `meta.json` is never written).
 //!
 //! Design: the dataset is opened and validated before the model is loaded, so a bad ROOT or a
 //! `--strict` failure costs no model load. `--batch N` hands the driver's images to the engine N
@@ -28,7 +29,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anomalyclip_edge::engine::{Backend, EngineOptions};
+use anomalyclip_edge::engine::{self, Backend, EngineOptions};
 use anomalyclip_edge::eval::dataset::{self, IssueCounts, Layout, ValidateOptions};
 use anomalyclip_edge::eval::{self, EvalOptions, ScoreResult};
 use anomalyclip_edge::package::HashCheck;
@@ -38,6 +39,10 @@ use anyhow::Context;
 
 /// Issues printed one per line on stderr; the rest are counted (all are in the JSON report).
 const MAX_ISSUE_LINES: usize = 50;
+
+/// Largest `--batch`: the same bound as the daemon's `[engine] max_batch` (every image of a
+/// batch is decoded and held at once: 64 × 518² × 3 floats is ~200 MB of model input).
+const MAX_BATCH: usize = 64;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -80,10 +85,11 @@ pub struct EvalArgs {
     /// Inference backend.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
-    /// CPU threads for inference (0 = all cores).
+    /// CPU threads for inference (0 = all cores; at most 4 × the CPUs available, and 256).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Images per engine call (1 = the paper's protocol; the numbers do not depend on it).
+    /// Images per engine call, 1 to 64 (1 = the paper's protocol; the numbers do not depend on
+    /// it).
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the install paths).
@@ -142,9 +148,13 @@ fn pillow_bilinear(src: &[u8], w: usize, h: usize, dst_w: usize, dst_h: usize) -
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    if args.batch == 0 {
-        anyhow::bail!("--batch 0: expected at least 1 image per engine call");
+    if args.batch == 0 || args.batch > MAX_BATCH {
+        anyhow::bail!(
+            "--batch {}: expected 1 to {MAX_BATCH} images per engine call",
+            args.batch
+        );
     }
+    engine::check_threads(args.threads).map_err(|m| anyhow::anyhow!("--threads {m}"))?;
     let out_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("."));
     if let Some(dir) = &args.out {
         crate::ensure_dir(dir)?;

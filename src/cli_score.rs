@@ -4,8 +4,10 @@
 //! Input: a model package and image files (PNG/JPEG/BMP, any size, grayscale or colour).
 //! Output: one JSON line per image on stdout; on request a heatmap overlay PNG, a grayscale map
 //! PNG and the raw float map. Failure modes: a bad package or missing ONNX Runtime library stops
-//! everything (exit 2); a bad image is reported on stderr and in a JSON line with `error`, the
-//! others are still scored (exit 1).
+//! everything (exit 2), as does a `--threads` over [`engine::max_threads`]; a bad image, or an
+//! output file (`--overlay`, `--map-png`, `--raw-map`) that cannot be written, is reported on
+//! stderr and in that image's JSON line with `error`, the others are still scored (exit 1).
+//! A score or map that is not finite (a broken model) is an error, never `"score": null`.
 
 use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anomalyclip_edge::engine::{Backend, EngineOptions};
+use anomalyclip_edge::engine::{self, Backend, EngineOptions};
 use anomalyclip_edge::head;
 use anomalyclip_edge::package::HashCheck;
 use anomalyclip_edge::scorer::{HeadChoice, ScoreError, Scored, Scorer};
@@ -49,7 +51,7 @@ pub struct ScoreArgs {
     /// Where the anomaly head runs (`auto`: the GPU when one is usable).
     #[arg(long, value_enum, default_value_t = HeadChoice::Cpu)]
     head: HeadChoice,
-    /// CPU threads for inference (0 = all cores).
+    /// CPU threads for inference (0 = all cores; at most 4 × the CPUs available, and 256).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the install paths).
@@ -91,6 +93,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("{name} {v}: expected a value in [0, 1]");
         }
     }
+    engine::check_threads(args.threads).map_err(|m| anyhow::anyhow!("--threads {m}"))?;
     for dir in [&args.overlay, &args.map_png, &args.raw_map]
         .into_iter()
         .flatten()
@@ -139,15 +142,28 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     for path in &args.images {
         let t0 = Instant::now();
         let display = path.display().to_string();
-        let line = match scorer.score_file(path) {
-            Ok((img, scored)) => {
+        let result = scorer.score_file(path).map_err(|e| e.to_string()).and_then(|ok| {
+            let stats = head::map_stats(&ok.1.map, args.pixel_threshold);
+            if ok.1.score.is_finite() && stats.max.is_finite() && stats.area.is_finite() {
+                Ok((ok, stats))
+            } else {
+                Err(format!(
+                    "{display}: the model produced a non-finite result (score {}, map max {}): broken model package or engine",
+                    ok.1.score, stats.max
+                ))
+            }
+        });
+        let line = match result {
+            Ok(((img, scored), stats)) => {
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
-                let stats = head::map_stats(&scored.map, args.pixel_threshold);
                 let stem = unique_stem(path, &mut stems);
-                if let Err(e) = write_outputs(&args, &stem, &img, &scored) {
+                // The image was scored, but the run failed for it: the line says so too.
+                let error = write_outputs(&args, &stem, &img, &scored).err().map(|e| {
                     failed += 1;
-                    eprintln!("error: {display}: {e:#}");
-                }
+                    let msg = crate::one_line(&format!("{display}: {e:#}"));
+                    eprintln!("error: {msg}");
+                    msg
+                });
                 Line {
                     path: &display,
                     score: Some(scored.score),
@@ -158,12 +174,12 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
                     width: Some(img.width() as u32),
                     height: Some(img.height() as u32),
                     ms: Some((ms * 100.0).round() / 100.0),
-                    error: None,
+                    error,
                 }
             }
             Err(e) => {
                 failed += 1;
-                let msg = crate::one_line(&e.to_string());
+                let msg = crate::one_line(&e);
                 eprintln!("error: {msg}");
                 Line {
                     path: &display,

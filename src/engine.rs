@@ -18,13 +18,16 @@ use crate::package::ModelPackage;
 
 pub mod config;
 
-pub use config::{Backend, HeadChoice};
+pub use config::{
+    Backend, HeadChoice, MAX_THREADS, THREADS_PER_CPU, check_threads, max_threads,
+};
 
 /// Options for building an engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub backend: Backend,
-    /// Intra-op threads for the CPU backend; 0 = ONNX Runtime's default (all cores).
+    /// Intra-op threads for the CPU backend; 0 = ONNX Runtime's default (all cores). At most
+    /// [`max_threads`] ([`check_threads`]; building the engine refuses more).
     pub threads: usize,
     /// Explicit path of `libonnxruntime.so`; otherwise `ORT_DYLIB_PATH`, then the defaults.
     pub ort_library: Option<PathBuf>,
@@ -320,6 +323,11 @@ fn build_session(
         path: onnx.to_path_buf(),
         message: e.to_string(),
     };
+    // Thousands of threads make ONNX Runtime crash (SIGSEGV) instead of failing.
+    check_threads(opts.threads).map_err(|reason| EngineError::Unavailable {
+        backend,
+        reason: format!("threads {reason}"),
+    })?;
     let mut builder = ort::session::Session::builder(env).map_err(model_err)?;
     if opts.threads > 0 {
         builder = builder

@@ -32,7 +32,9 @@
 //! `image` crate (zune-jpeg): up to ±4 levels per sample on 4:2:0 files, model input |Δ| up to 0.06
 //! (measured by `tests/image_io.rs`).
 //!
-//! Failure modes ([`ImageError`], one line naming the file): unreadable path, empty file, not an
+//! Failure modes ([`ImageError`], one line naming the file): unreadable path, not a regular file
+//! (a FIFO or a device is refused without being read, see [`crate::fsio`]), a file over
+//! [`crate::fsio::MAX_IMAGE_FILE`] (refused before reading), empty file, not an
 //! image / unsupported format or layout, truncated or corrupt data, and images over
 //! [`MAX_PIXELS`] (Pillow's own `DecompressionBombError` threshold, 2 × 89,478,485 pixels: a
 //! 12000×12000 image, 144 MP, is accepted and costs 432 MB as RGB, 576 MB as RGBA plus a
@@ -84,6 +86,9 @@ pub enum ImageError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Not a regular file (FIFO, device, directory…), or over [`crate::fsio::MAX_IMAGE_FILE`].
+    #[error(transparent)]
+    File(crate::fsio::FsioError),
     /// The file has no bytes.
     #[error("image {path} is an empty file")]
     Empty { path: PathBuf },
@@ -216,10 +221,13 @@ fn sniff(bytes: &[u8]) -> Result<Format, String> {
 /// Loads `path` as Pillow would open it (see the module doc for modes and limits).
 pub fn load_image(path: impl AsRef<Path>) -> Result<DecodedImage, ImageError> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = crate::fsio::read_limited(path, crate::fsio::MAX_IMAGE_FILE, "image").map_err(
+        |e| match e {
+            crate::fsio::FsioError::Open { path, source, .. }
+            | crate::fsio::FsioError::Read { path, source, .. } => ImageError::Io { path, source },
+            other => ImageError::File(other),
+        },
+    )?;
     decode_image(&bytes, path)
 }
 

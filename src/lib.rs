@@ -19,12 +19,16 @@
 //! - [`statedir`]: the state directory, locked for one daemon; atomic, symlink-safe file writes.
 //!
 //! Off the frame path: [`eval`] (dataset evaluation with the paper's metrics).
+//!
+//! Shared: [`fsio`] (every file read from outside: regular files only, size-bounded before
+//! reading).
 pub mod alarm;
 pub mod camera;
 pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod eval;
+pub mod fsio;
 pub mod gpu;
 pub mod head;
 pub mod image_io;

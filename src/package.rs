@@ -5,22 +5,52 @@
 //! Failure modes: a missing directory or file, a manifest that does not parse, a format version
 //! this build does not read, shapes that contradict each other, a file whose SHA-256 differs from
 //! the manifest. Every error names the file and what was expected.
+//!
+//! The package comes from outside, so nothing in it is trusted: every file is opened through
+//! [`crate::fsio`] (regular files only, size bounded before reading: a FIFO or `/dev/zero` is
+//! refused, not read); every size derived from the manifest is computed with checked arithmetic
+//! and bounded ([`MAX_INPUT_SIZE`], [`MAX_EMBED_DIM`], [`MAX_LAYERS`], [`MAX_LOCAL_FEATURES`]),
+//! so a hostile manifest gets a message instead of an overflow (a panic in debug builds, a
+//! silently wrapped size in release builds); every number in the manifest must be finite, and
+//! `model.tau` and `input.std` strictly positive and normal (a NaN, infinite, zero or denormal
+//! value would turn every score into NaN or 0.5); `[files]` names must be plain relative paths
+//! that stay inside the package directory, symlinks included.
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::fsio::{self, FsioError};
+
 /// The only manifest format version this build reads.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Largest `input.size` (square input edge in pixels). The real model runs at 518; 4096 is
+/// already a 200 MB float input per image.
+pub const MAX_INPUT_SIZE: usize = 4096;
+
+/// Largest `model.embed_dim` (D). CLIP ViT-L/14 has 768, the largest CLIP (ViT-bigG) 1280.
+pub const MAX_EMBED_DIM: usize = 16384;
+
+/// Largest `model.layers`. ViT-L has 24 blocks, ViT-bigG 48.
+pub const MAX_LAYERS: usize = 1024;
+
+/// Largest `grid² × embed_dim`: floats in one local feature map of one image (the engine and the
+/// head allocate this per feature layer). The real model: 37² × 768 ≈ 1.05 M; the bound, 2²⁶,
+/// is 256 MB of float32.
+pub const MAX_LOCAL_FEATURES: usize = 1 << 26;
 
 /// Errors while loading a model package.
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
     #[error("model package {0}: no such directory (export one with engines/export.py)")]
     MissingDir(PathBuf),
+    /// A package file that is not a regular file, too large, or unreadable.
+    #[error(transparent)]
+    File(#[from] FsioError),
     #[error("{path}: cannot read: {source}")]
     Read {
         path: PathBuf,
@@ -156,19 +186,14 @@ impl ModelPackage {
             return Err(PackageError::MissingDir(dir.to_path_buf()));
         }
         let manifest_path = dir.join("manifest.toml");
-        let raw = std::fs::read_to_string(&manifest_path).map_err(|source| PackageError::Read {
-            path: manifest_path.clone(),
-            source,
-        })?;
+        let raw = fsio::read_limited_string(&manifest_path, fsio::MAX_MANIFEST, "manifest")?;
         // Read the version first so that a future format gets the version message, not a
         // list of unknown fields.
-        let version = toml::from_str::<toml::Table>(&raw)
-            .map_err(|e| PackageError::Manifest {
-                path: manifest_path.clone(),
-                message: one_line(&e.to_string()),
-            })?
-            .get("format_version")
-            .and_then(|v| v.as_integer());
+        let table = toml::from_str::<toml::Table>(&raw).map_err(|e| PackageError::Manifest {
+            path: manifest_path.clone(),
+            message: one_line(&e.to_string()),
+        })?;
+        let version = table.get("format_version").and_then(|v| v.as_integer());
         match version {
             Some(v) if v == i64::from(FORMAT_VERSION) => {}
             Some(v) => {
@@ -188,21 +213,31 @@ impl ModelPackage {
             path: manifest_path.clone(),
             message: one_line(&e.to_string()),
         })?;
+        // Every number, [source] included: one NaN anywhere is a broken export.
+        if let Some((key, value)) = non_finite(&toml::Value::Table(table), String::new()) {
+            return Err(PackageError::Invalid {
+                path: manifest_path,
+                message: format!("{key} is {value}: every number in the manifest must be finite"),
+            });
+        }
         validate(&manifest, &manifest_path)?;
+        let canon_dir = dir.canonicalize().map_err(|source| PackageError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
 
         for (file, expected) in &manifest.files {
             let path = dir.join(file);
-            let meta = std::fs::metadata(&path).map_err(|source| PackageError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            inside_package(&canon_dir, file, &path, &manifest_path)?;
+            // Opened even when not hashed: a FIFO or a device is refused here, not read later.
+            let (f, size) = fsio::open_regular(&path, fsio::MAX_PACKAGE_FILE, "package file")?;
             let hash = match hashes {
                 HashCheck::All => true,
-                HashCheck::UpTo(limit) => meta.len() <= limit,
+                HashCheck::UpTo(limit) => size <= limit,
                 HashCheck::None => false,
             };
             if hash {
-                let actual = sha256_file(&path)?;
+                let actual = sha256_reader(f, &path)?;
                 if !actual.eq_ignore_ascii_case(expected) {
                     return Err(PackageError::Hash {
                         path,
@@ -214,17 +249,16 @@ impl ModelPackage {
         }
 
         let text_path = dir.join(&manifest.text.file);
-        let bytes = std::fs::read(&text_path).map_err(|source| PackageError::Read {
-            path: text_path.clone(),
-            source,
-        })?;
+        let bytes = fsio::read_limited(&text_path, fsio::MAX_TEXT_FILE, "text constant")?;
         let [rows, dim] = manifest.text.shape;
-        if bytes.len() != rows * dim * 4 {
+        // validate() bounded rows (2) and dim (MAX_EMBED_DIM): no overflow, and within
+        // MAX_TEXT_FILE.
+        let expected = rows * dim * 4;
+        if bytes.len() != expected {
             return Err(PackageError::Invalid {
                 path: text_path,
                 message: format!(
-                    "expected {} bytes (float32 [{rows}, {dim}]), found {}",
-                    rows * dim * 4,
+                    "expected {expected} bytes (float32 [{rows}, {dim}]), found {}",
                     bytes.len()
                 ),
             });
@@ -297,23 +331,69 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
         message,
     };
     let md = &m.model;
+    // Numbers first: they are f32 after parsing, so a finite TOML value such as 1e300 may have
+    // become infinite, and 1e-40 denormal.
+    for (i, v) in m.input.mean.iter().enumerate() {
+        if !v.is_finite() {
+            return Err(bad(format!(
+                "input.mean[{i}] is {v}: expected a finite number"
+            )));
+        }
+    }
+    for (i, v) in m.input.std.iter().enumerate() {
+        if !(v.is_normal() && *v > 0.0) {
+            return Err(bad(format!(
+                "input.std[{i}] is {v:e}: expected a positive normal float32 (the reference: 0.27)"
+            )));
+        }
+    }
+    if !(md.tau.is_normal() && md.tau > 0.0) {
+        return Err(bad(format!(
+            "model.tau is {:e}: expected a positive normal float32 (AnomalyCLIP: 0.07)",
+            md.tau
+        )));
+    }
     if md.patch == 0 || md.grid == 0 || md.embed_dim == 0 {
         return Err(bad(
             "model.patch, model.grid and model.embed_dim must be > 0".into(),
         ));
     }
-    if md.grid * md.patch != m.input.size {
+    if m.input.size == 0 || m.input.size > MAX_INPUT_SIZE {
+        return Err(bad(format!(
+            "input.size {} is out of range (expected 1 to {MAX_INPUT_SIZE})",
+            m.input.size
+        )));
+    }
+    if md.grid.checked_mul(md.patch) != Some(m.input.size) {
         return Err(bad(format!(
             "model.grid ({}) × model.patch ({}) must equal input.size ({})",
             md.grid, md.patch, m.input.size
         )));
     }
-    if !(md.tau.is_finite() && md.tau > 0.0) {
-        return Err(bad(format!("model.tau must be > 0, found {}", md.tau)));
+    if md.embed_dim > MAX_EMBED_DIM {
+        return Err(bad(format!(
+            "model.embed_dim {} is out of range (expected 1 to {MAX_EMBED_DIM})",
+            md.embed_dim
+        )));
     }
-    if m.input.std.iter().any(|s| *s <= 0.0) {
-        return Err(bad("input.std values must be > 0".into()));
+    if md.layers == 0 || md.layers > MAX_LAYERS {
+        return Err(bad(format!(
+            "model.layers {} is out of range (expected 1 to {MAX_LAYERS})",
+            md.layers
+        )));
     }
+    // grid ≤ input.size ≤ MAX_INPUT_SIZE and embed_dim ≤ MAX_EMBED_DIM: these cannot overflow a
+    // 64-bit usize, but checked all the same (32-bit targets).
+    let patches = md.grid.checked_mul(md.grid);
+    let fits = patches
+        .and_then(|p| p.checked_mul(md.embed_dim))
+        .is_some_and(|floats| floats <= MAX_LOCAL_FEATURES);
+    let Some(patches) = patches.filter(|_| fits) else {
+        return Err(bad(format!(
+            "model.grid² × model.embed_dim ({}² × {}) is over the limit of {MAX_LOCAL_FEATURES} floats per feature map",
+            md.grid, md.embed_dim
+        )));
+    };
     if md.feature_layers.is_empty() {
         return Err(bad(
             "model.feature_layers must name at least one block".into()
@@ -329,10 +409,19 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
             md.layers
         )));
     }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(l) = md.feature_layers.iter().find(|l| !seen.insert(**l)) {
+        return Err(bad(format!("model.feature_layers: block {l} listed twice")));
+    }
     if m.text.shape != [2, md.embed_dim] {
         return Err(bad(format!(
             "text.shape must be [2, {}] (model.embed_dim), found {:?}",
             md.embed_dim, m.text.shape
+        )));
+    }
+    if let Some(name) = m.files.keys().find(|f| !is_plain_relative(f)) {
+        return Err(bad(format!(
+            "files: {name:?} is not a plain relative path inside the package (no \"..\", no \".\", no absolute path, no empty name)"
         )));
     }
     if !m.files.contains_key("model.onnx") {
@@ -361,22 +450,77 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
     for l in &md.feature_layers {
         expect(
             &format!("local_{l}"),
-            vec![
-                batch.clone(),
-                Dim::Fixed(md.grid * md.grid),
-                Dim::Fixed(md.embed_dim),
-            ],
+            vec![batch.clone(), Dim::Fixed(patches), Dim::Fixed(md.embed_dim)],
         )?;
     }
     Ok(())
 }
 
-/// SHA-256 of a file as lowercase hex.
-pub fn sha256_file(path: &Path) -> Result<String, PackageError> {
-    let mut f = std::fs::File::open(path).map_err(|source| PackageError::Read {
+/// A `[files]` name: relative, made of plain names only (`model.onnx`, `data/weights.bin`).
+fn is_plain_relative(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains('\0')
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+        // `a/./b` parses as plain names; refuse it all the same, and `a//b`, to keep one spelling.
+        && name.split('/').all(|part| !part.is_empty() && part != ".")
+}
+
+/// `path` (= package dir + `name`) must resolve, symlinks followed, to a file inside the
+/// package directory `canon_dir` (already canonical).
+fn inside_package(
+    canon_dir: &Path,
+    name: &str,
+    path: &Path,
+    manifest_path: &Path,
+) -> Result<(), PackageError> {
+    let resolved = path.canonicalize().map_err(|source| PackageError::Read {
         path: path.to_path_buf(),
         source,
     })?;
+    if resolved.starts_with(canon_dir) && resolved != canon_dir {
+        Ok(())
+    } else {
+        Err(PackageError::Invalid {
+            path: manifest_path.to_path_buf(),
+            message: format!(
+                "files: {name:?} resolves to {}, outside the package directory {} (a symlink out of the package is not allowed)",
+                resolved.display(),
+                canon_dir.display()
+            ),
+        })
+    }
+}
+
+/// The first non-finite float anywhere in `v`, with its dotted key (`input.mean[1]`).
+fn non_finite(v: &toml::Value, key: String) -> Option<(String, f64)> {
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => Some((key, *f)),
+        toml::Value::Table(t) => t.iter().find_map(|(k, v)| {
+            let key = if key.is_empty() {
+                k.clone()
+            } else {
+                format!("{key}.{k}")
+            };
+            non_finite(v, key)
+        }),
+        toml::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| non_finite(v, format!("{key}[{i}]"))),
+        _ => None,
+    }
+}
+
+/// SHA-256 of a file as lowercase hex (regular files only, up to [`fsio::MAX_PACKAGE_FILE`]).
+pub fn sha256_file(path: &Path) -> Result<String, PackageError> {
+    let (f, _) = fsio::open_regular(path, fsio::MAX_PACKAGE_FILE, "package file")?;
+    sha256_reader(f, path)
+}
+
+/// SHA-256 of everything `f` yields, as lowercase hex; `path` names it in errors.
+fn sha256_reader(mut f: std::fs::File, path: &Path) -> Result<String, PackageError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -394,4 +538,44 @@ pub fn sha256_file(path: &Path) -> Result<String, PackageError> {
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_names_must_be_plain_relative_paths() {
+        for ok in ["model.onnx", "text.f32", "data/weights.bin", "a.b/c"] {
+            assert!(is_plain_relative(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            "../x",
+            "a/../b",
+            "/etc/passwd",
+            "./x",
+            "a/./b",
+            "a//b",
+            "a/",
+            "x\0y",
+        ] {
+            assert!(!is_plain_relative(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn non_finite_numbers_are_found_with_their_key() {
+        let t: toml::Table =
+            toml::from_str("a = 1.0\n[b]\nc = [1.0, 2.0, nan]\n[d]\ne = { f = -inf }\n").unwrap();
+        let (key, v) = non_finite(&toml::Value::Table(t), String::new()).unwrap();
+        assert_eq!(key, "b.c[2]");
+        assert!(v.is_nan());
+        let t: toml::Table = toml::from_str("[d]\ne = { f = -inf }\n").unwrap();
+        let (key, v) = non_finite(&toml::Value::Table(t), String::new()).unwrap();
+        assert_eq!((key.as_str(), v), ("d.e.f", f64::NEG_INFINITY));
+        let t: toml::Table = toml::from_str("a = 1e300\nb = \"nan\"\n").unwrap();
+        assert!(non_finite(&toml::Value::Table(t), String::new()).is_none());
+    }
 }

@@ -148,14 +148,14 @@ pub fn check(path: impl AsRef<Path>) -> Vec<Problem> {
 
 fn load_with(path: &Path, fs: FsChecks) -> Result<Config, ConfigErrors> {
     let origin = path.display().to_string();
-    match std::fs::read_to_string(path) {
+    match crate::fsio::read_limited_string(path, crate::fsio::MAX_CONFIG_FILE, "config file") {
         Ok(text) => parse_config(&text, &origin, fs),
         Err(e) => Err(ConfigErrors {
             problems: vec![Problem {
                 file: origin,
                 line: None,
                 path: String::new(),
-                message: format!("cannot read config file: {e}"),
+                message: format!("cannot read config file: {}", e.cause()),
             }],
         }),
     }

@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::path::Path;
 
 use toml::Spanned;
 
@@ -206,13 +207,18 @@ pub(crate) fn read_file(
     if !ctx.fs() {
         return None;
     }
-    match std::fs::read(v.get_ref()) {
+    let max = if path == "mqtt.password_file" {
+        crate::fsio::MAX_PASSWORD_FILE
+    } else {
+        crate::fsio::MAX_PEM_FILE
+    };
+    match crate::fsio::read_limited(Path::new(v.get_ref()), max, "file") {
         Ok(bytes) => Some(bytes),
         Err(e) => {
             ctx.at(
                 v,
                 path,
-                format!("cannot read {what} {:?}: {e}", v.get_ref()),
+                format!("cannot read {what} {:?}: {}", v.get_ref(), e.cause()),
             );
             None
         }

@@ -123,8 +123,11 @@ pub(crate) fn resolve_engine(ctx: &mut Ctx<'_>, raw: Option<&RawEngine>) -> Opti
         return Some(EngineConfig::default());
     };
     let mut ok = true;
-    if let Some(v) = &e.threads {
-        ok &= in_range(ctx, v, "engine.threads", 0, 1024);
+    if let Some(v) = &e.threads
+        && let Err(message) = check_threads(*v.get_ref() as usize)
+    {
+        ctx.at(v, "engine.threads", message);
+        ok = false;
     }
     if let Some(v) = &e.max_batch {
         ok &= in_range(ctx, v, "engine.max_batch", 1, 64);
@@ -152,3 +155,36 @@ pub(crate) fn resolve_engine(ctx: &mut Ctx<'_>, raw: Option<&RawEngine>) -> Opti
         head: e.head.unwrap_or_default(),
     })
 }
+
+/// Absolute upper bound of CPU inference threads (`[engine] threads`, `score --threads`,
+/// `eval --threads`), whatever the machine: a single-socket server has at most 256 hardware
+/// threads today, and ONNX Runtime's intra-op scaling for one image stops long before.
+pub const MAX_THREADS: usize = 256;
+
+/// Oversubscription allowed over the CPUs available to the process: 4× leaves room for cgroup
+/// quotas that make `available_parallelism` under-report (a 1.5-CPU quota reads as 1), while
+/// refusing the settings that only hurt (256 threads on 2 cores measured 54–95× slower).
+pub const THREADS_PER_CPU: usize = 4;
+
+/// The largest thread count accepted here: `min(MAX_THREADS, THREADS_PER_CPU × CPUs available)`
+/// (the CPUs as `std::thread::available_parallelism` sees them: affinity and cgroup quota
+/// included; 1 when unknown). Machine-dependent on purpose: `check-config` runs on the target
+/// (`ExecStartPre=`), where the count matters.
+pub fn max_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    MAX_THREADS.min(THREADS_PER_CPU.saturating_mul(cpus))
+}
+
+/// Checks a thread count (0 = ONNX Runtime's default, all cores) against [`max_threads`];
+/// the error is the message to show after the option's name.
+pub fn check_threads(threads: usize) -> Result<(), String> {
+    let max = max_threads();
+    if threads <= max {
+        return Ok(());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    Err(format!(
+        "{threads} is out of range (expected 0 = all cores, or up to {max}: {THREADS_PER_CPU} × the {cpus} CPU(s) available, at most {MAX_THREADS})"
+    ))
+}
+

@@ -62,6 +62,22 @@ pub enum DatasetError {
         #[source]
         source: std::io::Error,
     },
+    /// `meta.json` is not a regular file, too large or unreadable.
+    #[error(transparent)]
+    File(#[from] crate::fsio::FsioError),
+    /// The layout was found but holds no test image (`dataset-meta` writes nothing).
+    #[error(
+        "no test images under {root} (layout {layout}): expected image files ({}) in {expected}; nothing written",
+        IMAGE_EXTENSIONS.join(", ")
+    )]
+    NoImages {
+        /// The ROOT.
+        root: PathBuf,
+        /// The layout searched.
+        layout: Layout,
+        /// Where images were looked for.
+        expected: &'static str,
+    },
     /// No supported layout found under ROOT.
     #[error(
         "no dataset found under {root}: expected {expected} (or a meta.json; see `dataset-meta --layout`)"
@@ -220,10 +236,7 @@ impl Meta {
 
 /// Reads a `meta.json` file.
 pub fn read_meta(path: &Path) -> Result<Meta, DatasetError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = crate::fsio::read_limited_string(path, crate::fsio::MAX_META_JSON, "meta.json")?;
     Meta::from_json(&text, path)
 }
 
@@ -382,7 +395,7 @@ pub fn open(root: &Path, meta: Option<&Path>, layout: Layout) -> Result<Opened, 
         });
     }
     let default_meta = root.join(META_FILE);
-    if layout == Layout::Auto && default_meta.is_file() {
+    if layout == Layout::Auto && present(&default_meta) {
         return Ok(Opened {
             meta: read_meta(&default_meta)?,
             origin: Origin::MetaFile(default_meta),
@@ -658,6 +671,17 @@ pub fn write_meta_to(root: &Path, layout: Layout, out: &Path) -> Result<WrittenM
         Origin::Discovered(l) => l,
         Origin::MetaFile(_) => layout,
     };
+    // A meta.json without test images describes nothing to evaluate: refuse to write it.
+    if opened.meta.test.values().all(Vec::is_empty) {
+        return Err(DatasetError::NoImages {
+            root: root.to_owned(),
+            layout,
+            expected: match layout {
+                Layout::Sdd => "ROOT/test/<species>/",
+                Layout::Mvtec | Layout::Auto => "ROOT/<class>/test/<species>/",
+            },
+        });
+    }
     std::fs::write(out, opened.meta.to_json()).map_err(|source| DatasetError::Write {
         path: out.to_owned(),
         source,
@@ -774,9 +798,17 @@ fn join_rel(root: &Path, rel: &str) -> Option<PathBuf> {
     }
 }
 
-fn dimensions(path: &Path) -> Result<(u32, u32), String> {
-    image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
+/// Whether something that is not a directory exists at `p` (a FIFO or a device counts, so that
+/// opening it reports what it is instead of "does not exist").
+fn present(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| !m.is_dir())
+}
+
+/// Width and height from the header (regular files only: a FIFO or device is an error, not a
+/// hang).
+fn dimensions(path: &Path, max: u64, what: &'static str) -> Result<(u32, u32), String> {
+    let (file, _) = crate::fsio::open_regular(path, max, what).map_err(|e| e.cause())?;
+    image::ImageReader::new(std::io::BufReader::new(file))
         .with_guessed_format()
         .map_err(|e| e.to_string())?
         .into_dimensions()
@@ -801,7 +833,7 @@ fn check_item(
         ));
         return (None, issues);
     }
-    let Some(image) = join_rel(root, ip).filter(|p| p.is_file()) else {
+    let Some(image) = join_rel(root, ip).filter(|p| present(p)) else {
         issues.push(Issue::new(
             IssueKind::MissingImage,
             class,
@@ -810,7 +842,7 @@ fn check_item(
         ));
         return (None, issues);
     };
-    let img_dims = match dimensions(&image) {
+    let img_dims = match dimensions(&image, crate::fsio::MAX_IMAGE_FILE, "image") {
         Ok(d) => d,
         Err(e) => {
             issues.push(Issue::new(
@@ -842,13 +874,13 @@ fn check_item(
                 Some(ip),
                 "anomalous image without a mask: image metrics only",
             )),
-            Some(p) if !p.is_file() => issues.push(Issue::new(
+            Some(p) if !present(&p) => issues.push(Issue::new(
                 IssueKind::MissingMask,
                 class,
                 Some(ip),
                 format!("mask {mp} does not exist (wrong path in meta.json?): image metrics only"),
             )),
-            Some(p) => match dimensions(&p) {
+            Some(p) => match dimensions(&p, crate::fsio::MAX_MASK_FILE, "mask") {
                 Err(e) => issues.push(Issue::new(
                     IssueKind::UnreadableMask,
                     class,

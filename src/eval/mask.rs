@@ -4,7 +4,8 @@
 //! Steps, as the official loader: decode and convert to 8-bit gray with Pillow's `convert("L")`
 //! rules; binarise `> 0` to 255; resize to S×S with Pillow's BILINEAR (antialiased) resampler;
 //! scale by 1/255 and threshold `> 0.5` (i.e. `>= 128`). Failure modes: [`MaskError`] when the
-//! file cannot be read or decoded, or the resizer returns the wrong number of bytes.
+//! file cannot be read (not a regular file, over [`crate::fsio::MAX_MASK_FILE`]: refused before
+//! reading) or decoded, or the resizer returns the wrong number of bytes.
 //!
 //! The resampler is a parameter ([`MaskResizer`]) so the crate's Pillow-exact
 //! `preprocess::resize_u8` (single channel, `Filter::Bilinear`) plugs in here; a plain closure
@@ -139,9 +140,13 @@ pub fn load_mask(
     size: usize,
     resizer: &dyn MaskResizer,
 ) -> Result<Vec<bool>, MaskError> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.with_guessed_format().map_err(|e| e.to_string()))
+    let img = crate::fsio::read_limited(path, crate::fsio::MAX_MASK_FILE, "mask")
+        .map_err(|e| e.cause())
+        .and_then(|bytes| {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| e.to_string())
+        })
         .and_then(|r| r.decode().map_err(|e| e.to_string()))
         .map_err(|message| MaskError::Read {
             path: path.to_owned(),

@@ -24,6 +24,7 @@ mod queue;
 mod mqtt;
 mod statedir;
 mod packaging;
+mod hostile_files;
 mod preprocess;
 mod score_cli;
 mod systemd;
