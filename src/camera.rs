@@ -32,7 +32,7 @@
 //! decoder fed the delta frames before the first keyframe outputs garbage (`avdec_h264`: uniform
 //! gray frames that score as anomalies). So every video decoder in the pipeline (found by its
 //! element class when `decodebin` adds it) gets a probe on its sink pad that drops buffers
-//! flagged `DELTA_UNIT` until the first buffer without it (headers pass), and one on its source
+//! flagged `DELTA_UNIT` until the first buffer without it (a keyframe), and one on its source
 //! pad that drops decoded buffers flagged `CORRUPTED`; where the decoder has the properties,
 //! `output-corrupt=false` (`avdec_*`) and `discard-corrupted-frames=true` are set. The gate is
 //! per pipeline, i.e. per (re)connect. Dropped buffers are counted (`skipped_corrupt`) and never

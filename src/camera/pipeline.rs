@@ -313,11 +313,13 @@ fn set_bool_if_present(element: &gst::Element, name: &str, value: bool) {
     }
 }
 
-/// Whether a buffer opens the stream for the decoder: not a delta unit (a keyframe), or a
-/// header (SPS/PPS), which the keyframe needs.
+/// Whether a buffer opens the stream for the decoder: not a delta unit (a keyframe). A delta unit
+/// flagged `HEADER` does not: `h264parse` flags the first access unit after a join `HEADER` when
+/// it carries the parameter sets, and its slices still need a reference frame. The decoder has
+/// the parameter sets from the caps (`codec_data`, from the SDP's `sprop-parameter-sets`) or the
+/// keyframe itself.
 fn opens_stream(buffer: &gst::BufferRef) -> bool {
-    let flags = buffer.flags();
-    !flags.contains(gst::BufferFlags::DELTA_UNIT) || flags.contains(gst::BufferFlags::HEADER)
+    !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT)
 }
 
 fn gate_decoder(element: &gst::Element, skipped: &Arc<AtomicU64>) {
