@@ -173,8 +173,9 @@ async fn a_camera_joined_mid_gop_publishes_nothing_decoded_before_the_first_keyf
     d.assert_running();
 }
 
-/// Between the tiny model's score of the test pattern and of gray pre-keyframe frames.
-const THRESHOLD: f32 = 0.5;
+/// Between the tiny model's scores of the test pattern (0.09 to 0.22) and of the frames
+/// `avdec_h264` decodes before the first keyframe (0.32 to 0.35), measured with this stream.
+const THRESHOLD: f32 = 0.27;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_is_published_before_the_first_result_of_every_reconnection() {
