@@ -438,6 +438,7 @@ async fn broken_cameras_report_their_state_and_the_other_keeps_publishing() {
     let got = collect(&mut plc, |got| {
         on(got, "anomalyclip/bc/broken/status").count() >= 1
             && on(got, "anomalyclip/bc/gone/status").count() >= 1
+            && on(got, good).count() >= 3
     })
     .await;
     let broken = on(&got, "anomalyclip/bc/broken/status")
