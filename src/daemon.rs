@@ -16,6 +16,17 @@
 //! before a restart (its retained `active: true` still on the broker) is cleared by the new
 //! process's first normal frames instead of staying raised for good.
 //!
+//! Camera statuses: the camera stage's [`CameraState`] is mapped to the one wire type
+//! ([`payload::CameraStatus`], see [`CameraState::wire`]) and forwarded before the camera's first
+//! frame reaches the worker, so `online` precedes the first result of each connection. A camera
+//! removed by a reload is published `offline` once, then forgotten: the publisher clears its
+//! retained topics ([`PublisherHandle::forget_camera`]) and its alarm state is dropped.
+//!
+//! Stats windows: `fps_in` counts the samples the camera received since the last report;
+//! `fps_scored` counts those of them scored by the report (by sample ordinal,
+//! [`camera::Frame::ordinal`]), so it never exceeds `fps_in`; a frame still in flight at the
+//! report is not counted in any window's rate (the totals `frames_in` and `scored` are exact).
+//!
 //! Failure modes: a configuration, model or state-directory problem at start is an error (the
 //! process exits 2 and systemd's `ExecStartPre=check-config` shows why); a camera or the broker
 //! failing at run time is reported on MQTT and in the log, and the daemon keeps running.

@@ -161,7 +161,7 @@ async fn a_camera_joined_mid_gop_publishes_nothing_decoded_before_the_first_keyf
         scores.iter().all(|s| *s < f64::from(THRESHOLD)),
         "anomalous frame: {scores:?}"
     );
-    // The gate's work is counted.
+    // The gate's work is counted; a report never counts more frames scored than received.
     let s = plc
         .until(|m| m.topic == "anomalyclip/kf/stats")
         .await
@@ -170,6 +170,22 @@ async fn a_camera_joined_mid_gop_publishes_nothing_decoded_before_the_first_keyf
         s["cameras"]["gate"]["skipped_corrupt"].as_u64() > Some(0),
         "{s}"
     );
+    let reports: Vec<serde_json::Value> = on(&got, "anomalyclip/kf/stats")
+        .map(Msg::json)
+        .chain([s])
+        .collect();
+    assert!(reports.len() >= 3, "{reports:?}");
+    for r in &reports {
+        let c = &r["cameras"]["gate"];
+        let (fin, fscored) = (c["fps_in"].as_f64(), c["fps_scored"].as_f64());
+        assert!(
+            fin.zip(fscored).is_some_and(|(i, s)| s <= i),
+            "fps_scored above fps_in: {r}"
+        );
+        for key in ["inference_errors", "reconnects", "dropped_overload", "skipped_rate"] {
+            assert!(c[key].is_u64(), "{key} missing: {r}");
+        }
+    }
     d.assert_running();
 }
 
