@@ -1128,7 +1128,10 @@ impl Worker {
             Sent::Cleared(camera) => {
                 if self.pending_clear.get(&camera) == Some(&true) {
                     self.pending_clear.remove(&camera);
-                    info!(camera, "retained status and alarm of the removed camera cleared");
+                    info!(
+                        camera,
+                        "retained status and alarm of the removed camera cleared"
+                    );
                 }
             }
             Sent::Stopped => {

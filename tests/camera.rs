@@ -281,7 +281,12 @@ fn failing_cameras_never_affect_a_healthy_one() {
         stop_promptly(cam);
     }
     assert_eq!(log.names(0), ["starting", "online"]);
-    assert_eq!(log.names(1), ["starting", "reconnecting"], "{:?}", log.of(1));
+    assert_eq!(
+        log.names(1),
+        ["starting", "reconnecting"],
+        "{:?}",
+        log.of(1)
+    );
     assert_eq!(log.names(2), ["starting", "error"]);
     assert!(matches!(
         log.of(2).last(),

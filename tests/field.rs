@@ -112,9 +112,7 @@ async fn a_camera_joined_mid_gop_publishes_nothing_decoded_before_the_first_keyf
     let cam = RtspCamera::start_shared(LONG_GOP);
     let feeder = KeyframeWatch::start(&cam.url());
     // The stream runs: the first keyframe went out; the daemon joins 2 s into the GOP.
-    let k0 = feeder
-        .keyframe_after(0, Duration::from_secs(15))
-        .await;
+    let k0 = feeder.keyframe_after(0, Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut plc = Watcher::start(broker.port, "anomalyclip/kf/#").await;
     // The threshold sits between the scores of the test pattern and of the uniform gray frames
@@ -129,9 +127,7 @@ async fn a_camera_joined_mid_gop_publishes_nothing_decoded_before_the_first_keyf
     let joined = now_ms();
     let mut d = Daemon::start(&config("kf", broker.port, &cameras));
     d.wait_ready().await;
-    let k1 = feeder
-        .keyframe_after(joined, Duration::from_secs(15))
-        .await;
+    let k1 = feeder.keyframe_after(joined, Duration::from_secs(15)).await;
     assert!(
         k1 >= joined + 1500,
         "the test setup did not join mid-GOP: keyframes {:?}, joined at {joined} (k0 {k0})",
@@ -156,7 +152,10 @@ async fn a_camera_joined_mid_gop_publishes_nothing_decoded_before_the_first_keyf
         .filter(|m| m.json()["active"] == true)
         .map(Msg::text)
         .collect();
-    assert!(raised.is_empty(), "false alarm {raised:?}; scores {scores:?}");
+    assert!(
+        raised.is_empty(),
+        "false alarm {raised:?}; scores {scores:?}"
+    );
     assert!(
         scores.iter().all(|s| *s < f64::from(THRESHOLD)),
         "anomalous frame: {scores:?}"
@@ -182,7 +181,12 @@ async fn a_camera_joined_mid_gop_publishes_nothing_decoded_before_the_first_keyf
             fin.zip(fscored).is_some_and(|(i, s)| s <= i),
             "fps_scored above fps_in: {r}"
         );
-        for key in ["inference_errors", "reconnects", "dropped_overload", "skipped_rate"] {
+        for key in [
+            "inference_errors",
+            "reconnects",
+            "dropped_overload",
+            "skipped_rate",
+        ] {
             assert!(c[key].is_u64(), "{key} missing: {r}");
         }
     }
@@ -215,7 +219,9 @@ async fn online_is_published_before_the_first_result_of_every_reconnection() {
             .iter()
             .position(|m| m.topic == results)
             .expect("a result");
-        let online = got.iter().position(|m| m.topic == status && m.text() == "online");
+        let online = got
+            .iter()
+            .position(|m| m.topic == status && m.text() == "online");
         assert!(
             online.is_some_and(|i| i < first_result),
             "round {round}: the first result came before `online`: {:?}",
@@ -263,7 +269,11 @@ async fn a_camera_removed_by_reload_has_its_retained_topics_cleared_and_stays_go
     let statuses: Vec<String> = on(&got, "anomalyclip/rm/gone/status")
         .map(Msg::text)
         .collect();
-    assert_eq!(statuses.first().map(String::as_str), Some("offline"), "{statuses:?}");
+    assert_eq!(
+        statuses.first().map(String::as_str),
+        Some("offline"),
+        "{statuses:?}"
+    );
     let retained = |port| async move {
         let mut late = Watcher::start(port, "anomalyclip/rm/+/+").await;
         late.collect_for(Duration::from_millis(1500)).await
@@ -275,7 +285,8 @@ async fn a_camera_removed_by_reload_has_its_retained_topics_cleared_and_stays_go
         now.iter().map(Msg::describe).collect::<Vec<_>>()
     );
     assert!(
-        !now.iter().any(|m| m.topic.starts_with("anomalyclip/rm/gone/")),
+        !now.iter()
+            .any(|m| m.topic.starts_with("anomalyclip/rm/gone/")),
         "retained after the reload: {:?}",
         now.iter().map(Msg::describe).collect::<Vec<_>>()
     );
@@ -293,13 +304,16 @@ async fn a_camera_removed_by_reload_has_its_retained_topics_cleared_and_stays_go
         after.iter().map(Msg::describe).collect::<Vec<_>>()
     );
     assert!(
-        !after.iter().any(|m| m.topic.starts_with("anomalyclip/rm/gone/")),
+        !after
+            .iter()
+            .any(|m| m.topic.starts_with("anomalyclip/rm/gone/")),
         "the removed camera came back after the broker restart: {:?}",
         after.iter().map(Msg::describe).collect::<Vec<_>>()
     );
     // Its alarm state is forgotten too.
-    let state = std::fs::read_to_string(d.config_path().with_file_name("state/alarm-state.v1.json"))
-        .unwrap_or_default();
+    let state =
+        std::fs::read_to_string(d.config_path().with_file_name("state/alarm-state.v1.json"))
+            .unwrap_or_default();
     assert!(!state.contains("\"gone\""), "{state}");
     d.assert_running();
 }

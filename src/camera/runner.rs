@@ -406,7 +406,9 @@ fn run_attempt(
                 skipped_seen = skipped;
                 gated_activity = Some(now);
             }
-            let limit = settings.no_frame_timeout.saturating_mul(KEYFRAME_WAIT_FACTOR);
+            let limit = settings
+                .no_frame_timeout
+                .saturating_mul(KEYFRAME_WAIT_FACTOR);
             if gated_activity.is_some() && now.saturating_duration_since(started) >= limit {
                 return failed(
                     format!(
