@@ -301,8 +301,9 @@ pub struct StatusEvent {
     pub status: CameraState,
 }
 
-/// Receives status changes. Called on the camera's own thread; must return quickly (forward
-/// into a channel).
+/// Receives state changes, in order. Called on the camera's own thread, or for `Online` on its
+/// GStreamer streaming thread just before the first frame of an attempt enters the slot; must
+/// return quickly and not block (forward into a channel).
 pub type StatusCallback = Arc<dyn Fn(&StatusEvent) + Send + Sync>;
 
 /// A snapshot of one camera's counters (the daemon turns them into the `stats` payload's

@@ -1125,14 +1125,12 @@ impl Worker {
                     .store(self.queue.len() as u64, Ordering::Relaxed);
                 self.send_clears();
             }
-            Sent::Cleared(camera) => {
-                if self.pending_clear.get(&camera) == Some(&true) {
-                    self.pending_clear.remove(&camera);
-                    info!(
-                        camera,
-                        "retained status and alarm of the removed camera cleared"
-                    );
-                }
+            Sent::Cleared(camera) if self.pending_clear.get(&camera) == Some(&true) => {
+                self.pending_clear.remove(&camera);
+                info!(
+                    camera,
+                    "retained status and alarm of the removed camera cleared"
+                );
             }
             Sent::Stopped => {
                 if let Some(stop) = &mut self.stop {
