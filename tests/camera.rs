@@ -677,3 +677,24 @@ fn rtsp_over_tcp_interleaved_delivers_frames() {
     assert_eq!((frames[0].width, frames[0].height), (320, 240));
     stop_promptly(cam);
 }
+
+#[test]
+fn camera_states_map_to_the_one_wire_status_and_never_to_offline() {
+    use anomalyclip_edge::payload::CameraStatus;
+    assert_eq!(CameraState::Starting.wire(), None);
+    assert_eq!(CameraState::Online.wire(), Some(CameraStatus::Online));
+    assert_eq!(
+        CameraState::Reconnecting.wire(),
+        Some(CameraStatus::Reconnecting)
+    );
+    for retrying in [false, true] {
+        let state = CameraState::Error {
+            reason: "no decoder".into(),
+            retrying,
+        };
+        assert_eq!(
+            state.wire().map(|s| s.payload()).as_deref(),
+            Some("error: no decoder")
+        );
+    }
+}
