@@ -3,6 +3,7 @@
 //! **Input**: a [`CameraSettings`] per camera: a [`Source`] (an `rtsp://`, `file://`,
 //! `http(s)://` MJPEG or `/dev/videoN` URI, or a raw GStreamer pipeline description), an
 //! optional frame-rate cap and GStreamer-side scale, and the watchdog/backoff timings.
+//! Counters: [`CameraCounters`].
 //!
 //! **Output**: [`Frame`]s (RGB, rows padded to the GStreamer stride, with a per-camera
 //! sequence number and a wall-clock capture time) placed in the camera's [`LatestSlot`].
@@ -10,46 +11,67 @@
 //! (full-policy *keep latest, count drops*). Every slot signals a shared [`FrameNotify`], so
 //! one consumer can wait on all cameras at once ([`FrameNotify::take_any`]). Frames that
 //! arrive faster than `max_fps` are skipped before the slot and counted as `skipped_rate`.
-//! Status changes ([`CameraStatus`]) are reported through a callback, on change only.
+//! State changes ([`CameraState`]) are reported through a callback, on change only.
 //!
 //! **Failure modes**, each handled inside the camera's own thread so that a failing camera
 //! never affects the others:
 //! - the source cannot work as configured (unknown URI scheme, pipeline description that does
-//!   not parse, missing element, no appsink named `sink`): [`CameraStatus::Error`] with a
-//!   one-line reason and **no retry** (only a new configuration can fix it);
+//!   not parse, missing element, no appsink named `sink`): [`CameraState::Error`] with a
+//!   one-line reason and `retrying: false` (only a new configuration can fix it);
 //! - a running pipeline fails (bus error, end of stream of a live source, no frame for
-//!   `no_frame_timeout`): the pipeline is set to `Null`, the status becomes
-//!   [`CameraStatus::Reconnecting`] and the camera retries with capped exponential backoff;
-//!   after `offline_after_attempts` consecutive failed attempts it reports
-//!   [`CameraStatus::Offline`] and **keeps retrying forever**;
+//!   `no_frame_timeout`): the pipeline is set to `Null`, the state becomes
+//!   [`CameraState::Reconnecting`] and the camera retries with capped exponential backoff,
+//!   forever, staying `Reconnecting` until a frame arrives;
 //! - a running pipeline fails in a way that needs a human (missing decoder plugin, codec not
-//!   found): [`CameraStatus::Error`] and a slow retry every `backoff_max`;
+//!   found): [`CameraState::Error`] with `retrying: true`, retried every `backoff_max`;
 //! - a `file://` source reaching its end is looped (flushing seek to the start), not reported;
-//! - a panic in the camera thread becomes [`CameraStatus::Error`]; it never crosses threads.
+//! - a panic in the camera thread becomes [`CameraState::Error`]; it never crosses threads.
 //!
-//! # Status state machine
+//! # Keyframe gate
+//! A camera that streams continuously is joined mid-GOP at every (re)connect. An H.264/H.265
+//! decoder fed the delta frames before the first keyframe outputs garbage (`avdec_h264`: uniform
+//! gray frames that score as anomalies). So every video decoder in the pipeline (found by its
+//! element class when `decodebin` adds it) gets a probe on its sink pad that drops buffers
+//! flagged `DELTA_UNIT` until the first buffer without it (a keyframe), and one on its source
+//! pad that drops decoded buffers flagged `CORRUPTED`; where the decoder has the properties,
+//! `output-corrupt=false` (`avdec_*`) and `discard-corrupted-frames=true` are set. The gate is
+//! per pipeline, i.e. per (re)connect. Dropped buffers are counted (`skipped_corrupt`) and never
+//! reach the appsink, the slot or the status: the camera turns `Online` on its first *good*
+//! frame. While the gate drops buffers the stream counts as alive for the watchdog, for at most
+//! three times `no_frame_timeout` (a camera that never sends a keyframe then fails with that
+//! reason and is retried). Raw sources (V4L2 raw, `videotestsrc`) have no decoder and no gate.
+//!
+//! # State machine
 //! ```text
-//!             first frame                      first frame
+//!             first good frame                 first good frame
 //! Starting ─────────────────▶ Online ◀──────────────────────────┐
 //!    │                          │ bus error / EOS / watchdog     │
 //!    │ attempt fails            ▼                                │
-//!    └────────────────▶ Reconnecting ──(n ≥ offline_after)──▶ Offline ── retry forever
-//!                     (retry after backoff)
-//! config fault (any time the pipeline is built) ──▶ Error(reason), final
-//! missing decoder at run time ──▶ Error(reason), retried every backoff_max
+//!    └────────────────▶ Reconnecting ──(retry after backoff)─────┘ (forever)
+//! config fault (any time the pipeline is built) ──▶ Error { retrying: false }, final
+//! missing decoder at run time ──▶ Error { retrying: true }, retried every backoff_max
 //! ```
-//! Reported on change only. `n` counts consecutive failed attempts: an attempt fails when it
-//! ends without reaching `Online`, or after being online for less than `stable_after`; one
-//! that stayed online at least `stable_after` resets `n` to 0, so the first retry after a
-//! long-running stream is lost comes after `backoff_initial`. Delay before the next attempt:
-//! `backoff_initial × 2^(n−1)` capped at `backoff_max` (defaults 1, 1, 2, 4, 8, 16, 30, 30… s).
-//! The watchdog also bounds how long an attempt may take to deliver its first frame.
-//! With the defaults, a camera that goes away is `Reconnecting` within moments (RTSP
-//! connection closed) or at most 10 s (silent network), and `Offline` about 4 s plus three
-//! connection timeouts later.
+//! Reported on change only, through the status callback; [`CameraState::wire`] maps a state to
+//! the MQTT camera status ([`crate::payload::CameraStatus`]): `Starting` is not published,
+//! `Online` → `online`, `Reconnecting` → `reconnecting`, `Error` → `error: <reason>`. The camera
+//! never reports `offline` itself: that means the daemon stopped the camera (removed by a reload,
+//! daemon stopping) and is published by the daemon and the publisher.
+//!
+//! `Online` is reported on the streaming thread *before* the first frame of the attempt is put
+//! in the slot, so a consumer that forwards the status before scoring (the daemon does) always
+//! publishes `online` before the first result of a connection.
+//!
+//! `n` counts consecutive failed attempts: an attempt fails when it ends without reaching
+//! `Online`, or after being online for less than `stable_after`; one that stayed online at least
+//! `stable_after` resets `n` to 0, so the first retry after a long-running stream is lost comes
+//! after `backoff_initial`. Delay before the next attempt: `backoff_initial × 2^(n−1)` capped at
+//! `backoff_max` (defaults 1, 1, 2, 4, 8, 16, 30, 30… s; configurable per camera, see
+//! [`MIN_BACKOFF`]/[`MAX_BACKOFF`]). The watchdog also bounds how long an attempt may take to
+//! deliver its first frame. With the defaults, a camera that goes away is `Reconnecting` within
+//! moments (RTSP connection closed) or at most 10 s (silent network).
 //!
 //! # Pipelines
-//! Every source ends in the same tail (see [`describe_pipeline`]):
+//! Every source ends in the same tail:
 //! `videoconvert [! videoscale] ! video/x-raw,format=RGB[,width=W,height=H] !
 //! appsink name=sink max-buffers=1 drop=true sync=…`. Live sources (RTSP, HTTP, V4L2) use
 //! `sync=false`; `file://` and wrapped `pipeline` sources use `sync=true` so that a non-live
@@ -88,9 +110,10 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use pipeline::{describe_pipeline, redact_uri};
+pub use pipeline::redact_uri;
 pub use slot::{Frame, FrameNotify, LatestSlot};
 
+use crate::payload::CameraStatus;
 use runner::Shared;
 
 /// Default for [`CameraSettings::no_frame_timeout`].
@@ -99,8 +122,10 @@ pub const DEFAULT_NO_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// Default for [`CameraSettings::backoff_max`].
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Default for [`CameraSettings::offline_after_attempts`].
-pub const DEFAULT_OFFLINE_AFTER_ATTEMPTS: u32 = 3;
+/// Smallest accepted [`CameraSettings::backoff_initial`] (and `backoff_max`).
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Largest accepted [`CameraSettings::backoff_max`] (and `backoff_initial`).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// Default for [`CameraSettings::stable_after`].
 pub const DEFAULT_STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Default for [`CameraSettings::rtsp_latency`].
@@ -142,9 +167,6 @@ pub struct CameraSettings {
     pub backoff_initial: Duration,
     /// Upper bound of the retry delay.
     pub backoff_max: Duration,
-    /// Report [`CameraStatus::Offline`] after this many consecutive failed attempts (retrying
-    /// continues). At least 1.
-    pub offline_after_attempts: u32,
     /// An attempt that stayed online at least this long resets the failure count (and thus the
     /// backoff); a shorter one counts as a failed attempt, so a flapping camera backs off.
     pub stable_after: Duration,
@@ -154,7 +176,7 @@ pub struct CameraSettings {
 
 impl CameraSettings {
     /// Settings with the documented defaults: no rate cap, native size, 10 s watchdog,
-    /// backoff 1 s doubling to 30 s, offline after 3 failed attempts, stable after 10 s,
+    /// backoff 1 s doubling to 30 s, stable after 10 s,
     /// 200 ms RTSP latency.
     pub fn new(name: impl Into<String>, source: Source) -> Self {
         Self {
@@ -165,24 +187,8 @@ impl CameraSettings {
             no_frame_timeout: DEFAULT_NO_FRAME_TIMEOUT,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
-            offline_after_attempts: DEFAULT_OFFLINE_AFTER_ATTEMPTS,
             stable_after: DEFAULT_STABLE_AFTER,
             rtsp_latency: DEFAULT_RTSP_LATENCY,
-        }
-    }
-
-    /// Checks the settings without GStreamer: every problem found, one line each.
-    /// The source is checked as far as possible without building it (URI scheme; a pipeline
-    /// description is only parsed when the camera starts).
-    pub fn validate(&self) -> Result<(), Vec<String>> {
-        let mut problems = self.check_values();
-        if let Err(e) = pipeline::plan(self) {
-            problems.push(e.to_string());
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
         }
     }
 
@@ -207,8 +213,15 @@ impl CameraSettings {
         if self.no_frame_timeout.is_zero() {
             problems.push("no_frame_timeout must be greater than zero".to_owned());
         }
-        if self.backoff_initial.is_zero() {
-            problems.push("backoff_initial must be greater than zero".to_owned());
+        for (what, value) in [
+            ("backoff_initial", self.backoff_initial),
+            ("backoff_max", self.backoff_max),
+        ] {
+            if !(MIN_BACKOFF..=MAX_BACKOFF).contains(&value) {
+                problems.push(format!(
+                    "{what} must be between {MIN_BACKOFF:?} and {MAX_BACKOFF:?}, got {value:?}"
+                ));
+            }
         }
         if self.backoff_max < self.backoff_initial {
             problems.push(format!(
@@ -216,48 +229,63 @@ impl CameraSettings {
                 self.backoff_max, self.backoff_initial
             ));
         }
-        if self.offline_after_attempts == 0 {
-            problems.push("offline_after_attempts must be at least 1".to_owned());
-        }
         problems
     }
 }
 
-/// A camera's health, reported on change only.
+/// A camera's internal state, reported on change only. [`CameraState::wire`] maps it to the one
+/// MQTT camera status type, [`crate::payload::CameraStatus`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CameraStatus {
-    /// The first pipeline is being built and started.
+pub enum CameraState {
+    /// The first pipeline is being built and started (not published).
     Starting,
-    /// Frames are arriving (set on the first frame after each (re)start).
+    /// Frames are arriving (set on the first good frame after each (re)start).
     Online,
-    /// The pipeline failed; retrying with backoff.
+    /// The pipeline failed; retrying with backoff, forever.
     Reconnecting,
-    /// `offline_after_attempts` consecutive attempts failed; still retrying.
-    Offline,
-    /// A fault that needs a human, with a one-line reason. A configuration fault (bad URI
-    /// scheme, pipeline that does not parse, missing element) stops the camera; a runtime one
-    /// (missing decoder) is retried every `backoff_max`.
-    Error(String),
+    /// A fault that needs a human, with a one-line reason. `retrying: false`: a configuration
+    /// fault (bad URI scheme, pipeline that does not parse, missing element); the camera thread
+    /// has ended. `retrying: true`: a runtime fault (missing decoder), retried every
+    /// `backoff_max`.
+    Error {
+        /// One line, URIs redacted.
+        reason: String,
+        /// Whether the camera keeps trying.
+        retrying: bool,
+    },
 }
 
-impl CameraStatus {
-    /// Lowercase name without the reason: `starting`, `online`, `reconnecting`, `offline`,
-    /// `error`.
+impl CameraState {
+    /// Lowercase name without the reason: `starting`, `online`, `reconnecting`, `error`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Starting => "starting",
             Self::Online => "online",
             Self::Reconnecting => "reconnecting",
-            Self::Offline => "offline",
-            Self::Error(_) => "error",
+            Self::Error { .. } => "error",
+        }
+    }
+
+    /// The MQTT camera status for this state; `None` for `Starting` (nothing is published
+    /// until the first attempt succeeds or fails).
+    pub fn wire(&self) -> Option<CameraStatus> {
+        match self {
+            Self::Starting => None,
+            Self::Online => Some(CameraStatus::Online),
+            Self::Reconnecting => Some(CameraStatus::Reconnecting),
+            Self::Error { reason, .. } => Some(CameraStatus::Error(reason.clone())),
         }
     }
 }
 
-impl fmt::Display for CameraStatus {
+impl fmt::Display for CameraState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Error(reason) => write!(f, "error: {reason}"),
+            Self::Error { reason, retrying } => write!(
+                f,
+                "error: {reason}{}",
+                if *retrying { " (retrying)" } else { "" }
+            ),
             other => f.write_str(other.as_str()),
         }
     }
@@ -270,27 +298,32 @@ pub struct StatusEvent {
     pub camera: usize,
     /// The camera's name.
     pub name: Arc<str>,
-    /// The new status.
-    pub status: CameraStatus,
+    /// The new state.
+    pub status: CameraState,
 }
 
-/// Receives status changes. Called on the camera's own thread; must return quickly (forward
-/// into a channel).
+/// Receives state changes, in order. Called on the camera's own thread, or for `Online` on its
+/// GStreamer streaming thread just before the first frame of an attempt enters the slot; must
+/// return quickly and not block (forward into a channel).
 pub type StatusCallback = Arc<dyn Fn(&StatusEvent) + Send + Sync>;
 
-/// A snapshot of one camera's counters.
+/// A snapshot of one camera's counters (the daemon turns them into the `stats` payload's
+/// [`crate::payload::CameraStats`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CameraStats {
-    /// Current status.
-    pub status: CameraStatus,
+pub struct CameraCounters {
+    /// Current state.
+    pub status: CameraState,
     /// Samples pulled from the appsink (before the rate cap).
     pub frames_in: u64,
     /// Samples skipped by the `max_fps` cap.
     pub skipped_rate: u64,
     /// Frames put into the slot (each got a sequence number).
     pub delivered: u64,
-    /// Frames overwritten in the slot before a consumer took them.
+    /// Frames overwritten in the slot before a consumer took them (consumer overload).
     pub dropped: u64,
+    /// Decoded frames discarded by the keyframe gate: decoded before the first keyframe of a
+    /// connection, or flagged corrupt by the decoder. Never pulled, not in `frames_in`.
+    pub skipped_corrupt: u64,
     /// Pipeline restarts after a failure.
     pub reconnects: u64,
     /// Time since the last sample was pulled; `None` before the first one.
@@ -300,13 +333,14 @@ pub struct CameraStats {
 }
 
 /// Camera stage errors. Runtime failures of a running camera are not errors of this type:
-/// they are statuses ([`CameraStatus`]) and counters.
+/// they are states ([`CameraState`]) and counters.
 #[derive(Debug, thiserror::Error)]
 pub enum CameraError {
     /// `gst::init()` failed: GStreamer is not installed or not usable.
     #[error("gstreamer initialisation failed: {0} (is GStreamer 1.22 installed?)")]
     Init(String),
-    /// The settings are invalid (see [`CameraSettings::validate`]).
+    /// The settings are invalid (a value out of range; the source is checked by the camera
+    /// thread and reported as [`CameraState::Error`]).
     #[error("camera '{camera}': {problems}")]
     InvalidSettings {
         /// The camera's name.
@@ -371,7 +405,7 @@ impl Camera {
     /// `index` identifies the camera in [`Frame::camera`] and [`StatusEvent::camera`]. The
     /// camera's slot signals `notify`; share one `notify` between the cameras a consumer
     /// waits on. A source that cannot work is not an error here: the camera reports
-    /// [`CameraStatus::Error`] through `on_status`, so one bad camera never prevents the
+    /// [`CameraState::Error`] through `on_status`, so one bad camera never prevents the
     /// others from starting.
     pub fn spawn(
         index: usize,
@@ -432,13 +466,13 @@ impl Camera {
         &self.shared.slot
     }
 
-    /// The current status.
-    pub fn status(&self) -> CameraStatus {
+    /// The current state.
+    pub fn status(&self) -> CameraState {
         self.shared.status()
     }
 
     /// A snapshot of the counters.
-    pub fn stats(&self) -> CameraStats {
+    pub fn stats(&self) -> CameraCounters {
         self.shared.stats()
     }
 

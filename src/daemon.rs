@@ -16,6 +16,17 @@
 //! before a restart (its retained `active: true` still on the broker) is cleared by the new
 //! process's first normal frames instead of staying raised for good.
 //!
+//! Camera statuses: the camera stage's [`CameraState`] is mapped to the one wire type
+//! ([`payload::CameraStatus`], see [`CameraState::wire`]) and forwarded before the camera's first
+//! frame reaches the worker, so `online` precedes the first result of each connection. A camera
+//! removed by a reload is published `offline` once, then forgotten: the publisher clears its
+//! retained topics ([`PublisherHandle::forget_camera`]) and its alarm state is dropped.
+//!
+//! Stats windows: `fps_in` counts the samples the camera received since the last report;
+//! `fps_scored` counts those of them scored by the report (by sample ordinal,
+//! [`camera::Frame::ordinal`]), so it never exceeds `fps_in`; a frame still in flight at the
+//! report is not counted in any window's rate (the totals `frames_in` and `scored` are exact).
+//!
 //! Failure modes: a configuration, model or state-directory problem at start is an error (the
 //! process exits 2 and systemd's `ExecStartPre=check-config` shows why) — among them a state
 //! directory already locked by another daemon ([`crate::statedir`]); a camera or the broker
@@ -30,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{error, info, warn};
 
 use crate::alarm::Debouncer;
-use crate::camera::{self, Camera, CameraSettings, FrameNotify, LatestSlot};
+use crate::camera::{self, Camera, CameraSettings, CameraState, FrameNotify, LatestSlot};
 use crate::config::{self, CameraConfig, Config, ConfigErrors, MaskConfig};
 use crate::engine::EngineOptions;
 use crate::head;
@@ -103,7 +114,19 @@ impl AlarmStates {
     fn set(&self, camera: &str, raised: bool) {
         let mut map = lock(&self.raised);
         map.insert(camera.to_owned(), raised);
-        let res = serde_json::to_vec(&*map)
+        self.write(&map);
+    }
+
+    /// Forgets a camera removed by a reload (its retained alarm is cleared on the broker).
+    fn forget(&self, camera: &str) {
+        let mut map = lock(&self.raised);
+        if map.remove(camera).is_some() {
+            self.write(&map);
+        }
+    }
+
+    fn write(&self, map: &std::collections::BTreeMap<String, bool>) {
+        let res = serde_json::to_vec(map)
             .map_err(std::io::Error::other)
             .and_then(|bytes| statedir::replace_file(&self.path, &bytes));
         if let Err(e) = res {
@@ -149,8 +172,14 @@ struct CamState {
     mask: MaskConfig,
     gate: MaskGate,
     scored: u64,
-    scored_at_last_stats: u64,
+    /// The stats window, in the camera instance's sample ordinals ([`camera::Frame::ordinal`]):
+    /// it starts at the `frames_in` of the last report.
     frames_in_at_last_stats: u64,
+    /// Frames scored whose ordinal is in the current window (so never more than the samples
+    /// received in it).
+    scored_in_window: u64,
+    /// Frames of this camera in batches whose inference failed.
+    inference_errors: u64,
     latencies_ms: Vec<f32>,
 }
 
@@ -170,8 +199,9 @@ impl CamState {
             mask: cfg.mask,
             gate: MaskGate::new(cfg.mask.only_on_anomaly, cfg.mask.min_interval),
             scored: 0,
-            scored_at_last_stats: 0,
             frames_in_at_last_stats: 0,
+            scored_in_window: 0,
+            inference_errors: 0,
             latencies_ms: Vec::new(),
         }
     }
@@ -197,6 +227,7 @@ impl CamState {
         self.index = index;
         self.seq_base = self.next_seq;
         self.frames_in_at_last_stats = 0;
+        self.scored_in_window = 0;
     }
 }
 
@@ -224,8 +255,7 @@ struct Shared {
     heartbeat_ms: AtomicU64,
     /// Milliseconds since `started` when the worker last scored a batch.
     scored_ms: AtomicU64,
-    inference_errors: AtomicU64,
-    statuses: Mutex<HashMap<String, camera::CameraStatus>>,
+    statuses: Mutex<HashMap<String, CameraState>>,
     alarm_states: AlarmStates,
     started: Instant,
 }
@@ -325,7 +355,6 @@ async fn run_async(
         stop: AtomicBool::new(false),
         heartbeat_ms: AtomicU64::new(0),
         scored_ms: AtomicU64::new(0),
-        inference_errors: AtomicU64::new(0),
         statuses: Mutex::new(HashMap::new()),
         alarm_states: AlarmStates::load(&cfg.state_dir, &cfg.cameras),
         started: Instant::now(),
@@ -506,12 +535,8 @@ fn start_camera(
         let shared = shared.clone();
         Arc::new(move |ev: &camera::StatusEvent| {
             lock(&shared.statuses).insert(ev.name.to_string(), ev.status.clone());
-            let st = match &ev.status {
-                camera::CameraStatus::Starting => return,
-                camera::CameraStatus::Online => payload::CameraStatus::Online,
-                camera::CameraStatus::Reconnecting => payload::CameraStatus::Reconnecting,
-                camera::CameraStatus::Offline => payload::CameraStatus::Offline,
-                camera::CameraStatus::Error(r) => payload::CameraStatus::Error(r.clone()),
+            let Some(st) = ev.status.wire() else {
+                return;
             };
             info!(camera = %ev.name, status = %ev.status, "camera status");
             publisher.camera_status(&ev.name, st);
@@ -629,7 +654,14 @@ fn worker_loop(
             {
                 Ok(r) => r,
                 Err(e) => {
-                    shared.inference_errors.fetch_add(1, Ordering::Relaxed);
+                    for f in chunk {
+                        if let Some(h) = handles.iter().find(|h| h.index == f.camera) {
+                            let mut st = lock(&h.state);
+                            if st.index == f.camera {
+                                st.inference_errors += 1;
+                            }
+                        }
+                    }
                     if err_logged_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                         error!(error = %e, "inference failed; frames of this batch are not scored");
                         err_logged_at = Some(Instant::now());
@@ -700,6 +732,9 @@ fn worker_loop(
                     }
                 }
                 st.scored += 1;
+                if f.ordinal >= st.frames_in_at_last_stats {
+                    st.scored_in_window += 1;
+                }
                 if st.latencies_ms.len() < 100_000 {
                     st.latencies_ms.push(latency_ms);
                 }
@@ -721,14 +756,22 @@ fn build_stats(shared: &Shared, running: &[Running], engine: &str, window: Durat
     let secs = window.as_secs_f64().max(1e-3);
     let mut cameras = std::collections::BTreeMap::new();
     for r in running {
-        let cs = r.camera.stats();
+        // The state lock first, then the camera's counters: every frame scored so far was
+        // pulled before `frames_in` is read, so its ordinal is below it and the frames scored in
+        // the window are a subset of those received in it (`fps_scored <= fps_in`).
         let mut st = lock(&r.handle.state);
+        let cs = r.camera.stats();
         let mut lat = std::mem::take(&mut st.latencies_ms);
         lat.sort_by(f32::total_cmp);
-        let scored_now = st.scored - st.scored_at_last_stats;
-        st.scored_at_last_stats = st.scored;
-        let in_now = cs.frames_in - st.frames_in_at_last_stats.min(cs.frames_in);
+        let window_start = st.frames_in_at_last_stats.min(cs.frames_in);
+        let in_now = cs.frames_in - window_start;
+        let scored_now = st.scored_in_window.min(in_now);
         st.frames_in_at_last_stats = cs.frames_in;
+        st.scored_in_window = 0;
+        let status = match cs.status.wire() {
+            Some(s) => s.payload(),
+            None => cs.status.as_str().to_owned(),
+        };
         cameras.insert(
             r.cfg.name.clone(),
             CameraStats {
@@ -736,10 +779,14 @@ fn build_stats(shared: &Shared, running: &[Running], engine: &str, window: Durat
                 fps_scored: scored_now as f64 / secs,
                 frames_in: cs.frames_in,
                 scored: st.scored,
-                dropped: cs.dropped + cs.skipped_rate,
+                dropped_overload: cs.dropped,
+                skipped_rate: cs.skipped_rate,
+                skipped_corrupt: cs.skipped_corrupt,
+                inference_errors: st.inference_errors,
+                reconnects: cs.reconnects,
                 latency_p50_ms: percentile(&lat, 0.5),
                 latency_p99_ms: percentile(&lat, 0.99),
-                status: cs.status.to_string(),
+                status,
             },
         );
     }
@@ -764,7 +811,7 @@ fn making_progress(shared: &Shared, publisher: &PublisherHandle, interval: Durat
     }
     let any_online = lock(&shared.statuses)
         .values()
-        .any(|s| *s == camera::CameraStatus::Online);
+        .any(|s| *s == CameraState::Online);
     if !any_online {
         return true;
     }
@@ -786,7 +833,7 @@ fn status_line(shared: &Shared, publisher: &PublisherHandle) -> String {
     let statuses = lock(&shared.statuses);
     let online = statuses
         .values()
-        .filter(|s| **s == camera::CameraStatus::Online)
+        .filter(|s| **s == CameraState::Online)
         .count();
     let c = publisher.counters();
     format!(
@@ -803,7 +850,7 @@ fn status_line(shared: &Shared, publisher: &PublisherHandle) -> String {
 }
 
 /// SIGHUP: re-read and validate the config; apply camera settings in place, restart cameras
-/// whose source or rate cap changed (their alarm state and `seq` numbering carry over), start
+/// whose source, rate cap or retry backoff changed (their alarm state and `seq` numbering carry over), start
 /// added ones, stop removed ones; keep the MQTT session. (The caller applies a changed stats
 /// interval.) An invalid file is rejected and the running config stays.
 #[allow(clippy::too_many_arguments)]
@@ -847,7 +894,11 @@ fn reload(
             let mut carried: HashMap<String, (Arc<Mutex<CamState>>, CameraConfig)> = HashMap::new();
             for r in running.drain(..) {
                 match new.cameras.iter().find(|c| c.name == r.cfg.name) {
-                    Some(c) if c.source == r.cfg.source && c.max_fps == r.cfg.max_fps => {
+                    Some(c)
+                        if c.source == r.cfg.source
+                            && c.max_fps == r.cfg.max_fps
+                            && c.retry == r.cfg.retry =>
+                    {
                         lock(&r.handle.state).apply(&r.cfg, c);
                         keep.push(Running {
                             cfg: c.clone(),
@@ -856,13 +907,21 @@ fn reload(
                     }
                     other => {
                         info!(camera = %r.cfg.name, "reload: stopping camera");
+                        if other.is_none() {
+                            // Frames of it still in the worker are dropped, not published.
+                            lock(&r.handle.state).index = usize::MAX;
+                        }
                         let name = r.cfg.name.clone();
                         if let Err(e) = r.camera.stop() {
                             warn!(camera = %name, error = %e, "camera did not stop cleanly");
                         }
                         lock(&shared.statuses).remove(&name);
                         if other.is_none() {
+                            // Stopped for good: `offline`, then its retained status and alarm
+                            // are cleared and the publisher forgets it.
                             publisher.camera_status(&name, payload::CameraStatus::Offline);
+                            publisher.forget_camera(&name);
+                            shared.alarm_states.forget(&name);
                         } else {
                             carried.insert(name, (r.handle.state.clone(), r.cfg.clone()));
                         }

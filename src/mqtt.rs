@@ -8,7 +8,7 @@
 //! | topic | QoS / retain | payload |
 //! |---|---|---|
 //! | `<prefix>/status` | 1 / yes | `online`, `stopped`; `offline` is the Last Will |
-//! | `<prefix>/<camera>/status` | 1 / yes | `online`, `reconnecting`, `offline`, `error: <reason>` |
+//! | `<prefix>/<camera>/status` | 1 / yes | `online`, `reconnecting`, `offline`, `error: <reason>` ([`CameraStatus`]) |
 //! | `<prefix>/<camera>/result` | `result_qos` / no | flat JSON ≤ 512 bytes ([`FrameResult`]) |
 //! | `<prefix>/<camera>/alarm` | 1 / yes | flat JSON ([`Alarm`]) |
 //! | `<prefix>/<camera>/mask` | `mask_qos` / no | grayscale PNG with `tEXt` camera/seq/ts_ms |
@@ -28,6 +28,10 @@
 //! - node and camera statuses are retained and re-published on every (re)connect, as is the latest
 //!   acknowledged alarm of each camera that has nothing newer queued (`replayed: true`), so a
 //!   broker restarted without persistence still shows the current state.
+//! - a camera removed by a reload ([`PublisherHandle::forget_camera`]) is forgotten: its status and
+//!   last alarm are no longer re-published, and its retained `status` and `alarm` topics are
+//!   cleared (an empty retained message, QoS 1) once its queued alarms are delivered; a clear not
+//!   acknowledged before a disconnect is re-sent after the reconnect.
 //!
 //! Failure modes: broker unreachable at start or later → reconnect with capped exponential
 //! backoff (with jitter) between `reconnect_min` and `reconnect_max`, counted in `reconnects`;
@@ -140,6 +144,7 @@ fn now_ms() -> u64 {
 enum Ctl {
     Alarm(Alarm),
     CameraStatus(String, CameraStatus),
+    Forget(String),
     Shutdown(Duration),
 }
 
@@ -200,6 +205,14 @@ impl PublisherHandle {
     /// Sets a camera's status; published (QoS 1, retained) when it changes and on every reconnect.
     pub fn camera_status(&self, camera: &str, status: CameraStatus) {
         let _ = self.ctl.send(Ctl::CameraStatus(camera.to_owned(), status));
+    }
+
+    /// Forgets a camera that was removed: its status and alarm are no longer re-published on
+    /// reconnect, and its retained `status` and `alarm` topics are cleared (empty retained
+    /// messages), after any of its alarms still queued. A later status or alarm of the same name
+    /// cancels the clear (the camera is back).
+    pub fn forget_camera(&self, camera: &str) {
+        let _ = self.ctl.send(Ctl::Forget(camera.to_owned()));
     }
 
     /// Publishes a stats report on `<prefix>/stats`; its `mqtt` part is filled in by the
@@ -296,6 +309,7 @@ impl Publisher {
             shared: shared.clone(),
             statuses: BTreeMap::new(),
             last_alarm: BTreeMap::new(),
+            pending_clear: BTreeMap::new(),
             conn: None,
             generation: 0,
             backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
@@ -335,6 +349,8 @@ impl Drop for AbortOnDrop {
 enum Sent {
     Alarm(u64),
     AlarmState,
+    /// The clear of a forgotten camera's retained alarm (sent after its status clear).
+    Cleared(String),
     Result,
     Mask,
     Stats,
@@ -417,6 +433,9 @@ struct Worker {
     statuses: BTreeMap<String, CameraStatus>,
     /// Latest acknowledged alarm per camera (re-published on reconnect).
     last_alarm: BTreeMap<String, Alarm>,
+    /// Forgotten cameras whose retained topics still need clearing; `true` once the clears
+    /// were handed to the current connection.
+    pending_clear: BTreeMap<String, bool>,
     conn: Option<Conn>,
     generation: u64,
     backoff: Backoff,
@@ -666,6 +685,7 @@ impl Worker {
             }
         }
         self.send_alarms();
+        self.send_clears();
     }
 
     fn on_connection_error(&mut self, e: ConnectionError) {
@@ -702,6 +722,9 @@ impl Worker {
             }
         }
         self.queue.mark_all_unsent();
+        for handed in self.pending_clear.values_mut() {
+            *handed = false;
+        }
         self.alarm_blocked = false;
         self.next_attempt = Instant::now() + self.backoff.next();
     }
@@ -715,7 +738,9 @@ impl Worker {
             Sent::Alarm(id) => {
                 match self.queue.ack(id) {
                     Ok(Some(a)) => {
-                        self.last_alarm.insert(a.camera.clone(), a);
+                        if !self.pending_clear.contains_key(&a.camera) {
+                            self.last_alarm.insert(a.camera.clone(), a);
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -726,6 +751,14 @@ impl Worker {
                 self.shared
                     .queued_alarms
                     .store(self.queue.len() as u64, Ordering::Relaxed);
+                self.send_clears();
+            }
+            Sent::Cleared(camera) if self.pending_clear.get(&camera) == Some(&true) => {
+                self.pending_clear.remove(&camera);
+                info!(
+                    camera,
+                    "retained status and alarm of the removed camera cleared"
+                );
             }
             Sent::Stopped => {
                 if let Some(stop) = &mut self.stop {
@@ -772,9 +805,44 @@ impl Worker {
         }
     }
 
+    /// Clears the retained `status` and `alarm` of each forgotten camera that has no alarm
+    /// left in the queue (the clear must come after them), once per connection.
+    fn send_clears(&mut self) {
+        if !self.is_up() {
+            return;
+        }
+        let due: Vec<String> = self
+            .pending_clear
+            .iter()
+            .filter(|(camera, handed)| !**handed && !self.queue.has_camera(camera))
+            .map(|(camera, _)| camera.clone())
+            .collect();
+        for camera in due {
+            let (Some(status), Some(alarm)) =
+                (self.topic(&camera, "status"), self.topic(&camera, "alarm"))
+            else {
+                self.pending_clear.remove(&camera);
+                continue;
+            };
+            let handed = self.publish(status, QoS::AtLeastOnce, true, Vec::new(), Sent::Status)
+                && self.publish(
+                    alarm,
+                    QoS::AtLeastOnce,
+                    true,
+                    Vec::new(),
+                    Sent::Cleared(camera.clone()),
+                );
+            if !handed {
+                break;
+            }
+            self.pending_clear.insert(camera, true);
+        }
+    }
+
     fn on_ctl(&mut self, c: Ctl) {
         match c {
             Ctl::Alarm(a) => {
+                self.pending_clear.remove(&a.camera);
                 let replay = !self.is_up();
                 let camera = a.camera.clone();
                 let (_, out) = self.queue.push(a, replay);
@@ -792,6 +860,7 @@ impl Worker {
                 self.send_alarms();
             }
             Ctl::CameraStatus(camera, status) => {
+                self.pending_clear.remove(&camera);
                 if self.statuses.get(&camera) == Some(&status) {
                     return;
                 }
@@ -800,6 +869,12 @@ impl Worker {
                     self.statuses.insert(camera, status);
                     self.publish(topic, QoS::AtLeastOnce, true, payload, Sent::Status);
                 }
+            }
+            Ctl::Forget(camera) => {
+                self.statuses.remove(&camera);
+                self.last_alarm.remove(&camera);
+                self.pending_clear.insert(camera, false);
+                self.send_clears();
             }
             Ctl::Shutdown(d) => self.begin_stop(d),
         }
@@ -870,11 +945,13 @@ impl Worker {
             return;
         }
         if !stop.stopped_sent {
-            // Alarms first (they are older), then every camera offline, then the node.
+            // Alarms first (they are older), then the clears of removed cameras, then every
+            // camera offline, then the node.
             self.send_alarms();
             if self.alarm_blocked {
                 return;
             }
+            self.send_clears();
             let cameras: Vec<String> = self.statuses.keys().cloned().collect();
             for camera in cameras {
                 self.statuses.insert(camera.clone(), CameraStatus::Offline);
@@ -900,10 +977,11 @@ impl Worker {
             }
             return;
         }
-        let flushed = self
-            .conn
-            .as_ref()
-            .is_some_and(|c| c.fifo.is_empty() && c.inflight.is_empty());
+        let flushed = self.pending_clear.is_empty()
+            && self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.fifo.is_empty() && c.inflight.is_empty());
         if stop.stopped_acked && self.queue.is_empty() && flushed {
             let ok = self
                 .conn

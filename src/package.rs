@@ -285,15 +285,6 @@ impl ModelPackage {
         self.dir.join("model.onnx")
     }
 
-    /// Path of the optional fp16 ONNX model, if the package has one.
-    pub fn fp16_onnx_path(&self) -> Option<PathBuf> {
-        let p = self.dir.join("model.fp16.onnx");
-        self.manifest
-            .files
-            .contains_key("model.fp16.onnx")
-            .then_some(p)
-    }
-
     /// Square input edge in pixels.
     pub fn input_size(&self) -> usize {
         self.manifest.input.size

@@ -191,16 +191,20 @@ impl Alarm {
     }
 }
 
-/// Health of one camera, published retained on `<prefix>/<camera>/status`.
+/// Health of one camera, published retained on `<prefix>/<camera>/status`: the one wire status
+/// type (the camera stage's internal [`crate::camera::CameraState`] maps to it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CameraStatus {
-    /// Frames are arriving.
+    /// Frames are arriving (published before the first result of each connection).
     Online,
-    /// The source failed and is being reopened.
+    /// The source failed or has not delivered its first good frame yet; the daemon keeps
+    /// retrying (with the camera's `[camera.retry]` backoff), however long it takes.
     Reconnecting,
-    /// The source is stopped (daemon stopping, or camera disabled).
+    /// The daemon has stopped trying: it is stopping, or a reload removed the camera (then the
+    /// retained topics are cleared right after). Never published while it retries.
     Offline,
-    /// The source failed and will not be retried without intervention; the reason is shown.
+    /// A fault that needs a human, with a one-line reason: a configuration fault (not retried
+    /// until a reload changes the camera) or a missing decoder (retried every `max_ms`).
     Error(String),
 }
 
@@ -221,16 +225,28 @@ impl CameraStatus {
 /// Per-camera counters for the `stats` topic (filled by the pipeline).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CameraStats {
-    /// Frames per second delivered by the source over the last interval.
+    /// Frames per second delivered by the source over the last interval (before `max_fps`).
     pub fps_in: f64,
-    /// Frames per second scored over the last interval.
+    /// Frames per second scored, of those counted in `fps_in` for the same interval: a frame
+    /// counts in the interval it was received in, if it was scored before the report (one still
+    /// in flight at the report is not counted). So `fps_scored <= fps_in` always.
     pub fps_scored: f64,
     /// Frames received since start.
     pub frames_in: u64,
     /// Frames scored since start.
     pub scored: u64,
-    /// Frames dropped (rate cap, backpressure) since start.
-    pub dropped: u64,
+    /// Frames overwritten in the camera's one-frame slot before the inference worker took them
+    /// (the worker is slower than the camera), since the camera (re)started.
+    pub dropped_overload: u64,
+    /// Frames skipped by the camera's `max_fps` cap, since the camera (re)started.
+    pub skipped_rate: u64,
+    /// Decoded frames discarded because they came before the first keyframe of a connection
+    /// or were flagged corrupt by the decoder, since the camera (re)started.
+    pub skipped_corrupt: u64,
+    /// Frames of this camera in a batch whose inference failed (not scored), since start.
+    pub inference_errors: u64,
+    /// Reconnection attempts of the camera (each retry after a failure), since it (re)started.
+    pub reconnects: u64,
     /// Capture → publish latency, median over the last interval, ms.
     pub latency_p50_ms: f64,
     /// Capture → publish latency, 99th percentile over the last interval, ms.

@@ -66,6 +66,25 @@ pub struct CameraConfig {
     pub pixel_threshold: f32,
     pub alarm: DebounceConfig,
     pub mask: MaskConfig,
+    pub retry: RetryConfig,
+}
+
+/// `[camera.retry]`: the camera's reconnect backoff, doubling from `initial` up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// Delay before the first retry (`initial_ms`, 100 ms to 10 min, default 1 s).
+    pub initial: Duration,
+    /// Upper bound of the delay (`max_ms`, `initial_ms` to 10 min, default 30 s).
+    pub max: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            initial: super::DEFAULT_BACKOFF_INITIAL,
+            max: super::DEFAULT_BACKOFF_MAX,
+        }
+    }
 }
 
 impl CameraConfig {
@@ -74,6 +93,8 @@ impl CameraConfig {
     pub fn settings(&self, size: u32) -> CameraSettings {
         let mut s = CameraSettings::new(self.name.clone(), self.source.clone());
         s.max_fps = self.max_fps.filter(|f| *f > 0.0).map(|f| f as f32);
+        s.backoff_initial = self.retry.initial;
+        s.backoff_max = self.retry.max;
         s.scale = Some((size, size));
         s
     }
@@ -256,6 +277,15 @@ pub(crate) struct RawCamera {
     pixel_threshold: S<f64>,
     alarm: Option<RawAlarm>,
     mask: Option<RawMask>,
+    retry: Option<RawRetry>,
+}
+
+/// `[camera.retry]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    initial_ms: S<u64>,
+    max_ms: S<u64>,
 }
 
 /// `[camera.alarm]` as written.
@@ -489,6 +519,41 @@ pub(crate) fn resolve_camera(
         }
     }
 
+    // [camera.retry]
+    let mut retry = RetryConfig::default();
+    if let Some(r) = &c.retry {
+        let (lo, hi) = (
+            super::MIN_BACKOFF.as_millis() as u64,
+            super::MAX_BACKOFF.as_millis() as u64,
+        );
+        let mut ok = true;
+        for (v, key, out) in [
+            (&r.initial_ms, "initial_ms", &mut retry.initial),
+            (&r.max_ms, "max_ms", &mut retry.max),
+        ] {
+            if let Some(v) = v {
+                ok &= in_range(ctx, v, &format!("{p}.retry.{key}"), lo, hi);
+                *out = Duration::from_millis(*v.get_ref());
+            }
+        }
+        if ok && retry.max < retry.initial {
+            let msg = format!(
+                "max_ms ({}) is below initial_ms ({})",
+                retry.max.as_millis(),
+                retry.initial.as_millis()
+            );
+            match (&r.max_ms, &r.initial_ms) {
+                (Some(v), _) => ctx.at(v, format!("{p}.retry.max_ms"), msg),
+                (None, Some(v)) => ctx.at(
+                    v,
+                    format!("{p}.retry.initial_ms"),
+                    format!("{msg}; max_ms defaults to {}", retry.max.as_millis()),
+                ),
+                (None, None) => {}
+            }
+        }
+    }
+
     if ctx.problems.len() != before {
         return None;
     }
@@ -500,6 +565,7 @@ pub(crate) fn resolve_camera(
         pixel_threshold: pixel_threshold as f32,
         alarm,
         mask,
+        retry,
     })
 }
 

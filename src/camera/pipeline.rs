@@ -4,7 +4,11 @@
 //! config uses too) and writes the description.
 //! URIs are not written into the description: they are set as properties on the element named
 //! `src` after parsing, so they need no quoting and never appear in logs unredacted.
-//! [`build`] parses the description and finds the appsink.
+//! [`build`] parses the description and finds the appsink. [`install_keyframe_gate`] keeps
+//! frames decoded before the first keyframe, or flagged corrupt, from reaching the appsink.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -142,13 +146,6 @@ pub(crate) fn plan(settings: &CameraSettings) -> Result<Plan, CameraError> {
     Ok(plan)
 }
 
-/// The GStreamer pipeline description the camera will run, with the URI redacted. For a
-/// `pipeline` source: the user's description and the tail appended when it has no
-/// `appsink name=sink`. Checks the source like [`CameraSettings::validate`].
-pub fn describe_pipeline(settings: &CameraSettings) -> Result<String, CameraError> {
-    plan(settings).map(|p| p.display())
-}
-
 /// `uri` with any `user:password@` replaced by `***@`, for logs.
 pub fn redact_uri(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else {
@@ -265,6 +262,95 @@ pub(crate) fn build(plan: &Plan) -> Result<Built, CameraError> {
         src.set_property(p.property, &p.value);
     }
     Ok(Built { pipeline, sink })
+}
+
+/// Gates every video decoder of `pipeline`, present or added later (`decodebin` adds its decoder
+/// once the stream's caps are known): see the module documentation of [`crate::camera`],
+/// "Keyframe gate". Each dropped buffer adds one to `skipped`. Call once per built pipeline:
+/// the gate state lives in the probes, so every (re)connect starts closed.
+pub(crate) fn install_keyframe_gate(pipeline: &gst::Pipeline, skipped: &Arc<AtomicU64>) {
+    let mut existing = pipeline.iterate_recurse();
+    while let Ok(Some(element)) = existing.next() {
+        gate_decoder(&element, skipped);
+    }
+    let skipped = Arc::clone(skipped);
+    pipeline.connect_deep_element_added(move |_, _, element| gate_decoder(element, &skipped));
+}
+
+/// Whether `element` is a video decoder (element class `…Decoder…Video…`, e.g.
+/// `Codec/Decoder/Video`; `decodebin` itself is `Generic/Bin/Decoder`).
+fn is_video_decoder(element: &gst::Element) -> bool {
+    element.factory().is_some_and(|f| {
+        let klass = f.metadata(gst::ELEMENT_METADATA_KLASS).unwrap_or_default();
+        klass.contains("Decoder") && klass.contains("Video")
+    })
+}
+
+/// Sets a boolean property if the element has one by that name.
+fn set_bool_if_present(element: &gst::Element, name: &str, value: bool) {
+    if element
+        .find_property(name)
+        .is_some_and(|p| p.value_type() == bool::static_type())
+    {
+        element.set_property(name, value);
+    }
+}
+
+/// Whether a buffer opens the stream for the decoder: not a delta unit (a keyframe). A delta unit
+/// flagged `HEADER` does not: `h264parse` flags the first access unit after a join `HEADER` when
+/// it carries the parameter sets, and its slices still need a reference frame. The decoder has
+/// the parameter sets from the caps (`codec_data`, from the SDP's `sprop-parameter-sets`) or the
+/// keyframe itself.
+fn opens_stream(buffer: &gst::BufferRef) -> bool {
+    !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT)
+}
+
+fn gate_decoder(element: &gst::Element, skipped: &Arc<AtomicU64>) {
+    if !is_video_decoder(element) {
+        return;
+    }
+    set_bool_if_present(element, "output-corrupt", false);
+    set_bool_if_present(element, "discard-corrupted-frames", true);
+    if let Some(sink) = element.static_pad("sink") {
+        let opened = AtomicBool::new(false);
+        let skipped = Arc::clone(skipped);
+        sink.add_probe(
+            gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST,
+            move |_, info| {
+                if opened.load(Ordering::Relaxed) {
+                    return gst::PadProbeReturn::Ok;
+                }
+                let opens = match &info.data {
+                    Some(gst::PadProbeData::Buffer(b)) => opens_stream(b),
+                    Some(gst::PadProbeData::BufferList(l)) => l.iter().any(opens_stream),
+                    _ => return gst::PadProbeReturn::Ok,
+                };
+                if opens {
+                    opened.store(true, Ordering::Relaxed);
+                    gst::PadProbeReturn::Ok
+                } else {
+                    skipped.fetch_add(1, Ordering::Relaxed);
+                    gst::PadProbeReturn::Drop
+                }
+            },
+        );
+    }
+    if let Some(src) = element.static_pad("src") {
+        let skipped = Arc::clone(skipped);
+        src.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            let corrupt = matches!(
+                &info.data,
+                Some(gst::PadProbeData::Buffer(b)) if b.flags().contains(gst::BufferFlags::CORRUPTED)
+            );
+            if corrupt {
+                skipped.fetch_add(1, Ordering::Relaxed);
+                gst::PadProbeReturn::Drop
+            } else {
+                gst::PadProbeReturn::Ok
+            }
+        });
+    }
+    tracing::debug!(decoder = %element.name(), "keyframe gate installed");
 }
 
 /// Whether a bus error needs a human rather than a reconnect (a missing plugin or codec:

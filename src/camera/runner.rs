@@ -1,8 +1,9 @@
 //! The per-camera supervisor thread: build, play, watch the bus and the watchdog, back off,
-//! retry. Also the appsink callback (streaming thread) that turns samples into [`Frame`]s.
+//! retry. Also the appsink callback (streaming thread) that turns samples into [`Frame`]s and
+//! reports `Online` before the first frame of each attempt reaches the slot.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,12 +16,16 @@ use gstreamer_video::prelude::*;
 
 use super::pipeline::{self, Built, Plan};
 use super::{
-    CameraError, CameraSettings, CameraStats, CameraStatus, Frame, LatestSlot, StatusCallback,
+    CameraCounters, CameraError, CameraSettings, CameraState, Frame, LatestSlot, StatusCallback,
     StatusEvent,
 };
 
 /// How often the supervisor wakes to check the stop signal, first frame and watchdog.
 const POLL: Duration = Duration::from_millis(50);
+
+/// An attempt whose frames are all dropped by the keyframe gate fails after this many times
+/// `no_frame_timeout` (30 s by default: longer than any GOP a camera should use).
+const KEYFRAME_WAIT_FACTOR: u32 = 3;
 
 /// State shared by the camera handle, the supervisor thread and the appsink callback.
 pub(crate) struct Shared {
@@ -28,11 +33,13 @@ pub(crate) struct Shared {
     pub name: Arc<str>,
     pub slot: Arc<LatestSlot>,
     on_status: StatusCallback,
-    status: Mutex<CameraStatus>,
+    status: Mutex<CameraState>,
     last_error: Mutex<Option<String>>,
     frames_in: AtomicU64,
     skipped_rate: AtomicU64,
     reconnects: AtomicU64,
+    /// Buffers dropped by the keyframe gate (shared with the pad probes).
+    skipped_corrupt: Arc<AtomicU64>,
     next_seq: AtomicU64,
     /// Reference for `last_frame_ns`.
     epoch: Instant,
@@ -56,28 +63,31 @@ impl Shared {
             name,
             slot,
             on_status,
-            status: Mutex::new(CameraStatus::Starting),
+            status: Mutex::new(CameraState::Starting),
             last_error: Mutex::new(None),
             frames_in: AtomicU64::new(0),
             skipped_rate: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            skipped_corrupt: Arc::new(AtomicU64::new(0)),
             next_seq: AtomicU64::new(0),
             epoch: Instant::now(),
             last_frame_ns: AtomicU64::new(0),
         }
     }
 
-    pub fn status(&self) -> CameraStatus {
+    pub fn status(&self) -> CameraState {
         lock(&self.status).clone()
     }
 
-    /// Stores the status and reports it, if it changed (`force`: report anyway, for the
-    /// initial `Starting`). Only the camera thread calls this, so reports arrive in order.
-    fn set_status(&self, status: CameraStatus) {
+    /// Stores the state and reports it, if it changed (`force`: report anyway, for the
+    /// initial `Starting`). Called by the camera thread, and by the streaming thread for
+    /// `Online` while the attempt runs (the camera thread reports nothing then, and stops the
+    /// streaming thread before it reports again), so reports arrive in order.
+    fn set_status(&self, status: CameraState) {
         self.update_status(status, false);
     }
 
-    fn update_status(&self, status: CameraStatus, force: bool) {
+    fn update_status(&self, status: CameraState, force: bool) {
         {
             let mut current = lock(&self.status);
             if *current == status && !force {
@@ -101,11 +111,12 @@ impl Shared {
         self.frames_in.load(Ordering::Acquire)
     }
 
-    fn mark_frame(&self, now: Instant) {
+    /// Counts a pulled sample; returns its ordinal (the `frames_in` before it).
+    fn mark_frame(&self, now: Instant) -> u64 {
         let ns = now.saturating_duration_since(self.epoch).as_nanos();
         let ns = u64::try_from(ns).unwrap_or(u64::MAX - 1) + 1;
         self.last_frame_ns.store(ns, Ordering::Release);
-        self.frames_in.fetch_add(1, Ordering::AcqRel);
+        self.frames_in.fetch_add(1, Ordering::AcqRel)
     }
 
     fn last_frame(&self) -> Option<Instant> {
@@ -115,13 +126,14 @@ impl Shared {
         }
     }
 
-    pub fn stats(&self) -> CameraStats {
-        CameraStats {
+    pub fn stats(&self) -> CameraCounters {
+        CameraCounters {
             status: self.status(),
             frames_in: self.frames_in(),
             skipped_rate: self.skipped_rate.load(Ordering::Relaxed),
             delivered: self.slot.delivered(),
             dropped: self.slot.dropped(),
+            skipped_corrupt: self.skipped_corrupt.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             last_frame_age: self.last_frame().map(|t| t.elapsed()),
             last_error: lock(&self.last_error).clone(),
@@ -133,7 +145,10 @@ impl Shared {
         let reason = error.to_string();
         tracing::error!(camera = %self.name, %reason, "camera cannot start; not retrying");
         self.set_last_error(&reason);
-        self.set_status(CameraStatus::Error(reason));
+        self.set_status(CameraState::Error {
+            reason,
+            retrying: false,
+        });
     }
 }
 
@@ -142,9 +157,10 @@ pub(crate) fn run(shared: Arc<Shared>, settings: CameraSettings, stop: Receiver<
     let result = catch_unwind(AssertUnwindSafe(|| supervise(&shared, &settings, &stop)));
     if result.is_err() {
         tracing::error!(camera = %shared.name, "camera thread panicked");
-        shared.set_status(CameraStatus::Error(
-            "internal error: the camera thread panicked".into(),
-        ));
+        shared.set_status(CameraState::Error {
+            reason: "internal error: the camera thread panicked".into(),
+            retrying: false,
+        });
     }
 }
 
@@ -173,7 +189,7 @@ pub(crate) fn backoff_delay(settings: &CameraSettings, failed_attempts: u32) -> 
 }
 
 fn supervise(shared: &Arc<Shared>, settings: &CameraSettings, stop: &Receiver<()>) {
-    shared.update_status(CameraStatus::Starting, true);
+    shared.update_status(CameraState::Starting, true);
     let plan = match pipeline::plan(settings) {
         Ok(plan) => plan,
         Err(e) => return shared.fail_config(e),
@@ -206,17 +222,15 @@ fn supervise(shared: &Arc<Shared>, settings: &CameraSettings, stop: &Receiver<()
         };
         let (status, delay) = if failure.persistent {
             (
-                CameraStatus::Error(failure.reason.clone()),
+                CameraState::Error {
+                    reason: failure.reason.clone(),
+                    retrying: true,
+                },
                 settings.backoff_max,
-            )
-        } else if failed_attempts >= settings.offline_after_attempts {
-            (
-                CameraStatus::Offline,
-                backoff_delay(settings, failed_attempts),
             )
         } else {
             (
-                CameraStatus::Reconnecting,
+                CameraState::Reconnecting,
                 backoff_delay(settings, failed_attempts),
             )
         };
@@ -306,11 +320,14 @@ fn run_attempt(
 ) -> Outcome {
     let Built { pipeline, sink } = built;
     let pipeline = PipelineGuard(pipeline);
+    pipeline::install_keyframe_gate(&pipeline.0, &shared.skipped_corrupt);
     let mut gate = RateCap::new(settings.max_fps);
     let cb_shared = Arc::clone(shared);
+    // Set by the streaming thread when it reports `Online`, before the attempt's first frame.
+    let online = AtomicBool::new(false);
     sink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
-            .new_sample(move |sink| on_sample(sink, &cb_shared, &mut gate))
+            .new_sample(move |sink| on_sample(sink, &cb_shared, &mut gate, &online))
             .build(),
     );
     let Some(bus) = pipeline.0.bus() else {
@@ -331,6 +348,8 @@ fn run_attempt(
         };
     }
     let mut online_since: Option<Instant> = None;
+    let mut skipped_seen = shared.skipped_corrupt.load(Ordering::Relaxed);
+    let mut gated_activity: Option<Instant> = None;
     loop {
         match stop.try_recv() {
             Err(TryRecvError::Empty) => {}
@@ -375,12 +394,36 @@ fn run_attempt(
         let now = Instant::now();
         let has_frames = shared.frames_in() > frames_before;
         if has_frames && online_since.is_none() {
+            // `Online` was reported by the streaming thread, before the first frame.
             online_since = Some(now);
-            shared.set_status(CameraStatus::Online);
+        }
+        // Before the first good frame, buffers dropped by the keyframe gate show the stream is
+        // alive (a long GOP): they keep the attempt going, up to `KEYFRAME_WAIT_FACTOR` times
+        // the watchdog timeout.
+        if !has_frames {
+            let skipped = shared.skipped_corrupt.load(Ordering::Relaxed);
+            if skipped != skipped_seen {
+                skipped_seen = skipped;
+                gated_activity = Some(now);
+            }
+            let limit = settings
+                .no_frame_timeout
+                .saturating_mul(KEYFRAME_WAIT_FACTOR);
+            if gated_activity.is_some() && now.saturating_duration_since(started) >= limit {
+                return failed(
+                    format!(
+                        "no keyframe within {:.1} s: every frame arriving was decoded before a \
+                         keyframe or corrupt",
+                        limit.as_secs_f32()
+                    ),
+                    false,
+                    None,
+                );
+            }
         }
         let last = match shared.last_frame() {
             Some(t) if has_frames => t.max(started),
-            _ => started,
+            _ => gated_activity.unwrap_or(started),
         };
         if now.saturating_duration_since(last) >= settings.no_frame_timeout {
             let what = if has_frames {
@@ -441,16 +484,18 @@ impl RateCap {
 }
 
 /// The appsink callback (streaming thread): count, gate, copy the RGB plane into a frame,
-/// put it in the slot. Never blocks, never panics; failures are flow errors.
+/// report `Online` on the attempt's first frame, put it in the slot. Never blocks, never
+/// panics; failures are flow errors.
 fn on_sample(
     sink: &gst_app::AppSink,
     shared: &Shared,
     gate: &mut RateCap,
+    online: &AtomicBool,
 ) -> Result<gst::FlowSuccess, gst::FlowError> {
     let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
     let now = Instant::now();
     let wall = SystemTime::now();
-    shared.mark_frame(now);
+    let ordinal = shared.mark_frame(now);
     if !gate.admit(now) {
         shared.skipped_rate.fetch_add(1, Ordering::Relaxed);
         return Ok(gst::FlowSuccess::Ok);
@@ -502,6 +547,7 @@ fn on_sample(
         camera: shared.index,
         camera_name: Arc::clone(&shared.name),
         seq: shared.next_seq.fetch_add(1, Ordering::Relaxed),
+        ordinal,
         capture_unix_ms,
         captured_at: now,
         pts: buffer.pts().map(|t| Duration::from_nanos(t.nseconds())),
@@ -510,6 +556,10 @@ fn on_sample(
         stride,
         data,
     };
+    if !online.swap(true, Ordering::Relaxed) {
+        // Before the frame is visible to the consumer: `online` precedes the first result.
+        shared.set_status(CameraState::Online);
+    }
     shared.slot.put(frame);
     Ok(gst::FlowSuccess::Ok)
 }

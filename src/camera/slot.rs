@@ -16,6 +16,10 @@ pub struct Frame {
     /// never reused across reconnects. A gap seen by a consumer is the number of frames
     /// overwritten in the slot (frames skipped by `max_fps` get no number).
     pub seq: u64,
+    /// Index of this frame's sample among the samples the camera pulled (the camera's
+    /// `frames_in` before it, counting those skipped by `max_fps`): lets a consumer count
+    /// scored frames in the same window as `frames_in` (see the daemon's stats).
+    pub ordinal: u64,
     /// Wall clock, in milliseconds since the Unix epoch, when the decoded sample was pulled
     /// from the appsink (see the module documentation for what precedes it).
     pub capture_unix_ms: u64,
@@ -199,11 +203,6 @@ impl LatestSlot {
         self.lock().take()
     }
 
-    /// Whether a frame is waiting.
-    pub fn is_full(&self) -> bool {
-        self.lock().is_some()
-    }
-
     /// Frames put so far.
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
@@ -229,6 +228,7 @@ mod tests {
             camera: 0,
             camera_name: Arc::from("t"),
             seq,
+            ordinal: seq,
             capture_unix_ms: 0,
             captured_at: Instant::now(),
             pts: None,

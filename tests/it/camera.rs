@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anomalyclip_edge::camera::{
-    Camera, CameraSettings, CameraStatus, Frame, FrameNotify, LatestSlot, Source,
+    Camera, CameraSettings, CameraState, Frame, FrameNotify, LatestSlot, Source,
 };
 use common::rtsp::RtspCamera;
 use common::{StatusLog, wait_until};
@@ -21,7 +21,6 @@ fn fast(name: &str, source: Source) -> CameraSettings {
     s.no_frame_timeout = Duration::from_millis(1500);
     s.backoff_initial = Duration::from_millis(100);
     s.backoff_max = Duration::from_millis(400);
-    s.offline_after_attempts = 3;
     s.stable_after = Duration::from_millis(500);
     s
 }
@@ -88,7 +87,7 @@ fn rtsp_camera_delivers_padded_rgb_frames_with_increasing_seq_and_timestamps() {
     let t0 = unix_ms();
     let cam = spawn(0, fast("rtsp", Source::Uri(server.url())), &notify, &log);
     assert!(
-        log.wait_for(0, ONLINE_TIMEOUT, |s| *s == CameraStatus::Online),
+        log.wait_for(0, ONLINE_TIMEOUT, |s| *s == CameraState::Online),
         "never online: {:?} / {:?}",
         log.of(0),
         cam.stats()
@@ -130,7 +129,7 @@ fn rtsp_camera_delivers_padded_rgb_frames_with_increasing_seq_and_timestamps() {
         "eight frames in {span:?}"
     );
     let stats = cam.stats();
-    assert_eq!(stats.status, CameraStatus::Online);
+    assert_eq!(stats.status, CameraState::Online);
     assert!(stats.frames_in >= 8 && stats.delivered >= 8, "{stats:?}");
     assert_eq!(stats.reconnects, 0);
     stop_promptly(cam);
@@ -138,14 +137,14 @@ fn rtsp_camera_delivers_padded_rgb_frames_with_increasing_seq_and_timestamps() {
 }
 
 #[test]
-fn rtsp_outage_reconnects_then_goes_offline_and_recovers_on_the_same_port() {
+fn rtsp_outage_stays_reconnecting_while_retrying_and_recovers_on_the_same_port() {
     let mut server = RtspCamera::start();
     let port = server.port();
     let (notify, log) = (FrameNotify::new(), StatusLog::new());
     let cam = spawn(0, fast("outage", Source::Uri(server.url())), &notify, &log);
     let slots = [Arc::clone(cam.slot())];
     assert!(
-        log.wait_for(0, ONLINE_TIMEOUT, |s| *s == CameraStatus::Online),
+        log.wait_for(0, ONLINE_TIMEOUT, |s| *s == CameraState::Online),
         "{:?}",
         log.of(0)
     );
@@ -162,16 +161,18 @@ fn rtsp_outage_reconnects_then_goes_offline_and_recovers_on_the_same_port() {
     // The client sees it: a bus error or, at the latest, the no-frame watchdog (1.5 s).
     assert!(
         log.wait_for(0, Duration::from_secs(5), |s| *s
-            == CameraStatus::Reconnecting),
+            == CameraState::Reconnecting),
         "no reconnecting after the outage: {:?}",
         log.of(0)
     );
     let detected = outage.elapsed();
+    // Retrying (three failed attempts at least) is `reconnecting`, never `offline`.
     assert!(
-        log.wait_for(0, Duration::from_secs(5), |s| *s == CameraStatus::Offline),
-        "never offline: {:?}",
-        log.of(0)
+        wait_until(Duration::from_secs(5), || cam.stats().reconnects >= 3),
+        "{:?}",
+        cam.stats()
     );
+    assert_eq!(cam.status(), CameraState::Reconnecting);
     // Nothing new arrives while the server is down (drain what was in flight first).
     let _ = cam.slot().take();
     assert!(cam.slot().take().is_none());
@@ -179,7 +180,7 @@ fn rtsp_outage_reconnects_then_goes_offline_and_recovers_on_the_same_port() {
     server.restart();
     assert_eq!(server.port(), port);
     assert!(
-        log.wait_for_nth(0, 2, ONLINE_TIMEOUT, |s| *s == CameraStatus::Online),
+        log.wait_for_nth(0, 2, ONLINE_TIMEOUT, |s| *s == CameraState::Online),
         "not online again: {:?} / {:?}",
         log.of(0),
         cam.stats()
@@ -197,7 +198,7 @@ fn rtsp_outage_reconnects_then_goes_offline_and_recovers_on_the_same_port() {
     stop_promptly(cam);
     assert_eq!(
         log.names(0),
-        ["starting", "online", "reconnecting", "offline", "online"],
+        ["starting", "online", "reconnecting", "online"],
         "detected after {detected:?}"
     );
 }
@@ -221,10 +222,10 @@ fn failing_cameras_never_affect_a_healthy_one() {
 
     assert!(log.wait_for(2, Duration::from_secs(5), |s| matches!(
         s,
-        CameraStatus::Error(_)
+        CameraState::Error { .. }
     )));
     match log.of(2).last() {
-        Some(CameraStatus::Error(reason)) => {
+        Some(CameraState::Error { reason, .. }) => {
             assert!(
                 reason.contains("unsupported camera uri 'foo://x'"),
                 "{reason}"
@@ -234,11 +235,11 @@ fn failing_cameras_never_affect_a_healthy_one() {
         other => panic!("bogus camera status {other:?}"),
     }
     assert!(
-        log.wait_for(1, Duration::from_secs(10), |s| *s == CameraStatus::Offline),
-        "refused camera never offline: {:?}",
+        wait_until(Duration::from_secs(10), || refused.stats().reconnects >= 3),
+        "refused camera not retrying: {:?}",
         log.of(1)
     );
-    assert!(log.wait_for(0, ONLINE_TIMEOUT, |s| *s == CameraStatus::Online));
+    assert!(log.wait_for(0, ONLINE_TIMEOUT, |s| *s == CameraState::Online));
 
     // The good camera keeps delivering while the refused one keeps retrying.
     let retries_before = refused.stats().reconnects;
@@ -257,7 +258,7 @@ fn failing_cameras_never_affect_a_healthy_one() {
     assert!(
         wait_until(Duration::from_secs(3), || refused.stats().reconnects
             > retries_before),
-        "the offline camera stopped retrying"
+        "the refused camera stopped retrying"
     );
     assert!(good.stats().frames_in > frames_before);
 
@@ -280,16 +281,27 @@ fn failing_cameras_never_affect_a_healthy_one() {
         stop_promptly(cam);
     }
     assert_eq!(log.names(0), ["starting", "online"]);
-    assert_eq!(&log.names(1)[..3], ["starting", "reconnecting", "offline"]);
-    assert_eq!(log.names(1).last(), Some(&"offline"), "{:?}", log.of(1));
+    assert_eq!(
+        log.names(1),
+        ["starting", "reconnecting"],
+        "{:?}",
+        log.of(1)
+    );
     assert_eq!(log.names(2), ["starting", "error"]);
+    assert!(matches!(
+        log.of(2).last(),
+        Some(CameraState::Error {
+            retrying: false,
+            ..
+        })
+    ));
 }
 
 #[test]
 fn slow_consumer_overwrites_the_slot_and_counts_drops() {
     let (notify, log) = (FrameNotify::new(), StatusLog::new());
     let cam = spawn(0, fast("slow", test_pattern("")), &notify, &log);
-    assert!(log.wait_for(0, ONLINE_TIMEOUT, |s| *s == CameraStatus::Online));
+    assert!(log.wait_for(0, ONLINE_TIMEOUT, |s| *s == CameraState::Online));
     // Nobody takes for a while: 30 fps overwrite one slot.
     assert!(
         wait_until(Duration::from_secs(5), || cam.stats().dropped >= 15),
@@ -319,7 +331,7 @@ fn max_fps_caps_delivery_and_counts_skips_separately() {
     settings.max_fps = Some(5.0);
     let cam = spawn(0, settings, &notify, &log);
     let slots = [Arc::clone(cam.slot())];
-    assert!(log.wait_for(0, ONLINE_TIMEOUT, |s| *s == CameraStatus::Online));
+    assert!(log.wait_for(0, ONLINE_TIMEOUT, |s| *s == CameraState::Online));
     let _ = cam.slot().take();
     let window = Duration::from_secs(2);
     let started = Instant::now();
@@ -439,12 +451,12 @@ fn unusable_pipelines_report_error_and_do_not_retry() {
         assert!(
             log.wait_for(i, Duration::from_secs(5), |s| matches!(
                 s,
-                CameraStatus::Error(_)
+                CameraState::Error { .. }
             )),
             "{name}: {:?}",
             log.of(i)
         );
-        let CameraStatus::Error(reason) = cams[i].status() else {
+        let CameraState::Error { reason, .. } = cams[i].status() else {
             panic!("{name}: {:?}", cams[i].status());
         };
         assert!(reason.contains(expected), "{name}: {reason}");
@@ -467,7 +479,7 @@ fn no_frame_watchdog_restarts_a_silent_pipeline() {
     settings.no_frame_timeout = Duration::from_millis(400);
     let cam = spawn(0, settings, &notify, &log);
     assert!(
-        log.wait_for(0, Duration::from_secs(5), |s| *s == CameraStatus::Offline),
+        wait_until(Duration::from_secs(5), || cam.stats().reconnects >= 2),
         "{:?}",
         log.of(0)
     );
@@ -479,9 +491,8 @@ fn no_frame_watchdog_restarts_a_silent_pipeline() {
             .is_some_and(|e| e.contains("watchdog")),
         "{stats:?}"
     );
-    assert!(stats.reconnects >= 2);
     stop_promptly(cam);
-    assert_eq!(log.names(0), ["starting", "reconnecting", "offline"]);
+    assert_eq!(log.names(0), ["starting", "reconnecting"]);
 }
 
 #[test]
@@ -539,7 +550,7 @@ fn stop_interrupts_a_long_backoff() {
     settings.backoff_max = Duration::from_secs(60);
     let cam = spawn(0, settings, &notify, &log);
     assert!(log.wait_for(0, Duration::from_secs(5), |s| *s
-        == CameraStatus::Reconnecting));
+        == CameraState::Reconnecting));
     stop_promptly(cam);
 }
 
@@ -557,7 +568,7 @@ fn http_mjpeg_camera_delivers_frames() {
     server.stop();
     assert!(
         log.wait_for(0, Duration::from_secs(5), |s| *s
-            == CameraStatus::Reconnecting),
+            == CameraState::Reconnecting),
         "{:?}",
         log.of(0)
     );
@@ -584,12 +595,16 @@ fn missing_decoder_reports_error_and_keeps_retrying_slowly() {
     assert!(
         log.wait_for(0, Duration::from_secs(5), |s| matches!(
             s,
-            CameraStatus::Error(_)
+            CameraState::Error { .. }
         )),
         "{:?}",
         log.of(0)
     );
-    let CameraStatus::Error(reason) = cam.status() else {
+    let CameraState::Error {
+        reason,
+        retrying: true,
+    } = cam.status()
+    else {
         panic!("{:?}", cam.status());
     };
     assert!(
@@ -620,7 +635,7 @@ fn a_camera_that_accepts_but_never_answers_hits_the_watchdog_and_stops_promptly(
     let cam = spawn(0, settings, &notify, &log);
     assert!(
         log.wait_for(0, Duration::from_secs(5), |s| *s
-            == CameraStatus::Reconnecting),
+            == CameraState::Reconnecting),
         "{:?}",
         log.of(0)
     );
@@ -647,7 +662,7 @@ fn camera_types_cross_threads() {
     send_sync::<Frame>();
     send_sync::<LatestSlot>();
     send_sync::<FrameNotify>();
-    send_sync::<CameraStatus>();
+    send_sync::<CameraState>();
 }
 
 #[test]
@@ -661,4 +676,25 @@ fn rtsp_over_tcp_interleaved_delivers_frames() {
     assert!(frames.len() >= 3, "{:?} / {:?}", log.of(0), cam.stats());
     assert_eq!((frames[0].width, frames[0].height), (320, 240));
     stop_promptly(cam);
+}
+
+#[test]
+fn camera_states_map_to_the_one_wire_status_and_never_to_offline() {
+    use anomalyclip_edge::payload::CameraStatus;
+    assert_eq!(CameraState::Starting.wire(), None);
+    assert_eq!(CameraState::Online.wire(), Some(CameraStatus::Online));
+    assert_eq!(
+        CameraState::Reconnecting.wire(),
+        Some(CameraStatus::Reconnecting)
+    );
+    for retrying in [false, true] {
+        let state = CameraState::Error {
+            reason: "no decoder".into(),
+            retrying,
+        };
+        assert_eq!(
+            state.wire().map(|s| s.payload()).as_deref(),
+            Some("error: no decoder")
+        );
+    }
 }

@@ -13,6 +13,7 @@ mod camera;
 mod config;
 mod config_check;
 mod daemon;
+mod field;
 mod drift;
 mod eval_cli;
 mod eval_dataset;

@@ -15,7 +15,7 @@ pub use fx::*;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anomalyclip_edge::camera::{CameraStatus, StatusCallback, StatusEvent};
+use anomalyclip_edge::camera::{CameraState, StatusCallback, StatusEvent};
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -52,7 +52,7 @@ impl StatusLog {
     }
 
     /// The statuses reported for camera `index`, in order.
-    pub fn of(&self, index: usize) -> Vec<CameraStatus> {
+    pub fn of(&self, index: usize) -> Vec<CameraState> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -64,7 +64,7 @@ impl StatusLog {
 
     /// Short names (`online`, `error`…) of camera `index`'s statuses, in order.
     pub fn names(&self, index: usize) -> Vec<&'static str> {
-        self.of(index).iter().map(CameraStatus::as_str).collect()
+        self.of(index).iter().map(CameraState::as_str).collect()
     }
 
     /// Waits until camera `index` has reported a status matching `pred`.
@@ -72,7 +72,7 @@ impl StatusLog {
         &self,
         index: usize,
         timeout: Duration,
-        pred: impl Fn(&CameraStatus) -> bool,
+        pred: impl Fn(&CameraState) -> bool,
     ) -> bool {
         wait_until(timeout, || self.of(index).iter().any(&pred))
     }
@@ -83,7 +83,7 @@ impl StatusLog {
         index: usize,
         count: usize,
         timeout: Duration,
-        pred: impl Fn(&CameraStatus) -> bool,
+        pred: impl Fn(&CameraState) -> bool,
     ) -> bool {
         wait_until(timeout, || {
             self.of(index).iter().filter(|s| pred(s)).count() >= count

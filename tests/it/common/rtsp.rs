@@ -34,6 +34,8 @@ struct Running {
 pub struct RtspCamera {
     port: u16,
     launch: String,
+    /// One media for every client (a real camera: a client joins the running stream mid-GOP).
+    shared: bool,
     running: Option<Running>,
 }
 
@@ -49,6 +51,20 @@ impl RtspCamera {
         let mut cam = Self {
             port,
             launch: launch.to_owned(),
+            shared: false,
+            running: None,
+        };
+        cam.serve();
+        cam
+    }
+
+    /// Serves `launch` like a real IP camera: one media shared by every client and kept
+    /// running between clients, so a client joins the stream wherever it is (mid-GOP).
+    pub fn start_shared(launch: &str) -> Self {
+        let mut cam = Self {
+            port: 0,
+            launch: launch.to_owned(),
+            shared: true,
             running: None,
         };
         cam.serve();
@@ -62,8 +78,11 @@ impl RtspCamera {
         server.set_service(&self.port.to_string());
         let factory = rtsp::RTSPMediaFactory::new();
         factory.set_launch(&self.launch);
-        // One pipeline per client: every client starts at a keyframe.
-        factory.set_shared(false);
+        // Default: one pipeline per client, every client starts at a keyframe.
+        factory.set_shared(self.shared);
+        if self.shared {
+            factory.set_suspend_mode(rtsp::RTSPSuspendMode::None);
+        }
         server
             .mount_points()
             .expect("server has mount points")
