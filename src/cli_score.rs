@@ -4,8 +4,8 @@
 //! Input: a model package and image files (PNG/JPEG/BMP, any size, grayscale or colour).
 //! Output: one JSON line per image on stdout; on request a heatmap overlay PNG, a grayscale map
 //! PNG and the raw float map. Failure modes: a bad package or missing ONNX Runtime library stops
-//! everything (exit 2); a bad image is reported on stderr and in a JSON line with `error`, the
-//! others are still scored (exit 1).
+//! everything (exit 2); a bad image, or one for which the model emits NaN or infinity, is reported
+//! on stderr and in a JSON line with `error`, the others are still scored (exit 1).
 
 use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
@@ -115,7 +115,9 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
             anyhow::Error::new(other).context(format!("model package {}", args.model.display()))
         }
     })?;
-    let mut scorer = scorer.with_head(args.head)?;
+    let mut scorer = scorer
+        .with_head(args.head)?
+        .with_pixel_threshold(args.pixel_threshold);
     if scorer.package().manifest.tiny {
         tracing::warn!(
             "model package {} holds random weights (a test model): scores are meaningless for real detection",
@@ -142,7 +144,6 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         let line = match scorer.score_file(path) {
             Ok((img, scored)) => {
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
-                let stats = head::map_stats(&scored.map, args.pixel_threshold);
                 let stem = unique_stem(path, &mut stems);
                 if let Err(e) = write_outputs(&args, &stem, &img, &scored) {
                     failed += 1;
@@ -153,8 +154,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
                     score: Some(scored.score),
                     anomaly: Some(scored.score >= args.threshold),
                     threshold: args.threshold,
-                    map_max: Some(stats.max),
-                    area: Some(stats.area),
+                    map_max: Some(scored.map_max),
+                    area: Some(scored.area),
                     width: Some(img.width() as u32),
                     height: Some(img.height() as u32),
                     ms: Some((ms * 100.0).round() / 100.0),
