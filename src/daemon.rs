@@ -636,9 +636,7 @@ fn worker_loop(
                     handles
                         .iter()
                         .find(|h| h.index == f.camera)
-                        .map_or(DEFAULT_PIXEL_THRESHOLD, |h| {
-                            lock(&h.state).pixel_threshold
-                        })
+                        .map_or(DEFAULT_PIXEL_THRESHOLD, |h| lock(&h.state).pixel_threshold)
                 })
                 .collect();
             let results = match prepared

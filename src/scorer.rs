@@ -1,4 +1,4 @@
-//! The inference core as one object: model package + encoder backend + CPU anomaly head.
+//! The inference core as one object: model package + encoder backend + anomaly head.
 //!
 //! Input: preprocessed images (`[B, 3, S, S]`), or image files (decoded and resized exactly as
 //! the reference's Pillow path does), and per image a pixel threshold. Output: per image a

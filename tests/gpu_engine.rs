@@ -121,5 +121,8 @@ fn nan_in_device_memory_fails_that_image_only() {
     }
     let lit = results[1].as_ref().expect("white image scored");
     assert!(lit.score.is_finite() && lit.map.iter().all(|v| v.is_finite()));
-    println!("NONFINITE device path: black -> {}", results[0].as_ref().unwrap_err());
+    println!(
+        "NONFINITE device path: black -> {}",
+        results[0].as_ref().unwrap_err()
+    );
 }

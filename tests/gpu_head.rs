@@ -424,7 +424,10 @@ fn run_frame_and_threshold(ordinal: usize) {
     let locals: Vec<&[f32]> = inp.locals.iter().map(|v| v.as_slice()).collect();
     let mut gpu_head = GpuHead::new(ordinal, &inp.text, &case.cfg(), 112, 112).unwrap();
     let mut cpu_head = CpuHead::new(case.cfg(), &inp.text).unwrap();
-    assert_eq!((gpu_head.device(), gpu_head.reads_device_memory()), ("gpu", true));
+    assert_eq!(
+        (gpu_head.device(), gpu_head.reads_device_memory()),
+        ("gpu", true)
+    );
     let host = HeadInput::Host {
         global: &inp.global,
         locals: &locals,
@@ -440,10 +443,17 @@ fn run_frame_and_threshold(ordinal: usize) {
         (out.map_max, out.above, out.area)
     );
     assert_eq!(frame.map, gpu_head.download_map().unwrap());
-    assert_eq!(frame.stats, map_stats(&frame.map, thr), "kernel stats = host stats");
+    assert_eq!(
+        frame.stats,
+        map_stats(&frame.map, thr),
+        "kernel stats = host stats"
+    );
     let at_max = frame.map.iter().filter(|&&v| v == thr).count();
     assert!(at_max >= 1);
-    assert_eq!(frame.stats.above, at_max, "a pixel equal to the threshold counts");
+    assert_eq!(
+        frame.stats.above, at_max,
+        "a pixel equal to the threshold counts"
+    );
     let mask = gpu_head.download_mask().unwrap();
     assert_eq!(
         mask.iter().filter(|&&m| m == 255).count(),
@@ -451,7 +461,12 @@ fn run_frame_and_threshold(ordinal: usize) {
         "the mask kernel sets pixels equal to the threshold"
     );
     let cpu = cpu_head.run_frame(host, thr).expect("cpu run_frame");
-    report("run_frame_score", &case, (frame.score - cpu.score).abs(), TOL);
+    report(
+        "run_frame_score",
+        &case,
+        (frame.score - cpu.score).abs(),
+        TOL,
+    );
     report("run_frame_map", &case, max_abs(&frame.map, &cpu.map), TOL);
     report(
         "run_frame_max",
@@ -473,7 +488,11 @@ fn non_finite_features(ordinal: usize) {
     local[100] = f32::INFINITY;
     for (g, l, what) in [
         (&global[..], &good[0], FrameValue::GlobalFeature),
-        (&inp.global[..], &&local[..], FrameValue::LocalFeatures { layer: 0 }),
+        (
+            &inp.global[..],
+            &&local[..],
+            FrameValue::LocalFeatures { layer: 0 },
+        ),
     ] {
         let locals = [*l];
         match head.run_frame(
@@ -518,9 +537,16 @@ fn mask_equals_gpu_quantisation(ordinal: usize) {
         let gray = render_mask(&map, 112, 112, m as u32, MaskKind::GrayMap, thr);
         let q = head.download_u8().unwrap();
         let q_diff = gray.iter().zip(&q).filter(|(a, b)| a != b).count();
-        let q_far = gray.iter().zip(&q).filter(|(a, b)| a.abs_diff(**b) > 1).count();
+        let q_far = gray
+            .iter()
+            .zip(&q)
+            .filter(|(a, b)| a.abs_diff(**b) > 1)
+            .count();
         println!("MASK size={m} gray_differing={q_diff}");
-        assert_eq!(q_far, 0, "gray mask {m}: levels differ by more than one step");
+        assert_eq!(
+            q_far, 0,
+            "gray mask {m}: levels differ by more than one step"
+        );
         let binary = render_mask(&map, 112, 112, m as u32, MaskKind::Binary, thr);
         let mask = head.download_mask().unwrap();
         // A pixel within the resize's rounding (1e-5) of the threshold may fall either side.
@@ -535,7 +561,10 @@ fn mask_equals_gpu_quantisation(ordinal: usize) {
 }
 
 gpu_test!(parity_small_model, small_model);
-gpu_test!(run_frame_matches_run_host_and_counts_the_threshold, run_frame_and_threshold);
+gpu_test!(
+    run_frame_matches_run_host_and_counts_the_threshold,
+    run_frame_and_threshold
+);
 gpu_test!(non_finite_features_fail_the_frame, non_finite_features);
 gpu_test!(
     rendered_mask_equals_the_gpu_heads_quantisation,

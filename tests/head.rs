@@ -362,22 +362,15 @@ fn nan_or_infinite_features_fail_the_frame_naming_the_feature() {
     assert_eq!(n.what, FrameValue::GlobalFeature);
     assert_eq!(n.count, 1);
     // An infinite global feature used to give `"score": null`.
-    let n = non_finite(run_frame(
-        &mut head,
-        &[f32::INFINITY; 4],
-        &[&local],
-        0.5,
-    ));
+    let n = non_finite(run_frame(&mut head, &[f32::INFINITY; 4], &[&local], 0.5));
     assert_eq!((n.what, n.count), (FrameValue::GlobalFeature, 4));
-    let n = non_finite(run_frame(
-        &mut head,
-        &[1.0; 4],
-        &[&local, &bad_local],
-        0.5,
-    ));
+    let n = non_finite(run_frame(&mut head, &[1.0; 4], &[&local, &bad_local], 0.5));
     assert_eq!(n.what, FrameValue::LocalFeatures { layer: 1 });
     let n = non_finite(run_frame(&mut head, &[1.0; 4], &[&inf_local], 0.5));
-    assert_eq!((n.what, n.count), (FrameValue::LocalFeatures { layer: 0 }, 2));
+    assert_eq!(
+        (n.what, n.count),
+        (FrameValue::LocalFeatures { layer: 0 }, 2)
+    );
     let msg = HeadError::from(n).to_string();
     assert!(
         msg.contains("non-finite") && msg.contains("local features of layer 0"),
@@ -409,7 +402,12 @@ fn a_nan_feature_is_not_scored_as_probability_one_half() {
     let w = [1.0, -1.0, 0.5, 2.0];
     assert!(image_score(&[f32::NAN, 1.0, 1.0, 1.0], &w).is_nan());
     let mut out = [0.0f32; 2];
-    patch_probabilities(&[1.0, 1.0, 1.0, 1.0, 1.0, f32::NAN, 1.0, 1.0], 4, &w, &mut out);
+    patch_probabilities(
+        &[1.0, 1.0, 1.0, 1.0, 1.0, f32::NAN, 1.0, 1.0],
+        4,
+        &w,
+        &mut out,
+    );
     assert!(out[0].is_finite() && out[1].is_nan(), "{out:?}");
     // A zero vector still gives 0.5.
     assert_eq!(image_score(&[0.0; 4], &w), 0.5);

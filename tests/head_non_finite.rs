@@ -113,19 +113,27 @@ fn score_cli_writes_a_nan_image_as_its_error_and_exits_1() {
         .expect("run anomalyclip-edge");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stdout {stdout}\nstderr {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout {stdout}\nstderr {stderr}"
+    );
     let lines: Vec<Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect();
     assert_eq!(lines.len(), 2, "{stdout}");
-    let err = lines[0]["error"].as_str().expect("error for the black image");
+    let err = lines[0]["error"]
+        .as_str()
+        .expect("error for the black image");
     assert!(
         err.contains("non-finite") && err.contains("global feature"),
         "{err}"
     );
     assert!(lines[0].get("score").is_none(), "{}", lines[0]);
-    let score = lines[1]["score"].as_f64().expect("score for the white image");
+    let score = lines[1]["score"]
+        .as_f64()
+        .expect("score for the white image");
     assert!((0.0..=1.0).contains(&score));
     assert!(lines[1].get("error").is_none());
     let errors: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -178,7 +186,10 @@ async fn daemon_publishes_nothing_for_nan_frames_and_logs_an_inference_error() {
     })
     .await;
     let lines = d
-        .wait_log(&["inference failed; this frame is not scored", "non-finite"], 1)
+        .wait_log(
+            &["inference failed; this frame is not scored", "non-finite"],
+            1,
+        )
         .await;
     assert!(lines[0].contains("global feature"), "{}", lines[0]);
     // The dark camera is online, yet nothing was published for its frames.

@@ -60,10 +60,7 @@ impl<'a> DeviceImage<'a> {
     /// The image's sub-ranges of the batch buffers, checked to lie inside them.
     fn pointers(&self) -> Result<ImagePointers, GpuError> {
         let DeviceFeatures {
-            batch,
-            dim,
-            tokens,
-            ..
+            batch, dim, tokens, ..
         } = *self.features;
         let bad = |m: String| GpuError::Input(format!("device features: {m}"));
         if self.image >= batch {
@@ -525,11 +522,13 @@ impl GpuHead {
     ) -> Result<(sys::Borrowed, Vec<sys::Borrowed>), GpuError> {
         let (global, locals) = image.pointers()?;
         // SAFETY: a `DeviceImage` is only built inside the callback of
-        // `Engine::infer_on_device` (the scorer builds it there and drops it before returning):
-        // the engine hands over complete `[B, D]` and `[B, N, D]` f32 buffers on its device's
-        // primary context, the context this head was built on (the scorer builds it for the
-        // engine's device ordinal), unchanged and alive until the callback returns, which is
-        // after these borrows end. `pointers` checked that each range lies inside its buffer.
+        // `Engine::infer_on_device` (the scorer builds it there and drops it before returning),
+        // whose contract is that the engine hands over complete `[B, D]` and `[B, N, D]` f32
+        // buffers (ONNX Runtime synchronises its stream before the callback) on its device's
+        // primary context, unchanged and alive until the callback returns, which is after these
+        // borrows end. The head runs on that device's primary context: `Scorer::open` builds it
+        // on `EngineOptions::device_id`. `pointers` checked that each range lies inside its
+        // buffer.
         let borrowed = unsafe {
             (
                 sys::Borrowed::new(&self.stream, global.0, global.1),
