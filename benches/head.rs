@@ -1,11 +1,14 @@
 //! The CPU head at the real model's shapes: 37×37 grid of 768-d tokens, one layer, 518² map, and
 //! the same mapped back to a 1920×1080 frame. `scripts/bench-head` compares with the PyTorch +
-//! scipy reference (`engines/bench_reference.py`).
+//! scipy reference (`engines/bench_reference.py`). `head/run_frame_518` is the scorer's call
+//! through [`AnomalyHead`]: the head, the map's maximum and `area`, the finiteness check and the
+//! copy of the map into the result.
 
 use std::hint::black_box;
 
 use anomalyclip_edge::head::{
-    Bilinear, CpuHead, HeadConfig, HeadOutput, gaussian_blur, gaussian_kernel, patch_probabilities,
+    AnomalyHead, Bilinear, CpuHead, HeadConfig, HeadInput, HeadOutput, gaussian_blur,
+    gaussian_kernel, patch_probabilities,
 };
 use criterion::Criterion;
 use criterion::measurement::Measurement;
@@ -47,6 +50,16 @@ fn bench_head<M: Measurement>(c: &mut Criterion<M>) {
             head.run(black_box(&global), &[black_box(&local)], &mut out)
                 .expect("run");
             black_box(&out.map);
+        })
+    });
+    group.bench_function("run_frame_518", |b| {
+        b.iter(|| {
+            let locals = [black_box(local.as_slice())];
+            let input = HeadInput::Host {
+                global: black_box(&global),
+                locals: &locals,
+            };
+            black_box(head.run_frame(input, 0.5).expect("run_frame"));
         })
     });
     let mut to_frame = Bilinear::new(518, 518, 1080, 1920);

@@ -12,6 +12,11 @@ computed from the input so that they change with the picture:
   sliced to [B, 32], L2-normalised;
 * `local_1` [B, 64, 32]: the first 64 × 32 input values (a reshaped slice), L2-normalised per row.
 
+With `--nan-when-dark` (default `--out tests/fixtures/nan_when_dark/`) the global feature is the
+square root of the channel means before the normalisation: NaN for an image whose channel means
+are negative after mean/std normalisation (a dark one, e.g. black), finite for a bright one (e.g.
+white). It stands for a model that emits NaN on some inputs (tests/head_non_finite.rs).
+
 Size 112, patch 14, grid 8, D = 32 (the tiny package's shapes). `text.f32` is two random unit
 rows (seed 0). `tiny = true`: the scores mean nothing. Needs `onnx` and `numpy` only; checked with
 `onnxruntime` when it is installed. Deterministic: running it twice gives the same bytes.
@@ -48,7 +53,7 @@ def _l2norm(x: str, out: str, nodes: list, inits: list) -> None:
     ]
 
 
-def build_model() -> onnx.ModelProto:
+def build_model(nan_when_dark: bool = False) -> onnx.ModelProto:
     nodes: list = []
     inits: list = [
         _i64("tile_repeats", [1, (DIM + 2) // 3]),
@@ -65,7 +70,11 @@ def build_model() -> onnx.ModelProto:
         helper.make_node("Tile", ["chan_mean", "tile_repeats"], ["tiled"]),
         helper.make_node("Slice", ["tiled", "zero", "dim", "axis1"], ["global_raw"]),
     ]
-    _l2norm("global_raw", "global", nodes, inits)
+    if nan_when_dark:
+        nodes.append(helper.make_node("Sqrt", ["global_raw"], ["global_sqrt"]))
+        _l2norm("global_sqrt", "global", nodes, inits)
+    else:
+        _l2norm("global_raw", "global", nodes, inits)
     # local: the first G·G·D values of each image → [B, G·G, D] → unit rows.
     nodes += [
         helper.make_node("Reshape", ["image", "flat_shape"], ["flat"]),
@@ -105,11 +114,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def manifest(files: dict[str, str]) -> str:
+def manifest(files: dict[str, str], name: str = "identity-112") -> str:
     f = lambda v: ", ".join(repr(x) for x in v)  # noqa: E731
     hashes = "\n".join(f'"{k}" = "{v}"' for k, v in sorted(files.items()))
     return f"""format_version = 1
-name = "identity-112"
+name = "{name}"
 tiny = true
 
 [input]
@@ -151,6 +160,22 @@ seed = 0
 """
 
 
+def check_nan_when_dark(path: Path) -> None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("onnxruntime not installed: output check skipped")
+        return
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    mean = np.asarray(MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(STD, dtype=np.float32).reshape(1, 3, 1, 1)
+    pixels = np.stack([np.zeros((3, SIZE, SIZE)), np.ones((3, SIZE, SIZE))]).astype(np.float32)
+    g, loc = sess.run(None, {"image": (pixels - mean) / std})
+    assert np.isnan(g[0]).all() and np.isfinite(g[1]).all(), g
+    assert np.isfinite(loc).all()
+    print(f"onnxruntime {ort.__version__}: global NaN for black, finite for white")
+
+
 def check_with_onnxruntime(path: Path) -> None:
     try:
         import onnxruntime as ort
@@ -171,14 +196,26 @@ def check_with_onnxruntime(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "identity")
-    out: Path = ap.parse_args().out
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--nan-when-dark",
+        action="store_true",
+        help="global feature NaN for dark images (a model that emits NaN)",
+    )
+    args = ap.parse_args()
+    nan = args.nan_when_dark
+    default = "nan_when_dark" if nan else "identity"
+    out: Path = args.out or REPO / "tests" / "fixtures" / default
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save(build_model(), out / "model.onnx")
+    onnx.save(build_model(nan), out / "model.onnx")
     (out / "text.f32").write_bytes(text_constant().astype("<f4").tobytes())
     files = {name: sha256(out / name) for name in ("model.onnx", "text.f32")}
-    (out / "manifest.toml").write_text(manifest(files))
-    check_with_onnxruntime(out / "model.onnx")
+    name = "nan-when-dark-112" if nan else "identity-112"
+    (out / "manifest.toml").write_text(manifest(files, name))
+    if nan:
+        check_nan_when_dark(out / "model.onnx")
+    else:
+        check_with_onnxruntime(out / "model.onnx")
     print(f"wrote {out}")
 
 

@@ -118,7 +118,9 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
             anyhow::Error::new(other).context(format!("model package {}", args.model.display()))
         }
     })?;
-    let mut scorer = scorer.with_head(args.head)?;
+    let mut scorer = scorer
+        .with_head(args.head)?
+        .with_pixel_threshold(args.pixel_threshold);
     if scorer.package().manifest.tiny {
         tracing::warn!(
             "model package {} holds random weights (a test model): scores are meaningless for real detection",
@@ -169,8 +171,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
                     score: Some(scored.score),
                     anomaly: Some(scored.score >= args.threshold),
                     threshold: args.threshold,
-                    map_max: Some(stats.max),
-                    area: Some(stats.area),
+                    map_max: Some(scored.map_max),
+                    area: Some(scored.area),
                     width: Some(img.width() as u32),
                     height: Some(img.height() as u32),
                     ms: Some((ms * 100.0).round() / 100.0),

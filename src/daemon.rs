@@ -44,11 +44,10 @@ use crate::alarm::Debouncer;
 use crate::camera::{self, Camera, CameraSettings, CameraState, FrameNotify, LatestSlot};
 use crate::config::{self, CameraConfig, Config, ConfigErrors, MaskConfig};
 use crate::engine::EngineOptions;
-use crate::head;
 use crate::mqtt::{Publisher, PublisherError, PublisherHandle};
 use crate::package::HashCheck;
 use crate::payload::{self, Alarm, CameraStats, FrameResult, MaskGate, Stats};
-use crate::scorer::{ScoreError, Scorer};
+use crate::scorer::{DEFAULT_PIXEL_THRESHOLD, ScoreError, Scorer};
 use crate::statedir::{self, StateDir, StateDirError};
 
 mod control;
@@ -649,8 +648,18 @@ fn worker_loop(
                     )
                 });
             }
+            // Each frame's area is computed by the head at its camera's pixel threshold.
+            let thresholds: Vec<f32> = chunk
+                .iter()
+                .map(|f| {
+                    handles
+                        .iter()
+                        .find(|h| h.index == f.camera)
+                        .map_or(DEFAULT_PIXEL_THRESHOLD, |h| lock(&h.state).pixel_threshold)
+                })
+                .collect();
             let results = match prepared
-                .and_then(|()| scorer.score_batch(&input[..n * 3 * s * s], n))
+                .and_then(|()| scorer.score_frames(&input[..n * 3 * s * s], &thresholds))
             {
                 Ok(r) => r,
                 Err(e) => {
@@ -670,7 +679,19 @@ fn worker_loop(
                 }
             };
             shared.scored_ms.store(shared.now_ms(), Ordering::Relaxed);
-            for (f, r) in chunk.iter().zip(results) {
+            for ((f, r), &pixel_threshold) in chunk.iter().zip(results).zip(&thresholds) {
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // E.g. NaN in the model's output for this frame: nothing is published.
+                        shared.inference_errors.fetch_add(1, Ordering::Relaxed);
+                        if err_logged_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            error!(error = %e, "inference failed; this frame is not scored");
+                            err_logged_at = Some(Instant::now());
+                        }
+                        continue;
+                    }
+                };
                 let Some(h) = handles.iter().find(|h| h.index == f.camera) else {
                     continue;
                 };
@@ -681,7 +702,6 @@ fn worker_loop(
                 }
                 let seq = st.seq_base + f.seq;
                 st.next_seq = seq + 1;
-                let stats = head::map_stats(&r.map, st.pixel_threshold);
                 let anomaly = r.score >= st.threshold;
                 let latency_ms = f.captured_at.elapsed().as_secs_f32() * 1e3;
                 publisher.result(FrameResult {
@@ -691,8 +711,8 @@ fn worker_loop(
                     score: r.score,
                     anomaly,
                     threshold: st.threshold,
-                    map_max: stats.max,
-                    area: stats.area,
+                    map_max: r.map_max,
+                    area: r.area,
                     latency_ms,
                     model: model_name.clone(),
                 });
@@ -715,7 +735,7 @@ fn worker_loop(
                         r.size,
                         mask.size,
                         mask.kind,
-                        st.pixel_threshold,
+                        pixel_threshold,
                     );
                     match payload::mask_png(
                         &h.name,

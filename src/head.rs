@@ -1,29 +1,40 @@
-//! The CPU anomaly head: image features → anomaly score and anomaly map (spec §5), in plain Rust.
+//! The anomaly head: image features → anomaly score and anomaly map (spec §5). This module owns
+//! the head interface ([`AnomalyHead`]) that the CPU head here and the CUDA head
+//! ([`crate::gpu::GpuHead`]) both implement, and the CPU head itself, in plain Rust.
 //!
 //! Input: the text constant `T = [t_n; t_a]` (`[2, D]`, once), then per image the global feature
 //! `g` (`[D]`) and the local features of each enabled layer (`[grid², D]`, row-major over the patch
-//! grid). Output ([`HeadOutput`]): the score `sigmoid(⟨ĝ, w⟩)` with `w = (t_a − t_n)/τ`, the patch
-//! probabilities `sigmoid(⟨F̂_j, w⟩)` summed over layers (`grid²`), the map upsampled to
+//! grid) — host slices, or for the GPU head the engine's outputs left in device memory
+//! ([`HeadInput`]). Output ([`HeadOutput`]): the score `sigmoid(⟨ĝ, w⟩)` with `w = (t_a − t_n)/τ`,
+//! the patch probabilities `sigmoid(⟨F̂_j, w⟩)` summed over layers (`grid²`), the map upsampled to
 //! `size × size` with bilinear interpolation (`align_corners=False`, like PyTorch's
 //! `F.interpolate`), and that map smoothed with scipy's `gaussian_filter` (σ = 4, truncate 4,
 //! border `reflect` = half-sample symmetric, repeated for maps smaller than the radius).
+//! Per frame, [`AnomalyHead::run_frame`] adds the map's maximum and `area` ([`MapStats`]).
 //!
-//! It is the reference the GPU head is checked against. Agreement with the PyTorch + scipy
-//! reference (`tests/head.rs`, fixtures from `engines/make_head_fixtures.py`): |Δ| ≤ 1e-5 on maps
-//! and probabilities.
+//! The pixel threshold has one meaning everywhere (here, the CUDA kernels, the mask, the docs and
+//! the CLI): a pixel counts toward `area` and is set in a binary mask when
+//! `value >= pixel_threshold`.
+//!
+//! The CPU head is the reference the GPU head is checked against. Agreement with the PyTorch +
+//! scipy reference (`tests/head.rs`, fixtures from `engines/make_head_fixtures.py`): |Δ| ≤ 1e-5 on
+//! maps and probabilities.
 //!
 //! Two departures from the reference's operation order, both exact in real arithmetic: layers are
 //! summed on the patch grid before the (linear) upsampling rather than after it, and the Gaussian
 //! accumulates in `f32` where scipy accumulates in `f64` (both store `f32` between the two passes).
 //!
 //! Failure modes: [`CpuHead::new`] rejects an inconsistent configuration or text constant and
-//! [`CpuHead::run`] rejects features of the wrong length ([`HeadError`]). The free functions take
-//! slices whose lengths the caller controls and panic when they disagree (documented on each).
+//! [`CpuHead::run`] rejects features of the wrong length ([`HeadError`]). A NaN or infinity in a
+//! feature reaches the score or the map (never hidden as probability 0.5), and
+//! [`AnomalyHead::run_frame`] fails such a frame with [`HeadError::NonFinite`], naming the feature
+//! or output that held it. The free functions take slices whose lengths the caller controls and
+//! panic when they disagree (documented on each).
 
 use thiserror::Error;
 
 /// Why the head could not be built or run.
-#[derive(Debug, Error, Clone, PartialEq)]
+#[derive(Debug, Error)]
 pub enum HeadError {
     /// A configuration value is out of range.
     #[error("invalid head configuration: {0}")]
@@ -41,6 +52,161 @@ pub enum HeadError {
     /// At least one layer of local features is needed.
     #[error("no local feature layer given")]
     NoLayers,
+    /// A feature or an output of this frame holds NaN or infinity.
+    #[error(transparent)]
+    NonFinite(#[from] NonFinite),
+    /// Features in device memory were given to a head that reads host memory only.
+    #[error("the {0} head cannot read features in device memory")]
+    DeviceInput(&'static str),
+    /// The GPU head failed (driver call, launch, copy).
+    #[error("gpu: {0}")]
+    Gpu(#[from] crate::gpu::GpuError),
+}
+
+/// The value of a frame that held NaN or infinity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameValue {
+    /// The encoder's global feature.
+    GlobalFeature,
+    /// The encoder's local features of one layer (index in the package's `feature_layers`).
+    LocalFeatures {
+        /// Layer index, from 0.
+        layer: usize,
+    },
+    /// The head's image score (the features were finite: the head overflowed).
+    Score,
+    /// The head's anomaly map (the features were finite: the head overflowed).
+    Map,
+}
+
+impl std::fmt::Display for FrameValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameValue::GlobalFeature => f.write_str("the encoder's global feature"),
+            FrameValue::LocalFeatures { layer } => {
+                write!(f, "the encoder's local features of layer {layer}")
+            }
+            FrameValue::Score => f.write_str("the anomaly head's image score"),
+            FrameValue::Map => f.write_str("the anomaly head's map"),
+        }
+    }
+}
+
+/// A frame whose features or head outputs hold NaN or infinity: it gives no result.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+#[error(
+    "non-finite output: {what} holds {count} NaN or infinite value(s); the frame gives no result (check the model export)"
+)]
+pub struct NonFinite {
+    /// Which value.
+    pub what: FrameValue,
+    /// How many of its floats are NaN or infinite.
+    pub count: usize,
+}
+
+fn count_non_finite(v: &[f32]) -> usize {
+    v.iter().filter(|x| !x.is_finite()).count()
+}
+
+/// The first feature (global, then local layers in order) holding NaN or infinity, if any.
+pub fn find_non_finite(global: &[f32], locals: &[&[f32]]) -> Option<NonFinite> {
+    let g = count_non_finite(global);
+    if g > 0 {
+        return Some(NonFinite {
+            what: FrameValue::GlobalFeature,
+            count: g,
+        });
+    }
+    locals.iter().enumerate().find_map(|(layer, l)| {
+        let count = count_non_finite(l);
+        (count > 0).then_some(NonFinite {
+            what: FrameValue::LocalFeatures { layer },
+            count,
+        })
+    })
+}
+
+/// Fails a frame whose score or map is not finite, naming the feature that caused it (found by
+/// `features`, which only runs on this error path) or else the head output itself.
+pub(crate) fn check_finite(
+    score: f32,
+    map_non_finite: usize,
+    features: impl FnOnce() -> Result<Option<NonFinite>, HeadError>,
+) -> Result<(), HeadError> {
+    if score.is_finite() && map_non_finite == 0 {
+        return Ok(());
+    }
+    if let Some(nf) = features()? {
+        return Err(nf.into());
+    }
+    Err(if score.is_finite() {
+        NonFinite {
+            what: FrameValue::Map,
+            count: map_non_finite,
+        }
+    } else {
+        NonFinite {
+            what: FrameValue::Score,
+            count: 1,
+        }
+    }
+    .into())
+}
+
+/// Where a head reads one image's features.
+#[derive(Clone, Copy, Debug)]
+pub enum HeadInput<'a> {
+    /// In host memory: `global` is `[dim]`, each entry of `locals` one layer's `[grid², dim]`.
+    Host {
+        global: &'a [f32],
+        locals: &'a [&'a [f32]],
+    },
+    /// One image of a batch the engine left in CUDA device memory (GPU head only; see
+    /// [`AnomalyHead::reads_device_memory`]).
+    Device(crate::gpu::DeviceImage<'a>),
+}
+
+/// What a head gives for one image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadFrame {
+    /// Image anomaly score in [0, 1], finite.
+    pub score: f32,
+    /// Final anomaly map, `height × width`, row-major, every value finite.
+    pub map: Vec<f32>,
+    /// Rows of `map`.
+    pub height: usize,
+    /// Columns of `map`.
+    pub width: usize,
+    /// Maximum and `area` of `map` at the caller's pixel threshold.
+    pub stats: MapStats,
+}
+
+/// The anomaly head, wherever it runs: the CPU head ([`CpuHead`], the reference) or the CUDA head
+/// ([`crate::gpu::GpuHead`]). The scorer holds one `Box<dyn AnomalyHead>` and calls
+/// [`AnomalyHead::run_frame`] per image, whatever the head.
+pub trait AnomalyHead: Send {
+    /// Where it runs: `"cpu"` or `"gpu"`.
+    fn device(&self) -> &'static str;
+
+    /// Whether [`AnomalyHead::run_frame`] accepts [`HeadInput::Device`] (the scorer then asks the
+    /// engine to leave its outputs in device memory).
+    fn reads_device_memory(&self) -> bool {
+        false
+    }
+
+    /// Runs the head on one image and summarises the map at `pixel_threshold` (a pixel counts
+    /// toward `area` when `value >= pixel_threshold`).
+    ///
+    /// # Errors
+    /// Features of the wrong shape ([`HeadError::Shape`], [`HeadError::NoLayers`], or the GPU
+    /// head's [`HeadError::Gpu`]); NaN or infinity in a feature or an output
+    /// ([`HeadError::NonFinite`]: the frame has no result); device input to a host-only head
+    /// ([`HeadError::DeviceInput`]); a failing GPU ([`HeadError::Gpu`]).
+    fn run_frame(
+        &mut self,
+        input: HeadInput<'_>,
+        pixel_threshold: f32,
+    ) -> Result<HeadFrame, HeadError>;
 }
 
 #[inline]
@@ -48,7 +214,8 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// `⟨v/‖v‖, w⟩`; a zero vector gives 0 (probability 0.5) rather than NaN.
+/// `⟨v/‖v‖, w⟩`; a zero vector gives 0 (probability 0.5) rather than NaN; a vector holding NaN
+/// or infinity gives NaN.
 #[inline(always)]
 fn normalised_dot(v: &[f32], w: &[f32]) -> f32 {
     let mut acc_d = [0f32; 8];
@@ -70,7 +237,10 @@ fn normalised_dot(v: &[f32], w: &[f32]) -> f32 {
     let sum = |a: [f32; 8]| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
     let d = sum(acc_d) + td;
     let n = (sum(acc_n) + tn).sqrt();
-    if n > 0.0 { d / n } else { 0.0 }
+    // `n` is NaN or infinite when `v` holds NaN or infinity: the quotient is then NaN and reaches
+    // the score or the map, where `AnomalyHead::run_frame` reports it (a `n > 0` test would turn
+    // it into probability 0.5).
+    if n == 0.0 { 0.0 } else { d / n }
 }
 
 /// The text direction `w = (t_a − t_n)/τ` from `T = [t_n; t_a]` (`[2, dim]`, row-major).
@@ -351,32 +521,47 @@ fn blur_impl(map: &mut [f32], h: usize, w: usize, kernel: &[f32], scratch: &mut 
 pub struct MapStats {
     /// Largest value (`-inf` for an empty map; NaN values are ignored).
     pub max: f32,
-    /// Number of values strictly above the threshold.
+    /// Number of values at or above the threshold (`value >= pixel_threshold`).
     pub above: usize,
     /// `above / len` (0 for an empty map).
     pub area: f32,
+    /// Number of NaN or infinite values.
+    pub non_finite: usize,
 }
 
-/// Maximum, count and fraction of values strictly above `pixel_threshold`.
+/// Maximum, count and fraction of values at or above `pixel_threshold`, and the number of
+/// non-finite values.
 pub fn map_stats(map: &[f32], pixel_threshold: f32) -> MapStats {
     let mut max = f32::NEG_INFINITY;
     let mut above = 0usize;
+    let mut non_finite = 0usize;
     for &v in map {
         max = max.max(v);
-        above += usize::from(v > pixel_threshold);
+        above += usize::from(v >= pixel_threshold);
+        non_finite += usize::from(!v.is_finite());
     }
-    let area = if map.is_empty() {
-        0.0
-    } else {
-        (above as f64 / map.len() as f64) as f32
-    };
-    MapStats { max, above, area }
+    MapStats {
+        max,
+        above,
+        area: area(above, map.len()),
+        non_finite,
+    }
 }
 
-/// `255` where the value is strictly above `threshold`, else `0` (over the common length).
+/// `above / len` in `f64`, rounded to `f32` (0 for an empty map); shared by both heads.
+pub(crate) fn area(above: usize, len: usize) -> f32 {
+    if len == 0 {
+        0.0
+    } else {
+        (above as f64 / len as f64) as f32
+    }
+}
+
+/// `255` where the value is at or above `threshold` (`value >= threshold`), else `0` (over the
+/// common length).
 pub fn binary_mask(map: &[f32], threshold: f32, out: &mut [u8]) {
     for (o, &v) in out.iter_mut().zip(map) {
-        *o = if v > threshold { 255 } else { 0 };
+        *o = if v >= threshold { 255 } else { 0 };
     }
 }
 
@@ -437,6 +622,8 @@ pub struct CpuHead {
     upsample: Bilinear,
     layer: Vec<f32>,
     scratch: Vec<f32>,
+    /// Buffers of [`AnomalyHead::run_frame`] (sized on its first call).
+    frame: HeadOutput,
 }
 
 /// Gaussian truncation used by the reference (scipy's default).
@@ -486,6 +673,7 @@ impl CpuHead {
             upsample: Bilinear::new(grid, grid, size, size),
             layer: vec![0.0; grid * grid],
             scratch: vec![0.0; size * size + size + 2 * r],
+            frame: HeadOutput::default(),
         })
     }
 
@@ -554,5 +742,39 @@ impl CpuHead {
             gaussian_blur(&mut out.map, size, size, &self.kernel, &mut self.scratch);
         }
         Ok(())
+    }
+}
+
+impl AnomalyHead for CpuHead {
+    fn device(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn run_frame(
+        &mut self,
+        input: HeadInput<'_>,
+        pixel_threshold: f32,
+    ) -> Result<HeadFrame, HeadError> {
+        let HeadInput::Host { global, locals } = input else {
+            return Err(HeadError::DeviceInput("cpu"));
+        };
+        let mut out = std::mem::take(&mut self.frame);
+        let res = self.run(global, locals, &mut out);
+        let frame = res.and_then(|()| {
+            let stats = map_stats(&out.map, pixel_threshold);
+            check_finite(out.score, stats.non_finite, || {
+                Ok(find_non_finite(global, locals))
+            })?;
+            let size = self.config.size;
+            Ok(HeadFrame {
+                score: out.score,
+                map: out.map.clone(),
+                height: size,
+                width: size,
+                stats,
+            })
+        });
+        self.frame = out;
+        frame
     }
 }

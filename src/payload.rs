@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::head;
+
 /// Payload schema version, the `v` field of every JSON payload.
 pub const SCHEMA_VERSION: u32 = 1;
 /// Upper bound of a `result` payload (CODESYS JSON and MQTT client limits, with margin).
@@ -315,13 +317,16 @@ impl Stats {
 pub enum MaskKind {
     /// 8-bit anomaly map: pixel = round(255 × clamp(map, 0, 1)).
     GrayMap,
-    /// 0 or 255: pixel over the pixel threshold.
+    /// 0 or 255: 255 where the map value is at or above the pixel threshold.
     Binary,
 }
 
-/// Resamples a `map_w × map_h` anomaly map (row-major, values in [0, 1]) to `size × size`
-/// (bilinear, pixel centres aligned) and quantises it to 8 bits as `kind` says.
-/// An empty or mis-sized map gives an all-zero mask.
+/// Resamples a `map_w × map_h` anomaly map (row-major, values in [0, 1]) to `size × size` with
+/// the head's bilinear resize ([`crate::head::resize_map`], `align_corners=False`) and quantises
+/// it as `kind` says with the head's functions: [`crate::head::quantize_u8`] for
+/// [`MaskKind::GrayMap`], [`crate::head::binary_mask`] (`value >= pixel_threshold`) for
+/// [`MaskKind::Binary`]. The GPU head's `download_u8`/`download_mask` at frame size `size × size`
+/// give the same pixels. An empty or mis-sized map gives an all-zero mask.
 pub fn render_mask(
     map: &[f32],
     map_w: usize,
@@ -335,38 +340,10 @@ pub fn render_mask(
     if map_w == 0 || map_h == 0 || map.len() != map_w * map_h || n == 0 {
         return out;
     }
-    let sx = map_w as f32 / n as f32;
-    let sy = map_h as f32 / n as f32;
-    for (oy, row) in out.chunks_exact_mut(n).enumerate() {
-        let fy = ((oy as f32 + 0.5) * sy - 0.5).clamp(0.0, (map_h - 1) as f32);
-        let y0 = fy.floor() as usize;
-        let y1 = (y0 + 1).min(map_h - 1);
-        let wy = fy - y0 as f32;
-        for (ox, px) in row.iter_mut().enumerate() {
-            let fx = ((ox as f32 + 0.5) * sx - 0.5).clamp(0.0, (map_w - 1) as f32);
-            let x0 = fx.floor() as usize;
-            let x1 = (x0 + 1).min(map_w - 1);
-            let wx = fx - x0 as f32;
-            let top = map[y0 * map_w + x0] * (1.0 - wx) + map[y0 * map_w + x1] * wx;
-            let bot = map[y1 * map_w + x0] * (1.0 - wx) + map[y1 * map_w + x1] * wx;
-            let v = top * (1.0 - wy) + bot * wy;
-            *px = match kind {
-                MaskKind::GrayMap => {
-                    if v.is_finite() {
-                        (v.clamp(0.0, 1.0) * 255.0).round() as u8
-                    } else {
-                        0
-                    }
-                }
-                MaskKind::Binary => {
-                    if v >= pixel_threshold {
-                        255
-                    } else {
-                        0
-                    }
-                }
-            };
-        }
+    let resized = head::resize_map(map, map_h, map_w, n, n);
+    match kind {
+        MaskKind::GrayMap => head::quantize_u8(&resized, &mut out),
+        MaskKind::Binary => head::binary_mask(&resized, pixel_threshold, &mut out),
     }
     out
 }

@@ -1,22 +1,27 @@
-//! The inference core as one object: model package + encoder backend + CPU anomaly head.
+//! The inference core as one object: model package + encoder backend + anomaly head.
 //!
 //! Input: preprocessed images (`[B, 3, S, S]`), or image files (decoded and resized exactly as
-//! the reference's Pillow path does). Output: per image a [`Scored`] result: the image score and
-//! the `S × S` anomaly map in the resized frame. `score`, `eval` and the daemon all go through
-//! this type, so every entry point computes the same numbers.
-//! The head runs on the CPU ([`crate::head::CpuHead`], the reference) or as CUDA kernels
-//! ([`crate::gpu::GpuHead`]) when asked for and a GPU is usable ([`HeadChoice`]); a GPU that is
-//! absent falls back to the CPU head with one log line.
+//! the reference's Pillow path does), and per image a pixel threshold. Output: per image a
+//! [`Scored`] result: the image score, the `S × S` anomaly map in the resized frame, its maximum
+//! and `area` (share of pixels with `value >= pixel_threshold`). `score`, `eval` and the daemon
+//! all go through this type, so every entry point computes the same numbers.
+//! The head is one [`AnomalyHead`]: the CPU head ([`crate::head::CpuHead`], the reference) or the
+//! CUDA head ([`crate::gpu::GpuHead`]) when asked for and a GPU is usable ([`HeadChoice`]); a GPU
+//! that is absent falls back to the CPU head with one log line. A head that reads device memory
+//! gets the engine's outputs there (IoBinding) when the engine runs on a GPU.
 //! [`Scorer::score_files`] batches many files into one engine call (decoding and preprocessing
 //! them in parallel).
-//! Failure modes: those of the package, the engine and image decoding, as [`ScoreError`].
+//! Failure modes: those of the package, the engine and image decoding, as [`ScoreError`]. An
+//! image whose features or head outputs hold NaN or infinity fails on its own
+//! ([`ScoreError::NonFinite`]); the other images of the batch are still scored.
 
 use std::path::Path;
 
 use rayon::prelude::*;
 
 use crate::engine::{self, DeviceFeatures, Engine, EngineError, EngineOptions};
-use crate::head::{CpuHead, HeadConfig, HeadError, HeadOutput};
+use crate::gpu::DeviceImage;
+use crate::head::{AnomalyHead, CpuHead, HeadConfig, HeadError, HeadFrame, HeadInput, NonFinite};
 use crate::image_io::{self, DecodedImage};
 use crate::package::{HashCheck, ModelPackage, PackageError};
 use crate::preprocess::{PreprocessError, Preprocessor};
@@ -33,9 +38,23 @@ pub enum ScoreError {
     #[error("frame: {0}")]
     Frame(#[from] PreprocessError),
     #[error("anomaly head: {0}")]
-    Head(#[from] HeadError),
+    Head(HeadError),
+    /// NaN or infinity in the engine's features or the head's outputs: this image has no result.
+    #[error(transparent)]
+    NonFinite(#[from] NonFinite),
     #[error("GPU anomaly head: {0}")]
     Gpu(String),
+}
+
+impl From<HeadError> for ScoreError {
+    /// A non-finite frame is lifted to [`ScoreError::NonFinite`]; other head errors stay
+    /// [`ScoreError::Head`].
+    fn from(e: HeadError) -> Self {
+        match e {
+            HeadError::NonFinite(n) => ScoreError::NonFinite(n),
+            other => ScoreError::Head(other),
+        }
+    }
 }
 
 /// One scored image.
@@ -47,22 +66,55 @@ pub struct Scored {
     pub map: Vec<f32>,
     /// Edge of `map`.
     pub size: usize,
+    /// Largest value of `map`.
+    pub map_max: f32,
+    /// Share of `map` pixels with `value >= pixel_threshold` (the threshold the image was scored
+    /// with), in [0, 1].
+    pub area: f32,
 }
+
+impl Scored {
+    fn from_frame(f: HeadFrame) -> Scored {
+        Scored {
+            score: f.score,
+            size: f.width,
+            map_max: f.stats.max,
+            area: f.stats.area,
+            map: f.map,
+        }
+    }
+}
+
+/// Pixel threshold of [`Scorer::score_batch`], [`Scorer::score_file`] and
+/// [`Scorer::score_files`] until [`Scorer::with_pixel_threshold`] sets another
+/// (= `[camera] pixel_threshold`'s and `--pixel-threshold`'s default).
+pub const DEFAULT_PIXEL_THRESHOLD: f32 = 0.5;
 
 /// Where the anomaly head runs (defined with the engine's config).
 pub use crate::engine::HeadChoice;
 
-enum Head {
-    Cpu(Box<CpuHead>),
-    Gpu(Box<crate::gpu::GpuHead>),
+/// The head's shape and constants for a package (σ = 4, the reference's Gaussian).
+fn head_config(pkg: &ModelPackage) -> HeadConfig {
+    let m = &pkg.manifest.model;
+    HeadConfig {
+        size: pkg.input_size(),
+        grid: m.grid,
+        dim: m.embed_dim,
+        tau: m.tau,
+        sigma: 4.0,
+    }
 }
 
 /// Package + engine + head.
 pub struct Scorer {
     pkg: ModelPackage,
     engine: Box<dyn Engine>,
-    head: Head,
-    out: HeadOutput,
+    head: Box<dyn AnomalyHead>,
+    /// Pixel threshold of the calls that take none.
+    pixel_threshold: f32,
+    /// CUDA device of the engine (`EngineOptions::device_id`), where a GPU head must run to read
+    /// the engine's outputs in place.
+    gpu_ordinal: usize,
     input: Vec<f32>,
     /// Frame preprocessor for the last frame geometry `(width, height)`.
     frame_pre: Option<((usize, usize), Preprocessor)>,
@@ -73,7 +125,17 @@ impl Scorer {
     pub fn open(dir: &Path, hashes: HashCheck, opts: &EngineOptions) -> Result<Self, ScoreError> {
         let pkg = ModelPackage::load(dir, hashes)?;
         let engine = engine::create(&pkg, opts)?;
-        Self::new(pkg, engine)
+        let mut scorer = Self::new(pkg, engine)?;
+        scorer.gpu_ordinal = usize::try_from(opts.device_id).unwrap_or(0);
+        Ok(scorer)
+    }
+
+    /// Sets the pixel threshold of [`Scorer::score_batch`], [`Scorer::score_file`] and
+    /// [`Scorer::score_files`] (default [`DEFAULT_PIXEL_THRESHOLD`]): a pixel counts toward
+    /// [`Scored::area`] when `value >= pixel_threshold`.
+    pub fn with_pixel_threshold(mut self, pixel_threshold: f32) -> Self {
+        self.pixel_threshold = pixel_threshold;
+        self
     }
 
     /// Moves the head to the GPU as `choice` says. `Auto` without a usable GPU keeps the CPU
@@ -94,11 +156,11 @@ impl Scorer {
             return Ok(self);
         }
         let size = self.size();
-        let cfg = self.head_config();
-        match crate::gpu::GpuHead::new(0, &self.pkg.text, &cfg, size, size) {
+        let cfg = head_config(&self.pkg);
+        match crate::gpu::GpuHead::new(self.gpu_ordinal, &self.pkg.text, &cfg, size, size) {
             Ok(h) => {
                 tracing::info!(gpu = %h.device_name(), "anomaly head on the GPU");
-                self.head = Head::Gpu(Box::new(h));
+                self.head = Box::new(h);
                 Ok(self)
             }
             Err(e) if choice == HeadChoice::Auto => {
@@ -111,39 +173,19 @@ impl Scorer {
 
     /// Where the head runs: `cpu` or `gpu`.
     pub fn head_device(&self) -> &'static str {
-        match self.head {
-            Head::Cpu(_) => "cpu",
-            Head::Gpu(_) => "gpu",
-        }
-    }
-
-    fn head_config(&self) -> HeadConfig {
-        let m = &self.pkg.manifest.model;
-        HeadConfig {
-            size: self.pkg.input_size(),
-            grid: m.grid,
-            dim: m.embed_dim,
-            tau: m.tau,
-            sigma: 4.0,
-        }
+        self.head.device()
     }
 
     /// Wraps an already built engine.
     pub fn new(pkg: ModelPackage, engine: Box<dyn Engine>) -> Result<Self, ScoreError> {
-        let m = &pkg.manifest.model;
-        let cfg = HeadConfig {
-            size: pkg.input_size(),
-            grid: m.grid,
-            dim: m.embed_dim,
-            tau: m.tau,
-            sigma: 4.0,
-        };
-        let head = Head::Cpu(Box::new(CpuHead::new(cfg, &pkg.text)?));
+        let cfg = head_config(&pkg);
+        let head: Box<dyn AnomalyHead> = Box::new(CpuHead::new(cfg, &pkg.text)?);
         Ok(Self {
             pkg,
             engine,
             head,
-            out: HeadOutput::new(&cfg),
+            pixel_threshold: DEFAULT_PIXEL_THRESHOLD,
+            gpu_ordinal: 0,
             input: Vec::new(),
             frame_pre: None,
         })
@@ -193,33 +235,40 @@ impl Scorer {
         Ok(())
     }
 
-    /// Runs the encoder on `batch` prepared images and the head on each.
+    /// Runs the encoder on `batch` prepared images and the head on each, at the scorer's pixel
+    /// threshold. All or nothing: the first image that fails (e.g. [`ScoreError::NonFinite`])
+    /// fails the call; [`Scorer::score_frames`] keeps the others.
     pub fn score_batch(&mut self, input: &[f32], batch: usize) -> Result<Vec<Scored>, ScoreError> {
-        if let Head::Gpu(h) = &mut self.head {
+        let thresholds = vec![self.pixel_threshold; batch];
+        self.score_frames(input, &thresholds)?.into_iter().collect()
+    }
+
+    /// Runs the encoder on `pixel_thresholds.len()` prepared images (`input` holds them back to
+    /// back) and the head on each, image `i` summarised at `pixel_thresholds[i]`.
+    ///
+    /// Returns one inner result per image, in order: an image whose features or head outputs
+    /// hold NaN or infinity gets [`ScoreError::NonFinite`] and the others are still scored. The
+    /// outer error is an engine failure, which concerns the whole batch.
+    pub fn score_frames(
+        &mut self,
+        input: &[f32],
+        pixel_thresholds: &[f32],
+    ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
+        let batch = pixel_thresholds.len();
+        let mut results = Vec::with_capacity(batch);
+        if self.head.reads_device_memory() {
             // GPU encoder + GPU head: features stay in device memory (IoBinding).
-            let size = self.pkg.input_size();
-            let mut results = Vec::with_capacity(batch);
+            let head = &mut self.head;
             let mut consume = |d: &DeviceFeatures| -> Result<(), String> {
-                let f32s = std::mem::size_of::<f32>() as u64;
-                let per_local = (d.tokens * d.dim) as u64;
-                for i in 0..d.batch as u64 {
-                    let global = (d.global.0 + i * d.dim as u64 * f32s, d.dim);
-                    let locals: Vec<(u64, usize)> = d
-                        .locals
-                        .iter()
-                        .map(|l| (l.0 + i * per_local * f32s, per_local as usize))
-                        .collect();
-                    // SAFETY: the engine hands over complete device buffers of `[B, D]` and
-                    // `[B, N, D]` f32 on the primary context of its device, alive for this
-                    // callback; the offsets stay inside them.
-                    let out =
-                        unsafe { h.run_device_raw(global, &locals) }.map_err(|e| e.to_string())?;
-                    let map = h.download_map().map_err(|e| e.to_string())?;
-                    results.push(Scored {
-                        score: out.score,
-                        map,
-                        size,
-                    });
+                if d.batch != batch {
+                    return Err(format!(
+                        "engine returned {} results for a batch of {batch}",
+                        d.batch
+                    ));
+                }
+                for (i, &thr) in pixel_thresholds.iter().enumerate() {
+                    let frame = head.run_frame(HeadInput::Device(DeviceImage::new(d, i)), thr);
+                    results.push(frame.map(Scored::from_frame).map_err(ScoreError::from));
                 }
                 Ok(())
             };
@@ -229,34 +278,20 @@ impl Scorer {
             }
         }
         let feats = self.engine.infer(input, batch)?;
-        let size = self.size();
-        let mut results = Vec::with_capacity(batch);
-        for i in 0..batch {
+        if feats.batch != batch {
+            return Err(ScoreError::Engine(EngineError::Run(format!(
+                "engine returned {} results for a batch of {batch}",
+                feats.batch
+            ))));
+        }
+        for (i, &thr) in pixel_thresholds.iter().enumerate() {
             let locals = feats.locals(i);
-            let scored = match &mut self.head {
-                Head::Cpu(h) => {
-                    h.run(feats.global(i), &locals, &mut self.out)?;
-                    Scored {
-                        score: self.out.score,
-                        map: self.out.map.clone(),
-                        size,
-                    }
-                }
-                Head::Gpu(h) => {
-                    let out = h
-                        .run_host(feats.global(i), &locals)
-                        .map_err(|e| ScoreError::Gpu(e.to_string()))?;
-                    let map = h
-                        .download_map()
-                        .map_err(|e| ScoreError::Gpu(e.to_string()))?;
-                    Scored {
-                        score: out.score,
-                        map,
-                        size,
-                    }
-                }
+            let input = HeadInput::Host {
+                global: feats.global(i),
+                locals: &locals,
             };
-            results.push(scored);
+            let frame = self.head.run_frame(input, thr);
+            results.push(frame.map(Scored::from_frame).map_err(ScoreError::from));
         }
         Ok(results)
     }
@@ -264,9 +299,9 @@ impl Scorer {
     /// Decodes and prepares `paths` in parallel, then scores every readable one with a single
     /// engine call (the head runs per image, so results do not depend on the grouping).
     ///
-    /// Returns one inner result per path, in order: a file that cannot be read or decoded gets
-    /// its own error and the others are still scored. The outer error is an engine or head
-    /// failure, which concerns the whole call.
+    /// Returns one inner result per path, in order: a file that cannot be read or decoded, or
+    /// whose features or head outputs hold NaN or infinity, gets its own error and the others are
+    /// still scored. The outer error is an engine failure, which concerns the whole call.
     pub fn score_files(
         &mut self,
         paths: &[&Path],
@@ -299,15 +334,18 @@ impl Scorer {
         let scored = if ok == 0 {
             Ok(Vec::new())
         } else {
-            self.score_batch(&input[..ok * n], ok)
+            let thresholds = vec![self.pixel_threshold; ok];
+            self.score_frames(&input[..ok * n], &thresholds)
         };
         self.input = input;
         let mut scored = scored?.into_iter();
         let mut out = Vec::with_capacity(paths.len());
         for r in prepared {
             out.push(match r {
-                Ok(()) => scored.next().ok_or_else(|| {
-                    ScoreError::Engine(EngineError::Run("engine returned too few results".into()))
+                Ok(()) => scored.next().unwrap_or_else(|| {
+                    Err(ScoreError::Engine(EngineError::Run(
+                        "engine returned too few results".into(),
+                    )))
                 }),
                 Err(e) => Err(e),
             });

@@ -62,7 +62,8 @@ pub struct CameraConfig {
     pub max_fps: Option<f64>,
     /// Image score threshold in [0, 1].
     pub threshold: f32,
-    /// Pixel threshold in [0, 1] for `area` and binary masks.
+    /// Pixel threshold in [0, 1] for `area` and binary masks: a pixel counts when
+    /// `value >= pixel_threshold`.
     pub pixel_threshold: f32,
     pub alarm: DebounceConfig,
     pub mask: MaskConfig,

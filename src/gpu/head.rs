@@ -1,6 +1,7 @@
 //! [`GpuHead`]: the anomaly head on one CUDA device and stream. Buffers are allocated once in
 //! [`GpuHead::new`] (the token staging buffer of [`GpuHead::run_host`] grows if more layers come);
-//! a frame is a fixed sequence of launches ending in one small synchronising copy.
+//! a frame is a fixed sequence of launches ending in one small synchronising copy. It implements
+//! [`AnomalyHead`] (host features, or the engine's outputs in device memory as a [`DeviceImage`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -9,7 +10,11 @@ use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, CudaView};
 
 use super::sys::{self, Kernels, MAX_LAYERS, MAX_SHARED_BYTES};
 use super::{GpuError, Target, compile_kernels};
-use crate::head::{GAUSSIAN_TRUNCATE, HeadConfig, gaussian_kernel, text_direction};
+use crate::engine::DeviceFeatures;
+use crate::head::{
+    AnomalyHead, GAUSSIAN_TRUNCATE, HeadConfig, HeadError, HeadFrame, HeadInput, MapStats,
+    NonFinite, check_finite, find_non_finite, gaussian_kernel, text_direction,
+};
 
 /// Pixel threshold used until [`GpuHead::set_threshold`] is called.
 pub const DEFAULT_THRESHOLD: f32 = 0.5;
@@ -21,10 +26,74 @@ pub struct GpuHeadOutput {
     pub score: f32,
     /// Maximum of the frame-size map (`-inf` if every value is NaN).
     pub map_max: f32,
-    /// Pixels of the frame-size map strictly above the threshold.
+    /// Pixels of the frame-size map at or above the threshold (`value >= threshold`).
     pub above: usize,
     /// `above / (out_h · out_w)`.
     pub area: f32,
+    /// NaN or infinite values in the frame-size map.
+    pub non_finite: usize,
+}
+
+/// One image of a batch of encoder outputs that the engine left in CUDA device memory (ONNX
+/// Runtime's IoBinding outputs, [`DeviceFeatures`]), for [`HeadInput::Device`].
+///
+/// Only this crate builds one, inside the callback of
+/// [`crate::engine::Engine::infer_on_device`], where the engine guarantees that the buffers are
+/// complete, on the device's primary context, and alive; the GPU head reads them there without a
+/// host copy.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceImage<'a> {
+    features: &'a DeviceFeatures,
+    image: usize,
+}
+
+/// `(device pointer, number of f32)` of one image's global feature and of each layer's local
+/// features.
+type ImagePointers = ((u64, usize), Vec<(u64, usize)>);
+
+impl<'a> DeviceImage<'a> {
+    /// Image `image` of the batch `features`, as handed to the `infer_on_device` callback.
+    pub(crate) fn new(features: &'a DeviceFeatures, image: usize) -> Self {
+        DeviceImage { features, image }
+    }
+
+    /// The image's sub-ranges of the batch buffers, checked to lie inside them.
+    fn pointers(&self) -> Result<ImagePointers, GpuError> {
+        let DeviceFeatures {
+            batch, dim, tokens, ..
+        } = *self.features;
+        let bad = |m: String| GpuError::Input(format!("device features: {m}"));
+        if self.image >= batch {
+            return Err(bad(format!("image {} of a batch of {batch}", self.image)));
+        }
+        let f32s = std::mem::size_of::<f32>();
+        let range = |(ptr, len): (u64, usize), per: usize, what: &str| {
+            let need = per.checked_mul(batch);
+            if need != Some(len) {
+                return Err(bad(format!(
+                    "{what} holds {len} floats, expected {batch} x {per}"
+                )));
+            }
+            let offset = (self.image * per)
+                .checked_mul(f32s)
+                .and_then(|b| u64::try_from(b).ok())
+                .and_then(|b| ptr.checked_add(b))
+                .ok_or_else(|| bad(format!("{what}: address overflow")))?;
+            Ok((offset, per))
+        };
+        let per_local = tokens
+            .checked_mul(dim)
+            .ok_or_else(|| bad(format!("{tokens} x {dim} overflows")))?;
+        let global = range(self.features.global, dim, "global feature")?;
+        let locals = self
+            .features
+            .locals
+            .iter()
+            .enumerate()
+            .map(|(l, &buf)| range(buf, per_local, &format!("local features of layer {l}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((global, locals))
+    }
 }
 
 /// Intermediate results kept on the device after a frame, for [`GpuHead::download_stage`].
@@ -83,7 +152,7 @@ struct Work {
     out: Option<CudaSlice<f32>>,
     q: CudaSlice<u8>,
     mask: CudaSlice<u8>,
-    /// [score bits, max key, count, unused].
+    /// [score bits, max key, count at or above the threshold, non-finite count].
     scalars: CudaSlice<u32>,
 }
 
@@ -300,7 +369,8 @@ impl GpuHead {
         })
     }
 
-    /// Sets the pixel threshold for `above`/`area` and the mask (values strictly above count).
+    /// Sets the pixel threshold for `above`/`area` and the mask (a pixel counts when
+    /// `value >= threshold`). [`AnomalyHead::run_frame`] sets it to the caller's threshold.
     pub fn set_threshold(&mut self, threshold: f32) {
         self.threshold = threshold;
     }
@@ -445,39 +515,53 @@ impl GpuHead {
         self.finish()
     }
 
-    /// [`GpuHead::run_device`] on features in device memory that someone else owns (ONNX
-    /// Runtime's IoBinding outputs): `(device pointer, number of f32)` for the global feature and
-    /// each layer's local features of one image. Nothing is copied to the host and the memory is
-    /// not freed.
-    ///
-    /// # Safety
-    /// Every pointer must address at least its length of `f32` in device memory of this head's
-    /// CUDA context (the device's primary context, which ONNX Runtime's CUDA and TensorRT
-    /// execution providers use), written completely before the call and not changed or freed
-    /// until it returns.
-    pub unsafe fn run_device_raw(
-        &mut self,
-        global: (u64, usize),
-        locals: &[(u64, usize)],
-    ) -> Result<GpuHeadOutput, GpuError> {
-        let stream = self.stream.clone();
-        // SAFETY: the caller guarantees each (pointer, length) is a live f32 allocation of this
-        // context; the slices are leaked below so that dropping them never frees foreign memory.
-        let g: CudaSlice<f32> = unsafe { stream.upgrade_device_ptr(global.0, global.1) };
-        let ls: Vec<CudaSlice<f32>> = locals
-            .iter()
-            // SAFETY: as above.
-            .map(|&(p, n)| unsafe { stream.upgrade_device_ptr(p, n) })
-            .collect();
-        let res = {
-            let views: Vec<CudaView<'_, f32>> = ls.iter().map(|l| l.slice(..)).collect();
-            self.run_device(&g.slice(..), &views)
+    /// The engine's device buffers of one image, borrowed (never freed by the head).
+    fn borrow_image(
+        &self,
+        image: &DeviceImage<'_>,
+    ) -> Result<(sys::Borrowed, Vec<sys::Borrowed>), GpuError> {
+        let (global, locals) = image.pointers()?;
+        // SAFETY: a `DeviceImage` is only built inside the callback of
+        // `Engine::infer_on_device` (the scorer builds it there and drops it before returning),
+        // whose contract is that the engine hands over complete `[B, D]` and `[B, N, D]` f32
+        // buffers (ONNX Runtime synchronises its stream before the callback) on its device's
+        // primary context, unchanged and alive until the callback returns, which is after these
+        // borrows end. The head runs on that device's primary context: `Scorer::open` builds it
+        // on `EngineOptions::device_id`. `pointers` checked that each range lies inside its
+        // buffer.
+        let borrowed = unsafe {
+            (
+                sys::Borrowed::new(&self.stream, global.0, global.1),
+                locals
+                    .iter()
+                    .map(|&(p, n)| sys::Borrowed::new(&self.stream, p, n))
+                    .collect(),
+            )
         };
-        g.leak();
-        for l in ls {
-            l.leak();
-        }
-        res
+        Ok(borrowed)
+    }
+
+    /// [`GpuHead::run_device`] on the engine's outputs for one image, without a host copy.
+    fn run_device_image(&mut self, image: &DeviceImage<'_>) -> Result<GpuHeadOutput, GpuError> {
+        let (global, locals) = self.borrow_image(image)?;
+        let views: Vec<CudaView<'_, f32>> = locals.iter().map(sys::Borrowed::view).collect();
+        self.run_device(&global.view(), &views)
+    }
+
+    /// The first non-finite feature of one image in device memory (copied to the host; only
+    /// called for a frame whose score or map is not finite).
+    fn find_non_finite_on_device(
+        &self,
+        image: &DeviceImage<'_>,
+    ) -> Result<Option<NonFinite>, GpuError> {
+        let (global, locals) = self.borrow_image(image)?;
+        let global = self.stream.clone_dtoh(&global.view())?;
+        let locals = locals
+            .iter()
+            .map(|l| self.stream.clone_dtoh(&l.view()))
+            .collect::<Result<Vec<Vec<f32>>, _>>()?;
+        let refs: Vec<&[f32]> = locals.iter().map(Vec::as_slice).collect();
+        Ok(find_non_finite(&global, &refs))
     }
 
     /// Copies the scalars back (this synchronises the stream) and decodes them.
@@ -485,13 +569,13 @@ impl GpuHead {
         let mut s = [0u32; 4];
         self.stream.memcpy_dtoh(&self.work.scalars, &mut s)?;
         self.ctx.check_err()?;
-        let n = self.out_h * self.out_w;
         let above = s[2] as usize;
         Ok(GpuHeadOutput {
             score: f32::from_bits(s[0]),
             map_max: key_to_f32(s[1]),
             above,
-            area: (above as f64 / n as f64) as f32,
+            area: crate::head::area(above, self.out_h * self.out_w),
+            non_finite: s[3] as usize,
         })
     }
 
@@ -511,13 +595,8 @@ impl GpuHead {
         self.download_stage(Stage::Map)
     }
 
-    /// The last frame's map at frame size on the device, for consumers that stay on the GPU.
-    pub fn map_view(&self) -> CudaView<'_, f32> {
-        self.work.final_map().as_view()
-    }
-
     /// Quantises the last frame's map on the device: `round(clamp(v,0,1)·255)` and the mask
-    /// (`v > threshold ? 255 : 0`). [`GpuHead::download_u8`]/[`GpuHead::download_mask`] call it.
+    /// (`v >= threshold ? 255 : 0`). [`GpuHead::download_u8`]/[`GpuHead::download_mask`] call it.
     pub fn quantize(&mut self) -> Result<(), GpuError> {
         let n = self.out_h * self.out_w;
         let map = self.work.out.as_ref().unwrap_or(&self.work.map);
@@ -537,10 +616,50 @@ impl GpuHead {
         Ok(self.stream.clone_dtoh(&self.work.q)?)
     }
 
-    /// The last frame's binary mask (255 above the threshold, else 0; frame size).
+    /// The last frame's binary mask (255 at or above the threshold, else 0; frame size).
     pub fn download_mask(&mut self) -> Result<Vec<u8>, GpuError> {
         self.quantize()?;
         Ok(self.stream.clone_dtoh(&self.work.mask)?)
+    }
+}
+
+impl AnomalyHead for GpuHead {
+    fn device(&self) -> &'static str {
+        "gpu"
+    }
+
+    fn reads_device_memory(&self) -> bool {
+        true
+    }
+
+    /// Map maximum and `area` come from the `map_stats` kernel of the frame (not recomputed on
+    /// the host); the map is then downloaded at frame size.
+    fn run_frame(
+        &mut self,
+        input: HeadInput<'_>,
+        pixel_threshold: f32,
+    ) -> Result<HeadFrame, HeadError> {
+        self.threshold = pixel_threshold;
+        let out = match input {
+            HeadInput::Host { global, locals } => self.run_host(global, locals)?,
+            HeadInput::Device(image) => self.run_device_image(&image)?,
+        };
+        check_finite(out.score, out.non_finite, || match input {
+            HeadInput::Host { global, locals } => Ok(find_non_finite(global, locals)),
+            HeadInput::Device(image) => Ok(self.find_non_finite_on_device(&image)?),
+        })?;
+        Ok(HeadFrame {
+            score: out.score,
+            map: self.download_map()?,
+            height: self.out_h,
+            width: self.out_w,
+            stats: MapStats {
+                max: out.map_max,
+                above: out.above,
+                area: out.area,
+                non_finite: out.non_finite,
+            },
+        })
     }
 }
 

@@ -12,8 +12,10 @@
 //   gauss_cols        map_raw -> tmp        (vertical 1-D Gaussian, scipy 'reflect' border)
 //   gauss_rows        tmp -> map            (horizontal 1-D Gaussian)
 //   bilinear_resize   map -> out [out_h*out_w]  (only when the frame size differs from size)
-//   map_stats         out -> max, count(v > thr)
-//   quantize_mask     out -> u8 map round(clamp(v,0,1)*255), binary mask (v > thr ? 255 : 0)
+//   map_stats         out -> max, count(v >= thr), count(v not finite)
+//   quantize_mask     out -> u8 map round(clamp(v,0,1)*255), binary mask (v >= thr ? 255 : 0)
+//
+// The pixel threshold has one meaning in the whole project: a pixel counts when v >= thr.
 
 #define MAX_LAYERS 4
 #define WARP 32
@@ -32,7 +34,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// <x/|x|, w>; a zero vector gives 0 (probability 0.5), as in the CPU head. Whole warp calls it.
+// <x/|x|, w>; a zero vector gives 0 (probability 0.5), as in the CPU head; a vector holding NaN or
+// infinity gives NaN (|x| is then NaN or infinite), so that it reaches the score or the map and
+// the frame is rejected instead of scoring 0.5. Whole warp calls it.
 __device__ __forceinline__ float normalised_dot(const float* __restrict__ x,
                                                 const float* __restrict__ w, int dim, int lane) {
     float ss = 0.0f, dot = 0.0f;
@@ -44,7 +48,7 @@ __device__ __forceinline__ float normalised_dot(const float* __restrict__ x,
     ss = warp_sum(ss);
     dot = warp_sum(dot);
     const float n = sqrtf(ss);
-    return n > 0.0f ? dot / n : 0.0f;
+    return n == 0.0f ? 0.0f : dot / n;
 }
 
 // (a) Token normalisation, dot with w = (t_a - t_n)/tau, sigmoid.
@@ -184,47 +188,55 @@ __device__ __forceinline__ unsigned int float_key(float f) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// (e) Map maximum and number of values strictly above thr (key 0 = empty or all NaN). Grid-stride loop, warp then block
-// reduction, one atomic per block: scalars[1] = max key (see float_key), scalars[2] = count.
-// Both results are independent of the order of the atomics, so they are deterministic.
-// scalars[1] and scalars[2] must be zero before the launch (the host memsets them).
+// (e) Map maximum, number of values at or above thr (v >= thr) and number of NaN or infinite
+// values (key 0 = empty or all NaN). Grid-stride loop, warp then block reduction, one atomic per
+// block: scalars[1] = max key (see float_key), scalars[2] = count, scalars[3] = non-finite count.
+// The results are independent of the order of the atomics, so they are deterministic.
+// scalars[1..4] must be zero before the launch (the host memsets them).
 extern "C" __global__ void map_stats(const float* __restrict__ map, int n, float thr,
                                      unsigned int* __restrict__ scalars) {
     __shared__ unsigned int s_max[32];
     __shared__ unsigned int s_cnt[32];
-    unsigned int key = 0, cnt = 0;
+    __shared__ unsigned int s_bad[32];
+    unsigned int key = 0, cnt = 0, bad = 0;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const float v = map[i];
         if (v == v) key = max(key, float_key(v));  // NaN is ignored, as in the CPU head
-        cnt += (v > thr) ? 1u : 0u;
+        cnt += (v >= thr) ? 1u : 0u;
+        bad += (fabsf(v) <= 3.402823466e+38f) ? 0u : 1u;  // false for NaN and +-inf
     }
     for (int o = WARP / 2; o > 0; o >>= 1) {
         key = max(key, __shfl_xor_sync(FULL_MASK, key, o));
         cnt += __shfl_xor_sync(FULL_MASK, cnt, o);
+        bad += __shfl_xor_sync(FULL_MASK, bad, o);
     }
     const int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
     if (lane == 0) {
         s_max[wid] = key;
         s_cnt[wid] = cnt;
+        s_bad[wid] = bad;
     }
     __syncthreads();
     if (wid == 0) {
         const int n_warps = (blockDim.x + WARP - 1) / WARP;
         key = lane < n_warps ? s_max[lane] : 0u;
         cnt = lane < n_warps ? s_cnt[lane] : 0u;
+        bad = lane < n_warps ? s_bad[lane] : 0u;
         for (int o = WARP / 2; o > 0; o >>= 1) {
             key = max(key, __shfl_xor_sync(FULL_MASK, key, o));
             cnt += __shfl_xor_sync(FULL_MASK, cnt, o);
+            bad += __shfl_xor_sync(FULL_MASK, bad, o);
         }
         if (lane == 0) {
             atomicMax(&scalars[1], key);
             atomicAdd(&scalars[2], cnt);
+            atomicAdd(&scalars[3], bad);
         }
     }
 }
 
 // (f) u8 quantisation round(clamp(v, 0, 1) * 255) (round half away from zero, as Rust's
-// f32::round) and the binary mask (v > thr ? 255 : 0), in one pass.
+// f32::round) and the binary mask (v >= thr ? 255 : 0), in one pass.
 extern "C" __global__ void quantize_mask(const float* __restrict__ map, int n, float thr,
                                          unsigned char* __restrict__ q,
                                          unsigned char* __restrict__ mask) {
@@ -232,6 +244,6 @@ extern "C" __global__ void quantize_mask(const float* __restrict__ map, int n, f
         const float v = map[i];
         const float c = fminf(fmaxf(v, 0.0f), 1.0f);
         q[i] = (unsigned char)roundf(c * 255.0f);
-        mask[i] = (v > thr) ? 255 : 0;
+        mask[i] = (v >= thr) ? 255 : 0;
     }
 }

@@ -4,17 +4,21 @@
 //!
 //! Input: the global token (dim floats) and 1..=[`MAX_LAYERS`] layers of grid² local tokens
 //! (dim floats each), either in host memory ([`GpuHead::run_host`]) or already on the device, e.g.
-//! ONNX Runtime outputs bound to device memory ([`GpuHead::run_device`]).
-//! Output: [`GpuHeadOutput`] (image score, map maximum, pixels above the threshold and their share)
-//! and, on demand, the anomaly map at frame size, its u8 quantisation and the binary mask.
+//! ONNX Runtime outputs bound to device memory ([`GpuHead::run_device`], or a [`DeviceImage`]
+//! through [`crate::head::AnomalyHead`], the interface the scorer uses).
+//! Output: [`GpuHeadOutput`] (image score, map maximum, pixels at or above the threshold and
+//! their share, NaN/inf count) and, on demand, the anomaly map at frame size, its u8
+//! quantisation and the binary mask (`value >= threshold`).
 //! Failure modes: no driver library, no NVRTC, no device, a kernel that NVRTC rejects, a failing
 //! driver call, wrongly sized input — each a [`GpuError`], never a panic. Use [`probe`] to ask
 //! whether a GPU head can run here before building one.
 //!
 //! # Layout
 //! - `kernels.cu` — the kernels ([`KERNEL_NAMES`]), one source file, `extern "C"`, no includes.
-//! - [`sys`] — every `unsafe`: library discovery (how NVRTC is found is documented there),
-//!   NVRTC compilation, kernel launches with their size checks.
+//! - [`sys`] — every `unsafe` but one: library discovery (how NVRTC is found is documented
+//!   there), NVRTC compilation, kernel launches with their size checks, borrowing the engine's
+//!   device memory. The one other (`head`: `GpuHead::borrow_image`) vouches for the engine's
+//!   device pointers.
 //! - `head` — [`GpuHead`]: buffers allocated once, the per-frame launch sequence, downloads.
 //! - `probe` — [`probe`]: driver, NVRTC and devices, for logs, tests and `check-config`.
 //!
@@ -31,7 +35,7 @@ mod head;
 mod probe;
 pub mod sys;
 
-pub use head::{GpuHead, GpuHeadOutput, Stage};
+pub use head::{DeviceImage, GpuHead, GpuHeadOutput, Stage};
 pub use probe::{GpuDevice, GpuProbe, NvrtcInfo, probe};
 pub use sys::{
     Image, MAX_LAYERS, NVRTC_ENV, NvrtcLocation, driver_version, nvrtc_library, nvrtc_version,

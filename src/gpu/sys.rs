@@ -27,6 +27,7 @@
 //! `libnvrtc.so` link on `LD_LIBRARY_PATH` (`scripts/gpu-check run` makes one).
 
 use std::ffi::{CStr, CString, c_char};
+use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -534,8 +535,9 @@ impl Kernels {
         Ok(())
     }
 
-    /// (e) `scalars[1]` = max(order key of map[0..n]), `scalars[2]` += count(map > thr).
-    /// `scalars[1..3]` must have been zeroed on this stream before.
+    /// (e) `scalars[1]` = max(order key of map[0..n]), `scalars[2]` += count(map >= thr),
+    /// `scalars[3]` += count(map not finite). `scalars[1..4]` must have been zeroed on this
+    /// stream before.
     pub(crate) fn map_stats(
         &self,
         stream: &Arc<CudaStream>,
@@ -554,13 +556,13 @@ impl Kernels {
         let ni = to_i32(n, "map length")?;
         let mut b = stream.launch_builder(&self.map_stats);
         b.arg(map).arg(&ni).arg(&thr).arg(scalars);
-        // SAFETY: arguments match the kernel; it reads map[0..n] and updates scalars[1..3] with
+        // SAFETY: arguments match the kernel; it reads map[0..n] and updates scalars[1..4] with
         // atomics, within the lengths checked above. 256 threads = whole warps (full-mask shuffles).
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
-    /// (f) `q = round(clamp(map,0,1)*255)`, `mask = map > thr ? 255 : 0`, n elements each.
+    /// (f) `q = round(clamp(map,0,1)*255)`, `mask = map >= thr ? 255 : 0`, n elements each.
     pub(crate) fn quantize_mask(
         &self,
         stream: &Arc<CudaStream>,
@@ -589,6 +591,44 @@ impl Kernels {
 
 fn to_u32(v: usize) -> Result<u32, GpuError> {
     u32::try_from(v).map_err(|_| GpuError::Input(format!("{v} does not fit a grid dimension")))
+}
+
+/// Device memory that someone else owns (ONNX Runtime's IoBinding outputs) seen as a
+/// `CudaSlice`, so that the kernels can read it. Dropping it never frees the memory.
+#[derive(Debug)]
+pub(crate) struct Borrowed(ManuallyDrop<CudaSlice<f32>>);
+
+impl Borrowed {
+    /// Borrows `len` f32 at device address `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must address at least `len` f32 of device memory in `stream`'s context, written
+    /// completely (by work on `stream` or already synchronised), and stay allocated and unchanged
+    /// until the returned value and every view of it are dropped.
+    pub(crate) unsafe fn new(stream: &Arc<CudaStream>, ptr: u64, len: usize) -> Borrowed {
+        // With event tracking off, cudarc creates no events for the slice (nothing to fail or to
+        // wait on: the head uses it on its one stream only).
+        let slice = without_event_tracking(stream.context(), || {
+            // SAFETY: the caller's contract above is `upgrade_device_ptr`'s; the slice is never
+            // dropped as an owner (see `Drop`), so the foreign memory is never freed.
+            unsafe { stream.upgrade_device_ptr(ptr, len) }
+        });
+        Borrowed(ManuallyDrop::new(slice))
+    }
+
+    /// The whole borrowed range.
+    pub(crate) fn view(&self) -> CudaView<'_, f32> {
+        self.0.as_view()
+    }
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        // SAFETY: the slice is taken out exactly once, here, and `self.0` is not used after.
+        let slice = unsafe { ManuallyDrop::take(&mut self.0) };
+        // Releases the slice's stream handle without freeing the device memory.
+        slice.leak();
+    }
 }
 
 /// Runs `f` (which allocates this head's buffers) with cudarc's per-buffer event tracking off, so

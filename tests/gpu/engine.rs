@@ -86,3 +86,54 @@ fn cuda_backend_with_gpu_head_matches_the_cpu_path() {
     assert!(ws <= 1e-4, "score |Δ| {ws}");
     assert!(wm <= 1e-4, "map |Δ| {wm}");
 }
+
+/// A model that emits NaN (`tests/fixtures/nan_when_dark`: NaN global feature for a black image)
+/// on the whole GPU path: the GPU head finds the NaN in the engine's device memory and fails that
+/// image only, naming the global feature; the white image of the same batch is scored.
+#[cfg_attr(
+    not(have_gpu),
+    ignore = "needs a CUDA GPU: on a GPU machine run scripts/gpu-check (--include-ignored)"
+)]
+#[test]
+fn nan_in_device_memory_fails_that_image_only() {
+    use anomalyclip_edge::engine::EngineOptions;
+    use anomalyclip_edge::head::FrameValue;
+    use anomalyclip_edge::package::HashCheck;
+    if !gpu_and_runtime_ready() {
+        return;
+    }
+    let opts = EngineOptions {
+        backend: Backend::Cuda,
+        ..EngineOptions::default()
+    };
+    let cuda = match Scorer::open(&gpu_common::fixture("nan_when_dark"), HashCheck::All, &opts) {
+        Ok(s) => s,
+        Err(ScoreError::Engine(e @ EngineError::Unavailable { .. })) => {
+            panic!("the CUDA execution provider is unavailable: {e}")
+        }
+        Err(e) => panic!("cuda backend: {e}"),
+    };
+    let mut gpu = cuda.with_head(HeadChoice::Gpu).expect("gpu head");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let png = |name: &str, v: u8| {
+        let p = dir.path().join(name);
+        image::RgbImage::from_pixel(64, 48, image::Rgb([v; 3]))
+            .save(&p)
+            .expect("png");
+        p
+    };
+    let (black, white) = (png("black.png", 0), png("white.png", 255));
+    let results = gpu.score_files(&[&black, &white]).expect("the batch runs");
+    match &results[0] {
+        Err(ScoreError::NonFinite(n)) => {
+            assert_eq!((n.what, n.count), (FrameValue::GlobalFeature, 32));
+        }
+        other => panic!("black image: expected ScoreError::NonFinite, got {other:?}"),
+    }
+    let lit = results[1].as_ref().expect("white image scored");
+    assert!(lit.score.is_finite() && lit.map.iter().all(|v| v.is_finite()));
+    println!(
+        "NONFINITE device path: black -> {}",
+        results[0].as_ref().unwrap_err()
+    );
+}

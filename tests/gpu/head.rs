@@ -13,12 +13,19 @@
 //! a pixel within 1e-5 of the threshold may fall on either side, so the GPU count must lie between
 //! the CPU counts at thr + 1e-5 and thr − 1e-5; the thresholds are picked at the map's median, the
 //! worst case for such flips.
+//!
+//! The head interface ([`AnomalyHead`]) on the GPU: `run_frame` gives `run_host`'s numbers (map
+//! maximum and `area` from the `map_stats` kernel), a pixel equal to the threshold counts
+//! (`value >= threshold`, as on the CPU), NaN/inf features fail the frame naming the feature, and
+//! the mask the daemon renders on the CPU equals the GPU head's quantisation at the mask size.
 
 use anomalyclip_edge::gpu::{self, GpuDevice, GpuError, GpuHead, Stage};
 use anomalyclip_edge::head::{
-    CpuHead, GAUSSIAN_TRUNCATE, HeadConfig, HeadOutput, binary_mask, gaussian_blur,
-    gaussian_kernel, map_stats, quantize_u8, resize_map, upsample_bilinear,
+    AnomalyHead, CpuHead, FrameValue, GAUSSIAN_TRUNCATE, HeadConfig, HeadError, HeadInput,
+    HeadOutput, binary_mask, gaussian_blur, gaussian_kernel, map_stats, quantize_u8, resize_map,
+    upsample_bilinear,
 };
+use anomalyclip_edge::payload::{MaskKind, render_mask};
 
 const TOL: f32 = 1e-5;
 
@@ -411,7 +418,160 @@ fn rejects_bad_input(ordinal: usize) {
     assert!(matches!(err, GpuError::NoDevice { .. }), "{err}");
 }
 
+/// `run_frame` (the scorer's call) against `run_host` and against the CPU head through the same
+/// interface; a threshold equal to a map value counts that pixel.
+fn run_frame_and_threshold(ordinal: usize) {
+    let case = SMALL;
+    let inp = inputs(&case, 12);
+    let locals: Vec<&[f32]> = inp.locals.iter().map(|v| v.as_slice()).collect();
+    let mut gpu_head = GpuHead::new(ordinal, &inp.text, &case.cfg(), 112, 112).unwrap();
+    let mut cpu_head = CpuHead::new(case.cfg(), &inp.text).unwrap();
+    assert_eq!(
+        (gpu_head.device(), gpu_head.reads_device_memory()),
+        ("gpu", true)
+    );
+    let host = HeadInput::Host {
+        global: &inp.global,
+        locals: &locals,
+    };
+    let first = gpu_head.run_frame(host, 0.0).expect("gpu run_frame");
+    let thr = first.stats.max; // a value the GPU map holds exactly
+    let frame = gpu_head.run_frame(host, thr).expect("gpu run_frame");
+    gpu_head.set_threshold(thr);
+    let out = gpu_head.run_host(&inp.global, &locals).unwrap();
+    assert_eq!(frame.score, out.score);
+    assert_eq!(
+        (frame.stats.max, frame.stats.above, frame.stats.area),
+        (out.map_max, out.above, out.area)
+    );
+    assert_eq!(frame.map, gpu_head.download_map().unwrap());
+    assert_eq!(
+        frame.stats,
+        map_stats(&frame.map, thr),
+        "kernel stats = host stats"
+    );
+    let at_max = frame.map.iter().filter(|&&v| v == thr).count();
+    assert!(at_max >= 1);
+    assert_eq!(
+        frame.stats.above, at_max,
+        "a pixel equal to the threshold counts"
+    );
+    let mask = gpu_head.download_mask().unwrap();
+    assert_eq!(
+        mask.iter().filter(|&&m| m == 255).count(),
+        at_max,
+        "the mask kernel sets pixels equal to the threshold"
+    );
+    let cpu = cpu_head.run_frame(host, thr).expect("cpu run_frame");
+    report(
+        "run_frame_score",
+        &case,
+        (frame.score - cpu.score).abs(),
+        TOL,
+    );
+    report("run_frame_map", &case, max_abs(&frame.map, &cpu.map), TOL);
+    report(
+        "run_frame_max",
+        &case,
+        (frame.stats.max - cpu.stats.max).abs(),
+        TOL,
+    );
+}
+
+/// NaN or infinity in the features fails the frame with the feature named (host input; the
+/// device-input path is checked through the scorer in `tests/gpu_engine.rs`).
+fn non_finite_features(ordinal: usize) {
+    let inp = inputs(&SMALL, 13);
+    let mut head = GpuHead::new(ordinal, &inp.text, &SMALL.cfg(), 112, 112).unwrap();
+    let good: Vec<&[f32]> = inp.locals.iter().map(|v| v.as_slice()).collect();
+    let mut global = inp.global.clone();
+    global[3] = f32::NAN;
+    let mut local = inp.locals[0].clone();
+    local[100] = f32::INFINITY;
+    for (g, l, what) in [
+        (&global[..], &good[0], FrameValue::GlobalFeature),
+        (
+            &inp.global[..],
+            &&local[..],
+            FrameValue::LocalFeatures { layer: 0 },
+        ),
+    ] {
+        let locals = [*l];
+        match head.run_frame(
+            HeadInput::Host {
+                global: g,
+                locals: &locals,
+            },
+            0.5,
+        ) {
+            Err(HeadError::NonFinite(n)) => assert_eq!((n.what, n.count), (what, 1)),
+            other => panic!("expected a non-finite error for {what}, got {other:?}"),
+        }
+    }
+    // Still usable.
+    let ok = head
+        .run_frame(
+            HeadInput::Host {
+                global: &inp.global,
+                locals: &good,
+            },
+            0.5,
+        )
+        .expect("finite frame");
+    assert_eq!(ok.stats.non_finite, 0);
+}
+
+/// The mask the daemon renders on the CPU from the model-size map equals the GPU head's own
+/// resize + quantisation at the mask size (`out_h = out_w = mask size`).
+fn mask_equals_gpu_quantisation(ordinal: usize) {
+    let case = SMALL;
+    let inp = inputs(&case, 14);
+    let locals: Vec<&[f32]> = inp.locals.iter().map(|v| v.as_slice()).collect();
+    let mut model_size = GpuHead::new(ordinal, &inp.text, &case.cfg(), 112, 112).unwrap();
+    model_size.run_host(&inp.global, &locals).unwrap();
+    let map = model_size.download_map().unwrap();
+    let thr = median(&map);
+    for m in [32usize, 128] {
+        let mut head = GpuHead::new(ordinal, &inp.text, &case.cfg(), m, m).unwrap();
+        head.set_threshold(thr);
+        head.run_host(&inp.global, &locals).unwrap();
+        let gpu_map = head.download_map().unwrap();
+        let gray = render_mask(&map, 112, 112, m as u32, MaskKind::GrayMap, thr);
+        let q = head.download_u8().unwrap();
+        let q_diff = gray.iter().zip(&q).filter(|(a, b)| a != b).count();
+        let q_far = gray
+            .iter()
+            .zip(&q)
+            .filter(|(a, b)| a.abs_diff(**b) > 1)
+            .count();
+        println!("MASK size={m} gray_differing={q_diff}");
+        assert_eq!(
+            q_far, 0,
+            "gray mask {m}: levels differ by more than one step"
+        );
+        let binary = render_mask(&map, 112, 112, m as u32, MaskKind::Binary, thr);
+        let mask = head.download_mask().unwrap();
+        // A pixel within the resize's rounding (1e-5) of the threshold may fall either side.
+        let bad = binary
+            .iter()
+            .zip(&mask)
+            .zip(&gpu_map)
+            .filter(|((a, b), v)| a != b && (**v - thr).abs() > TOL)
+            .count();
+        assert_eq!(bad, 0, "binary mask {m}");
+    }
+}
+
 gpu_test!(parity_small_model, small_model);
+gpu_test!(
+    run_frame_matches_run_host_and_counts_the_threshold,
+    run_frame_and_threshold
+);
+gpu_test!(non_finite_features_fail_the_frame, non_finite_features);
+gpu_test!(
+    rendered_mask_equals_the_gpu_heads_quantisation,
+    mask_equals_gpu_quantisation
+);
 gpu_test!(parity_real_model_518, real_model_model_size);
 gpu_test!(parity_real_model_1080p, real_model_1080p);
 gpu_test!(

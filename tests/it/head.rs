@@ -3,14 +3,19 @@
 //! Tolerances: upsampling, blur, kernel, patch probabilities and score |Δ| ≤ 1e-5 against float64
 //! references (torch `F.interpolate`, `scipy.ndimage.gaussian_filter`, numpy); the whole head
 //! |Δ| ≤ 1e-5 against the official float32 torch + scipy pipeline.
+//!
+//! Also the head interface ([`AnomalyHead`]) of the CPU head: the pixel threshold's one meaning
+//! (`value >= pixel_threshold`), non-finite features and outputs, and the mask renderer using the
+//! head's resize and quantisation.
 
 use crate::common;
 
 use anomalyclip_edge::head::{
-    CpuHead, HeadConfig, HeadError, HeadOutput, binary_mask, gaussian_blur, gaussian_kernel,
-    image_score, map_stats, patch_probabilities, quantize_u8, resize_map, text_direction,
-    upsample_bilinear,
+    AnomalyHead, CpuHead, FrameValue, HeadConfig, HeadError, HeadInput, HeadOutput, NonFinite,
+    binary_mask, gaussian_blur, gaussian_kernel, image_score, map_stats, patch_probabilities,
+    quantize_u8, resize_map, text_direction, upsample_bilinear,
 };
+use anomalyclip_edge::payload::{MaskKind, render_mask};
 use common::{f32_file, index, max_abs_diff, subgrid, usize_of};
 
 const SUB: &str = "head";
@@ -242,11 +247,12 @@ fn map_stats_mask_and_quantize() {
     let map = [0.0, 0.2, 0.5, 0.51, 1.0, 1.5, -0.3, 0.999];
     let s = map_stats(&map, 0.5);
     assert_eq!(s.max, 1.5);
-    assert_eq!(s.above, 4); // strictly above
-    assert!((s.area - 0.5).abs() < 1e-7);
+    assert_eq!(s.above, 5); // at or above: 0.5 counts
+    assert!((s.area - 0.625).abs() < 1e-7);
+    assert_eq!(s.non_finite, 0);
     let mut mask = [0u8; 8];
     binary_mask(&map, 0.5, &mut mask);
-    assert_eq!(mask, [0, 0, 0, 255, 255, 255, 0, 255]);
+    assert_eq!(mask, [0, 0, 255, 255, 255, 255, 0, 255]);
     let mut q = [0u8; 8];
     quantize_u8(&map, &mut q);
     assert_eq!(q, [0, 51, 128, 130, 255, 255, 0, 255]);
@@ -255,6 +261,192 @@ fn map_stats_mask_and_quantize() {
     assert_eq!(nan, [0]);
     let empty = map_stats(&[], 0.5);
     assert_eq!((empty.above, empty.area), (0, 0.0));
+    let odd = map_stats(&[f32::NAN, f32::INFINITY, 0.7, f32::NEG_INFINITY], 0.5);
+    assert_eq!((odd.non_finite, odd.max), (3, f32::INFINITY));
+}
+
+/// A small head: 2×2 patches of dimension 4, 16×16 map, no blur (so a constant patch map gives
+/// exactly that constant everywhere), text directions along the first two axes.
+fn small_head(sigma: f32) -> CpuHead {
+    let config = HeadConfig {
+        size: 16,
+        grid: 2,
+        dim: 4,
+        tau: 0.07,
+        sigma,
+    };
+    CpuHead::new(config, &[1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]).unwrap()
+}
+
+fn run_frame(
+    head: &mut dyn AnomalyHead,
+    global: &[f32],
+    locals: &[&[f32]],
+    pixel_threshold: f32,
+) -> Result<anomalyclip_edge::head::HeadFrame, HeadError> {
+    head.run_frame(HeadInput::Host { global, locals }, pixel_threshold)
+}
+
+#[test]
+fn a_map_value_equal_to_the_pixel_threshold_counts_toward_area_and_the_mask() {
+    // The free functions.
+    let map = [0.25f32, 0.5, 0.5, 0.75];
+    assert_eq!(map_stats(&map, 0.5).above, 3);
+    assert_eq!(map_stats(&map, 0.75).above, 1);
+    let mut mask = [0u8; 4];
+    binary_mask(&map, 0.75, &mut mask);
+    assert_eq!(mask, [0, 0, 0, 255]);
+    // The mask renderer: a constant map equal to the threshold is all set.
+    assert_eq!(
+        render_mask(&[0.5; 4], 2, 2, 8, MaskKind::Binary, 0.5),
+        vec![255; 64]
+    );
+    // The head: zero features give probability 0.5 exactly on every pixel (no blur).
+    let mut head = small_head(0.0);
+    let f = run_frame(&mut head, &[0.0; 4], &[&[0.0; 16]], 0.5).unwrap();
+    assert!(f.map.iter().all(|&v| v == 0.5));
+    assert_eq!((f.stats.above, f.stats.area, f.stats.max), (256, 1.0, 0.5));
+    // Any map: its own maximum as the threshold counts at least that pixel.
+    let mut head = small_head(4.0);
+    let local: Vec<f32> = (0..16).map(|i| (i as f32 * 0.7).sin()).collect();
+    let f = run_frame(&mut head, &[0.3, -0.2, 0.5, 0.1], &[&local], 0.0).unwrap();
+    let g = run_frame(&mut head, &[0.3, -0.2, 0.5, 0.1], &[&local], f.stats.max).unwrap();
+    let at_max = f.map.iter().filter(|&&v| v == f.stats.max).count();
+    assert!(at_max >= 1);
+    assert_eq!(g.stats.above, at_max);
+}
+
+#[test]
+fn run_frame_gives_the_heads_map_and_its_stats_at_the_callers_threshold() {
+    let mut head = small_head(4.0);
+    let global = [0.3, -0.2, 0.5, 0.1];
+    let l0: Vec<f32> = (0..16).map(|i| (i as f32 * 0.7).sin()).collect();
+    let l1: Vec<f32> = (0..16).map(|i| (i as f32 * 1.3).cos()).collect();
+    let mut out = HeadOutput::default();
+    head.run(&global, &[&l0, &l1], &mut out).unwrap();
+    for thr in [0.0, 0.9, 1.0, 1.1, 2.0] {
+        let f = run_frame(&mut head, &global, &[&l0, &l1], thr).unwrap();
+        assert_eq!(f.score, out.score);
+        assert_eq!(f.map, out.map);
+        assert_eq!((f.height, f.width), (16, 16));
+        assert_eq!(f.stats, map_stats(&out.map, thr));
+    }
+    assert_eq!(head.device(), "cpu");
+    assert!(!head.reads_device_memory());
+}
+
+/// The failure of one frame, which must be [`HeadError::NonFinite`].
+fn non_finite(r: Result<anomalyclip_edge::head::HeadFrame, HeadError>) -> NonFinite {
+    match r {
+        Err(HeadError::NonFinite(n)) => n,
+        other => panic!("expected a non-finite error, got {other:?}"),
+    }
+}
+
+#[test]
+fn nan_or_infinite_features_fail_the_frame_naming_the_feature() {
+    let mut head = small_head(4.0);
+    let local = vec![0.5f32; 16];
+    let mut bad_local = local.clone();
+    bad_local[5] = f32::NAN;
+    let mut inf_local = local.clone();
+    inf_local[0] = f32::INFINITY;
+    inf_local[9] = f32::NEG_INFINITY;
+
+    let n = non_finite(run_frame(
+        &mut head,
+        &[f32::NAN, 0.0, 1.0, 0.0],
+        &[&local],
+        0.5,
+    ));
+    assert_eq!(n.what, FrameValue::GlobalFeature);
+    assert_eq!(n.count, 1);
+    // An infinite global feature used to give `"score": null`.
+    let n = non_finite(run_frame(&mut head, &[f32::INFINITY; 4], &[&local], 0.5));
+    assert_eq!((n.what, n.count), (FrameValue::GlobalFeature, 4));
+    let n = non_finite(run_frame(&mut head, &[1.0; 4], &[&local, &bad_local], 0.5));
+    assert_eq!(n.what, FrameValue::LocalFeatures { layer: 1 });
+    let n = non_finite(run_frame(&mut head, &[1.0; 4], &[&inf_local], 0.5));
+    assert_eq!(
+        (n.what, n.count),
+        (FrameValue::LocalFeatures { layer: 0 }, 2)
+    );
+    let msg = HeadError::from(n).to_string();
+    assert!(
+        msg.contains("non-finite") && msg.contains("local features of layer 0"),
+        "{msg}"
+    );
+    // The head is still usable, and a finite frame scores normally.
+    let f = run_frame(&mut head, &[1.0; 4], &[&local], 0.5).unwrap();
+    assert!(f.score.is_finite() && f.map.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn a_finite_feature_that_overflows_the_head_names_the_heads_output() {
+    let mut head = small_head(4.0);
+    let local = vec![0.5f32; 16];
+    // ⟨g, w⟩ and ‖g‖² both overflow to infinity: inf / inf.
+    let n = non_finite(run_frame(&mut head, &[3e38, 0.0, 0.0, 0.0], &[&local], 0.5));
+    assert_eq!((n.what, n.count), (FrameValue::Score, 1));
+    let mut big = local.clone();
+    big[0] = -3e38;
+    let n = non_finite(run_frame(&mut head, &[1.0; 4], &[&big], 0.5));
+    assert_eq!(n.what, FrameValue::Map);
+    assert!(n.count >= 1);
+}
+
+/// Regression: a NaN feature was treated like a zero vector and gave probability 0.5 — at the
+/// default threshold, an anomaly.
+#[test]
+fn a_nan_feature_is_not_scored_as_probability_one_half() {
+    let w = [1.0, -1.0, 0.5, 2.0];
+    assert!(image_score(&[f32::NAN, 1.0, 1.0, 1.0], &w).is_nan());
+    let mut out = [0.0f32; 2];
+    patch_probabilities(
+        &[1.0, 1.0, 1.0, 1.0, 1.0, f32::NAN, 1.0, 1.0],
+        4,
+        &w,
+        &mut out,
+    );
+    assert!(out[0].is_finite() && out[1].is_nan(), "{out:?}");
+    // A zero vector still gives 0.5.
+    assert_eq!(image_score(&[0.0; 4], &w), 0.5);
+}
+
+#[test]
+fn render_mask_equals_the_heads_resize_and_quantisation_at_the_mask_size() {
+    let mut head = small_head(4.0);
+    let local: Vec<f32> = (0..16).map(|i| (i as f32 * 0.7).sin()).collect();
+    let f = run_frame(&mut head, &[0.3, -0.2, 0.5, 0.1], &[&local], 0.5).unwrap();
+    let thr = {
+        let mut v = f.map.clone();
+        v.sort_by(f32::total_cmp);
+        v[v.len() / 2]
+    };
+    for m in [8usize, 16, 37, 128] {
+        let at_mask = resize_map(&f.map, 16, 16, m, m);
+        let mut gray = vec![0u8; m * m];
+        quantize_u8(&at_mask, &mut gray);
+        let mut binary = vec![0u8; m * m];
+        binary_mask(&at_mask, thr, &mut binary);
+        let size = m as u32;
+        assert_eq!(
+            render_mask(&f.map, 16, 16, size, MaskKind::GrayMap, thr),
+            gray,
+            "gray {m}"
+        );
+        assert_eq!(
+            render_mask(&f.map, 16, 16, size, MaskKind::Binary, thr),
+            binary,
+            "binary {m}"
+        );
+        // At the head's own size the mask is the head's map, quantised.
+        if m == 16 {
+            let mut q = vec![0u8; 256];
+            quantize_u8(&f.map, &mut q);
+            assert_eq!(gray, q);
+        }
+    }
 }
 
 #[test]

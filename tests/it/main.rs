@@ -20,6 +20,7 @@ mod eval_dataset;
 mod eval_metrics;
 mod golden;
 mod head;
+mod head_non_finite;
 mod image_io;
 mod queue;
 mod mqtt;
