@@ -188,7 +188,10 @@ impl Case {
         self.max_lines = Some(n);
         self
     }
-    fn check(mut self, f: impl Fn(&Ctx, &Outcome) -> Result<(), String> + Send + Sync + 'static) -> Self {
+    fn check(
+        mut self,
+        f: impl Fn(&Ctx, &Outcome) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
         self.check = Some(Box::new(f));
         self
     }
@@ -533,7 +536,11 @@ fn hostile_inputs_never_panic_hang_or_leak_and_get_the_right_exit_and_message() 
         t0.elapsed().as_secs_f64(),
         fam.join("; ")
     );
-    assert_eq!(totals[3], 0, "{} hostile case(s) failed (see above)", totals[3]);
+    assert_eq!(
+        totals[3], 0,
+        "{} hostile case(s) failed (see above)",
+        totals[3]
+    );
 }
 
 fn run_case(
@@ -546,7 +553,10 @@ fn run_case(
 ) -> (Verdict, String) {
     let id = c.id();
     if c.needs_ort && ort.is_none() {
-        return (Verdict::Skipped, format!("SKIPPED {id}: needs ONNX Runtime"));
+        return (
+            Verdict::Skipped,
+            format!("SKIPPED {id}: needs ONNX Runtime"),
+        );
     }
     if c.needs_broker && port == 0 {
         return (Verdict::Skipped, format!("SKIPPED {id}: needs the broker"));
@@ -675,7 +685,9 @@ fn replace_with_hash(p: &Path, file: &str, bytes: &[u8]) {
 
 /// A small valid image to score.
 fn good_png(path: &Path) {
-    let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([(x * 6) as u8, (y * 8) as u8, 99]));
+    let img = image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 99])
+    });
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p).expect("mkdir");
     }
@@ -684,30 +696,36 @@ fn good_png(path: &Path) {
 }
 
 fn png_bytes(w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 7]));
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x % 251) as u8, (y % 241) as u8, 7])
+    });
     let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Png).expect("png");
+    img.write_to(&mut buf, image::ImageFormat::Png)
+        .expect("png");
     buf.into_inner()
 }
 
 fn jpeg_bytes(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, 50]));
     let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Jpeg).expect("jpeg");
+    img.write_to(&mut buf, image::ImageFormat::Jpeg)
+        .expect("jpeg");
     buf.into_inner()
 }
 
 fn bmp_bytes(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 1]));
     let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Bmp).expect("bmp");
+    img.write_to(&mut buf, image::ImageFormat::Bmp)
+        .expect("bmp");
     buf.into_inner()
 }
 
 fn gray_png(w: u32, h: u32, v: u8) -> Vec<u8> {
     let img = image::GrayImage::from_pixel(w, h, image::Luma([v]));
     let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Png).expect("png");
+    img.write_to(&mut buf, image::ImageFormat::Png)
+        .expect("png");
     buf.into_inner()
 }
 
@@ -726,7 +744,11 @@ fn png_header_only(w: u32, h: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&h.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     chunk(&mut out, b"IHDR", &ihdr);
-    chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
     chunk(&mut out, b"IEND", &[]);
     out
 }
@@ -736,7 +758,11 @@ fn crc32(data: &[u8]) -> u32 {
     for b in data {
         c ^= u32::from(*b);
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -830,7 +856,9 @@ fn config_text(port: u16) -> String {
 }
 
 /// `check-config config.toml` on the base config after `edit` (text → text).
-fn check_cfg(edit: impl Fn(&Ctx, String) -> String + Send + Sync + 'static) -> impl Fn(&Ctx) -> Vec<OsString> + Send + Sync + 'static {
+fn check_cfg(
+    edit: impl Fn(&Ctx, String) -> String + Send + Sync + 'static,
+) -> impl Fn(&Ctx) -> Vec<OsString> + Send + Sync + 'static {
     move |ctx| {
         let text = edit(ctx, config_text(ctx.port));
         write(&ctx.dir.join("config.toml"), text);
@@ -839,7 +867,9 @@ fn check_cfg(edit: impl Fn(&Ctx, String) -> String + Send + Sync + 'static) -> i
 }
 
 /// `run --config config.toml` on the base config after `edit`.
-fn run_cfg(edit: impl Fn(&Ctx, String) -> String + Send + Sync + 'static) -> impl Fn(&Ctx) -> Vec<OsString> + Send + Sync + 'static {
+fn run_cfg(
+    edit: impl Fn(&Ctx, String) -> String + Send + Sync + 'static,
+) -> impl Fn(&Ctx) -> Vec<OsString> + Send + Sync + 'static {
     move |ctx| {
         let text = edit(ctx, config_text(ctx.port));
         write(&ctx.dir.join("config.toml"), text);
@@ -854,7 +884,11 @@ fn replace(text: String, from: &str, to: &str) -> String {
 
 /// The password line replaced by a `password_file` line naming `file` (relative to the case dir).
 fn with_password_file(text: String, file: &str) -> String {
-    replace(text, &format!("password = \"{SECRET}\""), &format!("password_file = \"{file}\""))
+    replace(
+        text,
+        &format!("password = \"{SECRET}\""),
+        &format!("password_file = \"{file}\""),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -874,7 +908,8 @@ const KNOWN_MAP_PNG: &str = "known: --map-png/--overlay/--raw-map write error no
 const KNOWN_META: &str = "known: dataset-meta on an empty tree";
 const NEW_QUADRATIC: &str =
     "new: check-config is quadratic in the number of problems (10000 bad lines: ~20 s debug)";
-const NEW_DUP_KEY: &str = "new: a duplicate key or table is reported as `duplicate key` without its name";
+const NEW_DUP_KEY: &str =
+    "new: a duplicate key or table is reported as `duplicate key` without its name";
 const NEW_VERSION: &str =
     "new: a format_version outside u32 is reported as 4294967295, not as written";
 
@@ -893,8 +928,14 @@ fn cases() -> Vec<Case> {
 /// Config files for `check-config` (and a few for `run`, which must refuse the same).
 fn config_cases(v: &mut Vec<Case>) {
     let f = "config";
-    v.push(case(f, "the base config is valid").setup(check_cfg(|_, t| t)).exit(Exit::Ok).msg(": ok"));
+    v.push(
+        case(f, "the base config is valid")
+            .setup(check_cfg(|_, t| t))
+            .exit(Exit::Ok)
+            .msg(": ok"),
+    );
     // (name, from, to, message fragment, pending)
+    #[rustfmt::skip] // One row per case.
     let edits: &[(&str, &str, &str, &str, Option<&'static str>)] = &[
         ("syntax error: value missing", "node_id = \"hostile\"", "node_id = ", "config.toml:1", None),
         ("syntax error: table header not closed", "[mqtt]", "[mqtt", "config.toml:", None),
@@ -1065,6 +1106,7 @@ fn config_cases(v: &mut Vec<Case>) {
             .msg("state_dir")
             .pending(KNOWN_PARITY),
     );
+    #[rustfmt::skip] // One row per case.
     let pw: &[(&str, Exit, &str, Option<&'static str>)] = &[
         ("password_file missing", Exit::Usage, "password file", None),
         ("password_file a directory", Exit::Usage, "password file", None),
@@ -1089,12 +1131,20 @@ fn config_cases(v: &mut Vec<Case>) {
                     "password_file /dev/zero" => symlink("/dev/zero", &p),
                     "password_file empty" => write(&p, ""),
                     "password_file invalid UTF-8" => write(&p, b"\xff\xfe\x80pw\n"),
-                    "password_file with two lines" => write(&p, format!("{SECRET}\nsecond-line-{SECRET}\n")),
-                    "password_file with the password and a newline" => write(&p, format!("{SECRET}\n")),
+                    "password_file with two lines" => {
+                        write(&p, format!("{SECRET}\nsecond-line-{SECRET}\n"))
+                    }
+                    "password_file with the password and a newline" => {
+                        write(&p, format!("{SECRET}\n"))
+                    }
                     "password_file 10 MB" => write(&p, vec![b'p'; 10 << 20]),
                     _ => {
                         write(&p, SECRET);
-                        return replace(t, "username = \"u\"", "username = \"u\"\npassword_file = \"pw\"");
+                        return replace(
+                            t,
+                            "username = \"u\"",
+                            "username = \"u\"\npassword_file = \"pw\"",
+                        );
                     }
                 }
                 with_password_file(t, "pw")
@@ -1109,6 +1159,7 @@ fn config_cases(v: &mut Vec<Case>) {
         }
         v.push(c);
     }
+    #[rustfmt::skip] // One row per case.
     let tls: &[(&str, &str, Option<&'static str>)] = &[
         ("tls ca_file garbage without PEM markers", "PEM", None),
         ("tls ca_file garbage inside PEM markers", "ca_file", Some(KNOWN_PARITY)),
@@ -1155,6 +1206,7 @@ fn config_cases(v: &mut Vec<Case>) {
         v.push(c);
     }
     // The config file itself.
+    #[rustfmt::skip] // One row per case.
     let file_cases: &[(&str, &str, Option<&'static str>)] = &[
         ("config file missing", "cannot read", None),
         ("config file is a directory", "config", None),
@@ -1180,12 +1232,33 @@ fn config_cases(v: &mut Vec<Case>) {
                     "config file is a FIFO" => mkfifo(&p),
                     "config file is /dev/zero" => return args(&["check-config", "/dev/zero"]),
                     "config file empty" => write(&p, ""),
-                    "config file 10 MB of garbage" => write(&p, vec![b'#'; 10 << 20].iter().enumerate().map(|(i, b)| if i % 100 == 99 { b'\n' } else if i % 100 == 0 { b'x' } else { *b }).collect::<Vec<u8>>()),
+                    "config file 10 MB of garbage" => write(
+                        &p,
+                        vec![b'#'; 10 << 20]
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| {
+                                if i % 100 == 99 {
+                                    b'\n'
+                                } else if i % 100 == 0 {
+                                    b'x'
+                                } else {
+                                    *b
+                                }
+                            })
+                            .collect::<Vec<u8>>(),
+                    ),
                     "config file invalid UTF-8" => write(&p, b"node_id = \"\xff\xfe\"\n"),
                     "config file with NUL bytes" => write(&p, b"node_id = \"a\0b\"\n\0\0\0"),
-                    "config file 1 MB of garbage lines" => write(&p, format!("x{}\n", "#".repeat(98)).repeat(10_000)),
-                    "config file nested arrays 100000 deep" => write(&p, format!("x = {}", "[".repeat(100_000))),
-                    "config file nested inline tables 100000 deep" => write(&p, format!("x = {}", "{a = ".repeat(100_000))),
+                    "config file 1 MB of garbage lines" => {
+                        write(&p, format!("x{}\n", "#".repeat(98)).repeat(10_000))
+                    }
+                    "config file nested arrays 100000 deep" => {
+                        write(&p, format!("x = {}", "[".repeat(100_000)))
+                    }
+                    "config file nested inline tables 100000 deep" => {
+                        write(&p, format!("x = {}", "{a = ".repeat(100_000)))
+                    }
                     _ => symlink("/nonexistent/config.toml", &p),
                 }
                 args(&["check-config", "config.toml"])
@@ -1204,7 +1277,10 @@ fn config_cases(v: &mut Vec<Case>) {
     v.push(
         case(f, "config file with a UTF-8 BOM")
             .setup(|ctx| {
-                write(&ctx.dir.join("config.toml"), format!("\u{feff}{}", config_text(ctx.port)));
+                write(
+                    &ctx.dir.join("config.toml"),
+                    format!("\u{feff}{}", config_text(ctx.port)),
+                );
                 args(&["check-config", "config.toml"])
             })
             .exit(Exit::Clean),
@@ -1223,6 +1299,7 @@ fn config_cases(v: &mut Vec<Case>) {
             .exit(Exit::Clean),
     );
     // `run` must refuse what `check-config` refuses, with the same message, and exit 2 at once.
+    #[rustfmt::skip] // One row per case.
     let run_edits: &[(&str, &str, &str, &str, Option<&'static str>)] = &[
         ("run: threshold nan", "threshold = 0.5", "threshold = nan", "threshold", None),
         ("run: unknown key", "keep_alive_s = 5", "keepalive_s = 5", "keepalive_s", None),
@@ -1287,6 +1364,7 @@ fn config_cases(v: &mut Vec<Case>) {
 fn package_cases(v: &mut Vec<Case>) {
     let f = "package";
     type Damage = fn(&Ctx, &Path);
+    #[rustfmt::skip] // One row per case.
     let table: &[(&str, Damage, Exit, &str, Option<&'static str>)] = &[
         ("intact copy scores (sanity)", |_, _| {}, Exit::Ok, "\"score\"", None),
         ("directory missing", |_, p| std::fs::remove_dir_all(p).expect("rm"), Exit::Usage, "no such directory", None),
@@ -1505,6 +1583,7 @@ fn package_cases(v: &mut Vec<Case>) {
 fn image_cases(v: &mut Vec<Case>) {
     let f = "image";
     type Make = fn(&Path);
+    #[rustfmt::skip] // One row per case.
     let table: &[(&str, &str, Make, Exit, &str, Option<&'static str>)] = &[
         ("empty file", "e.png", |p| write(p, b""), Exit::Items, "empty file", None),
         ("PNG signature only", "s.png", |p| write(p, b"\x89PNG\r\n\x1a\n"), Exit::Items, "corrupt or truncated", None),
@@ -1629,7 +1708,11 @@ fn image_cases(v: &mut Vec<Case>) {
             .setup(|ctx| {
                 good_png(&ctx.dir.join("good.png"));
                 write(&ctx.dir.join("bad.png"), b"nope");
-                score_args(&tiny(), &[&ctx.dir.join("bad.png"), &ctx.dir.join("good.png")], &[])
+                score_args(
+                    &tiny(),
+                    &[&ctx.dir.join("bad.png"), &ctx.dir.join("good.png")],
+                    &[],
+                )
             })
             .exit(Exit::Items)
             .ort()
@@ -1639,22 +1722,29 @@ fn image_cases(v: &mut Vec<Case>) {
         case(f, "the same image twice gives two lines")
             .setup(|ctx| {
                 good_png(&ctx.dir.join("a.png"));
-                score_args(&tiny(), &[&ctx.dir.join("a.png"), &ctx.dir.join("a.png")], &[])
+                score_args(
+                    &tiny(),
+                    &[&ctx.dir.join("a.png"), &ctx.dir.join("a.png")],
+                    &[],
+                )
             })
             .exit(Exit::Ok)
             .ort()
             .check(lines_check(2, 2)),
     );
     v.push(
-        case(f, "file name with a newline and a quote: still one JSON line")
-            .setup(|ctx| {
-                let name = "new\nline\".png";
-                good_png(&ctx.dir.join(name));
-                score_image(ctx, name)
-            })
-            .exit(Exit::Ok)
-            .ort()
-            .check(lines_check(1, 1)),
+        case(
+            f,
+            "file name with a newline and a quote: still one JSON line",
+        )
+        .setup(|ctx| {
+            let name = "new\nline\".png";
+            good_png(&ctx.dir.join(name));
+            score_image(ctx, name)
+        })
+        .exit(Exit::Ok)
+        .ort()
+        .check(lines_check(1, 1)),
     );
     v.push(
         case(f, "file name that is not UTF-8")
@@ -1668,33 +1758,53 @@ fn image_cases(v: &mut Vec<Case>) {
             .check(lines_check(1, 1)),
     );
     v.push(
-        case(f, "same stem in two folders with --map-png: two maps, none overwritten")
-            .setup(|ctx| {
-                good_png(&ctx.dir.join("a/x.png"));
-                good_png(&ctx.dir.join("b/x.png"));
-                score_args(&tiny(), &[&ctx.dir.join("a/x.png"), &ctx.dir.join("b/x.png")], &["--map-png", "maps"])
-            })
-            .exit(Exit::Ok)
-            .ort()
-            .check(|ctx, _| {
-                let n = std::fs::read_dir(ctx.dir.join("maps")).map(|d| d.count()).unwrap_or(0);
-                if n == 2 { Ok(()) } else { Err(format!("{n} map file(s), expected 2")) }
-            }),
+        case(
+            f,
+            "same stem in two folders with --map-png: two maps, none overwritten",
+        )
+        .setup(|ctx| {
+            good_png(&ctx.dir.join("a/x.png"));
+            good_png(&ctx.dir.join("b/x.png"));
+            score_args(
+                &tiny(),
+                &[&ctx.dir.join("a/x.png"), &ctx.dir.join("b/x.png")],
+                &["--map-png", "maps"],
+            )
+        })
+        .exit(Exit::Ok)
+        .ort()
+        .check(|ctx, _| {
+            let n = std::fs::read_dir(ctx.dir.join("maps"))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            if n == 2 {
+                Ok(())
+            } else {
+                Err(format!("{n} map file(s), expected 2"))
+            }
+        }),
     );
-    for (opt, out) in [("--map-png", "img.png"), ("--overlay", "img.png"), ("--raw-map", "img.map.f32")] {
+    for (opt, out) in [
+        ("--map-png", "img.png"),
+        ("--overlay", "img.png"),
+        ("--raw-map", "img.map.f32"),
+    ] {
         v.push(
-            case(f, format!("{opt} write fails: the image's JSON line has the error"))
-                .setup(move |ctx| {
-                    good_png(&ctx.dir.join("img.png"));
-                    // A directory where the output file goes makes the write fail.
-                    std::fs::create_dir_all(ctx.dir.join("out").join(out)).expect("mkdir");
-                    score_args(&tiny(), &[&ctx.dir.join("img.png")], &[opt, "out"])
-                })
-                .exit(Exit::Items)
-                .msg("img")
-                .ort()
-                .check(lines_check(1, 0))
-                .pending(KNOWN_MAP_PNG),
+            case(
+                f,
+                format!("{opt} write fails: the image's JSON line has the error"),
+            )
+            .setup(move |ctx| {
+                good_png(&ctx.dir.join("img.png"));
+                // A directory where the output file goes makes the write fail.
+                std::fs::create_dir_all(ctx.dir.join("out").join(out)).expect("mkdir");
+                score_args(&tiny(), &[&ctx.dir.join("img.png")], &[opt, "out"])
+            })
+            .exit(Exit::Items)
+            .msg("img")
+            .ort()
+            .check(lines_check(1, 0))
+            .pending(KNOWN_MAP_PNG),
         );
         v.push(
             case(f, format!("{opt} into a path that is a file"))
@@ -1802,10 +1912,15 @@ fn dataset_cases(v: &mut Vec<Case>) {
             })
             .exit(Exit::Ok)
             .check(|ctx, _| {
-                let text = std::fs::read_to_string(ctx.dir.join("data/meta.json")).map_err(|e| e.to_string())?;
+                let text = std::fs::read_to_string(ctx.dir.join("data/meta.json"))
+                    .map_err(|e| e.to_string())?;
                 let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
                 let n = v["test"]["widget"].as_array().map_or(0, Vec::len);
-                if n == 4 { Ok(()) } else { Err(format!("{n} items in meta.json, expected 4")) }
+                if n == 4 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} items in meta.json, expected 4"))
+                }
             }),
     );
     v.push(
@@ -1818,7 +1933,9 @@ fn dataset_cases(v: &mut Vec<Case>) {
             .exit(Exit::Usage)
             .msg("--force")
             .check(|ctx, _| {
-                if std::fs::read_to_string(ctx.dir.join("data/meta.json")).unwrap_or_default() == "precious" {
+                if std::fs::read_to_string(ctx.dir.join("data/meta.json")).unwrap_or_default()
+                    == "precious"
+                {
                     Ok(())
                 } else {
                     Err("meta.json was overwritten".into())
@@ -1835,15 +1952,18 @@ fn dataset_cases(v: &mut Vec<Case>) {
             .msg("meta.json"),
     );
     v.push(
-        case(f, "dataset-meta with a FIFO and a directory named like images")
-            .setup(|ctx| {
-                mvtec(&ctx.dir.join("data"), true);
-                mkfifo(&ctx.dir.join("data/widget/test/good/fifo.png"));
-                std::fs::create_dir_all(ctx.dir.join("data/widget/test/good/dir.png")).expect("mkdir");
-                args(&["dataset-meta", "data"])
-            })
-            .exit(Exit::Clean)
-            .timeout(10),
+        case(
+            f,
+            "dataset-meta with a FIFO and a directory named like images",
+        )
+        .setup(|ctx| {
+            mvtec(&ctx.dir.join("data"), true);
+            mkfifo(&ctx.dir.join("data/widget/test/good/fifo.png"));
+            std::fs::create_dir_all(ctx.dir.join("data/widget/test/good/dir.png")).expect("mkdir");
+            args(&["dataset-meta", "data"])
+        })
+        .exit(Exit::Clean)
+        .timeout(10),
     );
     v.push(
         case(f, "dataset-meta --layout bogus")
@@ -1856,6 +1976,7 @@ fn dataset_cases(v: &mut Vec<Case>) {
     );
     // eval
     type Make = fn(&Ctx);
+    #[rustfmt::skip] // One row per case.
     let table: &[(&str, Make, &[&str], Exit, &str, Option<&'static str>)] = &[
         ("good tree evaluates (sanity)", |ctx| mvtec(&ctx.dir.join("data"), true), &[], Exit::Ok, "widget", None),
         ("empty root", |ctx| std::fs::create_dir_all(ctx.dir.join("data")).expect("mkdir"), &[], Exit::Usage, "data", None),
@@ -2017,7 +2138,8 @@ fn dataset_cases(v: &mut Vec<Case>) {
             .ort()
             .timeout(40)
             .check(|ctx, _| {
-                let t = std::fs::read_to_string(ctx.dir.join("out/eval-report.json")).map_err(|e| format!("eval-report.json: {e}"))?;
+                let t = std::fs::read_to_string(ctx.dir.join("out/eval-report.json"))
+                    .map_err(|e| format!("eval-report.json: {e}"))?;
                 if t.contains("NaN") || t.contains("Infinity") {
                     return Err("eval-report.json has NaN/Infinity".into());
                 }
@@ -2038,6 +2160,7 @@ fn state_cases(v: &mut Vec<Case>) {
     let a1 = alarm(1, true);
     let a2 = alarm(2, false);
     type Make = Box<dyn Fn(&Path) + Send + Sync>;
+    #[rustfmt::skip] // One row per case.
     let table: Vec<(&str, Make, Exit, &str, Option<&'static str>)> = vec![
         ("clean start (sanity)", Box::new(|_: &Path| {}), Exit::Ok, "", None),
         ("queue file garbage", Box::new(|s: &Path| write(&s.join("alarm-queue.v1.jsonl"), "garbage\nmore garbage\n")), Exit::Ok, "alarm queue", None),
@@ -2062,7 +2185,18 @@ fn state_cases(v: &mut Vec<Case>) {
                 let s = ctx.dir.join("state");
                 std::fs::create_dir_all(&s).expect("mkdir state");
                 make(&s);
-                replace(t, &format!("port = {}", ctx.port), &format!("port = {}\nclient_id = \"hostile-{}\"", ctx.port, ctx.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()))
+                replace(
+                    t,
+                    &format!("port = {}", ctx.port),
+                    &format!(
+                        "port = {}\nclient_id = \"hostile-{}\"",
+                        ctx.port,
+                        ctx.dir
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default()
+                    ),
+                )
             }))
             .exit(exit)
             .broker()
@@ -2076,37 +2210,49 @@ fn state_cases(v: &mut Vec<Case>) {
         v.push(c);
     }
     v.push(
-        case(f, "run: symlinks planted at the state files' temporary names are not followed")
-            .setup(run_cfg(|ctx, t| {
-                let s = ctx.dir.join("state");
-                std::fs::create_dir_all(&s).expect("mkdir state");
-                for tmp in ["alarm-queue.v1.jsonl.tmp", "alarm-state.v1.json.tmp", "alarm-queue.v2.tmp", "alarm-state.v2.json.tmp"] {
-                    let target = ctx.dir.join(format!("precious-{tmp}"));
-                    write(&target, "precious");
-                    symlink(&target, &s.join(tmp));
+        case(
+            f,
+            "run: symlinks planted at the state files' temporary names are not followed",
+        )
+        .setup(run_cfg(|ctx, t| {
+            let s = ctx.dir.join("state");
+            std::fs::create_dir_all(&s).expect("mkdir state");
+            for tmp in [
+                "alarm-queue.v1.jsonl.tmp",
+                "alarm-state.v1.json.tmp",
+                "alarm-queue.v2.tmp",
+                "alarm-state.v2.json.tmp",
+            ] {
+                let target = ctx.dir.join(format!("precious-{tmp}"));
+                write(&target, "precious");
+                symlink(&target, &s.join(tmp));
+            }
+            // Threshold 0: every frame is anomalous, so the alarm is raised and saved.
+            replace(
+                replace(t, "threshold = 0.5", "threshold = 0.0"),
+                &format!("port = {}", ctx.port),
+                &format!("port = {}\nclient_id = \"hostile-symlink\"", ctx.port),
+            )
+        }))
+        .exit(Exit::Ok)
+        .broker()
+        .signal(5000, libc::SIGTERM)
+        .check(|ctx, _| {
+            for e in std::fs::read_dir(&ctx.dir).map_err(|e| e.to_string())? {
+                let p = e.map_err(|e| e.to_string())?.path();
+                if p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("precious-"))
+                    && std::fs::read_to_string(&p).unwrap_or_default() != "precious"
+                {
+                    return Err(format!(
+                        "{} outside the state directory was overwritten",
+                        p.display()
+                    ));
                 }
-                // Threshold 0: every frame is anomalous, so the alarm is raised and saved.
-                replace(
-                    replace(t, "threshold = 0.5", "threshold = 0.0"),
-                    &format!("port = {}", ctx.port),
-                    &format!("port = {}\nclient_id = \"hostile-symlink\"", ctx.port),
-                )
-            }))
-            .exit(Exit::Ok)
-            .broker()
-            .signal(5000, libc::SIGTERM)
-            .check(|ctx, _| {
-                for e in std::fs::read_dir(&ctx.dir).map_err(|e| e.to_string())? {
-                    let p = e.map_err(|e| e.to_string())?.path();
-                    if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("precious-"))
-                        && std::fs::read_to_string(&p).unwrap_or_default() != "precious"
-                    {
-                        return Err(format!("{} outside the state directory was overwritten", p.display()));
-                    }
-                }
-                Ok(())
-            })
-            .pending(KNOWN_QUEUE),
+            }
+            Ok(())
+        })
+        .pending(KNOWN_QUEUE),
     );
 }
 
@@ -2119,6 +2265,7 @@ fn cli_cases(v: &mut Vec<Case>) {
         ctx.dir.join("img.png")
     };
     let _ = img;
+    #[rustfmt::skip] // One row per case.
     let table: &[(&str, Make, Exit, &str, bool, Option<&'static str>)] = &[
         ("score --threads 0 (all cores)", |ctx| { good_png(&ctx.dir.join("i.png")); let mut a = score_image(ctx, "i.png"); a.splice(3..5, [os("--threads"), os("0")]); a }, Exit::Ok, "\"score\"", true, None),
         ("score --threads 100000", |ctx| { good_png(&ctx.dir.join("i.png")); let mut a = score_image(ctx, "i.png"); a.splice(3..5, [os("--threads"), os("100000")]); a }, Exit::Usage, "threads", true, Some(KNOWN_THREADS)),
@@ -2255,7 +2402,11 @@ fn signal_cases(v: &mut Vec<Case>) {
         case(f, "SIGTERM with the broker unreachable exits cleanly")
             .setup(run_cfg(|ctx, t| {
                 let dead = common::broker::free_port();
-                replace(t, &format!("port = {}", ctx.port), &format!("port = {dead}"))
+                replace(
+                    t,
+                    &format!("port = {}", ctx.port),
+                    &format!("port = {dead}"),
+                )
             }))
             .broker()
             .signal(3000, libc::SIGTERM)

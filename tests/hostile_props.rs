@@ -58,7 +58,11 @@ fn toml_float(f: f64) -> String {
         if f > 0.0 { "inf".into() } else { "-inf".into() }
     } else {
         let s = format!("{f:?}");
-        if s.contains(['.', 'e', 'E']) { s } else { format!("{s}.0") }
+        if s.contains(['.', 'e', 'E']) {
+            s
+        } else {
+            format!("{s}.0")
+        }
     }
 }
 
@@ -94,7 +98,10 @@ fn problems_are_lines(problems: &[String]) -> Result<(), TestCaseError> {
     prop_assert!(!problems.is_empty(), "an error without problems");
     for p in problems {
         prop_assert!(!p.contains('\n'), "a problem spans lines: {p:?}");
-        prop_assert!(p.starts_with("props.toml"), "a problem without the file: {p:?}");
+        prop_assert!(
+            p.starts_with("props.toml"),
+            "a problem without the file: {p:?}"
+        );
         prop_assert!(p.len() > "props.toml: ".len(), "an empty problem: {p:?}");
     }
     Ok(())
@@ -296,8 +303,16 @@ fn check_loaded(p: &ModelPackage) -> Result<(), TestCaseError> {
     prop_assert!(size > 0 && grid > 0 && dim > 0);
     prop_assert_eq!(grid.checked_mul(m.model.patch), Some(size));
     prop_assert!(m.model.tau.is_finite() && m.model.tau > 0.0);
-    prop_assert!(m.input.mean.iter().all(|v| v.is_finite()), "mean {:?}", m.input.mean);
-    prop_assert!(m.input.std.iter().all(|v| v.is_normal() && *v > 0.0), "std {:?}", m.input.std);
+    prop_assert!(
+        m.input.mean.iter().all(|v| v.is_finite()),
+        "mean {:?}",
+        m.input.mean
+    );
+    prop_assert!(
+        m.input.std.iter().all(|v| v.is_normal() && *v > 0.0),
+        "std {:?}",
+        m.input.std
+    );
     prop_assert!(m.model.tau.is_normal(), "tau {}", m.model.tau);
     prop_assert_eq!(p.text.len(), 2 * dim);
     prop_assert!(p.text.iter().all(|v| v.is_finite()));
@@ -444,13 +459,24 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     .collect()
 }
 
-fn check_decoded(name: &str, r: Result<anomalyclip_edge::image_io::DecodedImage, ImageError>) -> Result<(), TestCaseError> {
+fn check_decoded(
+    name: &str,
+    r: Result<anomalyclip_edge::image_io::DecodedImage, ImageError>,
+) -> Result<(), TestCaseError> {
     match r {
         Ok(img) => {
             let (w, h) = (img.width(), img.height());
             prop_assert!(w >= 1 && h >= 1, "{name}: {w}x{h} accepted");
-            prop_assert!((w as u64) * (h as u64) <= MAX_PIXELS, "{name}: {w}x{h} over the limit");
-            prop_assert_eq!(img.data().len(), w * h * img.mode().bytes_per_pixel(), "{}: buffer size", name);
+            prop_assert!(
+                (w as u64) * (h as u64) <= MAX_PIXELS,
+                "{name}: {w}x{h} over the limit"
+            );
+            prop_assert_eq!(
+                img.data().len(),
+                w * h * img.mode().bytes_per_pixel(),
+                "{}: buffer size",
+                name
+            );
         }
         Err(e) => {
             let msg = e.to_string();
@@ -471,7 +497,11 @@ fn png_with_ihdr(w: u32, h: u32, depth: u8, colour: u8) -> Vec<u8> {
         for b in &c {
             crc ^= u32::from(*b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { 0xedb8_8320 ^ (crc >> 1) } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    0xedb8_8320 ^ (crc >> 1)
+                } else {
+                    crc >> 1
+                };
             }
         }
         out.extend_from_slice(&(!crc).to_be_bytes());
@@ -481,13 +511,23 @@ fn png_with_ihdr(w: u32, h: u32, depth: u8, colour: u8) -> Vec<u8> {
     ihdr.extend_from_slice(&h.to_be_bytes());
     ihdr.extend_from_slice(&[depth, colour, 0, 0, 0]);
     chunk(&mut out, b"IHDR", &ihdr);
-    chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
     chunk(&mut out, b"IEND", &[]);
     out
 }
 
 fn dim() -> impl Strategy<Value = u32> {
-    prop_oneof![0u32..70, Just(u32::MAX), Just(1 << 31), 13_000u32..14_000, any::<u32>()]
+    prop_oneof![
+        0u32..70,
+        Just(u32::MAX),
+        Just(1 << 31),
+        13_000u32..14_000,
+        any::<u32>()
+    ]
 }
 
 /// Patches the first SOF0/SOF2 frame header of a JPEG with `w`×`h`.
