@@ -211,6 +211,12 @@ struct Outcome {
     elapsed: Duration,
 }
 
+/// A case's result: its index, family, id, verdict and the text to print.
+type Report = (usize, &'static str, String, Verdict, String);
+
+/// A table row's `pending` flag.
+type Pending = Option<&'static str>;
+
 #[derive(Clone, Copy, PartialEq)]
 enum Verdict {
     Pass,
@@ -459,8 +465,7 @@ fn hostile_inputs_never_panic_hang_or_leak_and_get_the_right_exit_and_message() 
     let base = tempfile::tempdir().expect("tempdir");
     let queue: Arc<Mutex<VecDeque<(usize, Case)>>> =
         Arc::new(Mutex::new(selected.into_iter().enumerate().collect()));
-    let results: Arc<Mutex<Vec<(usize, &'static str, String, Verdict, String)>>> =
-        Arc::new(Mutex::new(Vec::new()));
+    let results: Arc<Mutex<Vec<Report>>> = Arc::new(Mutex::new(Vec::new()));
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..jobs {
@@ -936,7 +941,7 @@ fn config_cases(v: &mut Vec<Case>) {
     );
     // (name, from, to, message fragment, pending)
     #[rustfmt::skip] // One row per case.
-    let edits: &[(&str, &str, &str, &str, Option<&'static str>)] = &[
+    let edits: &[(&str, &str, &str, &str, Pending)] = &[
         ("syntax error: value missing", "node_id = \"hostile\"", "node_id = ", "config.toml:1", None),
         ("syntax error: table header not closed", "[mqtt]", "[mqtt", "config.toml:", None),
         ("syntax error: string not closed", "node_id = \"hostile\"", "node_id = \"hostile", "config.toml:1", None),
@@ -1107,7 +1112,7 @@ fn config_cases(v: &mut Vec<Case>) {
             .pending(KNOWN_PARITY),
     );
     #[rustfmt::skip] // One row per case.
-    let pw: &[(&str, Exit, &str, Option<&'static str>)] = &[
+    let pw: &[(&str, Exit, &str, Pending)] = &[
         ("password_file missing", Exit::Usage, "password file", None),
         ("password_file a directory", Exit::Usage, "password file", None),
         ("password_file a FIFO", Exit::Usage, "password", Some(KNOWN_FILES)),
@@ -1160,7 +1165,7 @@ fn config_cases(v: &mut Vec<Case>) {
         v.push(c);
     }
     #[rustfmt::skip] // One row per case.
-    let tls: &[(&str, &str, Option<&'static str>)] = &[
+    let tls: &[(&str, &str, Pending)] = &[
         ("tls ca_file garbage without PEM markers", "PEM", None),
         ("tls ca_file garbage inside PEM markers", "ca_file", Some(KNOWN_PARITY)),
         ("tls ca_file a FIFO", "ca_file", Some(KNOWN_FILES)),
@@ -1207,7 +1212,7 @@ fn config_cases(v: &mut Vec<Case>) {
     }
     // The config file itself.
     #[rustfmt::skip] // One row per case.
-    let file_cases: &[(&str, &str, Option<&'static str>)] = &[
+    let file_cases: &[(&str, &str, Pending)] = &[
         ("config file missing", "cannot read", None),
         ("config file is a directory", "config", None),
         ("config file is a FIFO", "config", Some(KNOWN_FILES)),
@@ -1300,7 +1305,7 @@ fn config_cases(v: &mut Vec<Case>) {
     );
     // `run` must refuse what `check-config` refuses, with the same message, and exit 2 at once.
     #[rustfmt::skip] // One row per case.
-    let run_edits: &[(&str, &str, &str, &str, Option<&'static str>)] = &[
+    let run_edits: &[(&str, &str, &str, &str, Pending)] = &[
         ("run: threshold nan", "threshold = 0.5", "threshold = nan", "threshold", None),
         ("run: unknown key", "keep_alive_s = 5", "keepalive_s = 5", "keepalive_s", None),
         ("run: duplicate cameras", "[camera.alarm]", "[[camera]]\nname = \"cam\"\npipeline = \"videotestsrc ! appsink name=sink\"\n[camera.alarm]", "duplicate camera name", None),
@@ -1365,7 +1370,7 @@ fn package_cases(v: &mut Vec<Case>) {
     let f = "package";
     type Damage = fn(&Ctx, &Path);
     #[rustfmt::skip] // One row per case.
-    let table: &[(&str, Damage, Exit, &str, Option<&'static str>)] = &[
+    let table: &[(&str, Damage, Exit, &str, Pending)] = &[
         ("intact copy scores (sanity)", |_, _| {}, Exit::Ok, "\"score\"", None),
         ("directory missing", |_, p| std::fs::remove_dir_all(p).expect("rm"), Exit::Usage, "no such directory", None),
         ("model path is a file", |_, p| {
@@ -1584,7 +1589,7 @@ fn image_cases(v: &mut Vec<Case>) {
     let f = "image";
     type Make = fn(&Path);
     #[rustfmt::skip] // One row per case.
-    let table: &[(&str, &str, Make, Exit, &str, Option<&'static str>)] = &[
+    let table: &[(&str, &str, Make, Exit, &str, Pending)] = &[
         ("empty file", "e.png", |p| write(p, b""), Exit::Items, "empty file", None),
         ("PNG signature only", "s.png", |p| write(p, b"\x89PNG\r\n\x1a\n"), Exit::Items, "corrupt or truncated", None),
         ("truncated PNG", "t.png", |p| {
@@ -1976,8 +1981,17 @@ fn dataset_cases(v: &mut Vec<Case>) {
     );
     // eval
     type Make = fn(&Ctx);
+    /// (name, make the tree, extra `eval` options, exit, message fragment, pending).
+    type Row = (
+        &'static str,
+        Make,
+        &'static [&'static str],
+        Exit,
+        &'static str,
+        Pending,
+    );
     #[rustfmt::skip] // One row per case.
-    let table: &[(&str, Make, &[&str], Exit, &str, Option<&'static str>)] = &[
+    let table: &[Row] = &[
         ("good tree evaluates (sanity)", |ctx| mvtec(&ctx.dir.join("data"), true), &[], Exit::Ok, "widget", None),
         ("empty root", |ctx| std::fs::create_dir_all(ctx.dir.join("data")).expect("mkdir"), &[], Exit::Usage, "data", None),
         ("root missing", |_| {}, &[], Exit::Usage, "data", None),
@@ -2161,7 +2175,7 @@ fn state_cases(v: &mut Vec<Case>) {
     let a2 = alarm(2, false);
     type Make = Box<dyn Fn(&Path) + Send + Sync>;
     #[rustfmt::skip] // One row per case.
-    let table: Vec<(&str, Make, Exit, &str, Option<&'static str>)> = vec![
+    let table: Vec<(&str, Make, Exit, &str, Pending)> = vec![
         ("clean start (sanity)", Box::new(|_: &Path| {}), Exit::Ok, "", None),
         ("queue file garbage", Box::new(|s: &Path| write(&s.join("alarm-queue.v1.jsonl"), "garbage\nmore garbage\n")), Exit::Ok, "alarm queue", None),
         ("queue file torn last record", { let a1 = a1.clone(); Box::new(move |s: &Path| write(&s.join("alarm-queue.v1.jsonl"), format!("{a1}{{\"op\":\"add\",\"id\":2,\"al"))) }, Exit::Ok, "torn", None),
@@ -2260,13 +2274,8 @@ fn state_cases(v: &mut Vec<Case>) {
 fn cli_cases(v: &mut Vec<Case>) {
     let f = "cli";
     type Make = fn(&Ctx) -> Vec<OsString>;
-    let img = |ctx: &Ctx| {
-        good_png(&ctx.dir.join("img.png"));
-        ctx.dir.join("img.png")
-    };
-    let _ = img;
     #[rustfmt::skip] // One row per case.
-    let table: &[(&str, Make, Exit, &str, bool, Option<&'static str>)] = &[
+    let table: &[(&str, Make, Exit, &str, bool, Pending)] = &[
         ("score --threads 0 (all cores)", |ctx| { good_png(&ctx.dir.join("i.png")); let mut a = score_image(ctx, "i.png"); a.splice(3..5, [os("--threads"), os("0")]); a }, Exit::Ok, "\"score\"", true, None),
         ("score --threads 100000", |ctx| { good_png(&ctx.dir.join("i.png")); let mut a = score_image(ctx, "i.png"); a.splice(3..5, [os("--threads"), os("100000")]); a }, Exit::Usage, "threads", true, Some(KNOWN_THREADS)),
         ("score --threads -1", |ctx| { good_png(&ctx.dir.join("i.png")); let mut a = score_image(ctx, "i.png"); a.splice(3..5, [os("--threads"), os("-1")]); a }, Exit::Usage, "-1", false, None),

@@ -535,7 +535,7 @@ fn jpeg_with_size(src: &[u8], w: u16, h: u16) -> Vec<u8> {
     let mut b = src.to_vec();
     let mut i = 2;
     while i + 9 < b.len() {
-        if b[i] == 0xff && matches!(b[i + 1], 0xc0 | 0xc1 | 0xc2) {
+        if b[i] == 0xff && matches!(b[i + 1], 0xc0..=0xc2) {
             b[i + 5..i + 7].copy_from_slice(&h.to_be_bytes());
             b[i + 7..i + 9].copy_from_slice(&w.to_be_bytes());
             return b;
