@@ -144,19 +144,21 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     for path in &args.images {
         let t0 = Instant::now();
         let display = path.display().to_string();
+        // The scorer fails a frame whose features, score or map are not finite (its error
+        // names which); the check here is the last guard that no NaN reaches a line.
         let result = scorer.score_file(path).map_err(|e| e.to_string()).and_then(|ok| {
-            let stats = head::map_stats(&ok.1.map, args.pixel_threshold);
-            if ok.1.score.is_finite() && stats.max.is_finite() && stats.area.is_finite() {
-                Ok((ok, stats))
+            let s = &ok.1;
+            if s.score.is_finite() && s.map_max.is_finite() && s.area.is_finite() {
+                Ok(ok)
             } else {
                 Err(format!(
                     "{display}: the model produced a non-finite result (score {}, map max {}): broken model package or engine",
-                    ok.1.score, stats.max
+                    s.score, s.map_max
                 ))
             }
         });
         let line = match result {
-            Ok(((img, scored), stats)) => {
+            Ok((img, scored)) => {
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
                 let stem = unique_stem(path, &mut stems);
                 // The image was scored, but the run failed for it: the line says so too.

@@ -683,8 +683,14 @@ fn worker_loop(
                 let r = match r {
                     Ok(r) => r,
                     Err(e) => {
-                        // E.g. NaN in the model's output for this frame: nothing is published.
-                        shared.inference_errors.fetch_add(1, Ordering::Relaxed);
+                        // E.g. NaN in the model's output for this frame: nothing is published,
+                        // the camera's inference_errors counts it.
+                        if let Some(h) = handles.iter().find(|h| h.index == f.camera) {
+                            let mut st = lock(&h.state);
+                            if st.index == f.camera {
+                                st.inference_errors += 1;
+                            }
+                        }
                         if err_logged_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                             error!(error = %e, "inference failed; this frame is not scored");
                             err_logged_at = Some(Instant::now());
@@ -729,7 +735,7 @@ fn worker_loop(
                 }
                 let mask = st.mask;
                 if mask.enabled && st.gate.admit(anomaly, Instant::now()) {
-                    let px = payload::render_mask(
+                    let px = crate::head::render_mask(
                         &r.map,
                         r.size,
                         r.size,

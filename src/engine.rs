@@ -18,9 +18,7 @@ use crate::package::ModelPackage;
 
 pub mod config;
 
-pub use config::{
-    Backend, HeadChoice, MAX_THREADS, THREADS_PER_CPU, check_threads, max_threads,
-};
+pub use config::{Backend, HeadChoice, MAX_THREADS, THREADS_PER_CPU, check_threads, max_threads};
 
 /// Options for building an engine.
 #[derive(Debug, Clone)]

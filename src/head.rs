@@ -33,6 +33,8 @@
 
 use thiserror::Error;
 
+use crate::payload::MaskKind;
+
 /// Why the head could not be built or run.
 #[derive(Debug, Error)]
 pub enum HeadError {
@@ -776,5 +778,53 @@ impl AnomalyHead for CpuHead {
         });
         self.frame = out;
         frame
+    }
+}
+/// Resamples a `map_w × map_h` anomaly map (row-major, values in [0, 1]) to `size × size` with
+/// the head's bilinear resize ([`resize_map`], `align_corners=False`) and quantises
+/// it as `kind` says with the head's functions: [`quantize_u8`] for
+/// [`MaskKind::GrayMap`], [`binary_mask`] (`value >= pixel_threshold`) for
+/// [`MaskKind::Binary`]. The GPU head's `download_u8`/`download_mask` at frame size `size × size`
+/// give the same pixels. An empty or mis-sized map gives an all-zero mask.
+pub fn render_mask(
+    map: &[f32],
+    map_w: usize,
+    map_h: usize,
+    size: u32,
+    kind: MaskKind,
+    pixel_threshold: f32,
+) -> Vec<u8> {
+    let n = size as usize;
+    let mut out = vec![0u8; n * n];
+    if map_w == 0 || map_h == 0 || map.len() != map_w * map_h || n == 0 {
+        return out;
+    }
+    let resized = resize_map(map, map_h, map_w, n, n);
+    match kind {
+        MaskKind::GrayMap => quantize_u8(&resized, &mut out),
+        MaskKind::Binary => binary_mask(&resized, pixel_threshold, &mut out),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_mask_gray_and_binary() {
+        // 2x2 map upsampled to 4x4.
+        let map = [0.0, 1.0, 0.0, 1.0];
+        let g = render_mask(&map, 2, 2, 4, MaskKind::GrayMap, 0.5);
+        assert_eq!(g.len(), 16);
+        assert_eq!(g[0], 0);
+        assert_eq!(g[3], 255);
+        assert!(g[1] > 0 && g[1] < 128 && g[2] > 128 && g[2] < 255);
+        let b = render_mask(&map, 2, 2, 4, MaskKind::Binary, 0.5);
+        assert_eq!(&b[0..4], &[0, 0, 255, 255]);
+        assert_eq!(
+            render_mask(&map, 3, 2, 4, MaskKind::Binary, 0.5),
+            vec![0; 16]
+        );
     }
 }

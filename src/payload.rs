@@ -1,7 +1,7 @@
 //! MQTT payloads: the versioned, PLC-sized wire contract.
 //!
 //! Input: plain values from the pipeline ([`FrameResult`], [`Alarm`], [`CameraStatus`],
-//! [`Stats`], an anomaly map for [`render_mask`]).
+//! [`Stats`], mask pixels rendered by [`crate::head::render_mask`]).
 //! Output: the bytes published on each topic:
 //! - `result`: flat JSON, one level, numbers/booleans/short strings, always ≤ [`MAX_RESULT_BYTES`]
 //!   (string fields are sanitised to printable ASCII and cut to [`MAX_STRING_BYTES`]; numbers are
@@ -20,8 +20,6 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-
-use crate::head;
 
 /// Payload schema version, the `v` field of every JSON payload.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -321,33 +319,6 @@ pub enum MaskKind {
     Binary,
 }
 
-/// Resamples a `map_w × map_h` anomaly map (row-major, values in [0, 1]) to `size × size` with
-/// the head's bilinear resize ([`crate::head::resize_map`], `align_corners=False`) and quantises
-/// it as `kind` says with the head's functions: [`crate::head::quantize_u8`] for
-/// [`MaskKind::GrayMap`], [`crate::head::binary_mask`] (`value >= pixel_threshold`) for
-/// [`MaskKind::Binary`]. The GPU head's `download_u8`/`download_mask` at frame size `size × size`
-/// give the same pixels. An empty or mis-sized map gives an all-zero mask.
-pub fn render_mask(
-    map: &[f32],
-    map_w: usize,
-    map_h: usize,
-    size: u32,
-    kind: MaskKind,
-    pixel_threshold: f32,
-) -> Vec<u8> {
-    let n = size as usize;
-    let mut out = vec![0u8; n * n];
-    if map_w == 0 || map_h == 0 || map.len() != map_w * map_h || n == 0 {
-        return out;
-    }
-    let resized = head::resize_map(map, map_h, map_w, n, n);
-    match kind {
-        MaskKind::GrayMap => head::quantize_u8(&resized, &mut out),
-        MaskKind::Binary => head::binary_mask(&resized, pixel_threshold, &mut out),
-    }
-    out
-}
-
 /// Encodes an 8-bit grayscale `width × height` image as PNG with `tEXt` chunks `camera`, `seq`
 /// and `ts_ms`, so a subscriber can match the mask to its `result`/`alarm`.
 pub fn mask_png(
@@ -542,23 +513,6 @@ mod tests {
         reader.next_frame(&mut out).expect("frame");
         assert_eq!(out, pixels);
         assert!(mask_png("cam", 0, 0, 4, 4, &[0; 15]).is_err());
-    }
-
-    #[test]
-    fn render_mask_gray_and_binary() {
-        // 2x2 map upsampled to 4x4.
-        let map = [0.0, 1.0, 0.0, 1.0];
-        let g = render_mask(&map, 2, 2, 4, MaskKind::GrayMap, 0.5);
-        assert_eq!(g.len(), 16);
-        assert_eq!(g[0], 0);
-        assert_eq!(g[3], 255);
-        assert!(g[1] > 0 && g[1] < 128 && g[2] > 128 && g[2] < 255);
-        let b = render_mask(&map, 2, 2, 4, MaskKind::Binary, 0.5);
-        assert_eq!(&b[0..4], &[0, 0, 255, 255]);
-        assert_eq!(
-            render_mask(&map, 3, 2, 4, MaskKind::Binary, 0.5),
-            vec![0; 16]
-        );
     }
 
     #[test]

@@ -50,8 +50,9 @@ use crate::package::{HashCheck, ModelPackage};
 use problems::{Ctx, S, in_range, name_problem};
 
 pub use crate::camera::config::{
-    CameraConfig, MaskConfig, RetryConfig, SourceError, default_mask_kind, default_mask_min_interval_ms,
-    default_mask_size, default_max_fps, default_pixel_threshold, default_threshold,
+    CameraConfig, MaskConfig, RetryConfig, SourceError, default_mask_kind,
+    default_mask_min_interval_ms, default_mask_size, default_max_fps, default_pixel_threshold,
+    default_threshold,
 };
 pub use crate::engine::config::{
     Backend, EngineConfig, HeadChoice, default_backend, default_max_batch, default_max_wait_ms,
@@ -615,6 +616,7 @@ mod tests {
             "engine::config",
             "payload",
             "package",
+            "fsio",
         ];
         for f in &config_files {
             for import in crate_imports(f) {
@@ -635,8 +637,17 @@ mod tests {
                 );
             }
         }
+        // The problems leaf and the package loader read files through the bounded reader only.
+        for f in ["config/problems.rs", "package.rs"] {
+            for import in crate_imports(&root.join(f)) {
+                assert!(
+                    allowed(&import, &["fsio"]),
+                    "src/{f} imports crate::{import}: it may import only the fsio leaf"
+                );
+            }
+        }
         // True leaves: nothing from the crate.
-        for f in ["config/problems.rs", "payload.rs", "package.rs", "alarm.rs"] {
+        for f in ["payload.rs", "fsio.rs", "alarm.rs"] {
             let imports = crate_imports(&root.join(f));
             assert!(
                 imports.is_empty(),

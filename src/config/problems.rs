@@ -14,6 +14,8 @@ use std::path::Path;
 
 use toml::Spanned;
 
+use crate::fsio;
+
 /// An optional key of a raw (as written) config table, with its place in the file.
 pub(crate) type S<T> = Option<Spanned<T>>;
 
@@ -208,11 +210,11 @@ pub(crate) fn read_file(
         return None;
     }
     let max = if path == "mqtt.password_file" {
-        crate::fsio::MAX_PASSWORD_FILE
+        fsio::MAX_PASSWORD_FILE
     } else {
-        crate::fsio::MAX_PEM_FILE
+        fsio::MAX_PEM_FILE
     };
-    match crate::fsio::read_limited(Path::new(v.get_ref()), max, "file") {
+    match fsio::read_limited(Path::new(v.get_ref()), max, "file") {
         Ok(bytes) => Some(bytes),
         Err(e) => {
             ctx.at(

@@ -187,4 +187,3 @@ pub fn check_threads(threads: usize) -> Result<(), String> {
         "{threads} is out of range (expected 0 = all cores, or up to {max}: {THREADS_PER_CPU} × the {cpus} CPU(s) available, at most {MAX_THREADS})"
     ))
 }
-

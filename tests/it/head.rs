@@ -10,12 +10,13 @@
 
 use crate::common;
 
+use anomalyclip_edge::head::render_mask;
 use anomalyclip_edge::head::{
     AnomalyHead, CpuHead, FrameValue, HeadConfig, HeadError, HeadInput, HeadOutput, NonFinite,
     binary_mask, gaussian_blur, gaussian_kernel, image_score, map_stats, patch_probabilities,
     quantize_u8, resize_map, text_direction, upsample_bilinear,
 };
-use anomalyclip_edge::payload::{MaskKind, render_mask};
+use anomalyclip_edge::payload::MaskKind;
 use common::{f32_file, index, max_abs_diff, subgrid, usize_of};
 
 const SUB: &str = "head";

@@ -41,7 +41,10 @@ fn open_nan_scorer() -> Scorer {
     Scorer::open(&nan_package(), HashCheck::All, &EngineOptions::default()).expect("nan package")
 }
 
-#[cfg_attr(not(have_ort), ignore = "needs the ONNX Runtime library: run scripts/setup")]
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn a_model_that_emits_nan_fails_that_image_only_naming_the_global_feature() {
     let Some(_) = ort_or_skip("nan scorer") else {
@@ -96,7 +99,10 @@ fn a_model_that_emits_nan_fails_that_image_only_naming_the_global_feature() {
     assert!(each[0].is_ok() && matches!(each[1], Err(ScoreError::NonFinite(_))));
 }
 
-#[cfg_attr(not(have_ort), ignore = "needs the ONNX Runtime library: run scripts/setup")]
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn score_cli_writes_a_nan_image_as_its_error_and_exits_1() {
     let Some(lib) = ort_or_skip("nan score cli") else {
@@ -157,7 +163,10 @@ fn test_camera(name: &str, pattern: &str) -> String {
     )
 }
 
-#[cfg_attr(not(have_ort), ignore = "needs the ONNX Runtime library: run scripts/setup")]
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_publishes_nothing_for_nan_frames_and_logs_an_inference_error() {
     if ort_or_skip("nan daemon").is_none() {

@@ -570,7 +570,10 @@ fn dataset_meta_on_a_tree_without_images_writes_nothing_and_exits_2() {
 
 /// `--map-png` into a place that cannot be written gave exit 1, but the image's JSON line had no
 /// `error`: a consumer reading stdout saw a success.
-#[cfg_attr(not(have_ort), ignore = "needs the ONNX Runtime library: run scripts/setup")]
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn an_output_file_that_cannot_be_written_puts_error_in_the_json_line() {
     let Some(_) = ort_or_skip("an_output_file_that_cannot_be_written_puts_error_in_the_json_line")
@@ -619,7 +622,10 @@ fn an_output_file_that_cannot_be_written_puts_error_in_the_json_line() {
 }
 
 /// An image path that is a FIFO hung `score` forever; `/dev/zero` was read until memory ran out.
-#[cfg_attr(not(have_ort), ignore = "needs the ONNX Runtime library: run scripts/setup")]
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
 #[test]
 fn a_fifo_or_dev_zero_as_image_is_an_item_error_not_a_hang() {
     let Some(_) = ort_or_skip("a_fifo_or_dev_zero_as_image_is_an_item_error_not_a_hang") else {
