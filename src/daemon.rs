@@ -41,17 +41,27 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{error, info, warn};
 
 use crate::alarm::Debouncer;
-use crate::camera::{self, Camera, CameraSettings, CameraState, FrameNotify, LatestSlot};
+use crate::camera::{self, Camera, CameraState, FrameNotify, LatestSlot};
 use crate::config::{self, CameraConfig, Config, ConfigErrors, MaskConfig};
 use crate::engine::EngineOptions;
-use crate::mqtt::{Publisher, PublisherError, PublisherHandle};
+use crate::mqtt::{Publisher, PublisherError};
 use crate::package::HashCheck;
-use crate::payload::{self, Alarm, CameraStats, FrameResult, MaskGate, Stats};
-use crate::scorer::{DEFAULT_PIXEL_THRESHOLD, ScoreError, Scorer};
-use crate::statedir::{self, StateDir, StateDirError};
+use crate::payload::MaskGate;
+use crate::scorer::{ScoreError, Scorer};
+use crate::statedir::{StateDir, StateDirError};
 
+mod alarm_state;
+mod cameras;
 mod control;
+mod health;
+mod worker;
+
+pub use alarm_state::ALARM_STATE_FILE;
 pub use control::{Control, ControlHandle, Deadline, control};
+
+use alarm_state::AlarmStates;
+use cameras::Cameras;
+use health::{build_stats, making_progress, notify, stats_timer, status_line};
 
 /// How long a clean stop may take for in-flight frames and the final MQTT messages.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
@@ -63,76 +73,6 @@ pub const PUBLISHER_STOP_RESERVE: Duration = Duration::from_millis(1500);
 /// Test hook: while the file named by this variable exists, the inference worker stalls
 /// (as a hung GPU or a deadlocked engine would), so tests can prove the watchdog stops.
 pub const STALL_FILE_ENV: &str = "ANOMALYCLIP_TEST_STALL_FILE";
-
-/// File in the state directory holding the last alarm state of each camera (JSON object,
-/// camera name → raised).
-pub const ALARM_STATE_FILE: &str = "alarm-state.v1.json";
-
-/// The last alarm state of each camera, as the subscribers were told it, kept on disk.
-struct AlarmStates {
-    path: PathBuf,
-    raised: Mutex<std::collections::BTreeMap<String, bool>>,
-}
-
-impl AlarmStates {
-    /// Reads the file in `dir`; missing is empty, unreadable or corrupt is logged and empty.
-    /// Only the cameras in `cameras` are kept.
-    fn load(dir: &Path, cameras: &[CameraConfig]) -> Self {
-        let path = dir.join(ALARM_STATE_FILE);
-        let mut raised: std::collections::BTreeMap<String, bool> =
-            match statedir::read_file(&path) {
-                Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                    warn!(path = %path.display(), error = %e, "alarm state file unreadable: every alarm starts clear");
-                    Default::default()
-                }),
-                Ok(None) => Default::default(),
-                Err(e) => {
-                    warn!(path = %path.display(), error = %e, "alarm state file unreadable: every alarm starts clear");
-                    Default::default()
-                }
-            };
-        raised.retain(|name, _| cameras.iter().any(|c| c.name == *name));
-        for (camera, _) in raised.iter().filter(|(_, r)| **r) {
-            info!(
-                camera,
-                "alarm raised before the restart: it clears on normal frames"
-            );
-        }
-        Self {
-            path,
-            raised: Mutex::new(raised),
-        }
-    }
-
-    fn is_raised(&self, camera: &str) -> bool {
-        lock(&self.raised).get(camera).copied().unwrap_or(false)
-    }
-
-    /// Records a transition and rewrites the file ([`statedir::replace_file`]: temporary file,
-    /// fsync, rename; never through a symlink).
-    fn set(&self, camera: &str, raised: bool) {
-        let mut map = lock(&self.raised);
-        map.insert(camera.to_owned(), raised);
-        self.write(&map);
-    }
-
-    /// Forgets a camera removed by a reload (its retained alarm is cleared on the broker).
-    fn forget(&self, camera: &str) {
-        let mut map = lock(&self.raised);
-        if map.remove(camera).is_some() {
-            self.write(&map);
-        }
-    }
-
-    fn write(&self, map: &std::collections::BTreeMap<String, bool>) {
-        let res = serde_json::to_vec(map)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| statedir::replace_file(&self.path, &bytes));
-        if let Err(e) = res {
-            warn!(path = %self.path.display(), error = %e, "cannot record the alarm state: a restart now would forget it");
-        }
-    }
-}
 
 /// Start-up errors of the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +188,10 @@ struct Running {
 
 /// State shared by the control loop and the worker.
 struct Shared {
+    /// The cameras the worker serves; replaced by a reload (read each round by the worker).
     cams: RwLock<Vec<CamHandle>>,
+    /// The worker's stop: set by the stop path after the cameras have stopped (the daemon's
+    /// shutdown token is cancelled first), so the worker finishes the frames in flight.
     stop: AtomicBool,
     /// Milliseconds since `started` when the worker last went round its loop.
     heartbeat_ms: AtomicU64,
@@ -276,15 +219,6 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends an sd_notify message if running under systemd; never fails the caller.
-fn notify(states: &[sd_notify::NotifyState]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_some()
-        && let Err(e) = sd_notify::notify(states)
-    {
-        warn!(error = %e, "sd_notify failed");
-    }
-}
-
 /// Engine options from the config (the TensorRT engine cache lives in `<state_dir>/engines`).
 pub fn engine_options(cfg: &Config) -> EngineOptions {
     EngineOptions {
@@ -296,12 +230,6 @@ pub fn engine_options(cfg: &Config) -> EngineOptions {
         max_batch: cfg.engine.max_batch.max(1) as usize,
         device_id: 0,
     }
-}
-
-/// Camera-stage settings from a `[[camera]]` entry; frames are scaled to the model's input
-/// size in GStreamer.
-fn camera_settings(cfg: &CameraConfig, size: usize) -> CameraSettings {
-    cfg.settings(size as u32)
 }
 
 /// Runs the daemon until `control`'s shutdown token is cancelled (`main` cancels it on
@@ -359,44 +287,32 @@ async fn run_async(
         started: Instant::now(),
     });
     let notify_frames = FrameNotify::new();
-    let mut next_index = 0usize;
-    let mut running: Vec<Running> = Vec::new();
-    for c in &cfg.cameras {
-        match start_camera(
-            c,
-            None,
-            size,
-            &mut next_index,
-            &notify_frames,
-            &publisher,
-            &shared,
-        ) {
-            Ok(r) => running.push(r),
-            Err(e) => {
-                error!(camera = %c.name, error = %e, "camera could not start");
-                publisher.camera_status(&c.name, payload::CameraStatus::Error(e.to_string()));
-            }
-        }
-    }
-    publish_handles(&shared, &running);
+    let mut cameras = Cameras::new(
+        size,
+        notify_frames.clone(),
+        publisher.clone(),
+        shared.clone(),
+    );
+    cameras.start_all(&cfg.cameras);
 
     let worker = {
         let shared = shared.clone();
         let publisher = publisher.clone();
         let notify_frames = notify_frames.clone();
-        let max_batch = cfg.engine.max_batch.max(1) as usize;
-        let max_wait = cfg.engine.max_wait;
+        let batching = worker::Batching {
+            max_batch: cfg.engine.max_batch.max(1) as usize,
+            max_wait: cfg.engine.max_wait,
+        };
         let model_name = model_name.clone();
         std::thread::Builder::new()
             .name("ace-infer".into())
             .spawn(move || {
-                worker_loop(
+                worker::run(
                     shared,
                     scorer,
                     notify_frames,
                     publisher,
-                    max_batch,
-                    max_wait,
+                    batching,
                     model_name,
                 )
             })
@@ -419,7 +335,7 @@ async fn run_async(
     ]);
     info!(
         node = %current.node_id,
-        cameras = running.len(),
+        cameras = cameras.running.len(),
         engine = %engine_name,
         watchdog = ?wd,
         "anomalyclip-edge running"
@@ -431,15 +347,14 @@ async fn run_async(
             _ = shutdown.cancelled() => { info!("stopping"); break; }
             Some(()) = control.reload.recv() => {
                 let stats_before = current.stats_interval;
-                reload(&config_path, &mut current, &mut running, size, &mut next_index,
-                       &notify_frames, &publisher, &shared);
+                cameras.reload(&config_path, &mut current);
                 if current.stats_interval != stats_before {
                     info!(interval = ?current.stats_interval, "reload: stats interval changed");
                     stats_tick = stats_timer(current.stats_interval);
                 }
             }
             _ = stats_tick.tick() => {
-                let stats = build_stats(&shared, &running, &engine_name, last_stats.elapsed());
+                let stats = build_stats(&shared, &cameras.running, &engine_name, last_stats.elapsed());
                 last_stats = Instant::now();
                 publisher.stats(stats);
             }
@@ -465,7 +380,7 @@ async fn run_async(
     notify(&[sd_notify::NotifyState::Stopping]);
     let deadline = Deadline::after(STOP_DEADLINE);
     let stages = Deadline::after(STOP_DEADLINE.saturating_sub(PUBLISHER_STOP_RESERVE));
-    let cams: Vec<Running> = std::mem::take(&mut running);
+    let cams: Vec<Running> = cameras.take_all();
     let mut stoppers = Vec::new();
     for r in cams {
         let name = r.cfg.name.clone();
@@ -508,481 +423,4 @@ async fn run_async(
     }
     info!("stopped");
     Ok(())
-}
-
-/// The stats timer: its first tick one period from now; a disabled report (`None`) never ticks.
-fn stats_timer(every: Option<Duration>) -> tokio::time::Interval {
-    let every = every.unwrap_or(Duration::from_secs(3600 * 24 * 365));
-    tokio::time::interval_at(tokio::time::Instant::now() + every, every)
-}
-
-/// Starts camera `c` as a new instance. `carried`: the state and config of the instance it
-/// replaces (reload with a new source or rate cap), so alarm state and numbering carry on.
-fn start_camera(
-    c: &CameraConfig,
-    carried: Option<(Arc<Mutex<CamState>>, CameraConfig)>,
-    size: usize,
-    next_index: &mut usize,
-    notify_frames: &Arc<FrameNotify>,
-    publisher: &PublisherHandle,
-    shared: &Arc<Shared>,
-) -> Result<Running, camera::CameraError> {
-    let index = *next_index;
-    *next_index += 1;
-    let cb: camera::StatusCallback = {
-        let publisher = publisher.clone();
-        let shared = shared.clone();
-        Arc::new(move |ev: &camera::StatusEvent| {
-            lock(&shared.statuses).insert(ev.name.to_string(), ev.status.clone());
-            let Some(st) = ev.status.wire() else {
-                return;
-            };
-            info!(camera = %ev.name, status = %ev.status, "camera status");
-            publisher.camera_status(&ev.name, st);
-        })
-    };
-    let camera = Camera::spawn(index, camera_settings(c, size), notify_frames.clone(), cb)?;
-    let state = match carried {
-        Some((state, old)) => {
-            {
-                let mut st = lock(&state);
-                st.apply(&old, c);
-                st.restarted(index);
-            }
-            state
-        }
-        None => Arc::new(Mutex::new(CamState::new(
-            c,
-            index,
-            shared.alarm_states.is_raised(&c.name),
-        ))),
-    };
-    let handle = CamHandle {
-        index,
-        name: Arc::from(c.name.as_str()),
-        slot: camera.slot().clone(),
-        state,
-    };
-    Ok(Running {
-        cfg: c.clone(),
-        camera,
-        handle,
-    })
-}
-
-fn publish_handles(shared: &Shared, running: &[Running]) {
-    let handles: Vec<CamHandle> = running.iter().map(|r| r.handle.clone()).collect();
-    *shared.cams.write().unwrap_or_else(PoisonError::into_inner) = handles;
-}
-
-/// The inference worker: takes the latest frame of every camera that has one, batches up to
-/// `max_batch` (waiting at most `max_wait` for more cameras), scores, publishes.
-fn worker_loop(
-    shared: Arc<Shared>,
-    mut scorer: Scorer,
-    notify_frames: Arc<FrameNotify>,
-    publisher: PublisherHandle,
-    max_batch: usize,
-    max_wait: Duration,
-    model_name: String,
-) {
-    let stall_file = std::env::var_os(STALL_FILE_ENV).map(PathBuf::from);
-    let s = scorer.size();
-    let mut input: Vec<f32> = Vec::new();
-    let mut err_logged_at: Option<Instant> = None;
-    while !shared.stop.load(Ordering::SeqCst) {
-        if let Some(f) = &stall_file {
-            while f.exists() && !shared.stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        shared
-            .heartbeat_ms
-            .store(shared.now_ms(), Ordering::Relaxed);
-        let handles: Vec<CamHandle> = shared
-            .cams
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if handles.is_empty() {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        let slots: Vec<Arc<LatestSlot>> = handles.iter().map(|h| h.slot.clone()).collect();
-        let mut frames = notify_frames.take_any(&slots, Duration::from_millis(200));
-        if frames.is_empty() {
-            continue;
-        }
-        let target = max_batch.min(slots.len());
-        if frames.len() < target && !max_wait.is_zero() {
-            let deadline = Instant::now() + max_wait;
-            while frames.len() < target {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                let rest: Vec<Arc<LatestSlot>> = handles
-                    .iter()
-                    .filter(|h| !frames.iter().any(|f| f.camera == h.index))
-                    .map(|h| h.slot.clone())
-                    .collect();
-                let more = notify_frames.take_any(&rest, deadline - now);
-                if more.is_empty() {
-                    break;
-                }
-                frames.extend(more);
-            }
-        }
-        for chunk in frames.chunks(max_batch) {
-            let n = chunk.len();
-            input.resize(n * 3 * s * s, 0.0);
-            let mut prepared = Ok(());
-            for (i, f) in chunk.iter().enumerate() {
-                prepared = prepared.and_then(|()| {
-                    scorer.prepare_frame(
-                        &f.data,
-                        f.width as usize,
-                        f.height as usize,
-                        f.stride,
-                        &mut input[i * 3 * s * s..(i + 1) * 3 * s * s],
-                    )
-                });
-            }
-            // Each frame's area is computed by the head at its camera's pixel threshold.
-            let thresholds: Vec<f32> = chunk
-                .iter()
-                .map(|f| {
-                    handles
-                        .iter()
-                        .find(|h| h.index == f.camera)
-                        .map_or(DEFAULT_PIXEL_THRESHOLD, |h| lock(&h.state).pixel_threshold)
-                })
-                .collect();
-            let results = match prepared
-                .and_then(|()| scorer.score_frames(&input[..n * 3 * s * s], &thresholds))
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    for f in chunk {
-                        if let Some(h) = handles.iter().find(|h| h.index == f.camera) {
-                            let mut st = lock(&h.state);
-                            if st.index == f.camera {
-                                st.inference_errors += 1;
-                            }
-                        }
-                    }
-                    if err_logged_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        error!(error = %e, "inference failed; frames of this batch are not scored");
-                        err_logged_at = Some(Instant::now());
-                    }
-                    continue;
-                }
-            };
-            shared.scored_ms.store(shared.now_ms(), Ordering::Relaxed);
-            for ((f, r), &pixel_threshold) in chunk.iter().zip(results).zip(&thresholds) {
-                let r = match r {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // E.g. NaN in the model's output for this frame: nothing is published,
-                        // the camera's inference_errors counts it.
-                        if let Some(h) = handles.iter().find(|h| h.index == f.camera) {
-                            let mut st = lock(&h.state);
-                            if st.index == f.camera {
-                                st.inference_errors += 1;
-                            }
-                        }
-                        if err_logged_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                            error!(error = %e, "inference failed; this frame is not scored");
-                            err_logged_at = Some(Instant::now());
-                        }
-                        continue;
-                    }
-                };
-                let Some(h) = handles.iter().find(|h| h.index == f.camera) else {
-                    continue;
-                };
-                let mut st = lock(&h.state);
-                if st.index != f.camera {
-                    // A frame of the instance a reload just replaced: its numbering is gone.
-                    continue;
-                }
-                let seq = st.seq_base + f.seq;
-                st.next_seq = seq + 1;
-                let anomaly = r.score >= st.threshold;
-                let latency_ms = f.captured_at.elapsed().as_secs_f32() * 1e3;
-                publisher.result(FrameResult {
-                    camera: h.name.to_string(),
-                    seq,
-                    ts_ms: f.capture_unix_ms,
-                    score: r.score,
-                    anomaly,
-                    threshold: st.threshold,
-                    map_max: r.map_max,
-                    area: r.area,
-                    latency_ms,
-                    model: model_name.clone(),
-                });
-                if let Some(t) = st.debouncer.update(anomaly) {
-                    info!(camera = %h.name, active = t.active(), seq, score = r.score, "alarm");
-                    shared.alarm_states.set(&h.name, t.active());
-                    publisher.alarm(Alarm {
-                        camera: h.name.to_string(),
-                        active: t.active(),
-                        seq,
-                        ts_ms: f.capture_unix_ms,
-                        score: r.score,
-                    });
-                }
-                let mask = st.mask;
-                if mask.enabled && st.gate.admit(anomaly, Instant::now()) {
-                    let px = crate::head::render_mask(
-                        &r.map,
-                        r.size,
-                        r.size,
-                        mask.size,
-                        mask.kind,
-                        pixel_threshold,
-                    );
-                    match payload::mask_png(
-                        &h.name,
-                        seq,
-                        f.capture_unix_ms,
-                        mask.size,
-                        mask.size,
-                        &px,
-                    ) {
-                        Ok(png) => {
-                            publisher.mask(&h.name, png);
-                        }
-                        Err(e) => warn!(camera = %h.name, error = %e, "mask encoding failed"),
-                    }
-                }
-                st.scored += 1;
-                if f.ordinal >= st.frames_in_at_last_stats {
-                    st.scored_in_window += 1;
-                }
-                if st.latencies_ms.len() < 100_000 {
-                    st.latencies_ms.push(latency_ms);
-                }
-            }
-        }
-    }
-    info!("inference worker stopped");
-}
-
-fn percentile(sorted: &[f32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
-    f64::from(sorted[idx.min(sorted.len() - 1)])
-}
-
-fn build_stats(shared: &Shared, running: &[Running], engine: &str, window: Duration) -> Stats {
-    let secs = window.as_secs_f64().max(1e-3);
-    let mut cameras = std::collections::BTreeMap::new();
-    for r in running {
-        // The state lock first, then the camera's counters: every frame scored so far was
-        // pulled before `frames_in` is read, so its ordinal is below it and the frames scored in
-        // the window are a subset of those received in it (`fps_scored <= fps_in`).
-        let mut st = lock(&r.handle.state);
-        let cs = r.camera.stats();
-        let mut lat = std::mem::take(&mut st.latencies_ms);
-        lat.sort_by(f32::total_cmp);
-        let window_start = st.frames_in_at_last_stats.min(cs.frames_in);
-        let in_now = cs.frames_in - window_start;
-        let scored_now = st.scored_in_window.min(in_now);
-        st.frames_in_at_last_stats = cs.frames_in;
-        st.scored_in_window = 0;
-        let status = match cs.status.wire() {
-            Some(s) => s.payload(),
-            None => cs.status.as_str().to_owned(),
-        };
-        cameras.insert(
-            r.cfg.name.clone(),
-            CameraStats {
-                fps_in: in_now as f64 / secs,
-                fps_scored: scored_now as f64 / secs,
-                frames_in: cs.frames_in,
-                scored: st.scored,
-                dropped_overload: cs.dropped,
-                skipped_rate: cs.skipped_rate,
-                skipped_corrupt: cs.skipped_corrupt,
-                inference_errors: st.inference_errors,
-                reconnects: cs.reconnects,
-                latency_p50_ms: percentile(&lat, 0.5),
-                latency_p99_ms: percentile(&lat, 0.99),
-                status,
-            },
-        );
-    }
-    Stats {
-        uptime_s: shared.started.elapsed().as_secs(),
-        ts_ms: unix_ms(),
-        engine: engine.to_string(),
-        cameras,
-        mqtt: Default::default(),
-    }
-}
-
-/// Progress rule of the watchdog: the worker goes round its loop; if any camera is online, a
-/// batch was scored within the interval; if the broker is connected and frames are scored, the
-/// publisher got messages through. A broker or camera outage is reported, not restarted.
-fn making_progress(shared: &Shared, publisher: &PublisherHandle, interval: Duration) -> bool {
-    let now = shared.now_ms();
-    let win = interval.as_millis() as u64;
-    let worker_alive = now.saturating_sub(shared.heartbeat_ms.load(Ordering::Relaxed)) <= win;
-    if !worker_alive {
-        return false;
-    }
-    let any_online = lock(&shared.statuses)
-        .values()
-        .any(|s| *s == CameraState::Online);
-    if !any_online {
-        return true;
-    }
-    let scored_recently = now.saturating_sub(shared.scored_ms.load(Ordering::Relaxed)) <= win;
-    if !scored_recently {
-        return false;
-    }
-    if publisher.is_connected() {
-        let ok = publisher
-            .last_progress()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age <= interval);
-        return ok;
-    }
-    true
-}
-
-fn status_line(shared: &Shared, publisher: &PublisherHandle) -> String {
-    let statuses = lock(&shared.statuses);
-    let online = statuses
-        .values()
-        .filter(|s| **s == CameraState::Online)
-        .count();
-    let c = publisher.counters();
-    format!(
-        "cameras online {online}/{}; broker {}; alarms queued {}; results dropped {}",
-        statuses.len(),
-        if c.connected {
-            "connected"
-        } else {
-            "reconnecting"
-        },
-        c.queued_alarms,
-        c.dropped_results
-    )
-}
-
-/// SIGHUP: re-read and validate the config; apply camera settings in place, restart cameras
-/// whose source, rate cap or retry backoff changed (their alarm state and `seq` numbering carry over), start
-/// added ones, stop removed ones; keep the MQTT session. (The caller applies a changed stats
-/// interval.) An invalid file is rejected and the running config stays.
-#[allow(clippy::too_many_arguments)]
-fn reload(
-    path: &Path,
-    current: &mut Config,
-    running: &mut Vec<Running>,
-    size: usize,
-    next_index: &mut usize,
-    notify_frames: &Arc<FrameNotify>,
-    publisher: &PublisherHandle,
-    shared: &Arc<Shared>,
-) {
-    let now = sd_notify::NotifyState::monotonic_usec_now();
-    match &now {
-        Ok(m) => notify(&[sd_notify::NotifyState::Reloading, m.clone()]),
-        Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
-    }
-    match config::load_config(path) {
-        Err(e) => {
-            for line in e.to_string().lines() {
-                error!("reload rejected: {line}");
-            }
-            error!("reload rejected: keeping the running configuration");
-        }
-        Ok(new) => {
-            for (what, changed) in [
-                ("node_id", new.node_id != current.node_id),
-                ("state_dir", new.state_dir != current.state_dir),
-                ("[mqtt]", new.mqtt != current.mqtt),
-                ("[model]", new.model != current.model),
-                ("[engine]", new.engine != current.engine),
-            ] {
-                if changed {
-                    warn!("reload: {what} changed; it takes effect at the next restart");
-                }
-            }
-            // Removed cameras stop; re-sourced ones restart (keeping their alarm state and
-            // numbering); new ones start; the rest change in place.
-            let mut keep: Vec<Running> = Vec::new();
-            let mut carried: HashMap<String, (Arc<Mutex<CamState>>, CameraConfig)> = HashMap::new();
-            for r in running.drain(..) {
-                match new.cameras.iter().find(|c| c.name == r.cfg.name) {
-                    Some(c)
-                        if c.source == r.cfg.source
-                            && c.max_fps == r.cfg.max_fps
-                            && c.retry == r.cfg.retry =>
-                    {
-                        lock(&r.handle.state).apply(&r.cfg, c);
-                        keep.push(Running {
-                            cfg: c.clone(),
-                            ..r
-                        });
-                    }
-                    other => {
-                        info!(camera = %r.cfg.name, "reload: stopping camera");
-                        if other.is_none() {
-                            // Frames of it still in the worker are dropped, not published.
-                            lock(&r.handle.state).index = usize::MAX;
-                        }
-                        let name = r.cfg.name.clone();
-                        if let Err(e) = r.camera.stop() {
-                            warn!(camera = %name, error = %e, "camera did not stop cleanly");
-                        }
-                        lock(&shared.statuses).remove(&name);
-                        if other.is_none() {
-                            // Stopped for good: `offline`, then its retained status and alarm
-                            // are cleared and the publisher forgets it.
-                            publisher.camera_status(&name, payload::CameraStatus::Offline);
-                            publisher.forget_camera(&name);
-                            shared.alarm_states.forget(&name);
-                        } else {
-                            carried.insert(name, (r.handle.state.clone(), r.cfg.clone()));
-                        }
-                    }
-                }
-            }
-            for c in &new.cameras {
-                if keep.iter().any(|r| r.cfg.name == c.name) {
-                    continue;
-                }
-                info!(camera = %c.name, "reload: starting camera");
-                let old = carried.remove(&c.name);
-                match start_camera(c, old, size, next_index, notify_frames, publisher, shared) {
-                    Ok(r) => keep.push(r),
-                    Err(e) => {
-                        error!(camera = %c.name, error = %e, "camera could not start");
-                        publisher
-                            .camera_status(&c.name, payload::CameraStatus::Error(e.to_string()));
-                    }
-                }
-            }
-            *running = keep;
-            publish_handles(shared, running);
-            let mut applied = new;
-            applied.node_id = current.node_id.clone();
-            applied.state_dir = current.state_dir.clone();
-            applied.mqtt = current.mqtt.clone();
-            applied.model = current.model.clone();
-            applied.engine = current.engine.clone();
-            *current = applied;
-            info!(cameras = running.len(), "configuration reloaded");
-        }
-    }
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status_line(shared, publisher)),
-    ]);
 }

@@ -100,7 +100,7 @@ fn on<'a>(msgs: &'a [Msg], topic: &'a str) -> impl Iterator<Item = &'a Msg> + 'a
 
 /// Alarm transitions the daemon logged: (active, seq), in order.
 fn logged_alarms(d: &Daemon, camera: &str) -> Vec<(bool, u64)> {
-    d.log_lines(&["daemon: alarm", &format!("camera={camera} ")])
+    d.log_lines(&["daemon::worker: alarm", &format!("camera={camera} ")])
         .iter()
         .map(|l| {
             let field = |k: &str| {
@@ -353,7 +353,8 @@ async fn broker_outage_alarms_replayed_in_order_none_missing() {
         d.write_config(&cfg(threshold));
         d.signal(libc::SIGHUP);
         d.wait_log(&["configuration reloaded"], i + 1).await;
-        d.wait_log(&["daemon: alarm", "camera=sim "], i + 2).await;
+        d.wait_log(&["daemon::worker: alarm", "camera=sim "], i + 2)
+            .await;
     }
     let logged = logged_alarms(&d, "sim");
     let outage: Vec<(bool, u64)> = logged[1..4].to_vec();
@@ -663,7 +664,7 @@ async fn sighup_reload_keeps_alarm_state_and_frame_numbering_and_applies_stats_i
     d.signal(libc::SIGHUP);
     d.wait_log(&["reload: starting camera"], 1).await;
     next_recorded(&mut plc, &mut all, is_alarm(false)).await;
-    let restarted = d.log_lines(&["daemon: alarm"]).len();
+    let restarted = d.log_lines(&["daemon::worker: alarm"]).len();
     let mut after = 0;
     next_recorded(&mut plc, &mut all, |m| {
         if m.topic == "anomalyclip/rl/sim/result" {
@@ -714,7 +715,7 @@ async fn stop_during_a_broker_outage_then_restart_replays_and_clears_the_alarm()
     // stop deadline) and leaves the alarm in the disk queue.
     let mut d = Daemon::start(&cfg(0.0));
     d.wait_ready().await;
-    d.wait_log(&["daemon: alarm", "camera=sim ", "active=true"], 1)
+    d.wait_log(&["daemon::worker: alarm", "camera=sim ", "active=true"], 1)
         .await;
     let raised = logged_alarms(&d, "sim");
     d.signal(libc::SIGTERM);
