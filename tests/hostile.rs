@@ -1436,7 +1436,7 @@ fn package_cases(v: &mut Vec<Case>) {
             edit_manifest(p, "patch = 14", "patch = 1");
             edit_manifest(p, "size = 112", "size = 4294967296");
             edit_manifest(p, "[\"batch\", 64, 32]", "[\"batch\", 0, 32]");
-        }, Exit::Usage, "grid", Some(KNOWN_MANIFEST)),
+        }, Exit::Usage, "manifest.toml", Some(KNOWN_MANIFEST)),
         ("size 2^40 with a matching grid", |_, p| {
             edit_manifest(p, "grid = 8", "grid = 1048576");
             edit_manifest(p, "patch = 14", "patch = 1048576");
