@@ -1,41 +1,61 @@
 //! anomalyclip-edge: zero-shot visual anomaly detection (AnomalyCLIP) for factory lines.
 //!
 //! # Layout
-//! The stages, in the order a frame travels through them:
-//! - [`config`]: the TOML file, `check-config` validation, the resolved [`config::Config`].
-//! - [`camera`]: GStreamer pipelines per camera into latest-frame slots; reconnect and status.
+//! The modules below are declared in the order a frame travels through them:
+//! - [`config`]: the TOML file, `check-config` validation, the resolved [`config::Config`]; each
+//!   stage's own part lives beside the stage (`camera::config`, `mqtt::config`,
+//!   `engine::config`), and the config layer imports no inference code.
+//! - [`camera`]: GStreamer pipelines per camera into latest-frame slots (frames before the first
+//!   keyframe of a connection never get through); reconnect and status.
 //! - [`image_io`]: image files → pixels in Pillow's mode → model input, like the reference.
 //! - [`preprocess`]: Pillow-exact resampling of frames and the CLIP normalisation.
 //! - [`package`]: the model package (ONNX encoder + text constant + manifest) and its checks.
 //! - [`engine`]: the vision encoder backends (ONNX Runtime: TensorRT / CUDA / CPU).
-//! - [`head`]: the CPU anomaly head (score, patch probabilities, upsampling, Gaussian smoothing).
+//! - [`head`]: the anomaly head interface ([`head::AnomalyHead`]) and the CPU head (score, patch
+//!   probabilities, upsampling, Gaussian smoothing, map statistics, mask rendering).
 //! - [`simd`]: run-time AVX2 dispatch of the numerical loops (bit-identical results).
 //! - [`gpu`]: the same head as CUDA kernels (NVRTC at start-up, cudarc), checked against [`head`].
 //! - [`scorer`]: package + engine + head as one object, used by `score`, `eval` and the daemon.
 //! - [`alarm`]: per-camera alarm debouncer (N of the last M frames over threshold, K to clear).
 //! - [`payload`]: the versioned MQTT payloads (result, alarm, status, mask PNG, stats).
 //! - [`mqtt`]: the publisher task, its topic contract and the on-disk alarm queue.
-//! - [`daemon`]: the `run` loop that ties the stages together, with systemd integration.
-//! - [`statedir`]: the state directory, locked for one daemon; atomic, symlink-safe file writes.
+//! - [`daemon`]: `run(config, control)`: the cameras, the inference worker, health and reload
+//!   that tie the stages together, with systemd integration and one stop path.
 //!
-//! Off the frame path: [`eval`] (dataset evaluation with the paper's metrics).
-//!
-//! Shared: [`fsio`] (every file read from outside: regular files only, size-bounded before
-//! reading).
-pub mod alarm;
-pub mod camera;
+//! Beside the frame path: [`statedir`] (the state directory, locked for one daemon; atomic,
+//! symlink-safe writes), [`fsio`] (every file read from outside: regular files only, bounded
+//! before reading) and [`eval`] (dataset evaluation with the paper's metrics).
+
 pub mod config;
-pub mod daemon;
-pub mod engine;
-pub mod eval;
-pub mod fsio;
-pub mod gpu;
-pub mod head;
+
+pub mod camera;
+
 pub mod image_io;
-pub mod mqtt;
-pub mod package;
-pub mod payload;
+
 pub mod preprocess;
-pub mod scorer;
+
+pub mod package;
+
+pub mod engine;
+
+pub mod head;
+
 pub mod simd;
+
+pub mod gpu;
+
+pub mod scorer;
+
+pub mod alarm;
+
+pub mod payload;
+
+pub mod mqtt;
+
+pub mod daemon;
+
 pub mod statedir;
+
+pub mod fsio;
+
+pub mod eval;

@@ -61,7 +61,7 @@ pub enum PackageError {
     #[error(
         "{path}: format_version {found} is not supported (this build reads {FORMAT_VERSION}); re-export the package with this release's engines/export.py"
     )]
-    Version { path: PathBuf, found: u32 },
+    Version { path: PathBuf, found: i64 },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error(
@@ -199,7 +199,7 @@ impl ModelPackage {
             Some(v) => {
                 return Err(PackageError::Version {
                     path: manifest_path,
-                    found: u32::try_from(v).unwrap_or(u32::MAX),
+                    found: v,
                 });
             }
             None => {

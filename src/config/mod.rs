@@ -194,7 +194,18 @@ fn parse_inner(ctx: &mut Ctx<'_>) -> Option<Config> {
     let (mut root, syntax) = DeTable::parse_recoverable(ctx.text);
     if !syntax.is_empty() {
         for e in syntax {
-            ctx.push(e.span(), "", e.message().trim().to_owned());
+            let mut message = e.message().trim().to_owned();
+            // toml says "duplicate key" without the key: name it from the span.
+            if message.starts_with("duplicate key")
+                && let Some(key) = e
+                    .span()
+                    .and_then(|r| ctx.text.get(r))
+                    .map(|k| k.trim().trim_matches(['[', ']', '"', '\'']).trim())
+                    .filter(|k| !k.is_empty() && k.len() <= 100)
+            {
+                message = format!("{message} `{key}`");
+            }
+            ctx.push(e.span(), "", message);
         }
         // A document with syntax errors is not checked further: its recovered tree would give
         // misleading follow-up problems.

@@ -45,6 +45,13 @@ pub fn dimensions(b: &[u8]) -> Result<(u64, u64), String> {
         return Ok((u64::from(u16_at(b, 18)?), u64::from(u16_at(b, 20)?)));
     }
     let width = u32_at(b, 18)?;
+    // The width is a signed field that must be positive (a negative height means top-down).
+    if width == 0 || width > i32::MAX as u32 {
+        return Err(format!(
+            "corrupt BMP header: width {} (expected a positive number)",
+            width as i32
+        ));
+    }
     let raw_h = u32_at(b, 22)?;
     let height = if raw_h >> 24 == 0xFF {
         (1u64 << 32) - u64::from(raw_h)

@@ -20,12 +20,13 @@
 //! the mask the daemon renders on the CPU equals the GPU head's quantisation at the mask size.
 
 use anomalyclip_edge::gpu::{self, GpuDevice, GpuError, GpuHead, Stage};
+use anomalyclip_edge::head::render_mask;
 use anomalyclip_edge::head::{
     AnomalyHead, CpuHead, FrameValue, GAUSSIAN_TRUNCATE, HeadConfig, HeadError, HeadInput,
     HeadOutput, binary_mask, gaussian_blur, gaussian_kernel, map_stats, quantize_u8, resize_map,
     upsample_bilinear,
 };
-use anomalyclip_edge::payload::{MaskKind, render_mask};
+use anomalyclip_edge::payload::MaskKind;
 
 const TOL: f32 = 1e-5;
 

@@ -909,10 +909,6 @@ const KNOWN_QUEUE: &str = "known: alarm queue / state directory";
 const LIMIT_EXEC_WINDOW: &str =
     "limit: a signal before main runs (the exec window) takes the default action";
 const NEW_QUADRATIC: &str = "new: check-config takes problems × file size (line numbers found by rescanning the text): 10000 bad 100-byte lines take 21 s (debug) / 2.5 s (release)";
-const NEW_DUP_KEY: &str =
-    "new: a duplicate key or table is reported as `duplicate key` without its name";
-const NEW_VERSION: &str =
-    "new: a format_version outside u32 is reported as 4294967295, not as written";
 
 fn cases() -> Vec<Case> {
     let mut v = Vec::new();
@@ -941,8 +937,8 @@ fn config_cases(v: &mut Vec<Case>) {
         ("syntax error: value missing", "node_id = \"hostile\"", "node_id = ", "config.toml:1", None),
         ("syntax error: table header not closed", "[mqtt]", "[mqtt", "config.toml:", None),
         ("syntax error: string not closed", "node_id = \"hostile\"", "node_id = \"hostile", "config.toml:1", None),
-        ("duplicate key", "stats_interval_s = 1", "stats_interval_s = 1\nstats_interval_s = 2", "stats_interval_s", Some(NEW_DUP_KEY)),
-        ("duplicate table", "[engine]", "[engine]\nthreads = 1\n[engine]", "engine", Some(NEW_DUP_KEY)),
+        ("duplicate key", "stats_interval_s = 1", "stats_interval_s = 1\nstats_interval_s = 2", "stats_interval_s", None),
+        ("duplicate table", "[engine]", "[engine]\nthreads = 1\n[engine]", "engine", None),
         ("unknown top-level key", "stats_interval_s = 1", "stats_intervall_s = 1", "stats_intervall_s", None),
         ("unknown key in [mqtt]", "keep_alive_s = 5", "keepalive_s = 5", "keepalive_s", None),
         ("unknown key in a camera", "threshold = 0.5", "treshold = 0.5", "treshold", None),
@@ -1399,8 +1395,8 @@ fn package_cases(v: &mut Vec<Case>) {
             write(&p.join("manifest.toml"), m);
         }, Exit::Clean, "", None),
         ("format_version 2", |_, p| edit_manifest(p, "format_version = 1", "format_version = 2"), Exit::Usage, "format_version 2", None),
-        ("format_version past u32", |_, p| edit_manifest(p, "format_version = 1", "format_version = 99999999999"), Exit::Usage, "format_version 99999999999", Some(NEW_VERSION)),
-        ("format_version negative", |_, p| edit_manifest(p, "format_version = 1", "format_version = -1"), Exit::Usage, "format_version -1", Some(NEW_VERSION)),
+        ("format_version past u32", |_, p| edit_manifest(p, "format_version = 1", "format_version = 99999999999"), Exit::Usage, "format_version 99999999999", None),
+        ("format_version negative", |_, p| edit_manifest(p, "format_version = 1", "format_version = -1"), Exit::Usage, "format_version -1", None),
         ("format_version a string", |_, p| edit_manifest(p, "format_version = 1", "format_version = \"1\""), Exit::Usage, "format_version", None),
         ("unknown key", |_, p| edit_manifest(p, "tiny = true", "tiny = true\ncolour = 1"), Exit::Usage, "colour", None),
         ("duplicate key", |_, p| edit_manifest(p, "tiny = true", "tiny = true\ntiny = false"), Exit::Usage, "duplicate", None),
@@ -1619,7 +1615,7 @@ fn image_cases(v: &mut Vec<Case>) {
         ("PNG with zero width", "zw.png", |p| write(p, png_header_only(0, 16)), Exit::Items, "zw.png", None),
         ("PNG with zero height", "zh.png", |p| write(p, png_header_only(16, 0)), Exit::Items, "zh.png", None),
         ("BMP with zero width", "zw.bmp", |p| write(p, bmp_header(0, 4, 54, &[])), Exit::Items, "zw.bmp", None),
-        ("BMP with negative width", "nw.bmp", |p| write(p, bmp_header(-4, 4, 54, &[0; 48])), Exit::Items, "corrupt", Some("new: a BMP with width -4 is reported as 4294967292 pixels wide, over the size limit, not as corrupt")),
+        ("BMP with negative width", "nw.bmp", |p| write(p, bmp_header(-4, 4, 54, &[0; 48])), Exit::Items, "corrupt", None),
         ("BMP with i32::MIN height", "minh.bmp", |p| write(p, bmp_header(4, i32::MIN, 54, &[0; 48])), Exit::Items, "minh.bmp", None),
         ("BMP declaring 2^31-1 x 2^31-1", "big.bmp", |p| write(p, bmp_header(i32::MAX, i32::MAX, 54, &[0; 48])), Exit::Items, "big.bmp", None),
         ("BMP with a data offset past the end", "off.bmp", |p| write(p, bmp_header(4, 4, u32::MAX, &[0; 48])), Exit::Items, "off.bmp", None),
