@@ -69,7 +69,7 @@ fn main() {
     set("have_turbojpeg", has_lib("libturbojpeg.so.0"));
     set(
         "have_nvrtc",
-        root.join(".deps/nvrtc/lib").is_dir() || has_lib("libnvrtc.so"),
+        root.join(".deps/nvrtc/libnvrtc.so.12").is_file() || has_lib("libnvrtc.so"),
     );
     set(
         "have_gpu",

@@ -276,7 +276,10 @@ fn live(records: Vec<Record>) -> Vec<Alarm> {
 /// Reads one queue file (`v1` picks the format); `None` if it does not exist. Damage is logged,
 /// and the original bytes are kept in `<path>.damaged`.
 fn load(path: &Path, v1: bool) -> io::Result<Option<Vec<Alarm>>> {
-    let Some(buf) = statedir::read_file(path)? else {
+    // The error names the file (e.g. a directory or a device at the queue's name).
+    let Some(buf) = statedir::read_file(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?
+    else {
         return Ok(None);
     };
     let scan = if v1 {
