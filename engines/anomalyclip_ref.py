@@ -1,6 +1,7 @@
 """PyTorch reference implementation of AnomalyCLIP inference.
 
-This module owns the maths of `shared/docs/anomalyclip-inference.md`:
+This module owns the maths of AnomalyCLIP inference as the official code (zqhang/AnomalyCLIP)
+computes it; `PACKAGE.md` states what the exported package and the runtime compute:
 
 * the supported architectures (ViT-L/14@336px and the tiny test model) and the tensor shapes
   that identify them (`Arch`, `KNOWN_ARCHS`);

@@ -23,7 +23,8 @@ undefined metrics are null):
       Writes a synthetic MVTec-style tree (RGB PNG textures; half `good`, half with elliptic
       defects of two types, masks `ground_truth/<defect>/<stem>_mask.png`). For the benchmark.
 
-Metrics (the protocol of shared/docs/anomalyclip-inference.md §6, written here independently of
+Metrics (the paper's evaluation protocol, as the README's "Evaluating on a dataset" states it,
+written here independently of
 the Rust code):
 - image AUROC / AP: scikit-learn `roc_auc_score` / `average_precision_score` on the float32
   scores (AUROC needs both labels, AP at least one anomalous image);
