@@ -193,19 +193,41 @@ fn nofollow_error(path: &Path, e: io::Error) -> io::Error {
 
 /// Reads a whole file without following a symlink at its name; `Ok(None)` if it is missing.
 pub fn read_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    let mut f = match OpenOptions::new()
+    // O_NONBLOCK: a FIFO planted at the name must not block the open; it is refused below.
+    let f = match OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
     {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(nofollow_error(path, e)),
     };
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file (remove it)", path.display()),
+        ));
+    }
+    if meta.len() > MAX_STATE_FILE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} holds {} bytes, more than the {MAX_STATE_FILE} a state file may (remove it)",
+                path.display(),
+                meta.len()
+            ),
+        ));
+    }
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
+    f.take(MAX_STATE_FILE + 1).read_to_end(&mut buf)?;
     Ok(Some(buf))
 }
+
+/// Largest state file read back (alarm queue, alarm state): the queue holds at most
+/// `queue_max_alarms` records between compactions, far below this.
+pub const MAX_STATE_FILE: u64 = 256 << 20;
 
 /// Opens (creating, mode 0640) a file for appending, without following a symlink at its name.
 pub fn open_append(path: &Path) -> io::Result<File> {
