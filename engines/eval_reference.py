@@ -24,8 +24,7 @@ undefined metrics are null):
       defects of two types, masks `ground_truth/<defect>/<stem>_mask.png`). For the benchmark.
 
 Metrics (the paper's evaluation protocol, as the README's "Evaluating on a dataset" states it,
-written here independently of
-the Rust code):
+written here independently of the Rust code):
 - image AUROC / AP: scikit-learn `roc_auc_score` / `average_precision_score` on the float32
   scores (AUROC needs both labels, AP at least one anomalous image);
 - masks as the official loader: Pillow `convert("L")`, `> 0` to 255, `resize((S, S), BILINEAR)`,

@@ -257,11 +257,7 @@ async fn camera_outage_is_reported_and_recovers_without_a_restart() {
     let mut cam = RtspCamera::start();
     let mut plc = Watcher::start(broker.port, "anomalyclip/co/#").await;
     // A fast retry backoff ([camera.retry]): several failed attempts within a second or two.
-    let cameras = format!(
-        "[[camera]]\nname = \"gate\"\nuri = \"{}\"\n[camera.mask]\nenabled = false\n\
-         [camera.retry]\ninitial_ms = 100\nmax_ms = 200\n",
-        cam.url()
-    );
+    let cameras = common::daemon::rtsp_gate_camera(&cam.url());
     let mut d = Daemon::start(&config("co", broker.port, &cameras));
     d.wait_ready().await;
     let cam_status = "anomalyclip/co/gate/status";

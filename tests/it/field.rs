@@ -202,11 +202,7 @@ async fn online_is_published_before_the_first_result_of_every_reconnection() {
     let broker = Broker::start(None).await;
     let mut cam = RtspCamera::start();
     let mut plc = Watcher::start(broker.port, "anomalyclip/ord/#").await;
-    let cameras = format!(
-        "[[camera]]\nname = \"gate\"\nuri = \"{}\"\n[camera.mask]\nenabled = false\n\
-         [camera.retry]\ninitial_ms = 100\nmax_ms = 200\n",
-        cam.url()
-    );
+    let cameras = common::daemon::rtsp_gate_camera(&cam.url());
     let mut d = Daemon::start(&config("ord", broker.port, &cameras));
     d.wait_ready().await;
     let status = "anomalyclip/ord/gate/status";

@@ -827,24 +827,10 @@ fn lines_check(images: usize, scored: usize) -> impl Fn(&Ctx, &Outcome) -> Resul
 /// A config that `check-config` and `run` accept: the tiny model on the CPU, the broker on
 /// 127.0.0.1:`port`, user + sentinel password, one simulated camera.
 fn config_text(port: u16) -> String {
-    format!(
-        "node_id = \"hostile\"\n\
-         state_dir = \"state\"\n\
-         stats_interval_s = 1\n\
-         [model]\n\
-         package = \"{model}\"\n\
-         [engine]\n\
-         backend = \"cpu\"\n\
-         threads = 1\n\
-         max_batch = 1\n\
-         max_wait_ms = 5\n\
-         [mqtt]\n\
-         host = \"127.0.0.1\"\n\
-         port = {port}\n\
-         keep_alive_s = 5\n\
-         reconnect_min_ms = 100\n\
-         reconnect_max_ms = 500\n\
-         username = \"u\"\n\
+    // The daemon tests' config (tiny model on the CPU, fast reconnects) with credentials and
+    // one simulated camera appended inside `[mqtt]` / after it.
+    let tail = format!(
+        "username = \"u\"\n\
          password = \"{SECRET}\"\n\
          [[camera]]\n\
          name = \"cam\"\n\
@@ -854,10 +840,9 @@ fn config_text(port: u16) -> String {
          [camera.alarm]\n\
          raise_count = 1\n\
          raise_window = 1\n\
-         clear_count = 1\n",
-        model = tiny().display(),
-        port = if port == 0 { 1883 } else { port },
-    )
+         clear_count = 1\n"
+    );
+    common::daemon::config("hostile", if port == 0 { 1883 } else { port }, &tail)
 }
 
 /// `check-config config.toml` on the base config after `edit` (text → text).
@@ -966,9 +951,9 @@ fn config_cases(v: &mut Vec<Case>) {
         ("engine.threads 100000", "threads = 1", "threads = 100000", "threads", None),
         ("engine.threads 1024 on a small machine", "threads = 1", "threads = 1024", "threads", None),
         ("engine.threads a string", "threads = 1", "threads = \"all\"", "threads", None),
-        ("engine.max_batch 0", "max_batch = 1", "max_batch = 0", "max_batch", None),
-        ("engine.max_batch 65", "max_batch = 1", "max_batch = 65", "max_batch", None),
-        ("engine.max_batch 2^40", "max_batch = 1", "max_batch = 1099511627776", "max_batch", None),
+        ("engine.max_batch 0", "max_batch = 4", "max_batch = 0", "max_batch", None),
+        ("engine.max_batch 65", "max_batch = 4", "max_batch = 65", "max_batch", None),
+        ("engine.max_batch 2^40", "max_batch = 4", "max_batch = 1099511627776", "max_batch", None),
         ("engine.max_wait_ms over the range", "max_wait_ms = 5", "max_wait_ms = 10001", "max_wait_ms", None),
         ("engine.backend unknown", "backend = \"cpu\"", "backend = \"gpu\"", "backend", None),
         ("engine.head unknown", "backend = \"cpu\"", "backend = \"cpu\"\nhead = \"fpga\"", "head", None),
@@ -2196,6 +2181,7 @@ fn state_cases(v: &mut Vec<Case>) {
         ("queue record id u64::MAX", Box::new(|s: &Path| write(&s.join("alarm-queue.v1.jsonl"), "{\"op\":\"add\",\"id\":18446744073709551615,\"alarm\":{\"camera\":\"cam\",\"active\":true,\"seq\":1,\"ts_ms\":1,\"score\":0.9}}\n")), Exit::Ok, "alarms=1", None),
         ("queue record id past u64", Box::new(|s: &Path| write(&s.join("alarm-queue.v1.jsonl"), "{\"op\":\"add\",\"id\":18446744073709551616,\"alarm\":{\"camera\":\"cam\",\"active\":true,\"seq\":1,\"ts_ms\":1,\"score\":0.9}}\n")), Exit::Ok, "alarm queue", None),
         ("queue file a directory", Box::new(|s: &Path| std::fs::create_dir_all(s.join("alarm-queue.v1.jsonl")).expect("mkdir")), Exit::Clean, "alarm-queue", None),
+        ("queue file a FIFO", Box::new(|s: &Path| mkfifo(&s.join("alarm-queue.v2"))), Exit::Clean, "alarm-queue", None),
         ("queue file /dev/zero", Box::new(|s: &Path| symlink("/dev/zero", &s.join("alarm-queue.v1.jsonl"))), Exit::Clean, "alarm-queue", None),
         ("alarm state garbage", Box::new(|s: &Path| write(&s.join("alarm-state.v1.json"), "garbage")), Exit::Ok, "alarm state", None),
         ("alarm state invalid UTF-8", Box::new(|s: &Path| write(&s.join("alarm-state.v1.json"), b"{\"cam\": \xff}")), Exit::Ok, "alarm state", None),

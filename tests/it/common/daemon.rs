@@ -67,6 +67,15 @@ pub fn config(node_id: &str, port: u16, cameras: &str) -> String {
     )
 }
 
+/// A `[[camera]]` named `gate` reading the RTSP camera at `url`, without masks, retrying
+/// every 100–200 ms (so a restarted camera is back within a fraction of a second).
+pub fn rtsp_gate_camera(url: &str) -> String {
+    format!(
+        "[[camera]]\nname = \"gate\"\nuri = \"{url}\"\n[camera.mask]\nenabled = false\n\
+         [camera.retry]\ninitial_ms = 100\nmax_ms = 200\n"
+    )
+}
+
 /// A `[[camera]]` table with a simulated camera (`videotestsrc`, live, 10 fps), threshold
 /// `threshold`, an alarm that raises on one anomalous frame and clears on one normal frame, and
 /// masks for every frame (32×32, no rate limit).
