@@ -46,14 +46,15 @@ use crate::config::{self, CameraConfig, Config, ConfigErrors, MaskConfig};
 use crate::engine::EngineOptions;
 use crate::mqtt::{Publisher, PublisherError};
 use crate::package::HashCheck;
-use crate::payload::MaskGate;
 use crate::scorer::{ScoreError, Scorer};
 use crate::statedir::{StateDir, StateDirError};
 
 mod alarm_state;
+mod calibrated;
 mod cameras;
 mod control;
 mod health;
+mod regions;
 mod worker;
 
 pub use alarm_state::ALARM_STATE_FILE;
@@ -105,11 +106,11 @@ struct CamState {
     seq_base: u64,
     /// One past the last `seq` scored.
     next_seq: u64,
-    threshold: f32,
     pixel_threshold: f32,
-    debouncer: Debouncer,
     mask: MaskConfig,
-    gate: MaskGate,
+    /// The regions scored on each frame (one implicit whole-frame region without
+    /// `[[camera.region]]`), in the config's order.
+    units: Vec<regions::Unit>,
     scored: u64,
     /// The stats window, in the camera instance's sample ordinals ([`camera::Frame::ordinal`]):
     /// it starts at the `frames_in` of the last report.
@@ -122,21 +123,43 @@ struct CamState {
     latencies_ms: Vec<f32>,
 }
 
+/// A debouncer for `cfg`, restored to `raised` (the config validated the parameters; the
+/// defaults stand in if not).
+fn debouncer(cfg: &CameraConfig, raised: bool) -> Debouncer {
+    let mut d = Debouncer::new(cfg.alarm)
+        .unwrap_or_else(|_| Debouncer::new(Default::default()).expect("default debounce"));
+    d.restore(raised);
+    d
+}
+
 impl CamState {
-    fn new(cfg: &CameraConfig, index: usize, raised: bool) -> Self {
-        let mut debouncer = Debouncer::new(cfg.alarm)
-            .unwrap_or_else(|_| Debouncer::new(Default::default()).expect("default debounce"));
-        debouncer.restore(raised);
+    fn new(
+        cfg: &CameraConfig,
+        index: usize,
+        raised: &dyn Fn(&str) -> bool,
+        validity: &regions::Validity,
+    ) -> Self {
+        let units = cfg
+            .regions
+            .iter()
+            .map(|r| {
+                let key = regions::unit_key(&cfg.name, r.level());
+                regions::Unit::new(
+                    &cfg.name,
+                    r,
+                    debouncer(cfg, raised(&key)),
+                    &cfg.mask,
+                    validity,
+                )
+            })
+            .collect();
         Self {
             index,
             seq_base: 0,
             next_seq: 0,
-            threshold: cfg.threshold,
             pixel_threshold: cfg.pixel_threshold,
-            // The config validated the debounce parameters (defaults above if not).
-            debouncer,
             mask: cfg.mask,
-            gate: MaskGate::new(cfg.mask.only_on_anomaly, cfg.mask.min_interval),
+            units,
             scored: 0,
             frames_in_at_last_stats: 0,
             scored_in_window: 0,
@@ -145,20 +168,49 @@ impl CamState {
         }
     }
 
-    /// Applies a reloaded `[[camera]]` entry. A changed debounce keeps the alarm state (a
-    /// raised alarm must still be cleared on MQTT, not forgotten with the old debouncer).
-    fn apply(&mut self, old: &CameraConfig, new: &CameraConfig) {
-        self.threshold = new.threshold;
+    /// Applies a reloaded `[[camera]]` entry. Regions are matched by name: a kept region keeps
+    /// its debouncer (a raised alarm must still be cleared on MQTT, not forgotten) and takes the
+    /// new thresholds, shape and calibration; new regions start clear; removed regions are
+    /// returned (their unit keys) so that their retained topics can be cleared.
+    fn apply(
+        &mut self,
+        old: &CameraConfig,
+        new: &CameraConfig,
+        validity: &regions::Validity,
+    ) -> Vec<String> {
         self.pixel_threshold = new.pixel_threshold;
-        if new.alarm != old.alarm
-            && let Err(e) = self.debouncer.reconfigure(new.alarm)
-        {
-            warn!(camera = %new.name, error = %e, "reload: alarm debounce not changed");
+        let mut units = std::mem::take(&mut self.units);
+        let mut next = Vec::with_capacity(new.regions.len());
+        for r in &new.regions {
+            match units.iter().position(|u| u.cfg.name == r.name) {
+                Some(i) => {
+                    let mut u = units.swap_remove(i);
+                    u.reconfigure(&new.name, r, validity);
+                    if new.alarm != old.alarm
+                        && let Err(e) = u.debouncer.reconfigure(new.alarm)
+                    {
+                        warn!(region = %u.key, error = %e, "reload: alarm debounce not changed");
+                    }
+                    if new.mask != old.mask {
+                        u.gate = crate::payload::MaskGate::new(
+                            new.mask.only_on_anomaly,
+                            new.mask.min_interval,
+                        );
+                    }
+                    next.push(u);
+                }
+                None => next.push(regions::Unit::new(
+                    &new.name,
+                    r,
+                    debouncer(new, false),
+                    &new.mask,
+                    validity,
+                )),
+            }
         }
-        if new.mask != old.mask {
-            self.mask = new.mask;
-            self.gate = MaskGate::new(new.mask.only_on_anomaly, new.mask.min_interval);
-        }
+        self.units = next;
+        self.mask = new.mask;
+        units.into_iter().map(|u| u.key).collect()
     }
 
     /// The camera was restarted as instance `index`: its frame numbers start again at 0.
@@ -199,6 +251,8 @@ struct Shared {
     scored_ms: AtomicU64,
     statuses: Mutex<HashMap<String, CameraState>>,
     alarm_states: AlarmStates,
+    /// What a region's calibration must have been made for.
+    validity: regions::Validity,
     started: Instant,
 }
 
@@ -229,6 +283,25 @@ pub fn engine_options(cfg: &Config) -> EngineOptions {
         fp16: cfg.engine.fp16,
         max_batch: cfg.engine.max_batch.max(1) as usize,
         device_id: 0,
+    }
+}
+
+/// What the running model and engine are, for calibration fingerprints.
+fn validity(cfg: &Config, scorer: &Scorer) -> regions::Validity {
+    let m = &scorer.package().manifest;
+    let file = |name: &str| m.files.get(name).cloned().unwrap_or_default();
+    let info = scorer.engine().info();
+    regions::Validity {
+        state_dir: cfg.state_dir.clone(),
+        model_sha256: file("model.onnx"),
+        text_sha256: file("text.f32"),
+        backend: info.backend.to_string(),
+        precision: if cfg.engine.fp16 && info.backend.to_string() != "cpu" {
+            "fp16".into()
+        } else {
+            "fp32".into()
+        },
+        input_size: scorer.size() as u32,
     }
 }
 
@@ -277,6 +350,7 @@ async fn run_async(
     let size = scorer.size();
     let model_name = scorer.package().manifest.name.clone();
     let engine_name = scorer.engine().info().backend.to_string();
+    let validity = validity(&cfg, &scorer);
     let shared = Arc::new(Shared {
         cams: RwLock::new(Vec::new()),
         stop: AtomicBool::new(false),
@@ -284,6 +358,7 @@ async fn run_async(
         scored_ms: AtomicU64::new(0),
         statuses: Mutex::new(HashMap::new()),
         alarm_states: AlarmStates::load(&cfg.state_dir, &cfg.cameras),
+        validity,
         started: Instant::now(),
     });
     let notify_frames = FrameNotify::new();

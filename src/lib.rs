@@ -16,7 +16,10 @@
 //! - [`simd`]: run-time AVX2 dispatch of the numerical loops (bit-identical results).
 //! - [`gpu`]: the same head as CUDA kernels (NVRTC at start-up, cudarc), checked against [`head`].
 //! - [`scorer`]: package + engine + head as one object, used by `score`, `eval` and the daemon.
-//! - [`alarm`]: per-camera alarm debouncer (N of the last M frames over threshold, K to clear).
+//! - [`region`]: regions of interest: the crop of the full-resolution frame, ignore polygons.
+//! - [`decision`]: statistic, thresholds (hand-set or calibrated) and the OK / UNKNOWN / NG
+//!   verdict of a region on a frame.
+//! - [`alarm`]: per-region alarm debouncer (N of the last M frames over threshold, K to clear).
 //! - [`payload`]: the versioned MQTT payloads (result, alarm, status, mask PNG, stats).
 //! - [`mqtt`]: the publisher task, its topic contract and the on-disk alarm queue.
 //! - [`daemon`]: `run(config, control)`: the cameras, the inference worker, health and reload
@@ -45,6 +48,10 @@ pub mod simd;
 pub mod gpu;
 
 pub mod scorer;
+
+pub mod region;
+
+pub mod decision;
 
 pub mod alarm;
 

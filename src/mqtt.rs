@@ -143,6 +143,8 @@ fn now_ms() -> u64 {
 enum Ctl {
     Alarm(Alarm),
     CameraStatus(String, CameraStatus),
+    /// A retained message under a camera or region (`unit`), e.g. its `calibration`.
+    Retained(String, &'static str, Vec<u8>),
     Forget(String),
     Shutdown(Duration),
 }
@@ -204,6 +206,12 @@ impl PublisherHandle {
     /// Sets a camera's status; published (QoS 1, retained) when it changes and on every reconnect.
     pub fn camera_status(&self, camera: &str, status: CameraStatus) {
         let _ = self.ctl.send(Ctl::CameraStatus(camera.to_owned(), status));
+    }
+
+    /// Publishes a retained message on `<prefix>/<unit>/<leaf>` (QoS 1), re-published on every
+    /// reconnect until the unit is forgotten; `unit` is `camera` or `camera/region`.
+    pub fn retained(&self, unit: &str, leaf: &'static str, payload: Vec<u8>) {
+        let _ = self.ctl.send(Ctl::Retained(unit.to_owned(), leaf, payload));
     }
 
     /// Forgets a camera that was removed: its status and alarm are no longer re-published on
@@ -308,6 +316,7 @@ impl Publisher {
             shared: shared.clone(),
             statuses: BTreeMap::new(),
             last_alarm: BTreeMap::new(),
+            retained: BTreeMap::new(),
             pending_clear: BTreeMap::new(),
             conn: None,
             generation: 0,
@@ -432,6 +441,8 @@ struct Worker {
     statuses: BTreeMap<String, CameraStatus>,
     /// Latest acknowledged alarm per camera (re-published on reconnect).
     last_alarm: BTreeMap<String, Alarm>,
+    /// Retained messages of cameras and regions (topic → payload), re-published on reconnect.
+    retained: BTreeMap<String, Vec<u8>>,
     /// Forgotten cameras whose retained topics still need clearing; `true` once the clears
     /// were handed to the current connection.
     pending_clear: BTreeMap<String, bool>,
@@ -495,8 +506,10 @@ impl Worker {
         self.conn.as_ref().is_some_and(|c| c.up)
     }
 
+    /// `<prefix>/<unit>/<leaf>`, `unit` being `camera` or `camera/region` (each level checked).
     fn topic(&self, camera: &str, leaf: &str) -> Option<String> {
-        if is_valid_name(camera) {
+        let levels = camera.split('/').count();
+        if (1..=2).contains(&levels) && camera.split('/').all(is_valid_name) {
             Some(format!("{}/{camera}/{leaf}", self.prefix))
         } else {
             warn!(
@@ -669,11 +682,11 @@ impl Worker {
         let states: Vec<Alarm> = self
             .last_alarm
             .values()
-            .filter(|a| !self.queue.has_camera(&a.camera))
+            .filter(|a| !self.queue.has_camera(&a.unit()))
             .cloned()
             .collect();
         for a in states {
-            if let Some(topic) = self.topic(&a.camera, "alarm") {
+            if let Some(topic) = self.topic(&a.unit(), "alarm") {
                 self.publish(
                     topic,
                     QoS::AtLeastOnce,
@@ -682,6 +695,14 @@ impl Worker {
                     Sent::AlarmState,
                 );
             }
+        }
+        let retained: Vec<(String, Vec<u8>)> = self
+            .retained
+            .iter()
+            .map(|(t, p)| (t.clone(), p.clone()))
+            .collect();
+        for (topic, payload) in retained {
+            self.publish(topic, QoS::AtLeastOnce, true, payload, Sent::Status);
         }
         self.send_alarms();
         self.send_clears();
@@ -737,8 +758,8 @@ impl Worker {
             Sent::Alarm(id) => {
                 match self.queue.ack(id) {
                     Ok(Some(a)) => {
-                        if !self.pending_clear.contains_key(&a.camera) {
-                            self.last_alarm.insert(a.camera.clone(), a);
+                        if !self.pending_clear.contains_key(&a.unit()) {
+                            self.last_alarm.insert(a.unit(), a);
                         }
                     }
                     Ok(None) => {}
@@ -782,7 +803,7 @@ impl Worker {
             .map(|e| (e.id, e.alarm.clone(), e.replay))
             .collect();
         for (id, alarm, replay) in pending {
-            let Some(topic) = self.topic(&alarm.camera, "alarm") else {
+            let Some(topic) = self.topic(&alarm.unit(), "alarm") else {
                 // Unpublishable: drop it from the queue rather than block the ones behind it.
                 let _ = self.queue.ack(id);
                 continue;
@@ -823,7 +844,11 @@ impl Worker {
                 self.pending_clear.remove(&camera);
                 continue;
             };
+            let calibration = self.topic(&camera, "calibration");
             let handed = self.publish(status, QoS::AtLeastOnce, true, Vec::new(), Sent::Status)
+                && calibration.is_none_or(|t| {
+                    self.publish(t, QoS::AtLeastOnce, true, Vec::new(), Sent::Status)
+                })
                 && self.publish(
                     alarm,
                     QoS::AtLeastOnce,
@@ -841,7 +866,7 @@ impl Worker {
     fn on_ctl(&mut self, c: Ctl) {
         match c {
             Ctl::Alarm(a) => {
-                self.pending_clear.remove(&a.camera);
+                self.pending_clear.remove(&a.unit());
                 let replay = !self.is_up();
                 let camera = a.camera.clone();
                 let (_, out) = self.queue.push(a, replay);
@@ -869,9 +894,24 @@ impl Worker {
                     self.publish(topic, QoS::AtLeastOnce, true, payload, Sent::Status);
                 }
             }
+            Ctl::Retained(unit, leaf, payload) => {
+                self.pending_clear.remove(&unit);
+                if let Some(topic) = self.topic(&unit, leaf) {
+                    if self.retained.get(&topic) == Some(&payload) {
+                        return;
+                    }
+                    self.retained.insert(topic.clone(), payload.clone());
+                    self.publish(topic, QoS::AtLeastOnce, true, payload, Sent::Status);
+                }
+            }
             Ctl::Forget(camera) => {
                 self.statuses.remove(&camera);
-                self.last_alarm.remove(&camera);
+                let sub = format!("{camera}/");
+                self.last_alarm
+                    .retain(|k, _| *k != camera && !k.starts_with(&sub));
+                if let Some(t) = self.topic(&camera, "") {
+                    self.retained.retain(|k, _| !k.starts_with(&t));
+                }
                 self.pending_clear.insert(camera, false);
                 self.send_clears();
             }
@@ -883,7 +923,11 @@ impl Worker {
     fn on_data(&mut self, d: Data) {
         match d {
             Data::Result(r) => {
-                let ok = match self.topic(&r.camera, "result") {
+                let unit = match &r.region {
+                    Some(region) => format!("{}/{region}", r.camera),
+                    None => r.camera.clone(),
+                };
+                let ok = match self.topic(&unit, "result") {
                     Some(topic) => {
                         let qos = self.cfg.result_qos;
                         self.publish(topic, qos, false, r.to_json(), Sent::Result)

@@ -107,6 +107,15 @@ pub struct FrameResult {
     pub latency_ms: f32,
     /// Model name (from the package manifest).
     pub model: String,
+    /// The region's name; `None` for a camera's implicit whole-frame region.
+    pub region: Option<String>,
+    /// `OK`, `UNKNOWN` or `NG` (the region's decision on this frame).
+    pub verdict: &'static str,
+    /// `sigmoid(logit(value) − logit(T2))`: 0.5 at the NG threshold; NaN (sent as -1) when the
+    /// region has no valid threshold.
+    pub score_norm: f32,
+    /// The calibration id, `manual` (hand-set thresholds) or empty (uncalibrated).
+    pub cal: String,
 }
 
 #[derive(Serialize)]
@@ -122,13 +131,27 @@ struct ResultWire {
     area: f64,
     latency_ms: f64,
     model: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
+    verdict: &'static str,
+    score_norm: f64,
+    cal: String,
 }
+
+/// Longest model name in a `result` (the manifest allows 64; the rest of the payload needs
+/// the room).
+const MAX_RESULT_MODEL_BYTES: usize = 32;
+/// Longest calibration id in a `result`.
+const MAX_CAL_BYTES: usize = 16;
+/// Latencies are capped at this many milliseconds on the wire (about 11.6 days).
+const MAX_LATENCY_MS: f32 = 1e9;
 
 impl FrameResult {
     /// The `result` payload: flat JSON, guaranteed ≤ [`MAX_RESULT_BYTES`].
     ///
-    /// Worst case: ~110 bytes of keys and punctuation, two strings of 64, two u64 of 20 digits,
-    /// five numbers of ≤ 24 characters, `false`: ≈ 400 bytes.
+    /// Worst case: ~160 bytes of keys and punctuation, two strings of 64 (camera, region), the
+    /// model cut to 32, the calibration id to 16, two u64 of 20 digits, six numbers of ≤ 24
+    /// characters, `false`, `UNKNOWN`: ≈ 500 bytes (checked by a test).
     pub fn to_json(&self) -> Vec<u8> {
         let wire = ResultWire {
             v: SCHEMA_VERSION,
@@ -140,8 +163,15 @@ impl FrameResult {
             threshold: r4(self.threshold),
             map_max: r4(self.map_max),
             area: r4(self.area),
-            latency_ms: r1(self.latency_ms),
-            model: sanitize(&self.model, MAX_STRING_BYTES),
+            latency_ms: r1(self.latency_ms.min(MAX_LATENCY_MS)),
+            model: sanitize(&self.model, MAX_RESULT_MODEL_BYTES),
+            region: self
+                .region
+                .as_deref()
+                .map(|r| sanitize(r, MAX_STRING_BYTES)),
+            verdict: self.verdict,
+            score_norm: r4(self.score_norm),
+            cal: sanitize(&self.cal, MAX_CAL_BYTES),
         };
         // Serialising a struct of plain fields into a Vec can not fail.
         serde_json::to_vec(&wire).unwrap_or_default()
@@ -161,12 +191,18 @@ pub struct Alarm {
     pub ts_ms: u64,
     /// Score of that frame.
     pub score: f32,
+    /// The region; `None` for the camera's implicit whole-frame region (and in records queued
+    /// before regions existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 #[derive(Serialize)]
 struct AlarmWire {
     v: u32,
     camera: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
     active: bool,
     seq: u64,
     ts_ms: u64,
@@ -175,12 +211,24 @@ struct AlarmWire {
 }
 
 impl Alarm {
+    /// The topic levels of the alarm's region under the prefix: `camera` or `camera/region`.
+    pub fn unit(&self) -> String {
+        match &self.region {
+            Some(r) => format!("{}/{r}", self.camera),
+            None => self.camera.clone(),
+        }
+    }
+
     /// The `alarm` payload. `replayed` is true when the message is sent late: it was queued while
     /// the broker was unreachable or had not acknowledged it, or was restored from the disk queue.
     pub fn to_json(&self, replayed: bool) -> Vec<u8> {
         let wire = AlarmWire {
             v: SCHEMA_VERSION,
             camera: sanitize(&self.camera, MAX_STRING_BYTES),
+            region: self
+                .region
+                .as_deref()
+                .map(|r| sanitize(r, MAX_STRING_BYTES)),
             active: self.active,
             seq: self.seq,
             ts_ms: self.ts_ms,
@@ -253,6 +301,27 @@ pub struct CameraStats {
     pub latency_p99_ms: f64,
     /// Current source status text (as on the camera status topic).
     pub status: String,
+    /// Per region (the implicit whole-frame region is `(frame)`).
+    pub regions: BTreeMap<String, RegionStats>,
+}
+
+/// Per-region counters and decision state for the `stats` topic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RegionStats {
+    /// Verdicts since the camera started: OK, UNKNOWN, NG.
+    pub ok: u64,
+    pub unknown: u64,
+    pub ng: u64,
+    /// Frames whose region did not fit the frame (the camera's resolution changed).
+    pub crop_errors: u64,
+    /// `manual`, `calibrated <id>` or `uncalibrated: <reason>`.
+    pub calibration: String,
+    /// The recent scores have drifted from the calibration's (population stability index over
+    /// the limit); false without a calibration.
+    pub drift: bool,
+    /// The population stability index of the recent scores against the calibration, when
+    /// there are enough of both.
+    pub psi: Option<f64>,
 }
 
 /// Publisher counters, as written into `stats` (the publisher fills them in).
@@ -402,6 +471,10 @@ mod tests {
             area: f32::NAN,
             latency_ms: f32::MAX,
             model: "a-very-long-model-name/\"quoted\"\\ünïcødé\u{7}".repeat(20),
+            region: Some("r".repeat(64)),
+            verdict: "UNKNOWN",
+            score_norm: -f32::MAX,
+            cal: "x".repeat(100),
         }
     }
 
@@ -424,10 +497,14 @@ mod tests {
             "area",
             "latency_ms",
             "model",
+            "region",
+            "verdict",
+            "score_norm",
+            "cal",
         ] {
             assert!(keys.contains(&k), "missing {k}");
         }
-        assert_eq!(obj.len(), 11);
+        assert_eq!(obj.len(), 15);
         for (k, val) in obj {
             assert!(
                 !val.is_object() && !val.is_array() && !val.is_null(),
@@ -454,11 +531,20 @@ mod tests {
             area: 0.01,
             latency_ms: 12.345,
             model: "m".into(),
+            region: None,
+            verdict: "OK",
+            score_norm: 0.2,
+            cal: "manual".into(),
         };
         let s = String::from_utf8(r.to_json()).expect("utf8");
         assert!(s.contains("\"score\":0.1235"), "{s}");
         assert!(s.contains("\"latency_ms\":12.3"), "{s}");
         assert!(s.contains("\"map_max\":0.9877"), "{s}");
+        assert!(
+            !s.contains("region"),
+            "the implicit region has no region key: {s}"
+        );
+        assert!(s.contains("\"verdict\":\"OK\""), "{s}");
     }
 
     #[test]
@@ -469,6 +555,7 @@ mod tests {
             seq: 42,
             ts_ms: 1000,
             score: 0.9,
+            region: None,
         };
         let v: serde_json::Value = serde_json::from_slice(&a.to_json(true)).expect("json");
         assert_eq!(v["v"], 1);
@@ -479,6 +566,13 @@ mod tests {
         assert_eq!(v["score"], 0.9);
         assert_eq!(v["replayed"], true);
         assert_eq!(v.as_object().map(|o| o.len()), Some(7));
+        let r = Alarm {
+            region: Some("left".into()),
+            ..a
+        };
+        let v: serde_json::Value = serde_json::from_slice(&r.to_json(false)).expect("json");
+        assert_eq!(v["region"], "left");
+        assert_eq!(r.unit(), "press-1/left");
     }
 
     #[test]

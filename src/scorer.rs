@@ -26,6 +26,10 @@ use crate::image_io::{self, DecodedImage};
 use crate::package::{HashCheck, ModelPackage, PackageError};
 use crate::preprocess::{PreprocessError, Preprocessor};
 
+/// Frame geometries whose preprocessor is kept (regions of several sizes, cameras of several
+/// resolutions).
+const FRAME_PREPROCESSORS: usize = 32;
+
 /// Errors of the inference core.
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreError {
@@ -44,6 +48,9 @@ pub enum ScoreError {
     NonFinite(#[from] NonFinite),
     #[error("GPU anomaly head: {0}")]
     Gpu(String),
+    /// An image that can not be formed (e.g. a region crop that does not fit its frame).
+    #[error("input: {0}")]
+    Input(String),
 }
 
 impl From<HeadError> for ScoreError {
@@ -117,7 +124,8 @@ pub struct Scorer {
     gpu_ordinal: usize,
     input: Vec<f32>,
     /// Frame preprocessor for the last frame geometry `(width, height)`.
-    frame_pre: Option<((usize, usize), Preprocessor)>,
+    /// Frame preprocessors by `(width, height)`, most recently used first.
+    frame_pre: Vec<((usize, usize), Preprocessor)>,
 }
 
 impl Scorer {
@@ -187,7 +195,7 @@ impl Scorer {
             pixel_threshold: DEFAULT_PIXEL_THRESHOLD,
             gpu_ordinal: 0,
             input: Vec::new(),
-            frame_pre: None,
+            frame_pre: Vec::new(),
         })
     }
 
@@ -223,15 +231,22 @@ impl Scorer {
         out: &mut [f32],
     ) -> Result<(), ScoreError> {
         let geometry = (width, height);
-        let pre = match &mut self.frame_pre {
-            Some((g, p)) if *g == geometry => p,
-            slot => {
+        // One preprocessor per geometry (a camera with regions has one per region size),
+        // the most recently used first; at most FRAME_PREPROCESSORS are kept.
+        let pos = self.frame_pre.iter().position(|(g, _)| *g == geometry);
+        let entry = match pos {
+            Some(i) => self.frame_pre.remove(i),
+            None => {
                 let i = &self.pkg.manifest.input;
-                let p = Preprocessor::new(width, height, i.size, i.mean, i.std)?;
-                &mut slot.insert((geometry, p)).1
+                (
+                    geometry,
+                    Preprocessor::new(width, height, i.size, i.mean, i.std)?,
+                )
             }
         };
-        pre.run(rgb, stride, out)?;
+        self.frame_pre.insert(0, entry);
+        self.frame_pre.truncate(FRAME_PREPROCESSORS);
+        self.frame_pre[0].1.run(rgb, stride, out)?;
         Ok(())
     }
 

@@ -23,7 +23,52 @@ use super::pipeline::{self, redact_uri};
 use super::{CameraError, CameraSettings, Source};
 use crate::alarm::{self, DebounceConfig};
 use crate::config::problems::{Ctx, S, in_range, name_problem, unit_interval};
+use crate::decision::Statistic;
 use crate::payload::{MAX_NAME_LEN, MaskKind, is_valid_name};
+use crate::region::{RegionShape, Units};
+
+/// Topic levels a region can not be named: the camera's own topics live beside its regions'.
+pub const RESERVED_REGION_NAMES: [&str; 10] = [
+    "status",
+    "result",
+    "alarm",
+    "mask",
+    "calibration",
+    "inspect",
+    "inspection",
+    "ready",
+    "stats",
+    "info",
+];
+
+/// Most regions per camera (each is one more image through the engine per frame).
+pub const MAX_REGIONS: usize = 16;
+/// Most points of one ignore polygon, and most polygons per region.
+pub const MAX_POLYGON_POINTS: usize = 256;
+pub const MAX_POLYGONS: usize = 32;
+
+/// How a region decides: the statistic and its thresholds (hand-set or calibrated).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionConfig {
+    /// `None`: the camera's implicit whole-frame region (topics without a region level).
+    pub name: Option<String>,
+    pub shape: RegionShape,
+    pub statistic: Statistic,
+    /// Hand-set T2 (NG at or above): the region's `threshold`, else the camera's.
+    pub threshold: f32,
+    /// Hand-set T1 (UNKNOWN at or above), if any.
+    pub t1: Option<f32>,
+    /// Decide with the calibration file of this region (see `calibrate`); a missing or
+    /// mismatching one makes every frame UNKNOWN. Excludes a hand-set `threshold`/`t1`.
+    pub calibrated: bool,
+}
+
+impl RegionConfig {
+    /// The region's name as a topic level (`None` for the implicit region).
+    pub fn level(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
 
 /// `[camera.mask]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +113,10 @@ pub struct CameraConfig {
     pub alarm: DebounceConfig,
     pub mask: MaskConfig,
     pub retry: RetryConfig,
+    /// The regions scored on each frame: the `[[camera.region]]` tables in order, or one
+    /// implicit whole-frame region (name `None`) carrying the camera's own `statistic`,
+    /// `threshold`, `t1` and `calibration`. Never empty.
+    pub regions: Vec<RegionConfig>,
 }
 
 /// `[camera.retry]`: the camera's reconnect backoff, doubling from `initial` up to `max`.
@@ -96,8 +145,14 @@ impl CameraConfig {
         s.max_fps = self.max_fps.filter(|f| *f > 0.0).map(|f| f as f32);
         s.backoff_initial = self.retry.initial;
         s.backoff_max = self.retry.max;
-        s.scale = Some((size, size));
+        // Regions are cropped from the full-resolution frame; without them GStreamer scales.
+        s.scale = (!self.has_named_regions()).then_some((size, size));
         s
+    }
+
+    /// Whether the camera has `[[camera.region]]` tables (else one implicit whole-frame region).
+    pub fn has_named_regions(&self) -> bool {
+        self.regions.iter().any(|r| r.name.is_some())
     }
 }
 
@@ -279,6 +334,24 @@ pub(crate) struct RawCamera {
     alarm: Option<RawAlarm>,
     mask: Option<RawMask>,
     retry: Option<RawRetry>,
+    statistic: S<String>,
+    t1: S<f64>,
+    calibration: S<bool>,
+    region: Option<Vec<Spanned<RawRegion>>>,
+}
+
+/// `[[camera.region]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegion {
+    name: S<String>,
+    rect: S<Vec<f64>>,
+    rect_px: S<Vec<f64>>,
+    ignore: S<Vec<Vec<Vec<f64>>>>,
+    statistic: S<String>,
+    threshold: S<f64>,
+    t1: S<f64>,
+    calibration: S<bool>,
 }
 
 /// `[camera.retry]` as written.
@@ -555,6 +628,55 @@ pub(crate) fn resolve_camera(
         }
     }
 
+    // The implicit region's decision keys, also the defaults of named regions.
+    let statistic = resolve_statistic(ctx, &c.statistic, &p).unwrap_or_default();
+    let t1 = resolve_t1(ctx, &c.t1, &p, &c.threshold, threshold);
+    let calibrated = c.calibration.as_ref().is_some_and(|v| *v.get_ref());
+    if calibrated && let Some(v) = c.threshold.as_ref() {
+        ctx.at(
+            v,
+            format!("{p}.threshold"),
+            "set either threshold (hand-set) or calibration = true, not both",
+        );
+    }
+    let mut regions = Vec::new();
+    match &c.region {
+        None => regions.push(RegionConfig {
+            name: None,
+            shape: RegionShape::full(),
+            statistic,
+            threshold: threshold as f32,
+            t1,
+            calibrated,
+        }),
+        Some(list) if list.is_empty() => ctx.at(
+            cam,
+            format!("{p}.region"),
+            "an empty region list: leave it out for the whole frame, or add [[camera.region]] tables",
+        ),
+        Some(list) => {
+            if list.len() > MAX_REGIONS {
+                ctx.at(
+                    &list[MAX_REGIONS],
+                    format!("{p}.region[{MAX_REGIONS}]"),
+                    format!("too many regions ({}; at most {MAX_REGIONS} per camera)", list.len()),
+                );
+            }
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            for (j, r) in list.iter().enumerate().take(MAX_REGIONS) {
+                let defaults = RegionDefaults {
+                    statistic,
+                    threshold: c.threshold.as_ref().map(|_| threshold),
+                    t1,
+                    calibrated: c.calibration.as_ref().map(|v| *v.get_ref()),
+                };
+                if let Some(rc) = resolve_region(ctx, &format!("{p}.region[{j}]"), r, &defaults, &mut seen) {
+                    regions.push(rc);
+                }
+            }
+        }
+    }
+
     if ctx.problems.len() != before {
         return None;
     }
@@ -567,6 +689,221 @@ pub(crate) fn resolve_camera(
         alarm,
         mask,
         retry,
+        regions,
+    })
+}
+
+/// What a named region inherits from its camera.
+struct RegionDefaults {
+    statistic: Statistic,
+    /// The camera's explicit `threshold`, if written.
+    threshold: Option<f64>,
+    t1: Option<f32>,
+    calibrated: Option<bool>,
+}
+
+fn resolve_statistic(ctx: &mut Ctx<'_>, v: &S<String>, p: &str) -> Option<Statistic> {
+    let v = v.as_ref()?;
+    match v.get_ref().parse::<Statistic>() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            ctx.at(v, format!("{p}.statistic"), e);
+            None
+        }
+    }
+}
+
+/// `t1` in [0, 1] and at most the threshold it goes with.
+fn resolve_t1(
+    ctx: &mut Ctx<'_>,
+    v: &S<f64>,
+    p: &str,
+    threshold_at: &S<f64>,
+    threshold: f64,
+) -> Option<f32> {
+    let v = v.as_ref()?;
+    if !unit_interval(ctx, v, &format!("{p}.t1")) {
+        return None;
+    }
+    let t1 = *v.get_ref();
+    if t1 > threshold {
+        let from = if threshold_at.is_some() {
+            ""
+        } else {
+            " (the default)"
+        };
+        ctx.at(
+            v,
+            format!("{p}.t1"),
+            format!("t1 ({t1}) is above threshold ({threshold}{from}): UNKNOWN starts at t1 <= threshold"),
+        );
+        return None;
+    }
+    Some(t1 as f32)
+}
+
+fn resolve_region(
+    ctx: &mut Ctx<'_>,
+    p: &str,
+    r: &Spanned<RawRegion>,
+    defaults: &RegionDefaults,
+    seen: &mut HashMap<String, usize>,
+) -> Option<RegionConfig> {
+    let raw = r.get_ref();
+    let before = ctx.problems.len();
+    let name = match &raw.name {
+        None => {
+            ctx.at(
+                r,
+                format!("{p}.name"),
+                "missing: set name = \"<region name>\"",
+            );
+            String::new()
+        }
+        Some(n) => {
+            let s = n.get_ref();
+            if !is_valid_name(s) {
+                ctx.at(n, format!("{p}.name"), name_problem(s, MAX_NAME_LEN));
+            } else if RESERVED_REGION_NAMES.contains(&s.as_str()) {
+                ctx.at(
+                    n,
+                    format!("{p}.name"),
+                    format!(
+                        "{s:?} is a camera topic of its own; choose another region name (reserved: {})",
+                        RESERVED_REGION_NAMES.join(", ")
+                    ),
+                );
+            } else if let Some(first) = seen.get(s) {
+                ctx.at(
+                    n,
+                    format!("{p}.name"),
+                    format!("duplicate region name {s:?} (also region[{first}] of this camera): names must be unique per camera"),
+                );
+            } else {
+                seen.insert(s.clone(), seen.len());
+            }
+            s.clone()
+        }
+    };
+    let (units, rect_at) = match (&raw.rect, &raw.rect_px) {
+        (Some(a), Some(_)) => {
+            ctx.at(
+                a,
+                format!("{p}.rect"),
+                "set either rect (fractions) or rect_px (pixels), not both",
+            );
+            return None;
+        }
+        (Some(a), None) => (Units::Fraction, a),
+        (None, Some(a)) => (Units::Pixel, a),
+        (None, None) => {
+            ctx.at(
+                r,
+                format!("{p}.rect"),
+                "missing: set rect = [x, y, width, height] in fractions of the frame, or rect_px = [...] in pixels",
+            );
+            return None;
+        }
+    };
+    let key = if units == Units::Fraction {
+        "rect"
+    } else {
+        "rect_px"
+    };
+    let v = rect_at.get_ref();
+    let Ok(rect) = <[f64; 4]>::try_from(v.as_slice()) else {
+        ctx.at(
+            rect_at,
+            format!("{p}.{key}"),
+            format!("expected 4 numbers [x, y, width, height], got {}", v.len()),
+        );
+        return None;
+    };
+    let mut ignore = Vec::new();
+    if let Some(ig) = &raw.ignore {
+        if ig.get_ref().len() > MAX_POLYGONS {
+            ctx.at(
+                ig,
+                format!("{p}.ignore"),
+                format!("too many polygons (at most {MAX_POLYGONS})"),
+            );
+        }
+        for (k, poly) in ig.get_ref().iter().enumerate().take(MAX_POLYGONS) {
+            if poly.len() > MAX_POLYGON_POINTS {
+                ctx.at(
+                    ig,
+                    format!("{p}.ignore[{k}]"),
+                    format!("too many points (at most {MAX_POLYGON_POINTS})"),
+                );
+                continue;
+            }
+            let mut pts = Vec::with_capacity(poly.len());
+            for pt in poly {
+                match <[f64; 2]>::try_from(pt.as_slice()) {
+                    Ok(xy) => pts.push(xy),
+                    Err(_) => {
+                        ctx.at(
+                            ig,
+                            format!("{p}.ignore[{k}]"),
+                            format!("a point is [x, y], got {} numbers", pt.len()),
+                        );
+                        break;
+                    }
+                }
+            }
+            ignore.push(pts);
+        }
+    }
+    let shape = RegionShape {
+        units,
+        rect,
+        ignore,
+    };
+    for msg in shape.validate() {
+        let at = if msg.starts_with("ignore") {
+            raw.ignore.as_ref().map_or(rect_at.span(), |i| i.span())
+        } else {
+            rect_at.span()
+        };
+        let (field, text) = msg.split_once(": ").unwrap_or((key, msg.as_str()));
+        ctx.push(Some(at), format!("{p}.{field}"), text);
+    }
+    let statistic = resolve_statistic(ctx, &raw.statistic, p).unwrap_or(defaults.statistic);
+    let threshold = match &raw.threshold {
+        Some(v) => {
+            unit_interval(ctx, v, &format!("{p}.threshold"));
+            Some(*v.get_ref())
+        }
+        None => defaults.threshold,
+    };
+    let t2 = threshold.unwrap_or(default_threshold());
+    let t1 = match &raw.t1 {
+        Some(_) => resolve_t1(ctx, &raw.t1, p, &raw.threshold, t2),
+        None => defaults.t1.filter(|t| f64::from(*t) <= t2),
+    };
+    let calibrated = raw
+        .calibration
+        .as_ref()
+        .map(|v| *v.get_ref())
+        .or(defaults.calibrated)
+        .unwrap_or(false);
+    if calibrated && let Some(v) = raw.threshold.as_ref() {
+        ctx.at(
+            v,
+            format!("{p}.threshold"),
+            "set either threshold (hand-set) or calibration = true, not both",
+        );
+    }
+    if ctx.problems.len() != before {
+        return None;
+    }
+    Some(RegionConfig {
+        name: Some(name),
+        shape,
+        statistic,
+        threshold: t2 as f32,
+        t1,
+        calibrated,
     })
 }
 

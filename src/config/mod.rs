@@ -628,6 +628,8 @@ mod tests {
             "payload",
             "package",
             "fsio",
+            "region",
+            "decision",
         ];
         for f in &config_files {
             for import in crate_imports(f) {
@@ -638,7 +640,7 @@ mod tests {
             }
         }
         // The stage config leaves: the problems leaf, pure leaves, and their own stage (`super`).
-        let stage = ["config::problems", "alarm", "payload"];
+        let stage = ["config::problems", "alarm", "payload", "region", "decision"];
         for f in ["camera/config.rs", "mqtt/config.rs", "engine/config.rs"] {
             for import in crate_imports(&root.join(f)) {
                 assert!(
@@ -658,7 +660,13 @@ mod tests {
             }
         }
         // True leaves: nothing from the crate.
-        for f in ["payload.rs", "fsio.rs", "alarm.rs"] {
+        for f in [
+            "payload.rs",
+            "fsio.rs",
+            "alarm.rs",
+            "region.rs",
+            "decision.rs",
+        ] {
             let imports = crate_imports(&root.join(f));
             assert!(
                 imports.is_empty(),

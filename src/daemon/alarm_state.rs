@@ -1,4 +1,4 @@
-//! The last alarm state of each camera, kept in the state directory
+//! The last alarm state of each camera region (key `camera` or `camera/region`), kept in the state directory
 //! (`<state_dir>/alarm-state.v1.json`, written atomically at every transition), so that an alarm
 //! raised before a restart (its retained `active: true` still on the broker) is cleared by the
 //! new process's first normal frames instead of staying raised for good.
@@ -42,7 +42,14 @@ impl AlarmStates {
                     Default::default()
                 }
             };
-        raised.retain(|name, _| cameras.iter().any(|c| c.name == *name));
+        // Keys are region keys: `camera` (the implicit region) or `camera/region`.
+        raised.retain(|key, _| {
+            cameras.iter().any(|c| {
+                c.regions
+                    .iter()
+                    .any(|r| super::regions::unit_key(&c.name, r.level()) == *key)
+            })
+        });
         for (camera, _) in raised.iter().filter(|(_, r)| **r) {
             info!(
                 camera,
@@ -67,10 +74,14 @@ impl AlarmStates {
         self.write(&map);
     }
 
-    /// Forgets a camera removed by a reload (its retained alarm is cleared on the broker).
-    pub(super) fn forget(&self, camera: &str) {
+    /// Forgets a camera removed by a reload, with its regions (their retained alarms are
+    /// cleared on the broker), or one region (`camera/region`).
+    pub(super) fn forget(&self, key: &str) {
         let mut map = lock(&self.raised);
-        if map.remove(camera).is_some() {
+        let before = map.len();
+        let prefix = format!("{key}/");
+        map.retain(|k, _| k != key && !k.starts_with(&prefix));
+        if map.len() != before {
             self.write(&map);
         }
     }

@@ -42,7 +42,14 @@ pub(super) fn plan(old: &[CameraConfig], new: &[CameraConfig]) -> Vec<Step> {
     let mut steps = Vec::new();
     for o in old {
         steps.push(match new.iter().find(|c| c.name == o.name) {
-            Some(c) if c.source == o.source && c.max_fps == o.max_fps && c.retry == o.retry => {
+            // Named regions need full-resolution frames, the implicit one scaled frames: the
+            // camera's pipeline changes with that, so it restarts.
+            Some(c)
+                if c.source == o.source
+                    && c.max_fps == o.max_fps
+                    && c.retry == o.retry
+                    && c.has_named_regions() == o.has_named_regions() =>
+            {
                 Step::Keep(o.name.clone())
             }
             Some(_) => Step::Restart(o.name.clone()),
@@ -145,17 +152,20 @@ impl Cameras {
             Some((state, old)) => {
                 {
                     let mut st = lock(&state);
-                    st.apply(&old, c);
+                    let removed = st.apply(&old, c, &self.shared.validity);
                     st.restarted(index);
+                    self.forget_regions(&removed);
                 }
                 state
             }
             None => Arc::new(Mutex::new(CamState::new(
                 c,
                 index,
-                self.shared.alarm_states.is_raised(&c.name),
+                &|key| self.shared.alarm_states.is_raised(key),
+                &self.shared.validity,
             ))),
         };
+        self.publish_calibrations(&c.name, &state);
         let handle = CamHandle {
             index,
             name: Arc::from(c.name.as_str()),
@@ -167,6 +177,25 @@ impl Cameras {
             camera,
             handle,
         })
+    }
+
+    /// Publishes (retained) what each region of a camera decides with.
+    fn publish_calibrations(&self, camera: &str, state: &Mutex<CamState>) {
+        let st = lock(state);
+        for u in &st.units {
+            self.publisher
+                .retained(&u.key, "calibration", u.calibration_message(camera));
+        }
+    }
+
+    /// Regions removed by a reload: their retained topics are cleared and their alarm state
+    /// forgotten.
+    fn forget_regions(&self, keys: &[String]) {
+        for key in keys {
+            info!(region = %key, "reload: region removed");
+            self.publisher.forget_camera(key);
+            self.shared.alarm_states.forget(key);
+        }
     }
 
     fn publish_handles(&self) {
@@ -194,7 +223,9 @@ impl Cameras {
                     let (Some(r), Some(c)) = (old.remove(name), by_name(name)) else {
                         continue;
                     };
-                    lock(&r.handle.state).apply(&r.cfg, c);
+                    let removed = lock(&r.handle.state).apply(&r.cfg, c, &self.shared.validity);
+                    self.forget_regions(&removed);
+                    self.publish_calibrations(&c.name, &r.handle.state);
                     keep.push(Running {
                         cfg: c.clone(),
                         ..r
@@ -219,6 +250,9 @@ impl Cameras {
                             .camera_status(name, payload::CameraStatus::Offline);
                         self.publisher.forget_camera(name);
                         self.shared.alarm_states.forget(name);
+                        for region in r.cfg.regions.iter().filter_map(|g| g.level()) {
+                            self.publisher.forget_camera(&format!("{name}/{region}"));
+                        }
                     } else {
                         carried.insert(name.clone(), (r.handle.state.clone(), r.cfg.clone()));
                     }

@@ -78,6 +78,14 @@ pub(super) fn build_stats(
                 latency_p50_ms: percentile(&lat, 0.5),
                 latency_p99_ms: percentile(&lat, 0.99),
                 status,
+                regions: st
+                    .units
+                    .iter()
+                    .map(|u| {
+                        let name = u.cfg.name.clone().unwrap_or_else(|| "(frame)".into());
+                        (name, u.stats())
+                    })
+                    .collect(),
             },
         );
     }

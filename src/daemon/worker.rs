@@ -1,6 +1,7 @@
 //! The inference worker (one thread, `ace-infer`): gather a batch of the latest frames across
-//! cameras → score it (preprocess, engine, head) → publish each frame's result, alarm
-//! transition and mask.
+//! cameras → crop each frame's regions (a camera without regions has one, the whole frame) →
+//! score the crops as batches (preprocess, engine, head) → decide per region (OK / UNKNOWN /
+//! NG) → publish each region's result, alarm transition and mask.
 //!
 //! Input: the cameras' latest-frame slots (one frame per camera; a newer frame overwrites an
 //! unread one, counted by the camera as `dropped_overload`). Output: calls on the
@@ -16,11 +17,14 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
+use super::regions::masked_stats;
 use super::{CamHandle, STALL_FILE_ENV, Shared, lock};
 use crate::camera::{Frame, FrameNotify, LatestSlot};
+use crate::decision::Verdict;
 use crate::mqtt::PublisherHandle;
 use crate::payload::{self, Alarm, FrameResult};
-use crate::scorer::{DEFAULT_PIXEL_THRESHOLD, Scored, Scorer};
+use crate::region::{PixelRect, RegionError};
+use crate::scorer::{ScoreError, Scored, Scorer};
 
 /// How the worker batches.
 pub(super) struct Batching {
@@ -62,30 +66,48 @@ pub(super) fn run(
             continue;
         }
         let frames = gather_batch(&handles, &notify_frames, &batching);
-        for chunk in frames.chunks(batching.max_batch.max(1)) {
-            let Some(results) = score_chunk(&mut scorer, chunk, &handles, &mut input, &mut errors)
-            else {
-                continue;
-            };
-            shared.scored_ms.store(shared.now_ms(), Ordering::Relaxed);
-            for (f, (r, pixel_threshold)) in chunk.iter().zip(results) {
-                match r {
-                    Ok(r) => publish_scored(
-                        &shared,
-                        &publisher,
-                        &handles,
-                        f,
-                        &r,
-                        pixel_threshold,
-                        &model_name,
-                    ),
-                    Err(e) => {
-                        // E.g. NaN in the model's output for this frame: nothing is published.
-                        count_error(&handles, f);
-                        errors.log(&e, "inference failed; this frame is not scored");
+        if frames.is_empty() {
+            continue;
+        }
+        let jobs = plan_jobs(&frames, &handles, scorer.size());
+        let mut outcomes: Vec<Option<Result<Scored, crate::scorer::ScoreError>>> =
+            (0..jobs.len()).map(|_| None).collect();
+        let mut failed = vec![false; frames.len()];
+        let mut at = 0;
+        for chunk in jobs.chunks(batching.max_batch.max(1)) {
+            match score_chunk(&mut scorer, chunk, &frames, &mut input) {
+                Ok(results) => {
+                    for (i, r) in results.into_iter().enumerate() {
+                        if let Err(e) = &r {
+                            // E.g. NaN in the model's output for this image: nothing is
+                            // published for its region.
+                            errors.log(e, "inference failed; this frame is not scored");
+                            failed[chunk[i].frame] = true;
+                        }
+                        outcomes[at + i] = Some(r);
+                    }
+                }
+                Err(e) => {
+                    errors.log(&e, "inference failed; frames of this batch are not scored");
+                    for j in chunk {
+                        failed[j.frame] = true;
                     }
                 }
             }
+            at += chunk.len();
+        }
+        shared.scored_ms.store(shared.now_ms(), Ordering::Relaxed);
+        for (fi, f) in frames.iter().enumerate() {
+            if failed[fi] {
+                count_error(&handles, f);
+            }
+            let scored: Vec<(&Job, Option<&Scored>)> = jobs
+                .iter()
+                .zip(&outcomes)
+                .filter(|(j, _)| j.frame == fi)
+                .map(|(j, o)| (j, o.as_ref().and_then(|r| r.as_ref().ok())))
+                .collect();
+            publish_frame(&shared, &publisher, &handles, f, &scored, &model_name);
         }
     }
     info!("inference worker stopped");
@@ -155,116 +177,213 @@ fn count_error(handles: &[CamHandle], f: &Frame) {
     }
 }
 
-/// One scored frame or its error, with the pixel threshold it was scored at.
-type FrameOutcome = (Result<Scored, crate::scorer::ScoreError>, f32);
-
-/// Preprocesses and scores one batch; each frame's area is computed by the head at its
-/// camera's pixel threshold. `None` when the whole batch failed (counted and logged).
-fn score_chunk(
-    scorer: &mut Scorer,
-    chunk: &[Frame],
-    handles: &[CamHandle],
-    input: &mut Vec<f32>,
-    errors: &mut ErrorLog,
-) -> Option<Vec<FrameOutcome>> {
-    let s = scorer.size();
-    let n = chunk.len();
-    input.resize(n * 3 * s * s, 0.0);
-    let mut prepared = Ok(());
-    for (i, f) in chunk.iter().enumerate() {
-        prepared = prepared.and_then(|()| {
-            scorer.prepare_frame(
-                &f.data,
-                f.width as usize,
-                f.height as usize,
-                f.stride,
-                &mut input[i * 3 * s * s..(i + 1) * 3 * s * s],
-            )
-        });
-    }
-    let thresholds: Vec<f32> = chunk
-        .iter()
-        .map(|f| {
-            handles
-                .iter()
-                .find(|h| h.index == f.camera)
-                .map_or(DEFAULT_PIXEL_THRESHOLD, |h| lock(&h.state).pixel_threshold)
-        })
-        .collect();
-    match prepared.and_then(|()| scorer.score_frames(&input[..n * 3 * s * s], &thresholds)) {
-        Ok(results) => Some(results.into_iter().zip(thresholds).collect()),
-        Err(e) => {
-            for f in chunk {
-                count_error(handles, f);
-            }
-            errors.log(&e, "inference failed; frames of this batch are not scored");
-            None
-        }
-    }
+/// One image to score: a region's crop of a frame.
+struct Job {
+    /// Index of the frame in the batch.
+    frame: usize,
+    /// Index of the region in its camera's state.
+    unit: usize,
+    /// The crop; `Err` when the region does not fit this frame (nothing is scored for it).
+    crop: Result<PixelRect, RegionError>,
+    ignore: Option<Arc<[bool]>>,
+    pixel_threshold: f32,
 }
 
-/// Publishes one scored frame: the result, an alarm transition (recorded in the state
-/// directory first), and a mask when the camera's gate admits one.
-fn publish_scored(
+/// The images of a batch of frames: one per region of each frame's camera.
+fn plan_jobs(frames: &[Frame], handles: &[CamHandle], size: usize) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for (fi, f) in frames.iter().enumerate() {
+        let Some(h) = handles.iter().find(|h| h.index == f.camera) else {
+            continue;
+        };
+        let mut st = lock(&h.state);
+        if st.index != f.camera {
+            continue;
+        }
+        let pixel_threshold = st.pixel_threshold;
+        for (ui, u) in st.units.iter_mut().enumerate() {
+            let (crop, ignore) = match u.crop(f.width, f.height, size) {
+                Ok((r, m)) => (Ok(r), m),
+                Err(e) => (Err(e), None),
+            };
+            jobs.push(Job {
+                frame: fi,
+                unit: ui,
+                crop,
+                ignore,
+                pixel_threshold,
+            });
+        }
+    }
+    jobs
+}
+
+/// Preprocesses the crops of `chunk` and scores them as one batch; each image's area is
+/// computed by the head at its camera's pixel threshold. Jobs without a crop are not scored
+/// (their entry is an error). `Err` when the whole batch failed.
+fn score_chunk(
+    scorer: &mut Scorer,
+    chunk: &[Job],
+    frames: &[Frame],
+    input: &mut Vec<f32>,
+) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
+    let s = scorer.size();
+    let plane = 3 * s * s;
+    let todo: Vec<(usize, &Job, PixelRect)> = chunk
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| j.crop.as_ref().ok().map(|r| (i, j, *r)))
+        .collect();
+    let n = todo.len();
+    input.resize(n * plane, 0.0);
+    for (k, (_, j, r)) in todo.iter().enumerate() {
+        let f = &frames[j.frame];
+        let offset = r.y as usize * f.stride + r.x as usize * 3;
+        let data = f.data.get(offset..).ok_or_else(|| {
+            ScoreError::Input(format!(
+                "region crop {r:?} starts outside the {}x{} frame",
+                f.width, f.height
+            ))
+        })?;
+        scorer.prepare_frame(
+            data,
+            r.w as usize,
+            r.h as usize,
+            f.stride,
+            &mut input[k * plane..(k + 1) * plane],
+        )?;
+    }
+    let thresholds: Vec<f32> = todo.iter().map(|(_, j, _)| j.pixel_threshold).collect();
+    let mut results: Vec<Result<Scored, ScoreError>> = chunk
+        .iter()
+        .map(|j| {
+            Err(ScoreError::Input(match &j.crop {
+                Err(e) => e.to_string(),
+                Ok(_) => "not scored".into(),
+            }))
+        })
+        .collect();
+    if n > 0 {
+        let scored = scorer.score_frames(&input[..n * plane], &thresholds)?;
+        for ((i, _, _), r) in todo.iter().zip(scored) {
+            results[*i] = r;
+        }
+    }
+    Ok(results)
+}
+
+/// Publishes one frame's regions: each region's result (a region whose crop did not fit or
+/// whose inference failed gets an UNKNOWN result with `score` -1), alarm transition (recorded
+/// in the state directory first) and a mask when the region's gate admits one.
+fn publish_frame(
     shared: &Shared,
     publisher: &PublisherHandle,
     handles: &[CamHandle],
     f: &Frame,
-    r: &Scored,
-    pixel_threshold: f32,
+    scored: &[(&Job, Option<&Scored>)],
     model_name: &str,
 ) {
     let Some(h) = handles.iter().find(|h| h.index == f.camera) else {
         return;
     };
     let mut st = lock(&h.state);
-    if st.index != f.camera {
+    if st.index != f.camera || scored.is_empty() {
         // A frame of the instance a reload just replaced: its numbering is gone.
         return;
     }
     let seq = st.seq_base + f.seq;
     st.next_seq = seq + 1;
-    let anomaly = r.score >= st.threshold;
+    let mask = st.mask;
     let latency_ms = f.captured_at.elapsed().as_secs_f32() * 1e3;
-    publisher.result(FrameResult {
-        camera: h.name.to_string(),
-        seq,
-        ts_ms: f.capture_unix_ms,
-        score: r.score,
-        anomaly,
-        threshold: st.threshold,
-        map_max: r.map_max,
-        area: r.area,
-        latency_ms,
-        model: model_name.to_owned(),
-    });
-    if let Some(t) = st.debouncer.update(anomaly) {
-        info!(camera = %h.name, active = t.active(), seq, score = r.score, "alarm");
-        shared.alarm_states.set(&h.name, t.active());
-        publisher.alarm(Alarm {
+    let mut any = false;
+    for (job, r) in scored {
+        let Some(u) = st.units.get_mut(job.unit) else {
+            continue;
+        };
+        let Some(r) = r else {
+            if job.crop.is_err() {
+                u.crop_errors += 1;
+            }
+            u.verdicts[Verdict::Unknown as usize] += 1;
+            publisher.result(FrameResult {
+                camera: h.name.to_string(),
+                seq,
+                ts_ms: f.capture_unix_ms,
+                score: f32::NAN,
+                anomaly: false,
+                threshold: u.rule.t2().unwrap_or(f32::NAN),
+                map_max: f32::NAN,
+                area: f32::NAN,
+                latency_ms,
+                model: model_name.to_owned(),
+                region: u.cfg.name.clone(),
+                verdict: Verdict::Unknown.as_str(),
+                score_norm: f32::NAN,
+                cal: u.rule.cal_id().unwrap_or("").to_owned(),
+            });
+            continue;
+        };
+        any = true;
+        let mut map_buf;
+        let (map, map_max, area) = match &job.ignore {
+            Some(ignore) => {
+                map_buf = r.map.clone();
+                let (max, area) = masked_stats(&mut map_buf, Some(ignore), job.pixel_threshold);
+                (&map_buf[..], max, area)
+            }
+            None => (&r.map[..], r.map_max, r.area),
+        };
+        let d = u.decide(r.score, map_max);
+        let anomaly = d.verdict == Verdict::Ng;
+        publisher.result(FrameResult {
             camera: h.name.to_string(),
-            active: t.active(),
             seq,
             ts_ms: f.capture_unix_ms,
             score: r.score,
+            anomaly,
+            threshold: u.rule.t2().unwrap_or(f32::NAN),
+            map_max,
+            area,
+            latency_ms,
+            model: model_name.to_owned(),
+            region: u.cfg.name.clone(),
+            verdict: d.verdict.as_str(),
+            score_norm: d.score_norm.unwrap_or(f32::NAN),
+            cal: u.rule.cal_id().unwrap_or("").to_owned(),
         });
-    }
-    let mask = st.mask;
-    if mask.enabled && st.gate.admit(anomaly, Instant::now()) {
-        let px = crate::head::render_mask(
-            &r.map,
-            r.size,
-            r.size,
-            mask.size,
-            mask.kind,
-            pixel_threshold,
-        );
-        match payload::mask_png(&h.name, seq, f.capture_unix_ms, mask.size, mask.size, &px) {
-            Ok(png) => {
-                publisher.mask(&h.name, png);
-            }
-            Err(e) => warn!(camera = %h.name, error = %e, "mask encoding failed"),
+        if d.verdict != Verdict::Unknown
+            && let Some(t) = u.debouncer.update(anomaly)
+        {
+            info!(camera = %h.name, region = u.cfg.name.as_deref().unwrap_or(""), active = t.active(), seq, score = r.score, "alarm");
+            shared.alarm_states.set(&u.key, t.active());
+            publisher.alarm(Alarm {
+                camera: h.name.to_string(),
+                active: t.active(),
+                seq,
+                ts_ms: f.capture_unix_ms,
+                score: r.score,
+                region: u.cfg.name.clone(),
+            });
         }
+        if mask.enabled && u.gate.admit(anomaly, Instant::now()) {
+            let px = crate::head::render_mask(
+                map,
+                r.size,
+                r.size,
+                mask.size,
+                mask.kind,
+                job.pixel_threshold,
+            );
+            match payload::mask_png(&h.name, seq, f.capture_unix_ms, mask.size, mask.size, &px) {
+                Ok(png) => {
+                    publisher.mask(&u.key, png);
+                }
+                Err(e) => warn!(camera = %h.name, error = %e, "mask encoding failed"),
+            }
+        }
+    }
+    if !any {
+        return;
     }
     st.scored += 1;
     if f.ordinal >= st.frames_in_at_last_stats {

@@ -105,6 +105,8 @@ struct StoredAlarm {
     seq: u64,
     ts_ms: u64,
     score: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
 }
 
 impl From<&Alarm> for StoredAlarm {
@@ -115,6 +117,7 @@ impl From<&Alarm> for StoredAlarm {
             seq: a.seq,
             ts_ms: a.ts_ms,
             score: a.score.is_finite().then_some(a.score),
+            region: a.region.clone(),
         }
     }
 }
@@ -127,6 +130,7 @@ impl From<StoredAlarm> for Alarm {
             seq: s.seq,
             ts_ms: s.ts_ms,
             score: s.score.unwrap_or(f32::NAN),
+            region: s.region,
         }
     }
 }
@@ -479,8 +483,12 @@ impl AlarmQueue {
         }
     }
 
-    pub(super) fn has_camera(&self, camera: &str) -> bool {
-        self.entries.iter().any(|e| e.alarm.camera == camera)
+    /// Whether an alarm of `key` (a camera, with its regions, or one `camera/region`) is queued.
+    pub(super) fn has_camera(&self, key: &str) -> bool {
+        self.entries.iter().any(|e| {
+            let unit = e.alarm.unit();
+            unit == key || unit.strip_prefix(key).is_some_and(|r| r.starts_with('/'))
+        })
     }
 
     /// The next id. Unreachable in practice (ids restart at 0 at every open): should 2^64
@@ -574,7 +582,11 @@ impl AlarmQueue {
 /// Whether two alarms are the same transition (the consumers' de-duplication key, plus the
 /// capture time).
 fn same_alarm(a: &Alarm, b: &Alarm) -> bool {
-    a.camera == b.camera && a.seq == b.seq && a.active == b.active && a.ts_ms == b.ts_ms
+    a.camera == b.camera
+        && a.region == b.region
+        && a.seq == b.seq
+        && a.active == b.active
+        && a.ts_ms == b.ts_ms
 }
 
 #[cfg(test)]
@@ -588,6 +600,7 @@ mod tests {
             seq,
             ts_ms: 1000 + seq,
             score: 0.5,
+            region: None,
         }
     }
 

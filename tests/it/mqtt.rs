@@ -48,6 +48,7 @@ fn alarm(camera: &str, seq: u64) -> Alarm {
         seq,
         ts_ms: 1_700_000_000_000 + seq,
         score: 0.75,
+        region: None,
     }
 }
 
@@ -63,6 +64,10 @@ fn result(camera: &str, seq: u64, model: &str) -> FrameResult {
         area: 0.0123,
         latency_ms: 41.7,
         model: model.into(),
+        region: None,
+        verdict: "OK",
+        score_norm: 0.5,
+        cal: "manual".into(),
     }
 }
 

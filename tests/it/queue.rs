@@ -24,6 +24,7 @@ fn alarm(seq: u64) -> Alarm {
         seq,
         ts_ms: 1_700_000_000_000 + seq * 37,
         score: seq as f32 / 7.0,
+        region: None,
     }
 }
 

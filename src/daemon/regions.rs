@@ -1,0 +1,250 @@
+//! The run-time state of each region of a camera ([`Unit`]): its decision rule (hand-set,
+//! calibrated, or uncalibrated with a reason), debouncer, mask gate, verdict counters and drift
+//! window, and the crop it takes from each frame.
+//!
+//! Input: the camera's resolved [`RegionConfig`]s, the [`Validity`] of the running model (what a
+//! calibration must have been made for), frames of any size. Output: per frame and region the
+//! crop to score ([`Unit::crop`]), then the decision on the scored crop ([`Unit::decide`]).
+//! Failure modes: a region that does not fit the frame (the camera's resolution changed) is
+//! reported by [`Unit::crop`] as an error for that frame, logged once per geometry, and counted
+//! — the daemon keeps running and the other regions are scored; a calibration that is missing,
+//! unreadable or made for something else makes the region [`Rule::Uncalibrated`] (every frame
+//! UNKNOWN, `uncalibrated: <reason>` in its calibration message and stats).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing::warn;
+
+use crate::alarm::Debouncer;
+use crate::camera::config::{MaskConfig, RegionConfig};
+use crate::decision::{Decision, Rule};
+use crate::payload::MaskGate;
+use crate::region::{self, PixelRect, RegionError};
+
+/// What a calibration must match to be applied: the running model and engine.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Validity {
+    pub state_dir: PathBuf,
+    pub model_sha256: String,
+    pub text_sha256: String,
+    pub backend: String,
+    pub precision: String,
+    pub input_size: u32,
+}
+
+/// How many recent values a region keeps for drift.
+pub(super) const DRIFT_WINDOW: usize = 500;
+
+/// One region of one camera, as the worker scores it.
+pub(super) struct Unit {
+    pub(super) cfg: RegionConfig,
+    /// `camera` for the implicit region, `camera/region` otherwise: the topic levels under the
+    /// prefix and the key of the alarm state file.
+    pub(super) key: String,
+    pub(super) rule: Rule,
+    pub(super) debouncer: Debouncer,
+    pub(super) gate: MaskGate,
+    /// The crop and ignore mask for the last frame geometry `(width, height, map size)`.
+    geometry: Option<(
+        (u32, u32, usize),
+        Result<(PixelRect, Option<Arc<[bool]>>), RegionError>,
+    )>,
+    /// Frames decided OK, UNKNOWN, NG.
+    pub(super) verdicts: [u64; 3],
+    /// Frames whose crop did not fit the frame.
+    pub(super) crop_errors: u64,
+    /// Recent statistic values (for drift).
+    pub(super) recent: VecDeque<f32>,
+    pub(super) drift: bool,
+    /// What the calibration file says about itself (sample size, rates, when), for the
+    /// retained `calibration` message; `Null` without one.
+    pub(super) details: serde_json::Value,
+}
+
+/// The unit key of a region of `camera`.
+pub(super) fn unit_key(camera: &str, region: Option<&str>) -> String {
+    match region {
+        Some(r) => format!("{camera}/{r}"),
+        None => camera.to_owned(),
+    }
+}
+
+impl Unit {
+    pub(super) fn new(
+        camera: &str,
+        cfg: &RegionConfig,
+        debouncer: Debouncer,
+        mask: &MaskConfig,
+        validity: &Validity,
+    ) -> Self {
+        Self {
+            key: unit_key(camera, cfg.level()),
+            rule: resolve_rule(camera, cfg, validity),
+            cfg: cfg.clone(),
+            debouncer,
+            gate: MaskGate::new(mask.only_on_anomaly, mask.min_interval),
+            geometry: None,
+            verdicts: [0; 3],
+            crop_errors: 0,
+            recent: VecDeque::with_capacity(DRIFT_WINDOW),
+            drift: false,
+            details: serde_json::Value::Null,
+        }
+    }
+
+    /// Applies a reloaded configuration of the same region (debouncer and counters kept).
+    pub(super) fn reconfigure(&mut self, camera: &str, cfg: &RegionConfig, validity: &Validity) {
+        if cfg.shape != self.cfg.shape {
+            self.geometry = None;
+        }
+        self.cfg = cfg.clone();
+        self.rule = resolve_rule(camera, cfg, validity);
+    }
+
+    /// The crop of a `width × height` frame this region scores and, for a `size × size` map,
+    /// the map pixels to ignore.
+    pub(super) fn crop(
+        &mut self,
+        width: u32,
+        height: u32,
+        size: usize,
+    ) -> Result<(PixelRect, Option<Arc<[bool]>>), RegionError> {
+        let key = (width, height, size);
+        if self.geometry.as_ref().is_none_or(|(k, _)| *k != key) {
+            let shape = &self.cfg.shape;
+            let g = shape.pixel_rect(width, height).map(|r| {
+                let mask = region::ignore_mask(shape, r, width, height, size).map(Arc::from);
+                (r, mask)
+            });
+            if let Err(e) = &g {
+                warn!(region = %self.key, error = %e, "region does not fit the camera's frames: not scored until it does");
+            }
+            self.geometry = Some((key, g));
+        }
+        match &self.geometry {
+            Some((_, Ok((r, m)))) => Ok((*r, m.clone())),
+            Some((_, Err(e))) => Err(e.clone()),
+            None => unreachable!("set above"),
+        }
+    }
+
+    /// Decides on one scored crop and counts the verdict; records the value for drift.
+    pub(super) fn decide(&mut self, global: f32, map_max: f32) -> Decision {
+        let value = self.cfg.statistic.value(global, map_max);
+        let d = self.rule.decide(value);
+        self.verdicts[d.verdict as usize] += 1;
+        if value.is_finite() {
+            if self.recent.len() == DRIFT_WINDOW {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(value);
+        }
+        d
+    }
+
+    /// The retained `calibration` message of the region: what it decides with.
+    pub(super) fn calibration_message(&self, camera: &str) -> Vec<u8> {
+        let (state, reason) = match &self.rule {
+            Rule::Manual { .. } => ("manual", None),
+            Rule::Calibrated { .. } => ("calibrated", None),
+            Rule::Uncalibrated { reason } => ("uncalibrated", Some(reason.as_str())),
+        };
+        let msg = serde_json::json!({
+            "v": crate::payload::SCHEMA_VERSION,
+            "camera": camera,
+            "region": self.cfg.name,
+            "state": state,
+            "status": self.calibration_status(),
+            "reason": reason,
+            "id": self.rule.cal_id(),
+            "statistic": self.cfg.statistic.as_str(),
+            "t1": self.rule.t1(),
+            "t2": self.rule.t2(),
+            "details": self.details,
+        });
+        serde_json::to_vec(&msg).unwrap_or_default()
+    }
+
+    /// The region's counters and decision state for `stats`.
+    pub(super) fn stats(&self) -> crate::payload::RegionStats {
+        crate::payload::RegionStats {
+            ok: self.verdicts[0],
+            unknown: self.verdicts[1],
+            ng: self.verdicts[2],
+            crop_errors: self.crop_errors,
+            calibration: self.calibration_status(),
+            drift: self.drift,
+            psi: None,
+        }
+    }
+
+    /// The region's calibration status: `manual`, `calibrated <id>` or `uncalibrated: <why>`.
+    pub(super) fn calibration_status(&self) -> String {
+        match &self.rule {
+            Rule::Manual { .. } => "manual".into(),
+            Rule::Calibrated { id, .. } => format!("calibrated {id}"),
+            Rule::Uncalibrated { reason } => format!("uncalibrated: {reason}"),
+        }
+    }
+}
+
+/// The map with the ignored pixels set to 0, its maximum and the share of the other pixels at
+/// or above `pixel_threshold` (the share is of the pixels not ignored).
+pub(super) fn masked_stats(
+    map: &mut [f32],
+    ignore: Option<&[bool]>,
+    pixel_threshold: f32,
+) -> (f32, f32) {
+    let Some(ignore) = ignore.filter(|m| m.len() == map.len()) else {
+        let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let over = map.iter().filter(|v| **v >= pixel_threshold).count();
+        return (max, over as f32 / map.len().max(1) as f32);
+    };
+    let mut max = f32::NEG_INFINITY;
+    let (mut over, mut kept) = (0usize, 0usize);
+    for (v, ig) in map.iter_mut().zip(ignore) {
+        if *ig {
+            *v = 0.0;
+        } else {
+            kept += 1;
+            max = max.max(*v);
+            over += usize::from(*v >= pixel_threshold);
+        }
+    }
+    if kept == 0 {
+        max = 0.0;
+    }
+    (max, over as f32 / kept.max(1) as f32)
+}
+
+/// The rule of a region: hand-set, or its calibration when the fingerprint matches.
+pub(super) fn resolve_rule(camera: &str, cfg: &RegionConfig, validity: &Validity) -> Rule {
+    if !cfg.calibrated {
+        return Rule::Manual {
+            t1: cfg.t1,
+            t2: cfg.threshold,
+        };
+    }
+    super::calibrated::rule(camera, cfg, validity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ignored_pixels_leave_the_maximum_and_the_area() {
+        let mut map = vec![0.9, 0.1, 0.6, 0.2];
+        let ignore = [true, false, false, false];
+        let (max, area) = masked_stats(&mut map, Some(&ignore), 0.5);
+        assert_eq!(max, 0.6);
+        assert!((area - 1.0 / 3.0).abs() < 1e-6);
+        assert_eq!(map[0], 0.0);
+        let mut all = vec![0.9, 0.8];
+        assert_eq!(masked_stats(&mut all, Some(&[true, true]), 0.5), (0.0, 0.0));
+        let mut plain = vec![0.9, 0.1];
+        assert_eq!(masked_stats(&mut plain, None, 0.5), (0.9, 0.5));
+    }
+}
