@@ -263,6 +263,32 @@ pub fn ignore_mask(
     Some(mask)
 }
 
+/// Sets the ignored pixels of `map` to 0 and returns the maximum and the share at or above
+/// `pixel_threshold` of the pixels not ignored (0 and 0 when all are ignored). `ignore` is
+/// [`ignore_mask`]'s for this map; a mask of another length ignores nothing.
+pub fn mask_map(map: &mut [f32], ignore: &[bool], pixel_threshold: f32) -> (f32, f32) {
+    if ignore.len() != map.len() {
+        let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let over = map.iter().filter(|v| **v >= pixel_threshold).count();
+        return (max, over as f32 / map.len().max(1) as f32);
+    }
+    let mut max = f32::NEG_INFINITY;
+    let (mut over, mut kept) = (0usize, 0usize);
+    for (v, ig) in map.iter_mut().zip(ignore) {
+        if *ig {
+            *v = 0.0;
+        } else {
+            kept += 1;
+            max = max.max(*v);
+            over += usize::from(*v >= pixel_threshold);
+        }
+    }
+    if kept == 0 {
+        max = 0.0;
+    }
+    (max, over as f32 / kept.max(1) as f32)
+}
+
 /// Even–odd point-in-polygon test (ray cast towards +x).
 pub fn contains(poly: &[[f64; 2]], x: f64, y: f64) -> bool {
     let mut inside = false;

@@ -25,6 +25,7 @@ use crate::head::{AnomalyHead, CpuHead, HeadConfig, HeadError, HeadFrame, HeadIn
 use crate::image_io::{self, DecodedImage};
 use crate::package::{HashCheck, ModelPackage, PackageError};
 use crate::preprocess::{PreprocessError, Preprocessor};
+use crate::region::{self, RegionShape};
 
 /// Frame geometries whose preprocessor is kept (regions of several sizes, cameras of several
 /// resolutions).
@@ -309,6 +310,44 @@ impl Scorer {
             results.push(frame.map(Scored::from_frame).map_err(ScoreError::from));
         }
         Ok(results)
+    }
+
+    /// Scores one region of an RGB image (rows of `stride` bytes) as the daemon does: crops
+    /// the region's rectangle from the full-resolution image, resizes it to the model input,
+    /// scores it at `pixel_threshold`, then leaves the ignore polygons out of the map (set to
+    /// 0), `map_max` and `area`. Returns the scored crop (map, `map_max` and `area` already
+    /// masked). Used by `calibrate` and `reference`; the daemon batches the same steps.
+    pub fn score_region(
+        &mut self,
+        rgb: &[u8],
+        width: u32,
+        height: u32,
+        stride: usize,
+        shape: &RegionShape,
+        pixel_threshold: f32,
+    ) -> Result<Scored, ScoreError> {
+        let r = shape
+            .pixel_rect(width, height)
+            .map_err(|e| ScoreError::Input(e.to_string()))?;
+        let offset = r.y as usize * stride + r.x as usize * 3;
+        let data = rgb.get(offset..).ok_or_else(|| {
+            ScoreError::Input(format!(
+                "region {r:?} starts outside the {width}x{height} image"
+            ))
+        })?;
+        let s = self.size();
+        let mut input = vec![0.0; 3 * s * s];
+        self.prepare_frame(data, r.w as usize, r.h as usize, stride, &mut input)?;
+        let mut scored = self
+            .score_frames(&input, &[pixel_threshold])?
+            .pop()
+            .ok_or_else(|| ScoreError::Input("the engine returned no result".into()))??;
+        if let Some(ignore) = region::ignore_mask(shape, r, width, height, scored.size) {
+            let (max, area) = region::mask_map(&mut scored.map, &ignore, pixel_threshold);
+            scored.map_max = max;
+            scored.area = area;
+        }
+        Ok(scored)
     }
 
     /// Decodes and prepares `paths` in parallel, then scores every readable one with a single

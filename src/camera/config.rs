@@ -670,7 +670,7 @@ pub(crate) fn resolve_camera(
                     t1,
                     calibrated: c.calibration.as_ref().map(|v| *v.get_ref()),
                 };
-                if let Some(rc) = resolve_region(ctx, &format!("{p}.region[{j}]"), r, &defaults, &mut seen) {
+                if let Some(rc) = resolve_region(ctx, (&p, j), r, &defaults, &mut seen) {
                     regions.push(rc);
                 }
             }
@@ -744,11 +744,12 @@ fn resolve_t1(
 
 fn resolve_region(
     ctx: &mut Ctx<'_>,
-    p: &str,
+    (camera_path, j): (&str, usize),
     r: &Spanned<RawRegion>,
     defaults: &RegionDefaults,
     seen: &mut HashMap<String, usize>,
 ) -> Option<RegionConfig> {
+    let p = &format!("{camera_path}.region[{j}]");
     let raw = r.get_ref();
     let before = ctx.problems.len();
     let name = match &raw.name {
@@ -780,7 +781,7 @@ fn resolve_region(
                     format!("duplicate region name {s:?} (also region[{first}] of this camera): names must be unique per camera"),
                 );
             } else {
-                seen.insert(s.clone(), seen.len());
+                seen.insert(s.clone(), j);
             }
             s.clone()
         }

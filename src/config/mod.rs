@@ -50,7 +50,7 @@ use crate::package::{HashCheck, ModelPackage};
 use problems::{Ctx, S, in_range, name_problem};
 
 pub use crate::camera::config::{
-    CameraConfig, MaskConfig, RetryConfig, SourceError, default_mask_kind,
+    CameraConfig, MaskConfig, RegionConfig, RetryConfig, SourceError, default_mask_kind,
     default_mask_min_interval_ms, default_mask_size, default_max_fps, default_pixel_threshold,
     default_threshold,
 };

@@ -191,32 +191,13 @@ impl Unit {
 }
 
 /// The map with the ignored pixels set to 0, its maximum and the share of the other pixels at
-/// or above `pixel_threshold` (the share is of the pixels not ignored).
+/// or above `pixel_threshold` (see [`region::mask_map`]).
 pub(super) fn masked_stats(
     map: &mut [f32],
     ignore: Option<&[bool]>,
     pixel_threshold: f32,
 ) -> (f32, f32) {
-    let Some(ignore) = ignore.filter(|m| m.len() == map.len()) else {
-        let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let over = map.iter().filter(|v| **v >= pixel_threshold).count();
-        return (max, over as f32 / map.len().max(1) as f32);
-    };
-    let mut max = f32::NEG_INFINITY;
-    let (mut over, mut kept) = (0usize, 0usize);
-    for (v, ig) in map.iter_mut().zip(ignore) {
-        if *ig {
-            *v = 0.0;
-        } else {
-            kept += 1;
-            max = max.max(*v);
-            over += usize::from(*v >= pixel_threshold);
-        }
-    }
-    if kept == 0 {
-        max = 0.0;
-    }
-    (max, over as f32 / kept.max(1) as f32)
+    region::mask_map(map, ignore.unwrap_or(&[]), pixel_threshold)
 }
 
 /// The rule of a region: hand-set, or its calibration when the fingerprint matches.

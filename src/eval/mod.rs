@@ -378,6 +378,8 @@ fn evaluate_class(run: &mut Run<'_>, class: &ClassItems) -> Result<ClassReport, 
     pb.set_message(class.name.clone());
     let mut labels = Vec::with_capacity(class.items.len());
     let mut scores = Vec::with_capacity(class.items.len());
+    // The other decision statistics: the map's maximum, and the blend with the score.
+    let mut map_maxes = Vec::with_capacity(class.items.len());
     let mut skipped = class.skipped;
     let mut acc = class.has_masks.then(|| PixelAccumulator::new(size, size));
     let mut pending: Vec<Pending> = Vec::with_capacity(batch);
@@ -430,6 +432,7 @@ fn evaluate_class(run: &mut Run<'_>, class: &ClassItems) -> Result<ClassReport, 
             }
             labels.push(item.anomalous);
             scores.push(score);
+            map_maxes.push(map.iter().copied().fold(f32::NEG_INFINITY, f32::max));
             if let Some(d) = dump.as_mut() {
                 d.write(&class.name, item, score, &map, size)?;
             }
@@ -462,6 +465,15 @@ fn evaluate_class(run: &mut Run<'_>, class: &ClassItems) -> Result<ClassReport, 
     };
     let image_auroc = metrics::image_auroc(&labels, &scores).map_err(map_err)?;
     let image_ap = metrics::average_precision(&labels, &scores).map_err(map_err)?;
+    let blends: Vec<f32> = scores
+        .iter()
+        .zip(&map_maxes)
+        .map(|(s, m)| crate::decision::Statistic::Blend.value(*s, *m))
+        .collect();
+    let map_max_auroc = metrics::image_auroc(&labels, &map_maxes).map_err(map_err)?;
+    let map_max_ap = metrics::average_precision(&labels, &map_maxes).map_err(map_err)?;
+    let blend_auroc = metrics::image_auroc(&labels, &blends).map_err(map_err)?;
+    let blend_ap = metrics::average_precision(&labels, &blends).map_err(map_err)?;
     let (pixel_auroc, aupro, regions) = match acc.as_mut() {
         None => {
             let u = Metric::Undefined(Undefined::NoMasks);
@@ -495,6 +507,10 @@ fn evaluate_class(run: &mut Run<'_>, class: &ClassItems) -> Result<ClassReport, 
         image_ap,
         pixel_auroc,
         aupro,
+        map_max_auroc,
+        map_max_ap,
+        blend_auroc,
+        blend_ap,
     })
 }
 

@@ -38,6 +38,13 @@ pub struct ClassReport {
     pub pixel_auroc: Metric,
     /// AUPRO (FPR ≤ 0.3, normalised).
     pub aupro: Metric,
+    /// Image AUROC and AP of the other decision statistics (the daemon's `statistic`): the
+    /// anomaly map's maximum, and the blend `(score + map_max) / 2`. `image_auroc` /
+    /// `image_ap` above are those of `global`, the model's image score.
+    pub map_max_auroc: Metric,
+    pub map_max_ap: Metric,
+    pub blend_auroc: Metric,
+    pub blend_ap: Metric,
 }
 
 impl ClassReport {
@@ -56,6 +63,10 @@ impl ClassReport {
             image_ap: u,
             pixel_auroc: u,
             aupro: u,
+            map_max_auroc: u,
+            map_max_ap: u,
+            blend_auroc: u,
+            blend_ap: u,
         }
     }
 
@@ -89,6 +100,11 @@ pub struct MeanReport {
     pub pixel_auroc: MeanMetric,
     /// AUPRO.
     pub aupro: MeanMetric,
+    /// Image AUROC / AP of `map_max` and `blend`.
+    pub map_max_auroc: MeanMetric,
+    pub map_max_ap: MeanMetric,
+    pub blend_auroc: MeanMetric,
+    pub blend_ap: MeanMetric,
 }
 
 impl MeanReport {
@@ -103,15 +119,23 @@ impl MeanReport {
             image_ap: m(|c| c.image_ap),
             pixel_auroc: m(|c| c.pixel_auroc),
             aupro: m(|c| c.aupro),
+            map_max_auroc: m(|c| c.map_max_auroc),
+            map_max_ap: m(|c| c.map_max_ap),
+            blend_auroc: m(|c| c.blend_auroc),
+            blend_ap: m(|c| c.blend_ap),
         }
     }
 
-    fn all(&self) -> [MeanMetric; 4] {
+    fn all(&self) -> [MeanMetric; 8] {
         [
             self.image_auroc,
             self.image_ap,
             self.pixel_auroc,
             self.aupro,
+            self.map_max_auroc,
+            self.map_max_ap,
+            self.blend_auroc,
+            self.blend_ap,
         ]
     }
 }
@@ -191,12 +215,12 @@ impl EvalReport {
     /// fractions (not percentages); undefined values are `n/a`.
     pub fn to_csv(&self) -> String {
         let mut s = String::from(
-            "class,images,normal,anomalous,pixel_images,regions,skipped,image_auroc,image_ap,pixel_auroc,aupro\n",
+            "class,images,normal,anomalous,pixel_images,regions,skipped,image_auroc,image_ap,pixel_auroc,aupro,map_max_auroc,map_max_ap,blend_auroc,blend_ap\n",
         );
         for c in &self.classes {
             let _ = writeln!(
                 s,
-                "{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 csv_field(&c.name),
                 c.images,
                 c.normal,
@@ -208,6 +232,10 @@ impl EvalReport {
                 csv_metric(c.image_ap),
                 csv_metric(c.pixel_auroc),
                 csv_metric(c.aupro),
+                csv_metric(c.map_max_auroc),
+                csv_metric(c.map_max_ap),
+                csv_metric(c.blend_auroc),
+                csv_metric(c.blend_ap),
             );
         }
         let means = self.mean.all();
@@ -240,8 +268,17 @@ impl EvalReport {
     /// The terminal table (percentages, one decimal, like the official log), the mean with the
     /// number of classes averaged per metric, the reasons for `n/a`, issue counts and timing.
     pub fn table(&self) -> String {
-        let headers = ["class", "images", "I-AUROC", "I-AP", "P-AUROC", "AUPRO"];
-        let mut rows: Vec<[String; 6]> = Vec::new();
+        let headers = [
+            "class",
+            "images",
+            "I-AUROC",
+            "I-AP",
+            "P-AUROC",
+            "AUPRO",
+            "I-AUROC map_max",
+            "I-AUROC blend",
+        ];
+        let mut rows: Vec<[String; 8]> = Vec::new();
         for c in &self.classes {
             rows.push([
                 c.name.clone(),
@@ -250,6 +287,8 @@ impl EvalReport {
                 c.image_ap.percent(),
                 c.pixel_auroc.percent(),
                 c.aupro.percent(),
+                c.map_max_auroc.percent(),
+                c.blend_auroc.percent(),
             ]);
         }
         let means = self.mean.all();
@@ -260,6 +299,8 @@ impl EvalReport {
             pct(means[1].value),
             pct(means[2].value),
             pct(means[3].value),
+            pct(means[4].value),
+            pct(means[6].value),
         ]);
         let n = self.classes.len();
         rows.push([
@@ -269,6 +310,8 @@ impl EvalReport {
             format!("{}/{n}", means[1].classes),
             format!("{}/{n}", means[2].classes),
             format!("{}/{n}", means[3].classes),
+            format!("{}/{n}", means[4].classes),
+            format!("{}/{n}", means[6].classes),
         ]);
         let mut width = headers.map(str::len);
         for r in &rows {

@@ -19,7 +19,7 @@ use common::rtsp::RtspCamera;
 use serde_json::Value;
 
 /// Keys of a `result` payload, schema v1.
-const RESULT_KEYS: [&str; 11] = [
+const RESULT_KEYS: [&str; 14] = [
     "v",
     "camera",
     "seq",
@@ -31,6 +31,9 @@ const RESULT_KEYS: [&str; 11] = [
     "area",
     "latency_ms",
     "model",
+    "verdict",
+    "score_norm",
+    "cal",
 ];
 
 fn now_ms() -> u64 {
@@ -79,6 +82,16 @@ fn check_result(m: &Msg, camera: &str) -> Value {
         v["anomaly"],
         score >= threshold,
         "anomaly = score >= threshold: {v}"
+    );
+    // A camera without regions decides on the global score with its hand-set threshold.
+    assert_eq!(v["cal"], "manual", "{v}");
+    let expected = if score >= threshold { "NG" } else { "OK" };
+    assert_eq!(v["verdict"], expected, "{v}");
+    let norm = v["score_norm"].as_f64().expect("score_norm");
+    assert_eq!(
+        norm >= 0.5,
+        score >= threshold,
+        "score_norm is 0.5 at the threshold: {v}"
     );
     v
 }

@@ -120,7 +120,9 @@ async fn contract_status_results_alarm_mask_stats_and_clean_stop() {
         assert!(!m.retain);
         let v = m.json();
         let o = v.as_object().expect("object");
-        assert_eq!(o.len(), 11, "{v}");
+        assert_eq!(o.len(), 14, "{v}");
+        assert_eq!(v["verdict"], "OK");
+        assert_eq!(v["cal"], "manual");
         assert_eq!(v["v"], 1);
         assert_eq!(v["camera"], cam.as_str());
         assert_eq!(v["seq"], seq);
