@@ -60,7 +60,8 @@ MAX_FPR = 0.3
 EIGHT = np.ones((3, 3), dtype=bool)
 NORMAL_SPECIES = ("good", "ok")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
-METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
+METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro",
+           "map_max_auroc", "map_max_ap", "blend_auroc", "blend_ap")
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -131,6 +132,8 @@ class ClassData:
     has_masks: bool = False
     labels: list[bool] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    # The other decision statistics: each image's map maximum (blend = (score + map_max) / 2).
+    map_maxes: list[float] = field(default_factory=list)
     maps: list[np.ndarray] = field(default_factory=list)
     truths: list[np.ndarray] = field(default_factory=list)
 
@@ -139,6 +142,10 @@ def class_metrics(c: ClassData) -> dict:
     labels = np.array(c.labels, dtype=bool)
     scores = np.array(c.scores, dtype=np.float32)
     i_auroc, i_ap = image_metrics(labels, scores)
+    map_maxes = np.array(c.map_maxes, dtype=np.float32)
+    blends = np.float32(0.5) * (scores + map_maxes) if len(map_maxes) == len(scores) else map_maxes
+    mm_auroc, mm_ap = image_metrics(labels, map_maxes) if len(map_maxes) else (None, None)
+    b_auroc, b_ap = image_metrics(labels, blends) if len(map_maxes) else (None, None)
     p_auroc = pro = None
     regions = 0
     if c.has_masks and c.maps:
@@ -158,6 +165,10 @@ def class_metrics(c: ClassData) -> dict:
         "image_ap": i_ap,
         "pixel_auroc": p_auroc,
         "aupro": pro,
+        "map_max_auroc": mm_auroc,
+        "map_max_ap": mm_ap,
+        "blend_auroc": b_auroc,
+        "blend_ap": b_ap,
     }
 
 
@@ -188,6 +199,7 @@ def from_dump(dump: Path, root: Path) -> dict:
         anomalous = row["anomalous"] == "1"
         c.labels.append(anomalous)
         c.scores.append(float(np.float32(row["score"])))
+        c.map_maxes.append(float(np.fromfile(dump / row["map_file"], dtype="<f4").max()))
         if not c.has_masks or (anomalous and not row["mask_path"]):
             continue
         c.maps.append(np.fromfile(dump / row["map_file"], dtype="<f4").reshape(size, size))
@@ -283,6 +295,7 @@ def pipeline(root: Path, package: Path, layout: str, threads: int) -> dict:
             n_images += 1
             c.labels.append(anomalous)
             c.scores.append(head.score)
+            c.map_maxes.append(float(np.asarray(head.map, dtype=np.float32).max()))
             if c.has_masks and (not anomalous or mask is not None):
                 c.maps.append(head.map)
                 c.truths.append(load_truth(mask, size) if anomalous
