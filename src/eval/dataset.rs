@@ -536,16 +536,12 @@ pub fn discover(root: &Path, layout: Layout) -> Result<Opened, DatasetError> {
         root: root.to_owned(),
         expected: format!("{} for --layout {layout}", layout.expected_tree()),
     };
-    if !root.is_dir() {
-        // Not a folder (or unreadable): say so with the cause.
-        sorted_entries(root)?;
-        return Err(no_layout());
-    }
     match layout {
         Layout::Sdd if root.join("test").is_dir() => {
             let name = class_name_of_root(root);
             discover_class(root, "", &name, &mut meta, &mut issues)?;
         }
+        Layout::Sdd if !root.is_dir() => return Err(no_layout()),
         Layout::Sdd | Layout::Auto => discover_classes(root, &mut meta, &mut issues, no_layout)?,
         l if l.is_mvtec_style() => discover_classes(root, &mut meta, &mut issues, no_layout)?,
         l => super::layouts::discover(root, l, &mut meta, &mut issues, no_layout)?,
