@@ -1,5 +1,6 @@
-//! Evaluation datasets: folder discovery (MVTec AD and SDD layouts), `meta.json` in the official
-//! AnomalyCLIP format, and validation with per-item issues.
+//! Evaluation datasets: folder discovery (the 17 official AnomalyCLIP layouts; MVTec-style ones
+//! here, the others in [`super::layouts`]), `meta.json` in the official AnomalyCLIP format, and
+//! validation with per-item issues.
 //!
 //! Input: a dataset ROOT and either a `meta.json` or a folder layout. Output: [`Validated`], the
 //! test items per class (image path, optional mask path, label) plus every [`Issue`] found, with
@@ -15,12 +16,18 @@
 //! `--strict` ([`Validated::check`] with `strict = true`) turns any issue into a failure.
 //!
 //! Layouts (`good` — or `ok`, as in BTAD — is the normal species; others are defect types):
-//! - `mvtec`: `ROOT/<class>/{train,test}/<species>/<image>`, masks in
-//!   `ROOT/<class>/ground_truth/<species>/<stem>_mask.<ext>` (also `<stem>.<ext>`,
+//! - `mvtec` (also `mpdd`, `btad`, `dtd`, `head_ct`): `ROOT/<class>/{train,test}/<species>/<image>`,
+//!   masks in `ROOT/<class>/ground_truth/<species>/<stem>_mask.<ext>` (also `<stem>.<ext>`,
 //!   `<stem>_label.<ext>`), or beside the image as `<stem>_mask.<ext>` / `<stem>_label.<ext>`;
 //! - `sdd`: one category at ROOT: `ROOT/{train,test}/<species>/…`, masks as above under
-//!   `ROOT/ground_truth/…` or beside the images; the class is named after ROOT's folder;
-//! - `auto`: `ROOT/meta.json` if present, else `sdd` when `ROOT/test` exists, else `mvtec`.
+//!   `ROOT/ground_truth/…` or beside the images; the class is named after ROOT's folder; without
+//!   `ROOT/test/`, the official SDD tree (`ROOT/electrical commutators/…`, MVTec-style);
+//! - the other official layouts (`visa`, `dagm`, `isbi`, `br35`, `brainmri`, `covid`,
+//!   `endotect`, `clinicdb`, `colondb`, `kvasir`, `tn3k`): [`super::layouts`];
+//! - `auto`: `ROOT/meta.json` if present, else `visa` when `ROOT/split_csv/1cls.csv` exists, else
+//!   `sdd` when `ROOT/test` exists, else `mvtec`.
+//!
+//! Every tree is described in `docs/datasets.md`.
 //!
 //! A class without any mask is *image-only* (image metrics, no pixel metrics, no warning); a class
 //! with masks for some anomalous images but not others warns for each missing one. Masks are
@@ -254,7 +261,9 @@ impl Layout {
             Layout::Visa => {
                 "ROOT/split_csv/1cls.csv with columns object,split,label,image,mask (paths relative to ROOT)"
             }
-            Layout::Dagm => "ROOT/<ClassN>/{Train,Test}/<image>.PNG, masks in ROOT/<ClassN>/{Train,Test}/Label/",
+            Layout::Dagm => {
+                "ROOT/<ClassN>/{Train,Test}/<image>.PNG, masks in ROOT/<ClassN>/{Train,Test}/Label/"
+            }
             Layout::Brainmri => "ROOT/brain_tumor_dataset/{no,yes}/…",
             Layout::Br35 => "ROOT/{no,yes}/…",
             Layout::Covid => "ROOT/{NORMAL,<finding>…}/…",

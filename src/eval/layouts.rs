@@ -104,7 +104,15 @@ pub(super) fn discover(
         Layout::Endotect => {
             need("masks")?;
             let masks = MaskDir::new(root, "masks")?;
-            species_tree(root, "", "colon", &|s| s == "good", Some(masks), meta, issues)
+            species_tree(
+                root,
+                "",
+                "colon",
+                &|s| s == "good",
+                Some(masks),
+                meta,
+                issues,
+            )
         }
         Layout::Clinicdb | Layout::Colondb | Layout::Kvasir => {
             need("images")?;
@@ -308,11 +316,8 @@ fn dagm(
 /// position, like the official script); rows of other splits are ignored.
 fn visa(root: &Path, meta: &mut Meta) -> Result<(), DatasetError> {
     let path = root.join(VISA_CSV);
-    let text = crate::fsio::read_limited_string(
-        &path,
-        crate::fsio::MAX_META_JSON,
-        "VisA split CSV",
-    )?;
+    let text =
+        crate::fsio::read_limited_string(&path, crate::fsio::MAX_META_JSON, "VisA split CSV")?;
     let bad = |message: String| DatasetError::BadCsv {
         path: path.clone(),
         message,
@@ -338,7 +343,8 @@ fn visa(root: &Path, meta: &mut Meta) -> Result<(), DatasetError> {
         let record = record.map_err(|e| bad(e.to_string()))?;
         let line = i + 2;
         let field = |k: usize| record.get(k).unwrap_or("").trim();
-        let (object, split, label, image, mask) = (field(0), field(1), field(2), field(3), field(4));
+        let (object, split, label, image, mask) =
+            (field(0), field(1), field(2), field(3), field(4));
         if record.len() < 4 || object.is_empty() || image.is_empty() {
             return Err(bad(format!(
                 "line {line}: expected object,split,label,image[,mask], got {:?}",
