@@ -46,6 +46,9 @@ use serde::{Deserialize, Serialize};
 /// The official file name of the dataset description.
 pub const META_FILE: &str = "meta.json";
 
+/// The class folder of the official SDD tree (`ROOT/electrical commutators/{train,test,…}`).
+pub const SDD_OFFICIAL_CLASS: &str = "electrical commutators";
+
 /// Species (sub-folder) names of normal images: `good` (MVTec AD, VisA, MPDD, SDD) and `ok`
 /// (BTAD). Every other species is a defect type.
 pub const NORMAL_SPECIES: &[&str] = &["good", "ok"];
@@ -550,8 +553,16 @@ pub fn discover(root: &Path, layout: Layout) -> Result<Opened, DatasetError> {
             let name = class_name_of_root(root);
             discover_class(root, "", &name, &mut meta, &mut issues)?;
         }
-        Layout::Sdd if !root.is_dir() => return Err(no_layout()),
-        Layout::Sdd | Layout::Auto => discover_classes(root, &mut meta, &mut issues, no_layout)?,
+        Layout::Sdd => {
+            // The official SDD tree: the one class of `SDD.py`, MVTec-style.
+            let name = SDD_OFFICIAL_CLASS;
+            let dir = root.join(name);
+            if !dir.join("test").is_dir() {
+                return Err(no_layout());
+            }
+            discover_class(&dir, name, name, &mut meta, &mut issues)?;
+        }
+        Layout::Auto => discover_classes(root, &mut meta, &mut issues, no_layout)?,
         l if l.is_mvtec_style() => discover_classes(root, &mut meta, &mut issues, no_layout)?,
         l => super::layouts::discover(root, l, &mut meta, &mut issues, no_layout)?,
     }

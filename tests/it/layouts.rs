@@ -86,7 +86,8 @@ fn build_tree(layout: &str) -> (tempfile::TempDir, PathBuf) {
                     (false, _) => ((x * 3 + y * 5 + i as u32 * 7) % 200) as u8 + 20,
                 }])
             });
-            img.save(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            img.save(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         } else {
             std::fs::write(&p, b"").unwrap();
         }
@@ -316,7 +317,10 @@ fn a_bad_visa_split_csv_is_refused_naming_the_file_and_line() {
             &["line 2", "label \"broken\"", "\"normal\" or \"anomaly\""],
         ),
         ("object,split\ncandle,test\n".into(), &["expected 5"]),
-        ("object,split,label,image,mask\n".into(), &["no train or test rows"]),
+        (
+            "object,split,label,image,mask\n".into(),
+            &["no train or test rows"],
+        ),
         (
             "object,split,label,image,mask\ncandle,test\n".into(),
             &["line 2", "expected object,split,label,image"],
