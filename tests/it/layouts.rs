@@ -374,3 +374,31 @@ fn eval_runs_on_a_visa_tree_found_by_its_split_csv() {
     }
     assert_eq!(reports[0]["classes"], reports[1]["classes"]);
 }
+
+#[test]
+fn covid_counts_a_normal_folder_in_any_case_as_normal() {
+    // Newer releases of the COVID-19 Radiography set name the folder `Normal`; the official
+    // script matches only `NORMAL` and would count those images as defects.
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let img = image::GrayImage::new(4, 4);
+    for p in ["Normal/Normal-1.png", "COVID/COVID-1.png"] {
+        std::fs::create_dir_all(root.join(p).parent().unwrap()).unwrap();
+        img.save(root.join(p)).unwrap();
+    }
+    let o = run(&["dataset-meta", s(root), "--layout", "covid"]);
+    assert_eq!(o.status.code(), Some(0));
+    let meta = read_json(&root.join("meta.json"));
+    let labels: Vec<(&str, u64)> = meta["test"]["chest"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["specie_name"].as_str().unwrap(),
+                i["anomaly"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(labels, [("COVID", 1), ("Normal", 0)]);
+}
