@@ -25,6 +25,7 @@ mod hostile;
 mod hostile_files;
 mod hostile_props;
 mod image_io;
+mod layouts;
 mod mqtt;
 mod packaging;
 mod preprocess;
