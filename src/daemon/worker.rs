@@ -38,6 +38,7 @@ pub(super) fn run(
     publisher: PublisherHandle,
     batching: Batching,
     model_name: String,
+    live: Option<crate::live::LiveHub>,
 ) {
     // Test hook, read once: while this file exists the worker stalls (a hung engine).
     let stall_file = std::env::var_os(STALL_FILE_ENV).map(PathBuf::from);
@@ -70,15 +71,28 @@ pub(super) fn run(
             shared.scored_ms.store(shared.now_ms(), Ordering::Relaxed);
             for (f, (r, pixel_threshold)) in chunk.iter().zip(results) {
                 match r {
-                    Ok(r) => publish_scored(
-                        &shared,
-                        &publisher,
-                        &handles,
-                        f,
-                        &r,
-                        pixel_threshold,
-                        &model_name,
-                    ),
+                    Ok(r) => {
+                        publish_scored(
+                            &shared,
+                            &publisher,
+                            &handles,
+                            f,
+                            &r,
+                            pixel_threshold,
+                            &model_name,
+                        );
+                        // The live view: a no-op unless someone watches (or an NG frame is due
+                        // for the gallery); never waits.
+                        if let Some(live) = &live {
+                            live.offer(
+                                &f.camera_name,
+                                f,
+                                &r,
+                                threshold_of(&handles, f),
+                                pixel_threshold,
+                            );
+                        }
+                    }
                     Err(e) => {
                         // E.g. NaN in the model's output for this frame: nothing is published.
                         count_error(&handles, f);
@@ -142,6 +156,14 @@ fn gather_batch(
         }
     }
     frames
+}
+
+/// The image threshold of the frame's camera (for the live view's verdict).
+fn threshold_of(handles: &[CamHandle], f: &Frame) -> f32 {
+    handles
+        .iter()
+        .find(|h| h.index == f.camera)
+        .map_or(f32::INFINITY, |h| lock(&h.state).threshold)
 }
 
 /// Counts a frame whose inference failed against its camera (if the frame is of the camera's

@@ -25,6 +25,7 @@ mod hostile;
 mod hostile_files;
 mod hostile_props;
 mod image_io;
+mod live;
 mod mqtt;
 mod packaging;
 mod preprocess;
