@@ -46,7 +46,7 @@ use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -256,9 +256,11 @@ impl LiveHub {
         let now = Instant::now();
         let (live, gallery) = {
             let mut cams = lock(&i.cams);
-            let c = match cams.get_mut(camera) {
-                Some(c) => c,
-                None => cams.entry(camera.to_owned()).or_insert_with(CamLive::new),
+            if !cams.contains_key(camera) {
+                cams.insert(camera.to_owned(), CamLive::new());
+            }
+            let Some(c) = cams.get_mut(camera) else {
+                return;
             };
             if c.history.len() == HISTORY {
                 c.history.pop_front();
@@ -308,12 +310,11 @@ impl LiveHub {
             gallery,
         };
         let mut jobs = lock(&i.jobs);
+        // A gallery frame not yet written is kept in preference to a newer live-only one.
         match jobs.get_mut(camera) {
-            // A gallery frame not yet written is kept in preference to a newer live-only one.
-            Some(old) if old.gallery && !job.gallery => {
-                old.live |= job.live;
-            }
-            _ => {
+            Some(old) if old.gallery && !job.gallery => old.live |= job.live,
+            Some(old) => *old = job,
+            None => {
                 jobs.insert(camera.to_owned(), job);
             }
         }
@@ -702,7 +703,7 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        && bool::from(digest(bearer.trim().as_bytes()).ct_eq(&token))
+        && bool::from(digest(bearer.trim().as_bytes())[..].ct_eq(&token[..]))
     {
         return true;
     }
@@ -710,7 +711,7 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
         let d = digest(&session);
         return lock(&state.sessions)
             .iter()
-            .fold(false, |found, s| found | bool::from(s.ct_eq(&d)));
+            .fold(false, |found, s| found | bool::from(s[..].ct_eq(&d[..])));
     }
     false
 }
@@ -769,7 +770,7 @@ async fn login(State(state): State<AppState>, body: Bytes) -> Response {
         })
         .unwrap_or_default();
     let given = String::from_utf8_lossy(&given).trim().to_owned();
-    if !bool::from(digest(given.as_bytes()).ct_eq(&token)) {
+    if !bool::from(digest(given.as_bytes())[..].ct_eq(&token[..])) {
         warn!("live view: failed login");
         return (
             StatusCode::UNAUTHORIZED,
