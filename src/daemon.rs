@@ -361,6 +361,9 @@ async fn run_async(
         validity,
         started: Instant::now(),
     });
+    let live = start_live(&cfg, &shared, &control)
+        .await
+        .map_err(DaemonError::Runtime)?;
     let notify_frames = FrameNotify::new();
     let mut cameras = Cameras::new(
         size,
@@ -379,6 +382,7 @@ async fn run_async(
             max_wait: cfg.engine.max_wait,
         };
         let model_name = model_name.clone();
+        let live = live.clone();
         std::thread::Builder::new()
             .name("ace-infer".into())
             .spawn(move || {
@@ -389,6 +393,7 @@ async fn run_async(
                     publisher,
                     batching,
                     model_name,
+                    live,
                 )
             })
             .map_err(DaemonError::Runtime)?
@@ -496,6 +501,53 @@ async fn run_async(
             "publisher still busy at the stop deadline"
         );
     }
+    if let Some(live) = &live {
+        live.stop();
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Starts the live view server when `[http]` is set (the port is bound before the daemon
+/// reports ready: a taken port is a start-up error). `[http]` changes take effect at restart.
+async fn start_live(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    control: &Control,
+) -> std::io::Result<Option<crate::live::LiveHub>> {
+    let Some(http) = &cfg.http else {
+        return Ok(None);
+    };
+    let hub = crate::live::LiveHub::new(http, &cfg.state_dir)?;
+    let statuses: crate::live::StatusFn = {
+        let shared = shared.clone();
+        Arc::new(move || {
+            // One lock at a time (the control loop takes them in its own order).
+            let names: Vec<Arc<str>> = shared
+                .cams
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|h| h.name.clone())
+                .collect();
+            let statuses = lock(&shared.statuses);
+            names
+                .into_iter()
+                .map(|n| {
+                    let status = statuses.get(n.as_ref()).map_or("starting", |s| s.as_str());
+                    (n.to_string(), status.to_owned())
+                })
+                .collect()
+        })
+    };
+    crate::live::serve(
+        http,
+        hub.clone(),
+        statuses,
+        &cfg.node_id,
+        control.shutdown.clone(),
+    )
+    .await
+    .map_err(|e| std::io::Error::new(e.kind(), format!("http.listen {}: {e}", http.listen)))?;
+    Ok(Some(hub))
 }

@@ -61,6 +61,8 @@ pub mod mqtt;
 
 pub mod daemon;
 
+pub mod live;
+
 pub mod statedir;
 
 pub mod fsio;

@@ -26,6 +26,7 @@ mod hostile_files;
 mod hostile_props;
 mod image_io;
 mod layouts;
+mod live;
 mod mqtt;
 mod packaging;
 mod preprocess;
