@@ -17,6 +17,8 @@
 //! - [`gpu`]: the same head as CUDA kernels (NVRTC at start-up, cudarc), checked against [`head`].
 //! - [`scorer`]: package + engine + head as one object, used by `score`, `eval` and the daemon.
 //! - [`alarm`]: per-camera alarm debouncer (N of the last M frames over threshold, K to clear).
+//! - [`calibration`]: thresholds T1/T2 from good-part scores (order statistics), the calibration
+//!   file with its validity fingerprint and rollback, the drift index and the normalised score.
 //! - [`payload`]: the versioned MQTT payloads (result, alarm, status, mask PNG, stats).
 //! - [`mqtt`]: the publisher task, its topic contract and the on-disk alarm queue.
 //! - [`daemon`]: `run(config, control)`: the cameras, the inference worker, health and reload
@@ -47,6 +49,8 @@ pub mod gpu;
 pub mod scorer;
 
 pub mod alarm;
+
+pub mod calibration;
 
 pub mod payload;
 
