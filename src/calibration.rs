@@ -128,7 +128,9 @@ pub enum CalibError {
         value: String,
         expected: &'static str,
     },
-    #[error("calibration: {what} {name:?} is not a topic level ([A-Za-z0-9_-], 1 to 64 characters)")]
+    #[error(
+        "calibration: {what} {name:?} is not a topic level ([A-Za-z0-9_-], 1 to 64 characters)"
+    )]
     InvalidName { what: &'static str, name: String },
     #[error("calibration: psi: {0}")]
     Psi(String),
@@ -140,7 +142,9 @@ pub enum CalibError {
     Foreign { path: PathBuf, reason: String },
     #[error("calibration file {path}: invalid: {reason}; recalibrate, or `--rollback`")]
     Invalid { path: PathBuf, reason: String },
-    #[error("calibration for camera {camera:?} region {region:?}: no previous version to roll back to ({path} is missing)")]
+    #[error(
+        "calibration for camera {camera:?} region {region:?}: no previous version to roll back to ({path} is missing)"
+    )]
     NoPrevious {
         camera: String,
         region: String,
@@ -179,15 +183,40 @@ impl Fingerprint {
     pub fn mismatch(&self, current: &Fingerprint) -> Option<String> {
         let (a, b) = (self, current);
         let fields: [(&str, String, String, bool); 9] = [
-            ("model", a.model_sha256.clone(), b.model_sha256.clone(), true),
-            ("text embedding", a.text_sha256.clone(), b.text_sha256.clone(), true),
+            (
+                "model",
+                a.model_sha256.clone(),
+                b.model_sha256.clone(),
+                true,
+            ),
+            (
+                "text embedding",
+                a.text_sha256.clone(),
+                b.text_sha256.clone(),
+                true,
+            ),
             ("backend", a.backend.clone(), b.backend.clone(), false),
             ("precision", a.precision.clone(), b.precision.clone(), false),
-            ("input size", a.input_size.to_string(), b.input_size.to_string(), false),
+            (
+                "input size",
+                a.input_size.to_string(),
+                b.input_size.to_string(),
+                false,
+            ),
             ("region rectangle", a.rect.clone(), b.rect.clone(), false),
-            ("ignore polygons", a.ignore_sha256.clone(), b.ignore_sha256.clone(), true),
+            (
+                "ignore polygons",
+                a.ignore_sha256.clone(),
+                b.ignore_sha256.clone(),
+                true,
+            ),
             ("statistic", a.statistic.clone(), b.statistic.clone(), false),
-            ("reference bank", a.reference.clone(), b.reference.clone(), false),
+            (
+                "reference bank",
+                a.reference.clone(),
+                b.reference.clone(),
+                false,
+            ),
         ];
         let show = |s: &str, hash: bool| -> String {
             if s.is_empty() {
@@ -202,7 +231,11 @@ impl Fingerprint {
             .into_iter()
             .find(|(_, old, new, _)| old != new)
             .map(|(what, old, new, hash)| {
-                format!("{what} changed ({} → {})", show(&old, hash), show(&new, hash))
+                format!(
+                    "{what} changed ({} → {})",
+                    show(&old, hash),
+                    show(&new, hash)
+                )
             })
     }
 }
@@ -367,7 +400,12 @@ impl Calibration {
     /// Consistency of the values (finite, ordered, in range); `Err(reason)`.
     fn check(&self) -> Result<(), String> {
         let s = &self.stats;
-        let f32s = [("t1", self.t1), ("t2", self.t2), ("stats.min", s.min), ("stats.max", s.max)];
+        let f32s = [
+            ("t1", self.t1),
+            ("t2", self.t2),
+            ("stats.min", s.min),
+            ("stats.max", s.max),
+        ];
         for (k, v) in f32s {
             if !v.is_finite() || !(0.0..=1.0).contains(&v) {
                 return Err(format!("{k} = {v}, expected a score in [0, 1]"));
@@ -390,22 +428,35 @@ impl Calibration {
             return Err(format!("t1 = {} is above t2 = {}", self.t1, self.t2));
         }
         if !(self.target_rate > 0.0 && self.target_rate < 1.0) {
-            return Err(format!("target_rate = {}, expected (0, 1)", self.target_rate));
+            return Err(format!(
+                "target_rate = {}, expected (0, 1)",
+                self.target_rate
+            ));
         }
         if s.n == 0 || s.min > s.max {
-            return Err(format!("stats: n = {}, min = {}, max = {}", s.n, s.min, s.max));
+            return Err(format!(
+                "stats: n = {}, min = {}, max = {}",
+                s.n, s.min, s.max
+            ));
         }
         if s.deciles.len() != 9 || !s.deciles.iter().all(|d| d.is_finite()) {
-            return Err(format!("stats.deciles: expected 9 finite edges, got {:?}", s.deciles));
+            return Err(format!(
+                "stats.deciles: expected 9 finite edges, got {:?}",
+                s.deciles
+            ));
         }
         if s.deciles.windows(2).any(|w| w[0] > w[1]) {
             return Err("stats.deciles are not ascending".to_owned());
         }
-        if s.quantiles.iter().any(|(p, q)| !p.is_finite() || !q.is_finite()) {
+        if s.quantiles
+            .iter()
+            .any(|(p, q)| !p.is_finite() || !q.is_finite())
+        {
             return Err("stats.quantiles hold a non-finite value".to_owned());
         }
         let h = &s.histogram;
-        if h.counts.is_empty() || !(h.logit_lo.is_finite() && h.logit_hi.is_finite() && h.logit_lo < h.logit_hi)
+        if h.counts.is_empty()
+            || !(h.logit_lo.is_finite() && h.logit_hi.is_finite() && h.logit_lo < h.logit_hi)
         {
             return Err("stats.histogram: expected bins and finite ascending edges".to_owned());
         }
@@ -746,13 +797,17 @@ pub fn psi(deciles: &[f32], recent: &[f32]) -> Result<f64, CalibError> {
         )));
     }
     if deciles.windows(2).any(|w| w[0] > w[1]) {
-        return Err(CalibError::Psi("the decile edges are not ascending".to_owned()));
+        return Err(CalibError::Psi(
+            "the decile edges are not ascending".to_owned(),
+        ));
     }
     if recent.is_empty() {
         return Err(CalibError::Psi("no recent scores".to_owned()));
     }
     if let Some((i, v)) = recent.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(CalibError::Psi(format!("recent score #{i} is {v}, not finite")));
+        return Err(CalibError::Psi(format!(
+            "recent score #{i} is {v}, not finite"
+        )));
     }
     let mut counts = [0usize; 10];
     for &v in recent {
@@ -855,7 +910,11 @@ fn camera_dir(state_dir: &Path, camera: &str, region: &str) -> Result<PathBuf, C
 }
 
 fn stem(region: &str) -> &str {
-    if region.is_empty() { FRAME_STEM } else { region }
+    if region.is_empty() {
+        FRAME_STEM
+    } else {
+        region
+    }
 }
 
 /// The current calibration file of a camera/region: `<state_dir>/calibration/<camera>/<region
@@ -915,7 +974,11 @@ pub fn save(state_dir: &Path, cal: &Calibration) -> Result<PathBuf, CalibError> 
     if cal.id != cal.compute_id() {
         return Err(CalibError::Invalid {
             path,
-            reason: format!("id {} does not match its content ({})", cal.id, cal.compute_id()),
+            reason: format!(
+                "id {} does not match its content ({})",
+                cal.id,
+                cal.compute_id()
+            ),
         });
     }
     ensure_dir(&dir)?;
@@ -939,7 +1002,11 @@ pub fn save(state_dir: &Path, cal: &Calibration) -> Result<PathBuf, CalibError> 
 }
 
 /// Parses and checks one calibration file for `camera`/`region`.
-fn read_checked(path: &Path, camera: &str, region: &str) -> Result<Option<Calibration>, CalibError> {
+fn read_checked(
+    path: &Path,
+    camera: &str,
+    region: &str,
+) -> Result<Option<Calibration>, CalibError> {
     let bytes = match statedir::read_file(path) {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(None),
@@ -953,18 +1020,22 @@ fn read_checked(path: &Path, camera: &str, region: &str) -> Result<Option<Calibr
     if bytes.len() as u64 > MAX_FILE {
         return Err(CalibError::Corrupt {
             path: path.to_owned(),
-            reason: format!("{} bytes, more than a calibration file holds ({MAX_FILE})", bytes.len()),
+            reason: format!(
+                "{} bytes, more than a calibration file holds ({MAX_FILE})",
+                bytes.len()
+            ),
         });
     }
     // Version first, so a file of another version says so instead of a field error.
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| CalibError::Corrupt {
-        path: path.to_owned(),
-        reason: if e.is_eof() {
-            format!("truncated: {e}")
-        } else {
-            format!("not JSON: {e}")
-        },
-    })?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| CalibError::Corrupt {
+            path: path.to_owned(),
+            reason: if e.is_eof() {
+                format!("truncated: {e}")
+            } else {
+                format!("not JSON: {e}")
+            },
+        })?;
     match value.get("v").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(FORMAT_VERSION) => {}
         Some(v) => {
@@ -1006,14 +1077,21 @@ fn read_checked(path: &Path, camera: &str, region: &str) -> Result<Option<Calibr
     if cal.id != id {
         return Err(CalibError::Invalid {
             path: path.to_owned(),
-            reason: format!("id {:?} does not match its content ({id}): edited or damaged", cal.id),
+            reason: format!(
+                "id {:?} does not match its content ({id}): edited or damaged",
+                cal.id
+            ),
         });
     }
     Ok(Some(cal))
 }
 
 /// The current calibration of a camera/region; `Ok(None)` when it has none.
-pub fn load(state_dir: &Path, camera: &str, region: &str) -> Result<Option<Calibration>, CalibError> {
+pub fn load(
+    state_dir: &Path,
+    camera: &str,
+    region: &str,
+) -> Result<Option<Calibration>, CalibError> {
     let path = file_path(state_dir, camera, region)?;
     read_checked(&path, camera, region)
 }
@@ -1033,7 +1111,10 @@ pub fn rollback(state_dir: &Path, camera: &str, region: &str) -> Result<Calibrat
     };
     shift(&prev, &path)?;
     for i in 2..=KEEP_PREVIOUS {
-        shift(&previous_path(&dir, region, i), &previous_path(&dir, region, i - 1))?;
+        shift(
+            &previous_path(&dir, region, i),
+            &previous_path(&dir, region, i - 1),
+        )?;
     }
     statedir::sync_dir(&path).map_err(|source| CalibError::Io {
         path: dir.clone(),
@@ -1048,12 +1129,17 @@ mod tests {
     use serde_json::Value;
 
     fn fixture() -> Value {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calibration/expected.json");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calibration/expected.json");
         serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("fixture JSON")
     }
 
     fn f32s(v: &Value) -> Vec<f32> {
-        v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|x| x.as_f64().expect("number") as f32)
+            .collect()
     }
 
     fn fp() -> Fingerprint {
@@ -1076,7 +1162,9 @@ mod tests {
     }
 
     fn cal_for(camera: &str, region: &str, now: u64) -> Calibration {
-        let scores: Vec<f32> = (0..200).map(|i| (i as f32 * 0.618_034).fract() * 0.6).collect();
+        let scores: Vec<f32> = (0..200)
+            .map(|i| (i as f32 * 0.618_034).fract() * 0.6)
+            .collect();
         let mut o = Options::new(0.01);
         o.debounce = Some((3, 5));
         calibrate(&scores, &o, fp(), camera, region, "folder:/data/good", now).expect("calibrate")
@@ -1099,30 +1187,56 @@ mod tests {
     }
 
     #[test]
-    fn a_rate_below_one_over_n_plus_one_is_too_few_frames_naming_have_need_and_the_supported_rate() {
+    fn a_rate_below_one_over_n_plus_one_is_too_few_frames_naming_have_need_and_the_supported_rate()
+    {
         let err = threshold_for_rate(&nineteen(), 0.04).unwrap_err();
         match &err {
-            CalibError::TooFewFrames { have, need, supported, .. } => {
+            CalibError::TooFewFrames {
+                have,
+                need,
+                supported,
+                ..
+            } => {
                 assert_eq!((*have, *need), (19, 24));
                 assert!((supported - 0.05).abs() < 1e-15);
             }
             e => panic!("{e:?}"),
         }
         let msg = err.to_string();
-        assert!(msg.contains("19 good frames") && msg.contains("at least 24"), "{msg}");
+        assert!(
+            msg.contains("19 good frames") && msg.contains("at least 24"),
+            "{msg}"
+        );
         assert!(msg.contains("5.000e-2"), "{msg}");
     }
 
     #[test]
     fn frames_needed_is_the_smallest_sample_that_threshold_for_rate_accepts() {
-        for alpha in [0.5, 0.3, 0.1, 0.05, 0.02, 0.01, 0.0033, 0.001, 1.0 / 300.0, 1e-4] {
+        for alpha in [
+            0.5,
+            0.3,
+            0.1,
+            0.05,
+            0.02,
+            0.01,
+            0.0033,
+            0.001,
+            1.0 / 300.0,
+            1e-4,
+        ] {
             let need = frames_needed(alpha) as usize;
             let ok = vec![0.5f32; need];
-            assert!(threshold_for_rate(&ok, alpha).is_ok(), "α {alpha} need {need}");
+            assert!(
+                threshold_for_rate(&ok, alpha).is_ok(),
+                "α {alpha} need {need}"
+            );
             let short = vec![0.5f32; need - 1];
             if need > 1 {
                 assert!(
-                    matches!(threshold_for_rate(&short, alpha), Err(CalibError::TooFewFrames { .. })),
+                    matches!(
+                        threshold_for_rate(&short, alpha),
+                        Err(CalibError::TooFewFrames { .. })
+                    ),
                     "α {alpha} need {need}"
                 );
             }
@@ -1179,10 +1293,17 @@ mod tests {
             }
             let mean = s["mean_logit"].as_f64().unwrap();
             let std = s["std_logit"].as_f64().unwrap();
-            assert!((st.mean_logit - mean).abs() <= 1e-12 * mean.abs().max(1.0), "{name}");
+            assert!(
+                (st.mean_logit - mean).abs() <= 1e-12 * mean.abs().max(1.0),
+                "{name}"
+            );
             assert!((st.std_logit - std).abs() <= 1e-12 * std.max(1.0), "{name}");
-            let hist: Vec<u64> =
-                s["histogram"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            let hist: Vec<u64> = s["histogram"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
             assert_eq!(st.histogram.counts, hist, "{name}");
             assert_eq!(st.histogram.counts.iter().sum::<u64>(), x.len() as u64);
         }
@@ -1194,7 +1315,12 @@ mod tests {
         let x: Vec<f32> = (1..=99).map(|i| i as f32 / 100.0).collect();
         let ps: Vec<f64> = stats(&x).unwrap().quantiles.iter().map(|q| q.0).collect();
         assert_eq!(ps, vec![0.5, 0.9, 0.95, 0.99]);
-        let ps: Vec<f64> = stats(&[0.3]).unwrap().quantiles.iter().map(|q| q.0).collect();
+        let ps: Vec<f64> = stats(&[0.3])
+            .unwrap()
+            .quantiles
+            .iter()
+            .map(|q| q.0)
+            .collect();
         assert_eq!(ps, vec![0.5]);
     }
 
@@ -1222,7 +1348,10 @@ mod tests {
         assert_eq!(alarm_rate(f64::NAN, 1, 5), 1.0);
         // Tiny but representable: 1000 frames, all over at α = 0.5 → 2⁻¹⁰⁰⁰.
         let got = alarm_rate(0.5, 1000, 1000);
-        assert!((got - 2f64.powi(-1000)).abs() <= 1e-12 * 2f64.powi(-1000), "{got:e}");
+        assert!(
+            (got - 2f64.powi(-1000)).abs() <= 1e-12 * 2f64.powi(-1000),
+            "{got:e}"
+        );
     }
 
     #[test]
@@ -1233,27 +1362,45 @@ mod tests {
             for c in s["psi"].as_array().unwrap() {
                 let got = psi(&deciles, &f32s(&c["recent"])).unwrap();
                 let want = c["psi"].as_f64().unwrap();
-                assert!((got - want).abs() <= 1e-12 * want.max(1.0), "{} {}: {got} vs {want}", s["name"], c["name"]);
+                assert!(
+                    (got - want).abs() <= 1e-12 * want.max(1.0),
+                    "{} {}: {got} vs {want}",
+                    s["name"],
+                    c["name"]
+                );
             }
         }
         let b = &fx["samples"][0];
         let deciles = f32s(&b["deciles"]);
         let psi_of = |n: &str| {
-            let c = b["psi"].as_array().unwrap().iter().find(|c| c["name"] == n).unwrap();
+            let c = b["psi"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == n)
+                .unwrap();
             psi(&deciles, &f32s(&c["recent"])).unwrap()
         };
         assert!(psi_of("same") < PSI_DRIFT);
         assert!(psi_of("shifted") > PSI_DRIFT);
         assert!(psi(&deciles, &[]).is_err());
         assert!(psi(&deciles[..8], &[0.1]).is_err());
-        assert!(psi(&deciles, &[f32::NAN]).unwrap_err().to_string().contains("#0 is NaN"));
+        assert!(
+            psi(&deciles, &[f32::NAN])
+                .unwrap_err()
+                .to_string()
+                .contains("#0 is NaN")
+        );
     }
 
     #[test]
     fn score_norm_is_one_half_at_t2_matches_the_logit_formula_and_stays_inside_zero_one() {
         let fx = fixture();
         for c in fx["score_norm"].as_array().unwrap() {
-            let (v, t) = (c["value"].as_f64().unwrap() as f32, c["t2"].as_f64().unwrap() as f32);
+            let (v, t) = (
+                c["value"].as_f64().unwrap() as f32,
+                c["t2"].as_f64().unwrap() as f32,
+            );
             let want = c["norm"].as_f64().unwrap();
             let got = f64::from(score_norm(v, t));
             assert!((got - want).abs() <= 1e-6, "{v} {t}: {got} vs {want}");
@@ -1278,7 +1425,9 @@ mod tests {
         assert!(c.t1 <= c.t2);
         assert_eq!(c.stats.n, 200);
         assert!((c.min_supported_rate - 1.0 / 201.0).abs() < 1e-15);
-        let mut s: Vec<f32> = (0..200).map(|i| (i as f32 * 0.618_034).fract() * 0.6).collect();
+        let mut s: Vec<f32> = (0..200)
+            .map(|i| (i as f32 * 0.618_034).fract() * 0.6)
+            .collect();
         s.sort_by(f32::total_cmp);
         assert_eq!(c.t2, threshold_for_rate(&s, 0.01).unwrap());
         assert_eq!(c.t1, threshold_for_rate(&s, 0.1).unwrap());
@@ -1290,7 +1439,11 @@ mod tests {
         assert!(notes.contains("needs about 10/α = 1000 frames"), "{notes}");
         assert!(notes.contains("zero alarms"), "{notes}");
         // Equal rates give T1 = T2.
-        let o = Options { target_rate: 0.01, unknown_rate: 0.01, debounce: None };
+        let o = Options {
+            target_rate: 0.01,
+            unknown_rate: 0.01,
+            debounce: None,
+        };
         let c = calibrate(&s, &o, fp(), "line1", "", "camera", 0).unwrap();
         assert_eq!(c.t1, c.t2);
     }
@@ -1298,7 +1451,11 @@ mod tests {
     #[test]
     fn bad_samples_and_options_are_refused_with_what_was_expected() {
         let o = Options::new(0.01);
-        let go = |s: &[f32], o: &Options| calibrate(s, o, fp(), "cam", "", "camera", 0).unwrap_err().to_string();
+        let go = |s: &[f32], o: &Options| {
+            calibrate(s, o, fp(), "cam", "", "camera", 0)
+                .unwrap_err()
+                .to_string()
+        };
         assert!(go(&[], &o).contains("no scores"));
         let many = vec![0.2f32; 150];
         let mut bad = many.clone();
@@ -1306,17 +1463,35 @@ mod tests {
         assert!(go(&bad, &o).contains("score #7 is NaN"), "{}", go(&bad, &o));
         bad[7] = 1.5;
         assert!(go(&bad, &o).contains("outside [0, 1]"));
-        assert!(go(&many[..50], &o).contains("at least 99"), "{}", go(&many[..50], &o));
+        assert!(
+            go(&many[..50], &o).contains("at least 99"),
+            "{}",
+            go(&many[..50], &o)
+        );
         for r in [0.0, 1.0, -0.1, f64::NAN] {
             assert!(go(&many, &Options::new(r)).contains("target false-alarm rate"));
         }
-        let o2 = Options { target_rate: 0.01, unknown_rate: 0.005, debounce: None };
+        let o2 = Options {
+            target_rate: 0.01,
+            unknown_rate: 0.005,
+            debounce: None,
+        };
         assert!(go(&many, &o2).contains("UNKNOWN rate"));
-        let o3 = Options { debounce: Some((6, 5)), ..Options::new(0.01) };
+        let o3 = Options {
+            debounce: Some((6, 5)),
+            ..Options::new(0.01)
+        };
         assert!(go(&many, &o3).contains("6 of 5"));
-        let e = calibrate(&many, &o, fp(), "../etc", "", "camera", 0).unwrap_err().to_string();
+        let e = calibrate(&many, &o, fp(), "../etc", "", "camera", 0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("camera \"../etc\""), "{e}");
-        assert!(threshold_for_rate(&[0.3, 0.2], 0.5).unwrap_err().to_string().contains("not sorted"));
+        assert!(
+            threshold_for_rate(&[0.3, 0.2], 0.5)
+                .unwrap_err()
+                .to_string()
+                .contains("not sorted")
+        );
     }
 
     #[test]
@@ -1345,15 +1520,24 @@ mod tests {
         assert!(m.starts_with("ignore polygons changed (none → "), "{m}");
         let mut b = a.clone();
         b.statistic = "map_max".into();
-        assert_eq!(a.mismatch(&b).unwrap(), "statistic changed (global → map_max)");
+        assert_eq!(
+            a.mismatch(&b).unwrap(),
+            "statistic changed (global → map_max)"
+        );
         let mut b = a.clone();
         b.reference = "bank7".into();
-        assert_eq!(a.mismatch(&b).unwrap(), "reference bank changed (none → bank7)");
+        assert_eq!(
+            a.mismatch(&b).unwrap(),
+            "reference bank changed (none → bank7)"
+        );
     }
 
     #[test]
     fn ignore_hash_is_the_sha256_of_the_documented_canonical_text() {
-        let polys = vec![vec![[0.1, 0.1], [0.2, 0.1], [0.2, 0.2]], vec![[1.0, 2.0], [3.0, 4.0], [5.0, 6.5]]];
+        let polys = vec![
+            vec![[0.1, 0.1], [0.2, 0.1], [0.2, 0.2]],
+            vec![[1.0, 2.0], [3.0, 4.0], [5.0, 6.5]],
+        ];
         let want = hex::encode(Sha256::digest(b"0.1,0.1;0.2,0.1;0.2,0.2|1,2;3,4;5,6.5"));
         assert_eq!(ignore_sha256(&polys), want);
         assert_eq!(ignore_sha256(&[]), "");
@@ -1368,14 +1552,22 @@ mod tests {
             let c = cal_for("line1", "left", 1000 + i);
             let path = save(dir.path(), &c).unwrap();
             assert_eq!(path, dir.path().join("calibration/line1/left.json"));
-            assert_eq!(load(dir.path(), "line1", "left").unwrap().as_ref(), Some(&c));
+            assert_eq!(
+                load(dir.path(), "line1", "left").unwrap().as_ref(),
+                Some(&c)
+            );
             cals.push(c);
         }
         let d = dir.path().join("calibration/line1");
-        let mut names: Vec<String> =
-            std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         names.sort();
-        assert_eq!(names, ["left.1.json", "left.2.json", "left.3.json", "left.json"]);
+        assert_eq!(
+            names,
+            ["left.1.json", "left.2.json", "left.3.json", "left.json"]
+        );
         // The whole frame of a camera without regions.
         let c = cal_for("line1", "", 7);
         assert_eq!(save(dir.path(), &c).unwrap(), d.join("_frame.json"));
@@ -1423,12 +1615,18 @@ mod tests {
         let e = load_err(b"\x00\x01garbage");
         assert!(e.contains("not JSON"), "{e}");
         let e = load_err(b"{\"hello\": 1}");
-        assert!(e.contains("not an anomalyclip-edge calibration file"), "{e}");
+        assert!(
+            e.contains("not an anomalyclip-edge calibration file"),
+            "{e}"
+        );
         let e = load_err(good.replacen("\"v\": 1", "\"v\": 2", 1).as_bytes());
         assert!(e.contains("format version 2"), "{e}");
         let other = serde_json::to_string_pretty(&cal_for("other", "r1", 5)).unwrap();
         let e = load_err(other.as_bytes());
-        assert!(e.contains("camera \"other\"") && e.contains("not camera \"cam\""), "{e}");
+        assert!(
+            e.contains("camera \"other\"") && e.contains("not camera \"cam\""),
+            "{e}"
+        );
         let t2 = format!("\"t2\": {}", cal_for("cam", "r1", 5).t2);
         assert!(good.contains(&t2));
         let e = load_err(good.replacen(&t2, "\"t2\": NaN", 1).as_bytes());
