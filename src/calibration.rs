@@ -87,8 +87,9 @@ pub const PSI_DRIFT: f64 = 0.2;
 /// Share given to an empty bin in [`psi`] (so ln(0) never appears); shares are not renormalised.
 pub const PSI_EPSILON: f64 = 1e-4;
 
-/// Default number of recent scores a [`DriftWindow`] holds (by the chi-square approximation, a
-/// window of n scores without drift gives a PSI of about 9/n on average: 0.018 at n = 500).
+/// Default number of recent scores a [`DriftWindow`] holds. Without drift the PSI is about
+/// 9/n + 9/N on average (n recent, N calibration frames; chi-square approximation): 0.027 for
+/// n = 500, N = 1000, far enough below [`PSI_DRIFT`].
 pub const DRIFT_WINDOW: usize = 500;
 
 /// Relative tolerance in ⌊α(N+1)⌋, so that α = 1/(N+1) typed in decimal counts as supported.
