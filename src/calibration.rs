@@ -298,7 +298,9 @@ impl Options {
         }
     }
 
-    fn validate(&self) -> Result<(), CalibError> {
+    /// Checks the rates and the debounce (done by [`calibrate`] too): α in (0, 1), the UNKNOWN
+    /// rate in [α, 1), N of M with 1 ≤ N ≤ M ≤ [`crate::alarm::MAX_WINDOW`].
+    pub fn validate(&self) -> Result<(), CalibError> {
         if !(self.target_rate > 0.0 && self.target_rate < 1.0) {
             return Err(CalibError::InvalidOption {
                 what: "target false-alarm rate",
