@@ -286,8 +286,11 @@ pub fn engine_options(cfg: &Config) -> EngineOptions {
     }
 }
 
+pub use calibrated::fingerprint as calibration_fingerprint;
+pub use regions::Validity;
+
 /// What the running model and engine are, for calibration fingerprints.
-fn validity(cfg: &Config, scorer: &Scorer) -> regions::Validity {
+pub fn validity(cfg: &Config, scorer: &Scorer) -> regions::Validity {
     let m = &scorer.package().manifest;
     let file = |name: &str| m.files.get(name).cloned().unwrap_or_default();
     let info = scorer.engine().info();
