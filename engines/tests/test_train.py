@@ -6,9 +6,11 @@ detection quality.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +101,45 @@ def test_a_dataset_with_an_anomalous_image_without_mask_is_refused_with_one_clea
     assert len(err.splitlines()) == 1
     assert "meta.json" in err and "no mask" in err and "--image-loss-only" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trained_checkpoint_exported_with_update_text_gives_the_reference_text_constant(
+        tiny_sources, tiny_package, dataset, tmp_path):
+    clip_path, _ = tiny_sources
+    out = tmp_path / "run"
+    train(clip_path, dataset, out, epochs=1, batch_size=4, quiet=True)
+    checkpoint = out / "epoch_1.pth"
+    assert checkpoint.is_file() and (out / "log.txt").read_text().startswith("epoch [1/1], loss:")
+    new = tmp_path / "pkg-new"
+    proc = subprocess.run([sys.executable, str(ENGINES / "export.py"), "--update-text",
+                           str(tiny_package), "--clip", str(clip_path), "--checkpoint",
+                           str(checkpoint), "--out", str(new)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    clip = load_clip(clip_path)
+    expected = compute_text_constant(TINY, clip.state, load_prompts(checkpoint, TINY).state)
+    got = np.fromfile(new / "text.f32", dtype="<f4").reshape(2, -1)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-6)
+    old = np.fromfile(tiny_package / "text.f32", dtype="<f4").reshape(2, -1)
+    assert np.abs(got - old).max() > 1e-3  # the training changed the text constant
+    # the image model is reused byte for byte; the manifest names the new text and checkpoint
+    assert (new / "model.onnx").read_bytes() == (tiny_package / "model.onnx").read_bytes()
+    manifest = tomllib.loads((new / "manifest.toml").read_text())
+    old_manifest = tomllib.loads((tiny_package / "manifest.toml").read_text())
+    assert manifest["files"]["text.f32"] == hashlib.sha256(got.tobytes()).hexdigest()
+    assert manifest["files"]["model.onnx"] == old_manifest["files"]["model.onnx"]
+    assert manifest["source"]["checkpoint_file"] == "epoch_1.pth"
+    assert manifest["model"] == old_manifest["model"]
+
+
+def test_update_text_refuses_a_clip_file_other_than_the_packages_source(
+        tiny_package, tmp_path):
+    from random_weights import write_random_sources
+
+    other_clip, other_prompts = write_random_sources(TINY, 1, tmp_path, "tiny")
+    proc = subprocess.run([sys.executable, str(ENGINES / "export.py"), "--update-text",
+                           str(tiny_package), "--clip", str(other_clip), "--checkpoint",
+                           str(other_prompts), "--out", str(tmp_path / "new")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "clip_sha256" in proc.stderr
+    assert not (tmp_path / "new").exists()
