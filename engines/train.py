@@ -185,12 +185,15 @@ class PromptLearner(nn.Module):
             copy.deepcopy(projection) for _ in range(N_DEEP_PROMPTS))
         self.ctx_pos = nn.Parameter(ctx_pos.clone())
         self.ctx_neg = nn.Parameter(ctx_neg.clone())
-        for tag, anomalous in (("pos", False), ("neg", True)):
-            ids = torch.tensor(prompt_token_ids(anomalous, arch.text.context), dtype=torch.int32)
-            embedded = token_embedding.float()[ids.long()]
+        ids = {tag: torch.tensor(prompt_token_ids(anomalous, arch.text.context),
+                                 dtype=torch.int32)
+               for tag, anomalous in (("pos", False), ("neg", True))}
+        for tag in ("pos", "neg"):  # the official registration order of the buffers
+            embedded = token_embedding.float()[ids[tag].long()]
             self.register_buffer(f"token_prefix_{tag}", embedded[None, None, :1].clone())
             self.register_buffer(f"token_suffix_{tag}", embedded[None, None, 1 + N_CTX:].clone())
-            self.register_buffer(f"tokenized_prompts_{tag}", ids[None, None].clone())
+        for tag in ("pos", "neg"):
+            self.register_buffer(f"tokenized_prompts_{tag}", ids[tag][None, None].clone())
         assert self.ctx_pos.shape == (1, 1, N_CTX, width)
 
     def forward(self) -> tuple[Tensor, Tensor, list[Tensor]]:

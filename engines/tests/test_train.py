@@ -6,16 +6,24 @@ detection quality.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import importlib
+import io
 import json
+import os
+import re
 import subprocess
 import sys
 import tomllib
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from anomalyclip_ref import TINY, compute_text_constant
@@ -143,3 +151,161 @@ def test_update_text_refuses_a_clip_file_other_than_the_packages_source(
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "clip_sha256" in proc.stderr
     assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity with the official code, run in-process (needs a checkout of zqhang/AnomalyCLIP)
+# ------------------------------------------------------------------------------------------------
+
+OFFICIAL = os.environ.get("ANOMALYCLIP_OFFICIAL", "")
+
+
+def _import_official(root: Path) -> types.SimpleNamespace:
+    """Import the official model, prompt learner and losses without their unused dependencies.
+
+    torchvision, tqdm and thop are only used by code paths the training step does not take
+    (download, image transforms, profiling) and are stubbed; ftfy is the identity on the ASCII
+    prompts; `regex` is given to the tokenizer as Python's `re` with the two Unicode classes of
+    its pattern spelled for ASCII (the prompts are "X X ... object." and "... damaged object.").
+    The package `__init__` is bypassed; the submodules load from their files.
+    """
+    stubs = {}
+    tv = types.ModuleType("torchvision")
+    tvt = types.ModuleType("torchvision.transforms")
+    for name in ("Compose", "Resize", "ToTensor", "Normalize", "InterpolationMode"):
+        setattr(tvt, name, type(name, (), {}))
+    tv.transforms = tvt
+    stubs.update({"torchvision": tv, "torchvision.transforms": tvt})
+    tqdm = types.ModuleType("tqdm")
+    tqdm.tqdm = lambda x, *a, **k: x
+    thop = types.ModuleType("thop")
+    thop.profile = None
+    ftfy = types.ModuleType("ftfy")
+    ftfy.fix_text = lambda s: s
+    regex = types.ModuleType("regex")
+    regex.IGNORECASE = re.IGNORECASE
+    regex.sub = re.sub
+    regex.findall = re.findall
+    regex.compile = lambda p, flags=0: re.compile(
+        p.replace(r"\p{L}", "A-Za-z").replace(r"\p{N}", "0-9"), flags)
+    import packaging.version
+
+    pkg_resources = types.ModuleType("pkg_resources")
+    pkg_resources.packaging = packaging
+    stubs.update({"tqdm": tqdm, "thop": thop, "ftfy": ftfy, "regex": regex,
+                  "pkg_resources": pkg_resources})
+    lib = types.ModuleType("AnomalyCLIP_lib")
+    lib.__path__ = [str(root / "AnomalyCLIP_lib")]
+    stubs["AnomalyCLIP_lib"] = lib
+    saved = {k: sys.modules.get(k) for k in [*stubs, "prompt_ensemble", "loss"]}
+    sys.modules.update(stubs)
+    sys.path.insert(0, str(root))
+    try:
+        build_model = importlib.import_module("AnomalyCLIP_lib.build_model")
+        model_load = importlib.import_module("AnomalyCLIP_lib.model_load")
+        prompt_ensemble = importlib.import_module("prompt_ensemble")
+        loss = importlib.import_module("loss")
+    finally:
+        sys.path.remove(str(root))
+        for key, value in saved.items():
+            if value is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = value
+    return types.SimpleNamespace(build_model=build_model.build_model,
+                                 compute_similarity=model_load.compute_similarity,
+                                 get_similarity_map=model_load.get_similarity_map,
+                                 PromptLearner=prompt_ensemble.AnomalyCLIP_PromptLearner,
+                                 FocalLoss=loss.FocalLoss, BinaryDiceLoss=loss.BinaryDiceLoss)
+
+
+def _official_steps(off, clip_path: Path, data: Path, steps: int, batch: int, layer: int,
+                    dpam_layer: int) -> tuple[list[tuple[float, float]], dict, dict]:
+    """The official train.py: seed, model, DataLoader, prompt learner, V-V replacement, and the
+    loop body for `steps` steps (CPU; data through the project's loader: the official
+    preprocessing and mask semantics, checked by the exporter and eval tests)."""
+    from train import load_image, load_mask, read_meta, seed_everything
+
+    details = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9,
+               "learnabel_text_embedding_length": 4}
+    seed_everything(111)
+    state = torch.load(clip_path, map_location="cpu")
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = off.build_model("tiny", state, details)
+        model.float()
+        model.eval()
+        items = read_meta(data, "test", False)
+        loader = torch.utils.data.DataLoader(range(len(items)), batch_size=batch, shuffle=True)
+        learner = off.PromptLearner(model.to("cpu"), details)
+        model.visual.DAPM_replace(DPAM_layer=dpam_layer)
+    initial = {k: v.clone() for k, v in learner.state_dict().items()}
+    optimizer = torch.optim.Adam(list(learner.parameters()), lr=1e-3, betas=(0.5, 0.999))
+    focal, dice = off.FocalLoss(), off.BinaryDiceLoss()
+    model.eval()
+    learner.train()
+    records = []
+    for indices in loader:
+        idx = indices.tolist()
+        image = torch.from_numpy(np.stack([load_image(items[i], SIZE) for i in idx]))
+        label = torch.tensor([int(items[i].anomalous) for i in idx])
+        gt = torch.from_numpy(np.stack([load_mask(items[i], SIZE) for i in idx]))
+        gt[gt > 0.5] = 1
+        gt[gt <= 0.5] = 0
+        with torch.no_grad():
+            image_features, patch_features = model.encode_image(image, [layer], DPAM_layer=20)
+            image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        prompts, tokenized_prompts, compound = learner(cls_id=None)
+        text_features = model.encode_text_learn(prompts, tokenized_prompts, compound).float()
+        text_features = torch.stack(torch.chunk(text_features, dim=0, chunks=2), dim=1)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        text_probs = image_features.unsqueeze(1) @ text_features.permute(0, 2, 1)
+        text_probs = text_probs[:, 0, ...] / 0.07
+        image_loss = F.cross_entropy(text_probs.squeeze(), label.long())
+        maps = []
+        for patch_feature in patch_features:
+            patch_feature = patch_feature / patch_feature.norm(dim=-1, keepdim=True)
+            similarity, _ = off.compute_similarity(patch_feature, text_features[0])
+            maps.append(off.get_similarity_map(similarity[:, 1:, :], SIZE).permute(0, 3, 1, 2))
+        loss = 0
+        for m in maps:
+            loss += focal(m, gt)
+            loss += dice(m[:, 1, :, :], gt)
+            loss += dice(m[:, 0, :, :], 1 - gt)
+        loss = 4 * loss
+        optimizer.zero_grad()
+        (loss + image_loss).backward()
+        optimizer.step()
+        records.append((loss.item(), image_loss.item()))
+        if len(records) == steps:
+            break
+    final = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+    return records, initial, final
+
+
+@pytest.mark.skipif(not (OFFICIAL and (Path(OFFICIAL) / "prompt_ensemble.py").is_file()),
+                    reason="set ANOMALYCLIP_OFFICIAL to a checkout of zqhang/AnomalyCLIP")
+def test_training_matches_the_official_train_step_for_three_steps(tiny_sources, dataset,
+                                                                 tmp_path):
+    off = _import_official(Path(OFFICIAL))
+    clip_path, _ = tiny_sources
+    # the official code derives the head count from the width (width // 64 = 1 for the tiny
+    # model); give ours the same architecture
+    arch = dataclasses.replace(TINY, vision=dataclasses.replace(TINY.vision, heads=1),
+                               text=dataclasses.replace(TINY.text, heads=1))
+    dpam = TINY.vision.layers - TINY.vision.vv_start + 2  # V-V on blocks 2..4, like 6..24
+    ref, initial, final = _official_steps(off, clip_path, dataset, 3, 4, TINY.vision.layers,
+                                          dpam)
+    ours_initial = official_initial_learner(arch, load_clip(clip_path).state, 111).state_dict()
+    assert list(ours_initial) == list(initial)  # same keys in the same order
+    for key, value in initial.items():
+        assert ours_initial[key].shape == value.shape and ours_initial[key].dtype == value.dtype
+        assert torch.equal(ours_initial[key], value), f"initial {key} differs"
+    for cache in (True, False):
+        records, state = train(clip_path, dataset, tmp_path / f"ours-{cache}", batch_size=4,
+                               cache=cache, max_steps=3, quiet=True, arch_override=arch)
+        for (loss, image_loss), rec in zip(ref, records, strict=True):
+            assert _max_rel(rec.loss, loss) < 1e-5, (cache, rec, loss)
+            assert _max_rel(rec.image_loss, image_loss) < 1e-5, (cache, rec, image_loss)
+        for key, value in final.items():
+            assert torch.allclose(state[key].to(value.dtype), value, rtol=0, atol=1e-5), key
+    assert (final["ctx_pos"] - initial["ctx_pos"]).abs().max() > 1e-4
