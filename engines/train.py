@@ -506,6 +506,7 @@ class StepRecord:
     step: int
     loss: float  # the 4 x map loss, as the official log
     image_loss: float
+    seconds: float = 0.0  # wall time of the step, features included
 
 
 def train(clip_path: Path, data: Path, out: Path, *, epochs: int = 15, batch_size: int = 8,
@@ -580,6 +581,7 @@ def train(clip_path: Path, data: Path, out: Path, *, epochs: int = 15, batch_siz
     for epoch in range(first_epoch, epochs):
         loss_list, image_loss_list = [], []
         for step, indices in enumerate(loader, start=1):
+            step_started = time.perf_counter()
             idx = indices.tolist()
             global_feats, patch_feats, masks = source.batch(idx)
             prompts, ids, deep = learner()
@@ -592,7 +594,8 @@ def train(clip_path: Path, data: Path, out: Path, *, epochs: int = 15, batch_siz
             optimizer.step()
             loss_list.append(map_loss.item())
             image_loss_list.append(image_loss.item())
-            records.append(StepRecord(epoch + 1, step, loss_list[-1], image_loss_list[-1]))
+            records.append(StepRecord(epoch + 1, step, loss_list[-1], image_loss_list[-1],
+                                      time.perf_counter() - step_started))
             progress.step(epoch + 1, epochs, step, steps_per_epoch, loss_list[-1],
                           image_loss_list[-1])
             if max_steps is not None and len(records) >= max_steps:

@@ -309,3 +309,136 @@ def test_training_matches_the_official_train_step_for_three_steps(tiny_sources, 
         for key, value in final.items():
             assert torch.allclose(state[key].to(value.dtype), value, rtol=0, atol=1e-5), key
     assert (final["ctx_pos"] - initial["ctx_pos"]).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# The same step against the project's own reference (always runs; no official checkout needed)
+# ------------------------------------------------------------------------------------------------
+
+
+class _RefModel:
+    """The parts of the official model the training step calls, written independently of
+    train.py: the text transformer in the official sequence-first layout with PyTorch's
+    `F.multi_head_attention_forward`, and the image features of the exporter's reference encoder
+    (whose parity with the official inference is checked by the exporter's tests), with a
+    class-token row in front as the official `encode_image` returns it."""
+
+    def __init__(self, arch, state: dict, size: int, layer: int) -> None:
+        from anomalyclip_ref import VisualEncoder
+
+        self.arch, self.sd = arch, {k: v.float() for k, v in state.items()
+                                    if v.is_floating_point()}
+        self.encoder = VisualEncoder(arch, self.sd, size, [layer]).eval()
+        self.visual = types.SimpleNamespace(DAPM_replace=lambda DPAM_layer: None)
+
+    def float(self):
+        return self
+
+    def eval(self):
+        return self
+
+    def to(self, device):
+        return self
+
+    @torch.no_grad()
+    def encode_image(self, image, layers, DPAM_layer=None):  # noqa: N803 - official name
+        g, local = self.encoder(image)
+        cls = torch.ones_like(local[:, :1])
+        return g, [torch.cat([cls, local], dim=1)]
+
+    def encode_text_learn(self, prompts, tokenized, deep):
+        t, sd = self.arch.text, self.sd
+        x = (prompts + sd["positional_embedding"]).permute(1, 0, 2)  # [77, 2, W]
+        mask = torch.full((t.context, t.context), float("-inf")).triu(1)
+        for i in range(t.layers):
+            p = f"transformer.resblocks.{i}"
+            if 1 <= i <= len(deep):
+                ctx = deep[i - 1].expand(x.shape[1], -1, -1).permute(1, 0, 2).half()
+                x = torch.cat([x[:1], ctx, x[1 + ctx.shape[0]:]], dim=0)
+            h = F.layer_norm(x, (t.width,), sd[f"{p}.ln_1.weight"], sd[f"{p}.ln_1.bias"])
+            a, _ = F.multi_head_attention_forward(
+                h, h, h, t.width, t.heads, sd[f"{p}.attn.in_proj_weight"],
+                sd[f"{p}.attn.in_proj_bias"], None, None, False, 0.0,
+                sd[f"{p}.attn.out_proj.weight"], sd[f"{p}.attn.out_proj.bias"],
+                need_weights=False, attn_mask=mask)
+            x = x + a
+            h = F.layer_norm(x, (t.width,), sd[f"{p}.ln_2.weight"], sd[f"{p}.ln_2.bias"])
+            h = F.linear(h, sd[f"{p}.mlp.c_fc.weight"], sd[f"{p}.mlp.c_fc.bias"])
+            h = h * torch.sigmoid(1.702 * h)
+            x = x + F.linear(h, sd[f"{p}.mlp.c_proj.weight"], sd[f"{p}.mlp.c_proj.bias"])
+        x = F.layer_norm(x.permute(1, 0, 2), (t.width,), sd["ln_final.weight"],
+                         sd["ln_final.bias"])
+        return x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)] @ sd["text_projection"]
+
+
+class _RefFocal(torch.nn.Module):
+    """Focal loss on probabilities, gamma 2, label smoothing 1e-5, alpha 1 (official loss.py)."""
+
+    def forward(self, probs, target):
+        c = probs.shape[1]
+        p = probs.reshape(probs.shape[0], c, -1).permute(0, 2, 1).reshape(-1, c)
+        idx = target.reshape(-1, 1).long()
+        one_hot = torch.zeros(idx.shape[0], c).scatter_(1, idx, 1)
+        one_hot = torch.clamp(one_hot, 1e-5 / (c - 1), 1.0 - 1e-5)
+        pt = (one_hot * p).sum(1) + 1e-5
+        return (-1 * torch.ones(idx.shape[0]) * torch.pow(1 - pt, 2) * pt.log()).mean()
+
+
+class _RefDice(torch.nn.Module):
+    def forward(self, pred, target):
+        n = target.shape[0]
+        inter = (pred.reshape(n, -1) * target.reshape(n, -1)).sum(1)
+        coeff = (2 * inter + 1) / (pred.reshape(n, -1).sum(1) + target.reshape(n, -1).sum(1) + 1)
+        return 1 - coeff.sum() / n
+
+
+def _ref_similarity(feats, text):
+    b, n, c = feats.shape
+    sim = (feats.reshape(b, n, 1, c) * text.reshape(1, 1, -1, c)).sum(-1)
+    return (sim / 0.07).softmax(-1), None
+
+
+def _ref_similarity_map(sm, size):
+    side = int(sm.shape[1] ** 0.5)
+    sm = sm.reshape(sm.shape[0], side, side, -1).permute(0, 3, 1, 2)
+    return F.interpolate(sm, size, mode="bilinear").permute(0, 2, 3, 1)
+
+
+def test_training_matches_an_independent_reference_of_the_official_step_for_three_steps(
+        tiny_sources, dataset, tmp_path):
+    clip_path, _ = tiny_sources
+    layer = TINY.vision.layers
+
+    def build(name, state, details):
+        return _RefModel(TINY, state, SIZE, layer)
+
+    def learner(model, details):
+        return official_initial_learner(TINY, load_clip(clip_path).state, 111)
+
+    ref_modules = types.SimpleNamespace(
+        build_model=build, PromptLearner=lambda m, d: _Adapter(learner(m, d)),
+        FocalLoss=_RefFocal, BinaryDiceLoss=_RefDice, compute_similarity=_ref_similarity,
+        get_similarity_map=_ref_similarity_map)
+    ref, initial, final = _official_steps(ref_modules, clip_path, dataset, 3, 4, layer, 0)
+    records, state = train(clip_path, dataset, tmp_path / "ours", batch_size=4, cache=True,
+                           max_steps=3, quiet=True)
+    for (loss, image_loss), rec in zip(ref, records, strict=True):
+        assert _max_rel(rec.loss, loss) < 1e-5, (rec, loss)
+        assert _max_rel(rec.image_loss, image_loss) < 1e-5, (rec, image_loss)
+    for key, value in final.items():
+        assert torch.allclose(state[key].to(value.dtype), value, rtol=0, atol=1e-5), key
+    assert (final["ctx_pos"] - initial["ctx_pos"]).abs().max() > 1e-4
+
+
+class _Adapter(torch.nn.Module):
+    """The prompt learner with the official call signature `learner(cls_id=None)`."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, cls_id=None):
+        return self.inner()
+
+    def state_dict(self, *args, **kwargs):
+        return self.inner.state_dict(*args, **kwargs)
