@@ -73,6 +73,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--tmp", type=Path, help="scratch directory (the full model's CLIP file is "
+                                            "0.9 GB)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,7 +82,7 @@ def main() -> int:
     result: dict = {"arch": arch.label, "images": args.images, "epochs": args.epochs,
                     "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
                     "load_before": os.getloadavg()[0]}
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-train-", dir=args.tmp) as tmp:
         tmp = Path(tmp)
         clip_path, _ = write_random_sources(arch, 0, tmp, "bench")
         data = synth(tmp / "data", args.images)

@@ -51,6 +51,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -420,6 +421,14 @@ class FeatureCache:
         (self.dir / "cache.json").unlink(missing_ok=True)  # invalid until complete
         rows = self.layers * self.tokens + 1
         n = len(items)
+        need = n * (rows * self.dim * np.dtype(self.np_dtype).itemsize + self.size * self.size)
+        old = sum(f.stat().st_size for f in (self.dir / "features.bin", self.dir / "masks.bin")
+                  if f.is_file())
+        free = shutil.disk_usage(self.dir).free + old
+        if need > free:
+            raise InputError(self.dir, f"the feature cache needs {need / 1e9:.1f} GB, "
+                                       f"{free / 1e9:.1f} GB free (use --cache-dir elsewhere, "
+                                       f"--cache-dtype f16, or --no-cache)")
         features = np.memmap(self.dir / "features.bin", dtype=self.np_dtype, mode="w+",
                          shape=(n, rows, self.dim))
         masks = np.memmap(self.dir / "masks.bin", dtype=np.uint8, mode="w+",

@@ -442,3 +442,18 @@ class _Adapter(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs):
         return self.inner.state_dict(*args, **kwargs)
+
+
+def test_a_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(
+        tiny_sources, dataset, tmp_path):
+    clip_path, _ = tiny_sources
+    straight, _ = train(clip_path, dataset, tmp_path / "straight", epochs=2, batch_size=4,
+                        quiet=True)
+    train(clip_path, dataset, tmp_path / "split", epochs=1, batch_size=4, quiet=True)
+    resumed, _ = train(clip_path, dataset, tmp_path / "split", epochs=2, batch_size=4,
+                       quiet=True, resume=True)
+    assert [r.epoch for r in resumed] == [2, 2, 2]
+    assert [r.loss for r in resumed] == [r.loss for r in straight if r.epoch == 2]
+    a = torch.load(tmp_path / "straight" / "epoch_2.pth")["prompt_learner"]
+    b = torch.load(tmp_path / "split" / "epoch_2.pth")["prompt_learner"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
