@@ -310,6 +310,26 @@ def test_training_matches_the_official_train_step_for_three_steps(tiny_sources, 
             assert torch.allclose(state[key].to(value.dtype), value, rtol=0, atol=1e-5), key
     assert (final["ctx_pos"] - initial["ctx_pos"]).abs().max() > 1e-4
 
+    # a checkpoint we write loads into the official prompt learner (strict), and the official
+    # text side computes from it the text constant our exporter writes
+    train(clip_path, dataset, tmp_path / "epoch", epochs=1, batch_size=4, quiet=True,
+          arch_override=arch)
+    checkpoint = torch.load(tmp_path / "epoch" / "epoch_1.pth")
+    details = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9,
+               "learnabel_text_embedding_length": 4}
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = off.build_model("tiny", torch.load(clip_path, map_location="cpu"), details)
+        model.float()
+        learner = off.PromptLearner(model, details)
+    learner.load_state_dict(checkpoint["prompt_learner"], strict=True)
+    with torch.no_grad():
+        prompts, tokenized, compound = learner(cls_id=None)
+        official_text = model.encode_text_learn(prompts, tokenized, compound).float()
+        official_text = official_text / official_text.norm(dim=-1, keepdim=True)
+    ours_text = compute_text_constant(arch, load_clip(clip_path).state,
+                                      load_prompts(tmp_path / "epoch" / "epoch_1.pth", TINY).state)
+    assert torch.allclose(ours_text, official_text, rtol=0, atol=1e-5)
+
 
 # ------------------------------------------------------------------------------------------------
 # The same step against the project's own reference (always runs; no official checkout needed)
