@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,14 @@ from anomalyclip_ref import (
     VisualEncoder,
     compute_text_constant,
 )
-from checkpoints import ClipWeights, InputError, PromptWeights, load_clip, load_prompts, sha256_file
+from checkpoints import (
+    ClipWeights,
+    InputError,
+    PromptWeights,
+    load_clip,
+    load_prompts,
+    sha256_file,
+)
 from fp16 import convert_float_to_float16
 from random_weights import write_random_sources
 
@@ -296,6 +304,119 @@ def export_random(arch: Arch, seed: int, out: str | Path, *, size: int | None = 
 
 
 # --------------------------------------------------------------------------------------------
+# New prompts for an existing package
+# --------------------------------------------------------------------------------------------
+
+
+def _rewrite_manifest(text: str, updates: dict[str, dict[str, str]]) -> str:
+    """Replace `key = value` lines inside the given tables ("" = top level) of a manifest."""
+    lines = text.splitlines()
+    table = ""
+    pending = {name: dict(keys) for name, keys in updates.items()}
+    for n, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            table = stripped
+            continue
+        if table in pending and "=" in line:
+            key = line.split("=", 1)[0].strip()
+            bare = key.strip('"')
+            if bare in pending[table]:
+                lines[n] = f"{_toml_key(bare)} = {_toml_value(pending[table].pop(bare))}"
+    missing = [f"{t} {k}" for t, keys in pending.items() for k in keys]
+    if missing:
+        raise InputError(None, f"manifest.toml: missing {', '.join(missing)}")
+    return "\n".join(lines) + "\n"
+
+
+def update_text(package: str | Path, clip_path: str | Path, checkpoint_path: str | Path,
+                out: str | Path, *, force: bool = False, name: str | None = None) -> Path:
+    """Write `out`: `package` with `text.f32` recomputed from a new prompt checkpoint.
+
+    The image model files are hard-linked (copied where links are impossible) after their SHA-256
+    is checked against the source manifest; the manifest keeps everything but the text hash, the
+    checkpoint's name and hash (and `name` when given). `clip_path` must be the CLIP file the
+    package was exported from (its text transformer computes the constant; hash checked).
+    """
+    package = Path(package)
+    out = Path(out).absolute()
+    manifest_path = package / "manifest.toml"
+    try:
+        manifest_text = manifest_path.read_text(encoding="utf-8")
+        manifest = tomllib.loads(manifest_text)
+        files: dict[str, str] = dict(manifest["files"])
+        text_file: str = manifest["text"]["file"]
+        text_shape = list(manifest["text"]["shape"])
+        clip_sha = manifest["source"]["clip_sha256"]
+    except FileNotFoundError:
+        raise InputError(manifest_path, "not found (expected a model package directory)") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(manifest_path, f"unreadable: {exc}") from None
+    except (KeyError, TypeError) as exc:
+        raise InputError(manifest_path, f"missing key {exc} (expected a package written by "
+                                        f"export.py)") from None
+    if text_file not in files:
+        raise InputError(manifest_path, f"[files] has no entry for the text file {text_file!r}")
+    if package.absolute() == out:
+        raise InputError(out, "--out must differ from the package being updated")
+    check_destination(out, force)
+    clip = load_clip(clip_path)
+    if clip.sha256 != clip_sha:
+        raise InputError(clip_path, f"SHA-256 {clip.sha256} differs from the package's "
+                                    f"source.clip_sha256 {clip_sha}: the text constant must come "
+                                    f"from the CLIP file the image model was exported from")
+    prompts = load_prompts(checkpoint_path, clip.arch)
+    text = compute_text_constant(clip.arch, clip.state, prompts.state)
+    if list(text.shape) != text_shape:
+        raise InputError(checkpoint_path, f"text constant of shape {list(text.shape)}, the "
+                                          f"package expects {text_shape}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for file, expected in files.items():
+            if file == text_file:
+                continue
+            src = package / file
+            if not src.is_file():
+                raise InputError(src, "listed in the package manifest but missing")
+            actual = sha256_file(src)
+            if actual != expected:
+                raise InputError(src, f"SHA-256 {actual} differs from the manifest ({expected}): "
+                                      f"the package is damaged")
+            dst = tmp / file
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        data = text.detach().cpu().numpy().astype("<f4").tobytes(order="C")
+        (tmp / text_file).write_bytes(data)
+        updates: dict[str, dict[str, str]] = {
+            "[files]": {text_file: sha256_file(tmp / text_file)},
+            "[source]": {"checkpoint_file": prompts.path.name,
+                         "checkpoint_sha256": prompts.sha256}}
+        if name is not None:
+            updates[""] = {"name": name}
+        new_manifest = _rewrite_manifest(manifest_text, updates)
+        (tmp / "manifest.toml").write_text(new_manifest, encoding="utf-8")
+        for file in (text_file, "manifest.toml"):
+            with open(tmp / file, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "package")
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -320,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace an existing package")
     parser.add_argument("--seed", type=int, default=0, help="seed for --tiny/--random-full")
     parser.add_argument("--name", help="package name in the manifest")
+    parser.add_argument("--update-text", type=Path, metavar="PACKAGE",
+                        help="write --out as PACKAGE with the text constant of --checkpoint "
+                             "(needs the --clip PACKAGE was exported from; reuses model.onnx)")
     return parser
 
 
@@ -330,6 +454,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         layers = parse_layers(args.layers)
         out: Path = args.out
+        if args.update_text is not None:
+            if args.clip is None or args.checkpoint is None:
+                raise InputError(None, "--update-text needs --clip (the CLIP file the package was "
+                                       "exported from) and --checkpoint")
+            if args.size is not None or layers is not None or args.fp16:
+                raise InputError(None, "--update-text keeps the package's image model: "
+                                       "--size, --layers and --fp16 do not apply")
+            update_text(args.update_text, args.clip, args.checkpoint, out, force=args.force,
+                        name=args.name)
+            print(f"wrote {out} (text constant from {args.checkpoint}, image model of "
+                  f"{args.update_text}) in {time.perf_counter() - started:.1f} s")
+            return 0
         if args.clip is not None:
             if args.checkpoint is None:
                 raise InputError(None, "--checkpoint is required with --clip")
