@@ -46,6 +46,8 @@ pub mod gpu;
 
 pub mod scorer;
 
+pub mod reference;
+
 pub mod alarm;
 
 pub mod payload;

@@ -25,6 +25,7 @@ use crate::head::{AnomalyHead, CpuHead, HeadConfig, HeadError, HeadFrame, HeadIn
 use crate::image_io::{self, DecodedImage};
 use crate::package::{HashCheck, ModelPackage, PackageError};
 use crate::preprocess::{PreprocessError, Preprocessor};
+use crate::reference::{FewShot, Reference};
 
 /// Errors of the inference core.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,9 @@ pub enum ScoreError {
     NonFinite(#[from] NonFinite),
     #[error("GPU anomaly head: {0}")]
     Gpu(String),
+    /// The few-shot reference bank could not be applied to this image.
+    #[error("reference: {0}")]
+    Reference(#[from] crate::reference::ReferenceError),
 }
 
 impl From<HeadError> for ScoreError {
@@ -71,6 +75,9 @@ pub struct Scored {
     /// Share of `map` pixels with `value >= pixel_threshold` (the threshold the image was scored
     /// with), in [0, 1].
     pub area: f32,
+    /// Set when a reference bank was applied: `score`, `map`, `map_max` and `area` are then the
+    /// combined (zero-shot + few-shot) values, and this holds the zero-shot score.
+    pub few_shot: Option<FewShot>,
 }
 
 impl Scored {
@@ -81,7 +88,24 @@ impl Scored {
             map_max: f.stats.max,
             area: f.stats.area,
             map: f.map,
+            few_shot: None,
         }
+    }
+
+    /// Adds the few-shot map of `reference` for the frame with local features `locals`
+    /// ([`Reference::apply`]) and recomputes `map_max` and `area` at `pixel_threshold`.
+    pub fn apply_reference(
+        &mut self,
+        reference: &mut Reference,
+        locals: &[&[f32]],
+        pixel_threshold: f32,
+    ) -> Result<(), ScoreError> {
+        let fs = reference.apply(locals, &mut self.map, &mut self.score)?;
+        let stats = crate::head::map_stats(&self.map, pixel_threshold);
+        self.map_max = stats.max;
+        self.area = stats.area;
+        self.few_shot = Some(fs);
+        Ok(())
     }
 }
 
@@ -118,6 +142,9 @@ pub struct Scorer {
     input: Vec<f32>,
     /// Frame preprocessor for the last frame geometry `(width, height)`.
     frame_pre: Option<((usize, usize), Preprocessor)>,
+    /// Few-shot reference bank applied to every image (host features; see
+    /// [`Scorer::set_reference`]).
+    reference: Option<Reference>,
 }
 
 impl Scorer {
@@ -188,7 +215,30 @@ impl Scorer {
             gpu_ordinal: 0,
             input: Vec::new(),
             frame_pre: None,
+            reference: None,
         })
+    }
+
+    /// Applies `reference` to every image scored from now on (`None`: zero-shot only). The
+    /// caller checks the bank against the package first ([`crate::reference::Bank::check`]).
+    /// With a bank the features are read on the host, also when the head runs on the GPU.
+    pub fn set_reference(&mut self, reference: Option<Reference>) {
+        self.reference = reference;
+    }
+
+    /// Runs the encoder only: the features of `batch` prepared images (reference banks).
+    pub fn encode(&mut self, input: &[f32], batch: usize) -> Result<engine::Features, ScoreError> {
+        let feats = self.engine.infer(input, batch)?;
+        if feats.batch != batch
+            || feats.locals.len() != self.pkg.manifest.model.feature_layers.len()
+        {
+            return Err(ScoreError::Engine(EngineError::Run(format!(
+                "engine returned {} results and {} layers for a batch of {batch}",
+                feats.batch,
+                feats.locals.len()
+            ))));
+        }
+        Ok(feats)
     }
 
     /// The package in use.
@@ -256,7 +306,7 @@ impl Scorer {
     ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
         let batch = pixel_thresholds.len();
         let mut results = Vec::with_capacity(batch);
-        if self.head.reads_device_memory() {
+        if self.head.reads_device_memory() && self.reference.is_none() {
             // GPU encoder + GPU head: features stay in device memory (IoBinding).
             let head = &mut self.head;
             let mut consume = |d: &DeviceFeatures| -> Result<(), String> {
@@ -291,7 +341,13 @@ impl Scorer {
                 locals: &locals,
             };
             let frame = self.head.run_frame(input, thr);
-            results.push(frame.map(Scored::from_frame).map_err(ScoreError::from));
+            let mut scored = frame.map(Scored::from_frame).map_err(ScoreError::from);
+            if let (Ok(s), Some(r)) = (&mut scored, &mut self.reference)
+                && let Err(e) = s.apply_reference(r, &locals, thr)
+            {
+                scored = Err(e);
+            }
+            results.push(scored);
         }
         Ok(results)
     }
