@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cli_eval;
+mod cli_reference;
 mod cli_score;
 
 #[derive(Parser)]
@@ -34,6 +35,8 @@ enum Command {
     Eval(cli_eval::EvalArgs),
     /// Write the meta.json describing a dataset folder tree.
     DatasetMeta(cli_eval::DatasetMetaArgs),
+    /// Build a few-shot reference bank from a folder of good images.
+    Reference(cli_reference::ReferenceArgs),
     /// Run the daemon: cameras → inference → MQTT, until SIGTERM/SIGINT (SIGHUP reloads).
     Run {
         /// Configuration file (see config/example.toml).
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Score(args) => cli_score::run(args),
         Command::Eval(args) => cli_eval::run(args),
         Command::DatasetMeta(args) => cli_eval::run_dataset_meta(args),
+        Command::Reference(args) => cli_reference::run(args),
         Command::Run { config } => run_daemon(&config),
         Command::CheckConfig { file } => Ok(check_config(&file)),
         Command::BuildEngine { config } => build_engine(&config),

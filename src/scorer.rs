@@ -25,7 +25,7 @@ use crate::head::{AnomalyHead, CpuHead, HeadConfig, HeadError, HeadFrame, HeadIn
 use crate::image_io::{self, DecodedImage};
 use crate::package::{HashCheck, ModelPackage, PackageError};
 use crate::preprocess::{PreprocessError, Preprocessor};
-use crate::reference::{FewShot, Reference};
+use crate::reference::{Bank, FewShot, Fingerprint, Reference, ReferenceError};
 
 /// Errors of the inference core.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +239,43 @@ impl Scorer {
             ))));
         }
         Ok(feats)
+    }
+
+    /// Builds a reference bank from `k` prepared images (`input` holds them back to back, as
+    /// for [`Scorer::score_batch`]: files through [`Scorer::prepare_image`], live frames of a
+    /// region through [`Scorer::prepare_frame`]) for the region keyed `region`
+    /// ([`crate::reference::WHOLE_FRAME`] for the whole frame). The encoder runs in batches
+    /// of at most 8.
+    pub fn build_bank(
+        &mut self,
+        input: &[f32],
+        k: usize,
+        region: &str,
+        max_bank_mb: u64,
+    ) -> Result<Bank, ScoreError> {
+        let n = 3 * self.size() * self.size();
+        if k == 0 || input.len() != k * n {
+            return Err(ReferenceError::Input(format!(
+                "{} input floats for {k} reference images of 3x{s}x{s}",
+                input.len(),
+                s = self.size()
+            ))
+            .into());
+        }
+        let mut feats = Vec::with_capacity(k);
+        for chunk in input.chunks(8 * n) {
+            feats.push(self.encode(chunk, chunk.len() / n)?);
+        }
+        let images: Vec<Vec<&[f32]>> = feats
+            .iter()
+            .flat_map(|f| (0..f.batch).map(move |i| f.locals(i)))
+            .collect();
+        let fp = Fingerprint::for_package(&self.pkg, region, k);
+        Ok(Bank::build(
+            fp,
+            &images,
+            max_bank_mb.saturating_mul(1 << 20),
+        )?)
     }
 
     /// The package in use.
