@@ -29,6 +29,7 @@ mod mqtt;
 mod packaging;
 mod preprocess;
 mod queue;
+mod reference;
 mod score_cli;
 mod statedir;
 mod systemd;
