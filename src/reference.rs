@@ -685,11 +685,11 @@ mod tests {
     #[test]
     fn apply_adds_the_upsampled_map_and_averages_the_scores() {
         let (grid, dim, size) = (2, 4, 4);
-        let bank_f = vec![1.0, 0.0, 0.0, 0.0].repeat(4);
+        let bank_f = [1.0, 0.0, 0.0, 0.0].repeat(4);
         let bank = Bank::build(fp(grid, dim, 1, size), &[vec![&bank_f]], u64::MAX).unwrap();
         let mut r = Reference::new(bank);
         // Patch 0 equals the bank (distance 0), patch 3 is orthogonal (distance 1).
-        let mut frame = vec![1.0, 0.0, 0.0, 0.0].repeat(4);
+        let mut frame = [1.0, 0.0, 0.0, 0.0].repeat(4);
         frame[12..16].copy_from_slice(&[0.0, 1.0, 0.0, 0.0]);
         let mut map = vec![0.25; 16];
         let mut score = 0.4;
