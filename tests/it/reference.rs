@@ -214,11 +214,41 @@ fn the_reference_command_writes_a_bank_this_package_accepts_and_refuses_bad_usag
         .expect_err("region mismatch")
         .to_string();
     assert!(e.contains("region") && e.contains("left:1234"), "{e}");
-    // Truncated: refused with a reason.
+    // `score --reference` applies it: the line carries the zero-shot score beside the combined.
+    let image = images.join("gray.png");
+    let o = run(&[
+        "score",
+        "--model",
+        s(&model),
+        "--reference",
+        s(&out),
+        s(&image),
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    let line: Value = serde_json::from_slice(&o.stdout).expect("one JSON line");
+    let (score, zs) = (
+        line["score"].as_f64().expect("score"),
+        line["zero_shot_score"].as_f64().expect("zero_shot_score"),
+    );
+    assert!(
+        score < zs,
+        "gray.png is in the bank: few-shot term ~0, combined ~ half: {score} vs {zs}"
+    );
+    // Truncated: refused with a reason, by the library and by `score` (exit 2).
     let bytes = std::fs::read(&out).expect("bank");
     std::fs::write(&out, &bytes[..bytes.len() / 2]).expect("truncate");
     let e = Bank::load(&out, 1).expect_err("truncated").to_string();
     assert!(e.contains("checksum"), "{e}");
+    let o = run(&[
+        "score",
+        "--model",
+        s(&model),
+        "--reference",
+        s(&out),
+        s(&image),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("checksum mismatch"));
     // Bad usage: exit 2, one line, nothing written.
     let missing = dir.path().join("none.bin");
     for args in [
