@@ -70,27 +70,27 @@ def _f32(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return np.fromfile(path, dtype="<f4").reshape(shape)
 
 
-def main() -> None:
+def main(out: Path = OUT) -> None:
     index = json.loads((GOLDEN / "index.json").read_text())
     size, grid, dim = index["size"], index["grid"], index["dim"]
     local = {e["name"]: _f32(GOLDEN / "ref" / f"{e['name']}.local.f32", (grid * grid, dim))
              for e in index["images"]}
     bank = memory_bank([[local[s]] for s in BANK_STEMS])
-    OUT.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     images = []
     for e in index["images"]:
         stem = e["name"]
         fs = few_shot_map(bank, [local[stem]], size)
         zs_map = _f32(GOLDEN / "ref" / f"{stem}.map.f32", (size, size))
         combined, score = combine(zs_map, e["score"], fs, layers=1)
-        fs.astype("<f4").tofile(OUT / f"{stem}.fs_map.f32")
-        combined.astype("<f4").tofile(OUT / f"{stem}.map.f32")
+        fs.astype("<f4").tofile(out / f"{stem}.fs_map.f32")
+        combined.astype("<f4").tofile(out / f"{stem}.map.f32")
         images.append({"name": stem, "score": score, "zero_shot_score": e["score"],
                        "fs_max": float(fs.max()), "map_max": float(combined.max())})
-    (OUT / "index.json").write_text(json.dumps(
+    (out / "index.json").write_text(json.dumps(
         {"golden": "../golden", "bank": list(BANK_STEMS), "layers": 1, "size": size,
          "images": images}, indent=2) + "\n")
-    print(f"wrote {OUT} ({len(images)} images, bank {list(BANK_STEMS)})")
+    print(f"wrote {out} ({len(images)} images, bank {list(BANK_STEMS)})")
 
 
 if __name__ == "__main__":
