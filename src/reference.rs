@@ -66,6 +66,16 @@ const ROWS: usize = 128;
 /// Region key of the implicit whole-frame region.
 pub const WHOLE_FRAME: &str = "frame";
 
+/// The region key of a named region: `<name>:<first 16 hex digits of SHA-256(geometry)>`, where
+/// `geometry` is the caller's canonical text of the region's rectangle and ignore polygons (e.g.
+/// `format!("{rect:?}|{ignore:?}")` of the resolved pixel values): a bank built for a region is
+/// refused once its crop or mask changes.
+pub fn region_key(name: &str, geometry: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = hex::encode(Sha256::digest(geometry.as_bytes()));
+    format!("{name}:{}", &digest[..16])
+}
+
 /// Why a bank could not be built, read or used.
 #[derive(Debug, thiserror::Error)]
 pub enum ReferenceError {
@@ -439,6 +449,22 @@ pub struct Reference {
 }
 
 impl Reference {
+    /// Loads the bank at `path` for `pkg` and the region keyed `region` (refused, with the
+    /// reason, when built for anything else, corrupt or over `max_bank_mb`) and prepares it.
+    pub fn load(
+        path: &Path,
+        pkg: &ModelPackage,
+        region: &str,
+        max_bank_mb: u64,
+    ) -> Result<Reference, ReferenceError> {
+        let expected = Fingerprint::for_package(pkg, region, 0);
+        Ok(Reference::new(Bank::load_checked(
+            path,
+            max_bank_mb,
+            &expected,
+        )?))
+    }
+
     /// Prepares `bank` for maps of `size × size` (the model input edge).
     pub fn new(bank: Bank) -> Reference {
         let f = &bank.fingerprint;
@@ -761,6 +787,17 @@ mod tests {
         let mut r = Reference::new(bank);
         assert!(r.patch_map(&[&nan]).is_err());
         assert!(r.patch_map(&[&f, &f]).is_err());
+    }
+
+    #[test]
+    fn region_keys_change_with_the_geometry_and_keep_the_name() {
+        let a = region_key("left", "[0, 0, 960, 1080]|[]");
+        assert!(
+            a.starts_with("left:") && a.len() == "left:".len() + 16,
+            "{a}"
+        );
+        assert_eq!(a, region_key("left", "[0, 0, 960, 1080]|[]"));
+        assert_ne!(a, region_key("left", "[0, 0, 961, 1080]|[]"));
     }
 
     #[test]
