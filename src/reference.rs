@@ -16,8 +16,8 @@
 //!
 //! Departures from APRIL-GAN, each a choice made for a live, per-frame system:
 //! - The bank holds the package's own local features (those the head scores), not raw CLIP
-//!   tokens; which layers is whatever the package's `feature_layers` says (export with
-//!   `--layers 6,12,18,24` for APRIL-GAN's four layers).
+//!   tokens; which layers is the package's `few_shot_layers` (exporter option
+//!   `--few-shot-layers 6,12,18,24` for APRIL-GAN's four), else its `feature_layers`.
 //! - Upsampling is the head's own (`align_corners=False`, [`crate::head::Bilinear`]) so that
 //!   both maps are on the same pixel grid; APRIL-GAN uses `align_corners=True` (test.py 197–198).
 //!   Layers are summed on the patch grid before the (linear) upsampling: exact in real arithmetic.
@@ -111,7 +111,7 @@ pub struct Fingerprint {
     pub model_sha256: String,
     /// SHA-256 of the package's text constant.
     pub text_sha256: String,
-    /// Feature layers (the package's `feature_layers`), in order.
+    /// Layers of the bank (the package's `few_shot_layers`, else its `feature_layers`), in order.
     pub layers: Vec<usize>,
     /// Model input edge in pixels.
     pub input_size: usize,
@@ -136,7 +136,7 @@ impl Fingerprint {
         Fingerprint {
             model_sha256: file("model.onnx"),
             text_sha256: file(&m.text.file),
-            layers: m.model.feature_layers.clone(),
+            layers: pkg.bank_layers().to_vec(),
             input_size: m.input.size,
             grid: m.model.grid,
             dim: m.model.embed_dim,

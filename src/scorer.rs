@@ -129,6 +129,11 @@ fn head_config(pkg: &ModelPackage) -> HeadConfig {
     }
 }
 
+/// The entries of `all` at `idx`, in that order.
+fn pick<'a>(all: &[&'a [f32]], idx: &[usize]) -> Vec<&'a [f32]> {
+    idx.iter().filter_map(|&i| all.get(i).copied()).collect()
+}
+
 /// Package + engine + head.
 pub struct Scorer {
     pkg: ModelPackage,
@@ -229,9 +234,7 @@ impl Scorer {
     /// Runs the encoder only: the features of `batch` prepared images (reference banks).
     pub fn encode(&mut self, input: &[f32], batch: usize) -> Result<engine::Features, ScoreError> {
         let feats = self.engine.infer(input, batch)?;
-        if feats.batch != batch
-            || feats.locals.len() != self.pkg.manifest.model.feature_layers.len()
-        {
+        if feats.batch != batch || feats.locals.len() != self.pkg.output_layers().len() {
             return Err(ScoreError::Engine(EngineError::Run(format!(
                 "engine returned {} results and {} layers for a batch of {batch}",
                 feats.batch,
@@ -266,9 +269,10 @@ impl Scorer {
         for chunk in input.chunks(8 * n) {
             feats.push(self.encode(chunk, chunk.len() / n)?);
         }
+        let idx = self.pkg.bank_output_indices();
         let images: Vec<Vec<&[f32]>> = feats
             .iter()
-            .flat_map(|f| (0..f.batch).map(move |i| f.locals(i)))
+            .flat_map(|f| (0..f.batch).map(|i| pick(&f.locals(i), &idx)))
             .collect();
         let fp = Fingerprint::for_package(&self.pkg, region, k);
         Ok(Bank::build(
@@ -343,6 +347,8 @@ impl Scorer {
     ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
         let batch = pixel_thresholds.len();
         let mut results = Vec::with_capacity(batch);
+        let head_layers = self.pkg.manifest.model.feature_layers.len();
+        let bank_idx = self.pkg.bank_output_indices();
         if self.head.reads_device_memory() && self.reference.is_none() {
             // GPU encoder + GPU head: features stay in device memory (IoBinding).
             let head = &mut self.head;
@@ -353,6 +359,10 @@ impl Scorer {
                         d.batch
                     ));
                 }
+                // The head reads its own layers only (extra few-shot outputs come after them).
+                let mut d = d.clone();
+                d.locals.truncate(head_layers);
+                let d = &d;
                 for (i, &thr) in pixel_thresholds.iter().enumerate() {
                     let frame = head.run_frame(HeadInput::Device(DeviceImage::new(d, i)), thr);
                     results.push(frame.map(Scored::from_frame).map_err(ScoreError::from));
@@ -372,15 +382,16 @@ impl Scorer {
             ))));
         }
         for (i, &thr) in pixel_thresholds.iter().enumerate() {
-            let locals = feats.locals(i);
+            let all = feats.locals(i);
+            let locals = &all[..head_layers.min(all.len())];
             let input = HeadInput::Host {
                 global: feats.global(i),
-                locals: &locals,
+                locals,
             };
             let frame = self.head.run_frame(input, thr);
             let mut scored = frame.map(Scored::from_frame).map_err(ScoreError::from);
             if let (Ok(s), Some(r)) = (&mut scored, &mut self.reference)
-                && let Err(e) = s.apply_reference(r, &locals, thr)
+                && let Err(e) = s.apply_reference(r, &pick(&all, &bank_idx), thr)
             {
                 scored = Err(e);
             }

@@ -63,3 +63,16 @@ def test_the_committed_fixture_is_what_the_reference_writes(tmp_path):
             x = np.fromfile(committed / f"{ea['name']}.{what}.f32", dtype="<f4")
             y = np.fromfile(tmp_path / f"{ea['name']}.{what}.f32", dtype="<f4")
             assert x.shape == y.shape and np.abs(x - y).max() < 1e-6
+
+
+def test_the_exporter_records_few_shot_layers_as_extra_outputs(tmp_path):
+    import onnx
+
+    from anomalyclip_ref import TINY
+    from export import export_random
+
+    path, _ = export_random(TINY, 0, tmp_path / "pkg", few_shot_layers=[2, 3])
+    manifest = (path / "manifest.toml").read_text()
+    assert "feature_layers = [4]" in manifest and "few_shot_layers = [2, 3]" in manifest
+    names = [o.name for o in onnx.load(str(path / "model.onnx")).graph.output]
+    assert names == ["global", "local_2", "local_3", "local_4"]

@@ -442,3 +442,98 @@ fn few_shot_eval_finds_texture_defects_that_zero_shot_misses() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("holds 6 images"));
 }
+
+/// The venv's Python (scripts/setup), or `ANOMALYCLIP_PYTHON`.
+fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.is_file() {
+        return venv;
+    }
+    std::env::var_os("ANOMALYCLIP_PYTHON")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .expect("no .venv/bin/python and ANOMALYCLIP_PYTHON unset (run scripts/setup)")
+}
+
+#[cfg_attr(
+    not(all(have_ort, have_python)),
+    ignore = "needs the ONNX Runtime library and the Python venv: run scripts/setup"
+)]
+#[test]
+fn extra_few_shot_layers_feed_the_bank_and_leave_the_zero_shot_head_unchanged() {
+    let Some(lib) = ort_or_skip("few-shot layers") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pkg_dir = dir.path().join("tiny-fs");
+    let export = Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/export.py");
+    let o = Command::new(python())
+        .args([
+            s(&export),
+            "--tiny",
+            "--few-shot-layers",
+            "2,3,4",
+            "--out",
+            s(&pkg_dir),
+        ])
+        .output()
+        .expect("run export.py");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let opts = EngineOptions {
+        backend: Backend::Cpu,
+        ort_library: Some(lib),
+        ..EngineOptions::default()
+    };
+    let mut plain = Scorer::open(&tiny_package(), HashCheck::All, &opts).expect("tiny");
+    let mut extra = Scorer::open(&pkg_dir, HashCheck::All, &opts).expect("tiny + few-shot layers");
+    assert_eq!(extra.package().manifest.model.feature_layers, vec![4]);
+    assert_eq!(extra.package().bank_layers(), &[2, 3, 4]);
+    let golden = Golden::load();
+    let input: Vec<f32> = ["square_rgb", "gray"]
+        .iter()
+        .flat_map(|s| golden.reference(s, "input"))
+        .collect();
+    // Same seed, same weights: the head sees the same layer-4 features, whatever else is output.
+    let a = plain.score_batch(&input, 2).expect("plain");
+    let b = extra.score_batch(&input, 2).expect("extra");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.score - y.score).abs() <= 1e-6);
+        assert!(max_abs_diff(&x.map, &y.map).0 <= 1e-6);
+    }
+    let bank = extra
+        .build_bank(&input[..input.len() / 2], 1, WHOLE_FRAME, 16)
+        .expect("bank");
+    assert_eq!(bank.fingerprint().layers, vec![2, 3, 4]);
+    assert_eq!(bank.feature_bytes(), 3 * 64 * 32 * 4);
+    // A bank of the plain package (layer 4 only) is refused by this one.
+    let plain_bank = plain
+        .build_bank(&input[..input.len() / 2], 1, WHOLE_FRAME, 16)
+        .expect("plain bank");
+    let e = plain_bank
+        .check(
+            &Fingerprint::for_package(extra.package(), WHOLE_FRAME, 1),
+            "b",
+        )
+        .expect_err("other model")
+        .to_string();
+    assert!(e.contains("model"), "{e}");
+    extra.set_reference(Some(Reference::new(bank)));
+    let c = extra.score_batch(&input, 2).expect("with bank");
+    // The bank's own image matches itself on every layer: few-shot term ~0.
+    assert!(c[0].few_shot.expect("applied").map_max < 1e-3);
+    assert!(c[1].few_shot.expect("applied").map_max > 0.05);
+
+    // A manifest naming a block outside the model is refused, naming the field.
+    let manifest = pkg_dir.join("manifest.toml");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    std::fs::write(
+        &manifest,
+        text.replace("few_shot_layers = [2, 3, 4]", "few_shot_layers = [2, 9]"),
+    )
+    .expect("write");
+    let e = ModelPackage::load(&pkg_dir, HashCheck::None)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("few_shot_layers") && e.contains('9'), "{e}");
+}
