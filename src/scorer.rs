@@ -345,11 +345,45 @@ impl Scorer {
         input: &[f32],
         pixel_thresholds: &[f32],
     ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
+        self.score_frames_inner(input, pixel_thresholds, None)
+    }
+
+    /// [`Scorer::score_frames`] with a reference bank per image: `references[i]` is applied
+    /// to image `i` (`None`: zero-shot), instead of the scorer's own ([`Scorer::set_reference`]).
+    /// For regions of one frame scored in one batch, each with its bank. `references` must hold
+    /// one entry per image.
+    pub fn score_frames_with_references(
+        &mut self,
+        input: &[f32],
+        pixel_thresholds: &[f32],
+        references: &mut [Option<&mut Reference>],
+    ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
+        if references.len() != pixel_thresholds.len() {
+            return Err(ReferenceError::Input(format!(
+                "{} reference entries for a batch of {}",
+                references.len(),
+                pixel_thresholds.len()
+            ))
+            .into());
+        }
+        self.score_frames_inner(input, pixel_thresholds, Some(references))
+    }
+
+    fn score_frames_inner(
+        &mut self,
+        input: &[f32],
+        pixel_thresholds: &[f32],
+        mut references: Option<&mut [Option<&mut Reference>]>,
+    ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
         let batch = pixel_thresholds.len();
         let mut results = Vec::with_capacity(batch);
         let head_layers = self.pkg.manifest.model.feature_layers.len();
         let bank_idx = self.pkg.bank_output_indices();
-        if self.head.reads_device_memory() && self.reference.is_none() {
+        let any_bank = match &references {
+            Some(r) => r.iter().any(Option::is_some),
+            None => self.reference.is_some(),
+        };
+        if self.head.reads_device_memory() && !any_bank {
             // GPU encoder + GPU head: features stay in device memory (IoBinding).
             let head = &mut self.head;
             let mut consume = |d: &DeviceFeatures| -> Result<(), String> {
@@ -390,7 +424,11 @@ impl Scorer {
             };
             let frame = self.head.run_frame(input, thr);
             let mut scored = frame.map(Scored::from_frame).map_err(ScoreError::from);
-            if let (Ok(s), Some(r)) = (&mut scored, &mut self.reference)
+            let reference = match references.as_deref_mut() {
+                Some(refs) => refs.get_mut(i).and_then(|r| r.as_deref_mut()),
+                None => self.reference.as_mut(),
+            };
+            if let (Ok(s), Some(r)) = (&mut scored, reference)
                 && let Err(e) = s.apply_reference(r, &pick(&all, &bank_idx), thr)
             {
                 scored = Err(e);

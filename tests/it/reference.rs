@@ -517,6 +517,17 @@ fn extra_few_shot_layers_feed_the_bank_and_leave_the_zero_shot_head_unchanged() 
         .expect_err("other model")
         .to_string();
     assert!(e.contains("model"), "{e}");
+    // Per-image banks (regions of one frame): image 0 with the bank, image 1 zero-shot.
+    let mut own = Reference::new(bank.clone());
+    let per = extra
+        .score_frames_with_references(&input, &[0.5, 0.5], &mut [Some(&mut own), None])
+        .expect("engine");
+    let per: Vec<_> = per.into_iter().map(|r| r.expect("scored")).collect();
+    assert!(per[0].few_shot.is_some() && per[1].few_shot.is_none());
+    assert!(
+        (per[1].score - b[1].score).abs() <= 1e-6,
+        "image 1 stays zero-shot"
+    );
     extra.set_reference(Some(Reference::new(bank)));
     let c = extra.score_batch(&input, 2).expect("with bank");
     // The bank's own image matches itself on every layer: few-shot term ~0.
