@@ -70,6 +70,10 @@ class Prepared:
     arch: Arch
     encoder: VisualEncoder
     text: Tensor  # [2, D] float32
+    # The head's blocks (manifest `feature_layers`); empty: every encoder output.
+    head_layers: tuple[int, ...] = ()
+    # Blocks for few-shot reference banks (manifest `few_shot_layers`); empty: none recorded.
+    few_shot_layers: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -86,7 +90,8 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def prepare(clip_path: str | Path, checkpoint_path: str | Path, size: int | None = None,
-            feature_layers: Sequence[int] | None = None) -> Prepared:
+            feature_layers: Sequence[int] | None = None,
+            few_shot_layers: Sequence[int] | None = None) -> Prepared:
     clip = load_clip(clip_path)
     arch = clip.arch
     prompts = load_prompts(checkpoint_path, arch)
@@ -100,11 +105,18 @@ def prepare(clip_path: str | Path, checkpoint_path: str | Path, size: int | None
     if not layers or bad:
         raise InputError(None, f"--layers {','.join(map(str, layers))}: feature layers must lie in "
                                f"{v.vv_start}..{v.layers} for {arch.label}")
+    few = sorted(set(few_shot_layers or ()))
+    bad = [layer for layer in few if not v.vv_start <= layer <= v.layers]
+    if bad:
+        raise InputError(None, f"--few-shot-layers {','.join(map(str, few))}: layers must lie in "
+                               f"{v.vv_start}..{v.layers} for {arch.label}")
     torch.manual_seed(0)
-    encoder = VisualEncoder(arch, clip.state, size, layers).eval()
+    # Extra few-shot layers are extra outputs of the same graph; the head keeps `layers`.
+    encoder = VisualEncoder(arch, clip.state, size, sorted(set(layers) | set(few))).eval()
     text = compute_text_constant(arch, clip.state, prompts.state)
     clip.state = {}  # the encoder holds what it needs; let the text weights go
-    return Prepared(clip=clip, prompts=prompts, arch=arch, encoder=encoder, text=text)
+    return Prepared(clip=clip, prompts=prompts, arch=arch, encoder=encoder, text=text,
+                    head_layers=tuple(sorted(set(layers))), few_shot_layers=tuple(few))
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +224,8 @@ def render_manifest(prep: Prepared, name: str, tiny: bool, files: dict[str, str]
     lines += _toml_table("[model]", {
         "arch": arch.name, "width": v.width, "layers": v.layers, "heads": v.heads,
         "patch": v.patch, "grid": enc.grid, "embed_dim": v.embed_dim, "vv_start": v.vv_start,
-        "feature_layers": list(enc.feature_layers), "tau": TAU})
+        "feature_layers": list(prep.head_layers or enc.feature_layers), "tau": TAU,
+        **({"few_shot_layers": list(prep.few_shot_layers)} if prep.few_shot_layers else {})})
     lines += [""]
     lines += _toml_table("[text]", {"file": "text.f32", "shape": [2, v.embed_dim]})
     lines += [""]
@@ -291,13 +304,14 @@ def write_package(prep: Prepared, out: str | Path, *, fp16: bool = False, force:
 
 def export_random(arch: Arch, seed: int, out: str | Path, *, size: int | None = None,
                   feature_layers: Sequence[int] | None = None, fp16: bool = False,
-                  force: bool = False) -> tuple[Path, Prepared]:
+                  force: bool = False,
+                  few_shot_layers: Sequence[int] | None = None) -> tuple[Path, Prepared]:
     """Generate random source files for `arch`, then export them through the normal path."""
     check_destination(Path(out).absolute(), force)
     stem = "tiny" if arch is TINY else "random-vitl14"
     with tempfile.TemporaryDirectory(prefix="anomalyclip-src-") as src:
         clip_path, prompt_path = write_random_sources(arch, seed, src, stem)
-        prep = prepare(clip_path, prompt_path, size, feature_layers)
+        prep = prepare(clip_path, prompt_path, size, feature_layers, few_shot_layers)
         name = f"tiny-seed{seed}" if arch is TINY else f"random-vitl14-{prep.size}-seed{seed}"
         path = write_package(prep, out, fp16=fp16, force=force, name=name, tiny=True, seed=seed)
     return path, prep
@@ -437,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="package directory to write")
     parser.add_argument("--size", type=int, help="input edge in pixels (default 518; tiny: 112)")
     parser.add_argument("--layers", help="feature blocks, comma-separated (default 24; tiny: 4)")
+    parser.add_argument("--few-shot-layers", help="also output these blocks' local features for "
+                        "few-shot reference banks, comma-separated (e.g. 6,12,18,24; the head "
+                        "still uses --layers); recorded as few_shot_layers in the manifest")
     parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx")
     parser.add_argument("--force", action="store_true", help="replace an existing package")
     parser.add_argument("--seed", type=int, default=0, help="seed for --tiny/--random-full")
@@ -453,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         layers = parse_layers(args.layers)
+        few_shot = parse_layers(args.few_shot_layers) if args.few_shot_layers else None
         out: Path = args.out
         if args.update_text is not None:
             if args.clip is None or args.checkpoint is None:
@@ -470,14 +488,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.checkpoint is None:
                 raise InputError(None, "--checkpoint is required with --clip")
             check_destination(out.absolute(), args.force)
-            prep = prepare(args.clip, args.checkpoint, args.size, layers)
+            prep = prepare(args.clip, args.checkpoint, args.size, layers, few_shot)
             write_package(prep, out, fp16=args.fp16, force=args.force, name=args.name)
         else:
             if args.checkpoint is not None:
                 raise InputError(None, "--checkpoint is only used with --clip")
             arch = TINY if args.tiny else VIT_L_14_336
             _, prep = export_random(arch, args.seed, out, size=args.size, feature_layers=layers,
-                                    fp16=args.fp16, force=args.force)
+                                    fp16=args.fp16, force=args.force, few_shot_layers=few_shot)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -34,8 +34,10 @@ use anomalyclip_edge::eval::dataset::{self, IssueCounts, Layout, ValidateOptions
 use anomalyclip_edge::eval::{self, EvalOptions, ScoreResult};
 use anomalyclip_edge::package::HashCheck;
 use anomalyclip_edge::preprocess::{Filter, resize_u8};
+use anomalyclip_edge::reference::{DEFAULT_MAX_BANK_MB, Reference, WHOLE_FRAME};
 use anomalyclip_edge::scorer::Scorer;
 use anyhow::Context;
+use std::collections::HashMap;
 
 /// Issues printed one per line on stderr; the rest are counted (all are in the JSON report).
 const MAX_ISSUE_LINES: usize = 50;
@@ -100,6 +102,14 @@ pub struct EvalArgs {
     /// Skip hashing package files larger than 64 MiB (presence is still checked).
     #[arg(long)]
     fast_load: bool,
+    /// Also evaluate with a few-shot reference bank per class: K normal images drawn with
+    /// --seed from the class's training split (`<class>/train/good`, `train/good` for one
+    /// category); the test split is untouched. Reports zero-shot and few-shot side by side.
+    #[arg(long, value_name = "K")]
+    few_shot: Option<usize>,
+    /// Seed of the few-shot draw.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -120,10 +130,16 @@ pub struct DatasetMetaArgs {
     force: bool,
 }
 
-/// The eval driver's view of the inference core: `images_per_call` files per engine call.
-struct EngineScorer(Scorer);
+/// The eval driver's view of the inference core: `images_per_call` files per engine call, and
+/// per class the few-shot reference bank of that class (none: zero-shot).
+struct EngineScorer(Scorer, HashMap<String, Reference>);
 
 impl eval::Scorer for EngineScorer {
+    fn begin_class(&mut self, class: &str) {
+        let bank = self.1.remove(class);
+        self.0.set_reference(bank);
+    }
+
     fn score(&mut self, image: &Path) -> ScoreResult {
         self.score_batch(&[image])
             .pop()
@@ -160,6 +176,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     engine::check_threads(args.threads).map_err(|m| anyhow::anyhow!("--threads {m}"))?;
+    if args.few_shot == Some(0) {
+        anyhow::bail!("--few-shot 0: expected at least 1 reference image per class");
+    }
     let out_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("."));
     if let Some(dir) = &args.out {
         crate::ensure_dir(dir)?;
@@ -183,6 +202,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         },
     )?;
     validated.check(args.strict)?;
+    // The reference draw before the model load too: a class without enough training images
+    // costs nothing.
+    let references = match args.few_shot {
+        Some(k) => Some(draw_references(&validated, k, args.seed)?),
+        None => None,
+    };
 
     let opts = EngineOptions {
         backend: args.backend,
@@ -213,8 +238,28 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         images_per_call: args.batch,
         ..EvalOptions::default()
     };
-    let mut scorer = EngineScorer(scorer);
+    let mut scorer = EngineScorer(scorer, HashMap::new());
     let report = eval::evaluate(&validated, &mut scorer, &pillow_bilinear, &eval_opts)?;
+    let few_shot = match &references {
+        Some(refs) => {
+            for (class, files) in refs {
+                let bank = build_bank(&mut scorer.0, files)
+                    .with_context(|| format!("few-shot references of class {class}"))?;
+                scorer.1.insert(class.clone(), Reference::new(bank));
+            }
+            let fs_opts = EvalOptions {
+                dump_maps: None,
+                ..eval_opts.clone()
+            };
+            Some(eval::evaluate(
+                &validated,
+                &mut scorer,
+                &pillow_bilinear,
+                &fs_opts,
+            )?)
+        }
+        None => None,
+    };
 
     print_issues(&report.issues, &report.issue_counts);
     {
@@ -233,7 +278,33 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     report.write_json(&json_path)?;
     report.write_csv(&csv_path)?;
     eprintln!("wrote {} and {}", json_path.display(), csv_path.display());
-    Ok(if report.issue_counts.errors > 0 {
+    if let (Some(fs), Some(refs), Some(k)) = (&few_shot, &references, args.few_shot) {
+        let mut out = std::io::stdout().lock();
+        write!(out, "{}", side_by_side(&report, fs, k, args.seed)).context("writing to stdout")?;
+        out.flush().ok();
+        let (fs_json, fs_csv) = (few_shot_path(&json_path, k), few_shot_path(&csv_path, k));
+        fs.write_json(&fs_json)?;
+        fs.write_csv(&fs_csv)?;
+        let listing: serde_json::Map<String, serde_json::Value> = refs
+            .iter()
+            .map(|(c, f)| {
+                let files = f.iter().map(|p| p.display().to_string().into()).collect();
+                (c.clone(), serde_json::Value::Array(files))
+            })
+            .collect();
+        let refs_path = few_shot_path(&json_path.with_extension("references.json"), k);
+        let refs_json = serde_json::json!({"k": k, "seed": args.seed, "references": listing});
+        std::fs::write(&refs_path, format!("{refs_json:#}\n"))
+            .with_context(|| format!("writing {}", refs_path.display()))?;
+        eprintln!(
+            "wrote {}, {} and {}",
+            fs_json.display(),
+            fs_csv.display(),
+            refs_path.display()
+        );
+    }
+    let few_shot_errors = few_shot.as_ref().map_or(0, |r| r.issue_counts.errors);
+    Ok(if report.issue_counts.errors > 0 || few_shot_errors > 0 {
         eprintln!(
             "{} item(s) skipped with errors: the metrics leave them out (exit 1)",
             report.issue_counts.errors
@@ -313,4 +384,126 @@ pub fn run_dataset_meta(args: DatasetMetaArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{} warning(s)", written.issues.len());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `eval-report.json` → `eval-report.few-shot-K.json`.
+fn few_shot_path(path: &Path, k: usize) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}.few-shot-{k}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.few-shot-{k}"),
+    };
+    path.with_file_name(name)
+}
+
+/// The training split's normal images of `class`: `ROOT/<class>/train/good`, or `ROOT/train/good`
+/// for a single-category layout.
+fn train_good(dataset: &dataset::Validated, class: &str) -> PathBuf {
+    match dataset.origin {
+        dataset::Origin::Discovered(Layout::Sdd) => dataset.root.join("train").join("good"),
+        _ => dataset.root.join(class).join("train").join("good"),
+    }
+}
+
+/// SplitMix64: the few-shot draw's generator (fixed here, so a seed picks the same images on
+/// every platform and version).
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// K images per evaluated class, drawn without replacement with `seed` from the name-sorted
+/// training images (a Fisher–Yates shuffle driven by SplitMix64 seeded with `seed`, first K).
+fn draw_references(
+    dataset: &dataset::Validated,
+    k: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<(String, Vec<PathBuf>)>> {
+    let mut out = Vec::new();
+    for class in dataset.classes.iter().filter(|c| !c.items.is_empty()) {
+        let dir = train_good(dataset, &class.name);
+        let mut files = crate::cli_reference::list_images(&dir)
+            .with_context(|| format!("--few-shot: training images of class {}", class.name))?;
+        if files.len() < k {
+            anyhow::bail!(
+                "--few-shot {k}: {} holds {} images (png/jpg/jpeg/bmp), class {} needs {k}",
+                dir.display(),
+                files.len(),
+                class.name
+            );
+        }
+        let mut state = seed;
+        for i in (1..files.len()).rev() {
+            let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
+            files.swap(i, j);
+        }
+        files.truncate(k);
+        out.push((class.name.clone(), files));
+    }
+    Ok(out)
+}
+
+/// The whole-frame reference bank of `files`.
+fn build_bank(
+    scorer: &mut Scorer,
+    files: &[PathBuf],
+) -> anyhow::Result<anomalyclip_edge::reference::Bank> {
+    let s = scorer.size();
+    let n = 3 * s * s;
+    let mut input = vec![0.0f32; files.len() * n];
+    for (path, out) in files.iter().zip(input.chunks_exact_mut(n)) {
+        let img = anomalyclip_edge::image_io::load_image(path)?;
+        scorer
+            .prepare_image(&img, out)
+            .with_context(|| path.display().to_string())?;
+    }
+    Ok(scorer.build_bank(&input, files.len(), WHOLE_FRAME, DEFAULT_MAX_BANK_MB)?)
+}
+
+/// Zero-shot and few-shot metrics per class and mean, side by side (percent).
+fn side_by_side(zs: &eval::EvalReport, fs: &eval::EvalReport, k: usize, seed: u64) -> String {
+    use std::fmt::Write as _;
+    let p = |m: Option<f64>| m.map_or_else(|| "n/a".to_owned(), |v| format!("{:.1}", v * 100.0));
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "\nzero-shot vs few-shot (K = {k}, seed {seed}), percent:"
+    );
+    let _ = writeln!(
+        t,
+        "{:<20} {:>15} {:>15} {:>15} {:>15}",
+        "class", "img AUROC", "img AP", "px AUROC", "AUPRO"
+    );
+    let row = |t: &mut String, name: &str, a: [Option<f64>; 4], b: [Option<f64>; 4]| {
+        let cells: Vec<String> = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| format!("{:>6} → {:>6}", p(*x), p(*y)))
+            .collect();
+        let _ = writeln!(t, "{name:<20} {}", cells.join(" "));
+    };
+    for (a, b) in zs.classes.iter().zip(&fs.classes) {
+        let m = |c: &eval::ClassReport| {
+            [
+                c.image_auroc.value(),
+                c.image_ap.value(),
+                c.pixel_auroc.value(),
+                c.aupro.value(),
+            ]
+        };
+        row(&mut t, &a.name, m(a), m(b));
+    }
+    let m = |r: &eval::EvalReport| {
+        [
+            r.mean.image_auroc.value,
+            r.mean.image_ap.value,
+            r.mean.pixel_auroc.value,
+            r.mean.aupro.value,
+        ]
+    };
+    row(&mut t, "mean", m(zs), m(fs));
+    t
 }

@@ -60,6 +60,13 @@ pub struct ScoreArgs {
     /// Skip hashing package files larger than 64 MiB (presence is still checked).
     #[arg(long)]
     fast_load: bool,
+    /// Few-shot reference bank (written by `reference`) to add to every image's map and score;
+    /// refused (exit 2) when built for another package.
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Refuse a reference bank larger than this many MiB.
+    #[arg(long, default_value_t = anomalyclip_edge::reference::DEFAULT_MAX_BANK_MB)]
+    max_bank_mb: u64,
 }
 
 #[derive(Serialize)]
@@ -69,6 +76,9 @@ struct Line<'a> {
     score: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     anomaly: Option<bool>,
+    /// The head's score before the few-shot combination (only with `--reference`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zero_shot_score: Option<f32>,
     threshold: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
     map_max: Option<f32>,
@@ -121,6 +131,12 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let mut scorer = scorer
         .with_head(args.head)?
         .with_pixel_threshold(args.pixel_threshold);
+    if let Some(path) = &args.reference {
+        use anomalyclip_edge::reference::{Bank, Fingerprint, Reference, WHOLE_FRAME};
+        let expected = Fingerprint::for_package(scorer.package(), WHOLE_FRAME, 0);
+        let bank = Bank::load_checked(path, args.max_bank_mb, &expected)?;
+        scorer.set_reference(Some(Reference::new(bank)));
+    }
     if scorer.package().manifest.tiny {
         tracing::warn!(
             "model package {} holds random weights (a test model): scores are meaningless for real detection",
@@ -172,6 +188,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
                     path: &display,
                     score: Some(scored.score),
                     anomaly: Some(scored.score >= args.threshold),
+                    zero_shot_score: scored.few_shot.map(|f| f.zero_shot_score),
                     threshold: args.threshold,
                     map_max: Some(scored.map_max),
                     area: Some(scored.area),
@@ -189,6 +206,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
                     path: &display,
                     score: None,
                     anomaly: None,
+                    zero_shot_score: None,
                     threshold: args.threshold,
                     map_max: None,
                     area: None,

@@ -102,7 +102,8 @@ pub struct Features {
     pub tokens: usize,
     /// `[B, D]`.
     pub global: Vec<f32>,
-    /// One `[B, N, D]` buffer per feature layer, in the package's `feature_layers` order.
+    /// One `[B, N, D]` buffer per local output, in [`ModelPackage::output_layers`] order: the
+    /// package's `feature_layers` (the head's), then any extra `few_shot_layers`.
     pub locals: Vec<Vec<f32>>,
 }
 

@@ -55,6 +55,8 @@ pub mod region;
 
 pub mod decision;
 
+pub mod reference;
+
 pub mod alarm;
 
 pub mod calibration;

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod cli_calibrate;
 mod cli_eval;
+mod cli_reference;
 mod cli_score;
 
 #[derive(Parser)]
@@ -37,6 +38,8 @@ enum Command {
     Calibrate(cli_calibrate::CalibrateArgs),
     /// Write the meta.json describing a dataset folder tree.
     DatasetMeta(cli_eval::DatasetMetaArgs),
+    /// Build a few-shot reference bank from a folder of good images.
+    Reference(cli_reference::ReferenceArgs),
     /// Run the daemon: cameras → inference → MQTT, until SIGTERM/SIGINT (SIGHUP reloads).
     Run {
         /// Configuration file (see config/example.toml).
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => cli_eval::run(args),
         Command::DatasetMeta(args) => cli_eval::run_dataset_meta(args),
         Command::Calibrate(args) => cli_calibrate::run(args),
+        Command::Reference(args) => cli_reference::run(args),
         Command::Run { config } => run_daemon(&config),
         Command::CheckConfig { file } => Ok(check_config(&file)),
         Command::BuildEngine { config } => build_engine(&config),

@@ -98,6 +98,11 @@ pub struct ModelSpec {
     pub vv_start: usize,
     pub feature_layers: Vec<usize>,
     pub tau: f32,
+    /// Blocks whose local features a few-shot reference bank uses (`src/reference.rs`); empty
+    /// or absent: `feature_layers`. Layers not in `feature_layers` are extra outputs that the
+    /// anomaly head never reads.
+    #[serde(default)]
+    pub few_shot_layers: Vec<usize>,
 }
 
 /// `[text]` of the manifest.
@@ -300,13 +305,44 @@ impl ModelPackage {
         self.manifest.model.embed_dim
     }
 
-    /// ONNX output names of the local features, in `feature_layers` order.
+    /// ONNX output names of the local features the engine returns: `feature_layers` (the head's,
+    /// first, in order), then the `few_shot_layers` not among them ([`ModelPackage::output_layers`]).
     pub fn local_output_names(&self) -> Vec<String> {
-        self.manifest
-            .model
-            .feature_layers
+        self.output_layers()
             .iter()
             .map(|l| format!("local_{l}"))
+            .collect()
+    }
+
+    /// Blocks of the local outputs the engine returns, in order: `feature_layers`, then the
+    /// `few_shot_layers` not among them.
+    pub fn output_layers(&self) -> Vec<usize> {
+        let m = &self.manifest.model;
+        let mut v = m.feature_layers.clone();
+        v.extend(
+            m.few_shot_layers
+                .iter()
+                .filter(|l| !m.feature_layers.contains(l)),
+        );
+        v
+    }
+
+    /// Blocks a reference bank uses: `few_shot_layers`, or `feature_layers` when none are given.
+    pub fn bank_layers(&self) -> &[usize] {
+        let m = &self.manifest.model;
+        if m.few_shot_layers.is_empty() {
+            &m.feature_layers
+        } else {
+            &m.few_shot_layers
+        }
+    }
+
+    /// For each of [`ModelPackage::bank_layers`], its index among the engine's local outputs.
+    pub fn bank_output_indices(&self) -> Vec<usize> {
+        let out = self.output_layers();
+        self.bank_layers()
+            .iter()
+            .filter_map(|l| out.iter().position(|o| o == l))
             .collect()
     }
 
@@ -404,6 +440,22 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
     if let Some(l) = md.feature_layers.iter().find(|l| !seen.insert(**l)) {
         return Err(bad(format!("model.feature_layers: block {l} listed twice")));
     }
+    if let Some(l) = md
+        .few_shot_layers
+        .iter()
+        .find(|l| **l == 0 || **l > md.layers)
+    {
+        return Err(bad(format!(
+            "model.few_shot_layers: block {l} outside 1..={}",
+            md.layers
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(l) = md.few_shot_layers.iter().find(|l| !seen.insert(**l)) {
+        return Err(bad(format!(
+            "model.few_shot_layers: block {l} listed twice"
+        )));
+    }
     if m.text.shape != [2, md.embed_dim] {
         return Err(bad(format!(
             "text.shape must be [2, {}] (model.embed_dim), found {:?}",
@@ -438,7 +490,7 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
         Ok(())
     };
     expect("global", vec![batch.clone(), Dim::Fixed(md.embed_dim)])?;
-    for l in &md.feature_layers {
+    for l in md.feature_layers.iter().chain(&md.few_shot_layers) {
         expect(
             &format!("local_{l}"),
             vec![batch.clone(), Dim::Fixed(patches), Dim::Fixed(md.embed_dim)],

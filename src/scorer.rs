@@ -30,6 +30,7 @@ use crate::region::{self, RegionShape};
 /// Frame geometries whose preprocessor is kept (regions of several sizes, cameras of several
 /// resolutions).
 const FRAME_PREPROCESSORS: usize = 32;
+use crate::reference::{Bank, FewShot, Fingerprint, Reference, ReferenceError};
 
 /// Errors of the inference core.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,9 @@ pub enum ScoreError {
     /// An image that can not be formed (e.g. a region crop that does not fit its frame).
     #[error("input: {0}")]
     Input(String),
+    /// The few-shot reference bank could not be applied to this image.
+    #[error("reference: {0}")]
+    Reference(#[from] crate::reference::ReferenceError),
 }
 
 impl From<HeadError> for ScoreError {
@@ -79,6 +83,9 @@ pub struct Scored {
     /// Share of `map` pixels with `value >= pixel_threshold` (the threshold the image was scored
     /// with), in [0, 1].
     pub area: f32,
+    /// Set when a reference bank was applied: `score`, `map`, `map_max` and `area` are then the
+    /// combined (zero-shot + few-shot) values, and this holds the zero-shot score.
+    pub few_shot: Option<FewShot>,
 }
 
 impl Scored {
@@ -89,7 +96,24 @@ impl Scored {
             map_max: f.stats.max,
             area: f.stats.area,
             map: f.map,
+            few_shot: None,
         }
+    }
+
+    /// Adds the few-shot map of `reference` for the frame with local features `locals`
+    /// ([`Reference::apply`]) and recomputes `map_max` and `area` at `pixel_threshold`.
+    pub fn apply_reference(
+        &mut self,
+        reference: &mut Reference,
+        locals: &[&[f32]],
+        pixel_threshold: f32,
+    ) -> Result<(), ScoreError> {
+        let fs = reference.apply(locals, &mut self.map, &mut self.score)?;
+        let stats = crate::head::map_stats(&self.map, pixel_threshold);
+        self.map_max = stats.max;
+        self.area = stats.area;
+        self.few_shot = Some(fs);
+        Ok(())
     }
 }
 
@@ -113,6 +137,11 @@ fn head_config(pkg: &ModelPackage) -> HeadConfig {
     }
 }
 
+/// The entries of `all` at `idx`, in that order.
+fn pick<'a>(all: &[&'a [f32]], idx: &[usize]) -> Vec<&'a [f32]> {
+    idx.iter().filter_map(|&i| all.get(i).copied()).collect()
+}
+
 /// Package + engine + head.
 pub struct Scorer {
     pkg: ModelPackage,
@@ -124,9 +153,11 @@ pub struct Scorer {
     /// the engine's outputs in place.
     gpu_ordinal: usize,
     input: Vec<f32>,
-    /// Frame preprocessor for the last frame geometry `(width, height)`.
     /// Frame preprocessors by `(width, height)`, most recently used first.
     frame_pre: Vec<((usize, usize), Preprocessor)>,
+    /// Few-shot reference bank applied to every image (host features; see
+    /// [`Scorer::set_reference`]).
+    reference: Option<Reference>,
 }
 
 impl Scorer {
@@ -197,7 +228,66 @@ impl Scorer {
             gpu_ordinal: 0,
             input: Vec::new(),
             frame_pre: Vec::new(),
+            reference: None,
         })
+    }
+
+    /// Applies `reference` to every image scored from now on (`None`: zero-shot only). The
+    /// caller checks the bank against the package first ([`crate::reference::Bank::check`]).
+    /// With a bank the features are read on the host, also when the head runs on the GPU.
+    pub fn set_reference(&mut self, reference: Option<Reference>) {
+        self.reference = reference;
+    }
+
+    /// Runs the encoder only: the features of `batch` prepared images (reference banks).
+    pub fn encode(&mut self, input: &[f32], batch: usize) -> Result<engine::Features, ScoreError> {
+        let feats = self.engine.infer(input, batch)?;
+        if feats.batch != batch || feats.locals.len() != self.pkg.output_layers().len() {
+            return Err(ScoreError::Engine(EngineError::Run(format!(
+                "engine returned {} results and {} layers for a batch of {batch}",
+                feats.batch,
+                feats.locals.len()
+            ))));
+        }
+        Ok(feats)
+    }
+
+    /// Builds a reference bank from `k` prepared images (`input` holds them back to back, as
+    /// for [`Scorer::score_batch`]: files through [`Scorer::prepare_image`], live frames of a
+    /// region through [`Scorer::prepare_frame`]) for the region keyed `region`
+    /// ([`crate::reference::WHOLE_FRAME`] for the whole frame). The encoder runs in batches
+    /// of at most 8.
+    pub fn build_bank(
+        &mut self,
+        input: &[f32],
+        k: usize,
+        region: &str,
+        max_bank_mb: u64,
+    ) -> Result<Bank, ScoreError> {
+        let n = 3 * self.size() * self.size();
+        if k == 0 || input.len() != k * n {
+            return Err(ReferenceError::Input(format!(
+                "{} input floats for {k} reference images of 3x{s}x{s}",
+                input.len(),
+                s = self.size()
+            ))
+            .into());
+        }
+        let mut feats = Vec::with_capacity(k);
+        for chunk in input.chunks(8 * n) {
+            feats.push(self.encode(chunk, chunk.len() / n)?);
+        }
+        let idx = self.pkg.bank_output_indices();
+        let images: Vec<Vec<&[f32]>> = feats
+            .iter()
+            .flat_map(|f| (0..f.batch).map(|i| pick(&f.locals(i), &idx)))
+            .collect();
+        let fp = Fingerprint::for_package(&self.pkg, region, k);
+        Ok(Bank::build(
+            fp,
+            &images,
+            max_bank_mb.saturating_mul(1 << 20),
+        )?)
     }
 
     /// The package in use.
@@ -270,9 +360,45 @@ impl Scorer {
         input: &[f32],
         pixel_thresholds: &[f32],
     ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
+        self.score_frames_inner(input, pixel_thresholds, None)
+    }
+
+    /// [`Scorer::score_frames`] with a reference bank per image: `references[i]` is applied
+    /// to image `i` (`None`: zero-shot), instead of the scorer's own ([`Scorer::set_reference`]).
+    /// For regions of one frame scored in one batch, each with its bank. `references` must hold
+    /// one entry per image.
+    pub fn score_frames_with_references(
+        &mut self,
+        input: &[f32],
+        pixel_thresholds: &[f32],
+        references: &mut [Option<&mut Reference>],
+    ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
+        if references.len() != pixel_thresholds.len() {
+            return Err(ReferenceError::Input(format!(
+                "{} reference entries for a batch of {}",
+                references.len(),
+                pixel_thresholds.len()
+            ))
+            .into());
+        }
+        self.score_frames_inner(input, pixel_thresholds, Some(references))
+    }
+
+    fn score_frames_inner(
+        &mut self,
+        input: &[f32],
+        pixel_thresholds: &[f32],
+        mut references: Option<&mut [Option<&mut Reference>]>,
+    ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
         let batch = pixel_thresholds.len();
         let mut results = Vec::with_capacity(batch);
-        if self.head.reads_device_memory() {
+        let head_layers = self.pkg.manifest.model.feature_layers.len();
+        let bank_idx = self.pkg.bank_output_indices();
+        let any_bank = match &references {
+            Some(r) => r.iter().any(Option::is_some),
+            None => self.reference.is_some(),
+        };
+        if self.head.reads_device_memory() && !any_bank {
             // GPU encoder + GPU head: features stay in device memory (IoBinding).
             let head = &mut self.head;
             let mut consume = |d: &DeviceFeatures| -> Result<(), String> {
@@ -282,6 +408,10 @@ impl Scorer {
                         d.batch
                     ));
                 }
+                // The head reads its own layers only (extra few-shot outputs come after them).
+                let mut d = d.clone();
+                d.locals.truncate(head_layers);
+                let d = &d;
                 for (i, &thr) in pixel_thresholds.iter().enumerate() {
                     let frame = head.run_frame(HeadInput::Device(DeviceImage::new(d, i)), thr);
                     results.push(frame.map(Scored::from_frame).map_err(ScoreError::from));
@@ -301,13 +431,24 @@ impl Scorer {
             ))));
         }
         for (i, &thr) in pixel_thresholds.iter().enumerate() {
-            let locals = feats.locals(i);
+            let all = feats.locals(i);
+            let locals = &all[..head_layers.min(all.len())];
             let input = HeadInput::Host {
                 global: feats.global(i),
-                locals: &locals,
+                locals,
             };
             let frame = self.head.run_frame(input, thr);
-            results.push(frame.map(Scored::from_frame).map_err(ScoreError::from));
+            let mut scored = frame.map(Scored::from_frame).map_err(ScoreError::from);
+            let reference = match references.as_deref_mut() {
+                Some(refs) => refs.get_mut(i).and_then(|r| r.as_deref_mut()),
+                None => self.reference.as_mut(),
+            };
+            if let (Ok(s), Some(r)) = (&mut scored, reference)
+                && let Err(e) = s.apply_reference(r, &pick(&all, &bank_idx), thr)
+            {
+                scored = Err(e);
+            }
+            results.push(scored);
         }
         Ok(results)
     }

@@ -65,6 +65,10 @@ pub trait Scorer {
     fn score_batch(&mut self, images: &[&Path]) -> Vec<ScoreResult> {
         images.iter().map(|p| self.score(p)).collect()
     }
+
+    /// Called before the images of `class` are scored (e.g. to switch the few-shot reference
+    /// bank to that class's). Does nothing by default.
+    fn begin_class(&mut self, _class: &str) {}
 }
 
 impl<F> Scorer for F
@@ -540,6 +544,7 @@ pub fn evaluate(
             classes.push(ClassReport::empty(&class.name, class.skipped));
             continue;
         }
+        run.scorer.begin_class(&class.name);
         match evaluate_class(&mut run, class) {
             Ok(r) => classes.push(r),
             Err(e) => {

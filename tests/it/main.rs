@@ -31,6 +31,7 @@ mod mqtt;
 mod packaging;
 mod preprocess;
 mod queue;
+mod reference;
 mod regions;
 mod score_cli;
 mod statedir;
