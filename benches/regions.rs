@@ -48,7 +48,11 @@ fn main() {
     let quarter = |x: f64, y: f64| RegionShape {
         units: Units::Fraction,
         rect: [x, y, 0.5, 0.5],
-        ignore: vec![vec![[x + 0.1, y + 0.1], [x + 0.2, y + 0.1], [x + 0.2, y + 0.2]]],
+        ignore: vec![vec![
+            [x + 0.1, y + 0.1],
+            [x + 0.2, y + 0.1],
+            [x + 0.2, y + 0.2],
+        ]],
     };
     let regions = [
         quarter(0.0, 0.0),
@@ -112,11 +116,23 @@ fn main() {
     }
     let (one, all) = (median(one), median(all));
     let budget = one.mul_f64(4.0 * 1.1);
-    println!("model: {} (input {s}), {threads} engine thread(s), {iterations} alternating runs, medians", model.display());
+    println!(
+        "model: {} (input {s}), {threads} engine thread(s), {iterations} alternating runs, medians",
+        model.display()
+    );
     println!("| measurement | time |");
     println!("|---|---|");
-    println!("| one region: engine + head (prepared input) | {:.2} ms |", one.as_secs_f64() * 1e3);
-    println!("| 4 regions of a 1920x1080 frame: crop + resize + one batch of 4 + head + ignore masks | {:.2} ms |", all.as_secs_f64() * 1e3);
-    println!("| ratio 4 regions / one region's engine time | {:.2} (target <= 4.40) |", all.as_secs_f64() / one.as_secs_f64());
+    println!(
+        "| one region: engine + head (prepared input) | {:.2} ms |",
+        one.as_secs_f64() * 1e3
+    );
+    println!(
+        "| 4 regions of a 1920x1080 frame: crop + resize + one batch of 4 + head + ignore masks | {:.2} ms |",
+        all.as_secs_f64() * 1e3
+    );
+    println!(
+        "| ratio 4 regions / one region's engine time | {:.2} (target <= 4.40) |",
+        all.as_secs_f64() / one.as_secs_f64()
+    );
     println!("| within target | {} |", all <= budget);
 }

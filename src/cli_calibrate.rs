@@ -219,14 +219,12 @@ fn from_folder(
         .with_context(|| format!("{}: cannot read the folder", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.extension()
-                .and_then(|x| x.to_str())
-                .is_some_and(|x| {
-                    matches!(
-                        x.to_ascii_lowercase().as_str(),
-                        "png" | "jpg" | "jpeg" | "bmp"
-                    )
-                })
+            p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                matches!(
+                    x.to_ascii_lowercase().as_str(),
+                    "png" | "jpg" | "jpeg" | "bmp"
+                )
+            })
         })
         .collect();
     files.sort();
@@ -242,7 +240,14 @@ fn from_folder(
         let rgb = img.to_rgb();
         let (w, h) = (img.width() as u32, img.height() as u32);
         let s = scorer
-            .score_region(&rgb, w, h, w as usize * 3, &region.shape, cam.pixel_threshold)
+            .score_region(
+                &rgb,
+                w,
+                h,
+                w as usize * 3,
+                &region.shape,
+                cam.pixel_threshold,
+            )
             .with_context(|| format!("{}: cannot be scored", f.display()))?;
         values.push(region.statistic.value(s.score, s.map_max));
     }
@@ -307,7 +312,9 @@ fn capture(
     let first_frame_by = started + Duration::from_secs(30.min(args.timeout_s));
     while values.len() < n {
         {
-            let ev = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let ev = events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for s in ev.iter() {
                 match s {
                     CameraState::Online => was_online = true,
@@ -359,7 +366,10 @@ fn capture(
             ),
             Some(_) => {}
         }
-        if last.as_ref().is_some_and(|(t, _)| t.elapsed() < min_interval) {
+        if last
+            .as_ref()
+            .is_some_and(|(t, _)| t.elapsed() < min_interval)
+        {
             continue;
         }
         let thumb = thumbnail(&f.data, f.width, f.height, f.stride, region)?;
@@ -370,12 +380,22 @@ fn capture(
             continue;
         }
         let s = scorer
-            .score_region(&f.data, f.width, f.height, f.stride, &region.shape, cam.pixel_threshold)
+            .score_region(
+                &f.data,
+                f.width,
+                f.height,
+                f.stride,
+                &region.shape,
+                cam.pixel_threshold,
+            )
             .context("a live frame could not be scored")?;
         values.push(region.statistic.value(s.score, s.map_max));
         last = Some((Instant::now(), thumb));
         if values.len() % 10 == 0 || values.len() == n {
-            eprintln!("captured {}/{n} (near-duplicates skipped: {duplicates})", values.len());
+            eprintln!(
+                "captured {}/{n} (near-duplicates skipped: {duplicates})",
+                values.len()
+            );
         }
     }
     Ok(values)

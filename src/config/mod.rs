@@ -648,13 +648,7 @@ mod tests {
             }
         }
         // The stage config leaves: the problems leaf, pure leaves, and their own stage (`super`).
-        let stage = [
-            "config::problems",
-            "alarm",
-            "payload",
-            "region",
-            "decision",
-        ];
+        let stage = ["config::problems", "alarm", "payload", "region", "decision"];
         for f in [
             "camera/config.rs",
             "mqtt/config.rs",

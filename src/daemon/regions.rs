@@ -244,7 +244,11 @@ pub(super) fn masked_stats(
 }
 
 /// The rule of a region: hand-set, or its calibration when the fingerprint matches.
-fn resolve_rule(camera: &str, cfg: &RegionConfig, validity: &Validity) -> super::calibrated::Applied {
+fn resolve_rule(
+    camera: &str,
+    cfg: &RegionConfig,
+    validity: &Validity,
+) -> super::calibrated::Applied {
     if !cfg.calibrated {
         return super::calibrated::Applied {
             rule: Rule::Manual {

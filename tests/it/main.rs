@@ -9,6 +9,7 @@
 
 mod common;
 
+mod calibrate;
 mod camera;
 mod config;
 mod config_check;

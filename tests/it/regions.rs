@@ -191,21 +191,9 @@ use crate::common;
 use common::broker::{Broker, Msg, Watcher};
 use common::daemon::{BIN, Daemon, config, tiny_model};
 
-/// Writes an RGB PNG.
-fn write_png(path: &Path, w: u32, h: u32, px: &[u8]) {
-    let f = std::fs::File::create(path).expect("create png");
-    let mut e = png::Encoder::new(std::io::BufWriter::new(f), w, h);
-    e.set_color(png::ColorType::Rgb);
-    e.set_depth(png::BitDepth::Eight);
-    e.write_header()
-        .expect("header")
-        .write_image_data(px)
-        .expect("png data");
-}
-
 /// `(score, map_max)` of image files by the `score` command (the same model and resampling as
 /// the daemon's crops).
-fn score_files(files: &[&Path]) -> Vec<(f64, f64)> {
+pub(crate) fn score_files(files: &[&Path]) -> Vec<(f64, f64)> {
     let out = Command::new(BIN)
         .args(["--log", "warn", "score", "--threads", "1", "--model"])
         .arg(tiny_model())
@@ -254,7 +242,7 @@ async fn each_region_is_scored_as_its_own_image_with_its_own_verdict_alarm_and_m
     let (w, h) = (320u32, 160u32);
     let px = frame(w, h);
     let frame_png = dir.path().join("frame.png");
-    write_png(&frame_png, w, h, &px);
+    common::fx::write_rgb_png(&frame_png, w, h, &px);
     // The halves as files, to learn the tiny model's scores of exactly these crops.
     let half = |left: bool| -> Vec<u8> {
         let mut out = Vec::new();
@@ -266,8 +254,8 @@ async fn each_region_is_scored_as_its_own_image_with_its_own_verdict_alarm_and_m
         out
     };
     let (lp, rp) = (dir.path().join("left.png"), dir.path().join("right.png"));
-    write_png(&lp, w / 2, h, &half(true));
-    write_png(&rp, w / 2, h, &half(false));
+    common::fx::write_rgb_png(&lp, w / 2, h, &half(true));
+    common::fx::write_rgb_png(&rp, w / 2, h, &half(false));
     let s = score_files(&[&lp, &rp]);
     let ((sl, ml), (sr, _)) = (s[0], s[1]);
     assert!(

@@ -97,3 +97,15 @@ pub fn subgrid(full: &[f32], w: usize, rows: &Value, cols: &Value) -> Vec<f32> {
     }
     out
 }
+
+/// Writes an 8-bit RGB PNG (`px`: `w × h × 3` bytes).
+pub fn write_rgb_png(path: &Path, w: u32, h: u32, px: &[u8]) {
+    let f = std::fs::File::create(path).expect("create png");
+    let mut e = png::Encoder::new(std::io::BufWriter::new(f), w, h);
+    e.set_color(png::ColorType::Rgb);
+    e.set_depth(png::BitDepth::Eight);
+    e.write_header()
+        .expect("header")
+        .write_image_data(px)
+        .expect("png data");
+}
