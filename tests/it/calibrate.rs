@@ -201,9 +201,9 @@ async fn the_daemon_applies_a_matching_calibration_and_refuses_a_stale_one() {
         &images[3],
         "statistic = \"map_max\"\n",
     );
+    let _ = plc.drain();
     let mut d = Daemon::start(&stale);
     d.wait_ready().await;
-    let _ = plc.drain();
     let uncalibrated = |m: &Msg| {
         m.topic == "anomalyclip/cal/cam/calibration" && m.json()["state"] == "uncalibrated"
     };
