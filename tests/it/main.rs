@@ -30,5 +30,6 @@ mod packaging;
 mod preprocess;
 mod queue;
 mod score_cli;
+mod speed;
 mod statedir;
 mod systemd;
