@@ -4,8 +4,10 @@
 Owns the command line and the package writing: loads and validates the inputs
 (`checkpoints.py`), builds the image encoder for the package size and computes the text constant
 (`anomalyclip_ref.py`), exports the encoder to ONNX with the TorchScript-based exporter of
-`torch.onnx` (`dynamo=False`, opset 17), optionally an fp16 copy (`fp16.py`), and writes
-`text.f32` and `manifest.toml`. The package is written into a temporary directory next to the destination and
+`torch.onnx` (`dynamo=False`, opset 17), optionally an fp16 copy (`fp16.py`, for GPUs) and an int8
+copy (`int8.py`, for CPUs), and writes `text.f32` and `manifest.toml` (whose `precisions` lists the
+model files written). It prints each stage (load, trace, save, int8, fp16, hash) with the elapsed
+time and the peak memory so far on stdout, so a full-size export (minutes) never looks hung. The package is written into a temporary directory next to the destination and
 renamed into place only when complete. Output is deterministic: the same inputs give the same
 bytes.
 
@@ -52,6 +54,7 @@ from checkpoints import (
     sha256_file,
 )
 from fp16 import convert_float_to_float16
+from int8 import quantize_int8
 from random_weights import write_random_sources
 
 EXPORTER = "anomalyclip-edge export 0.1.0"
@@ -92,6 +95,7 @@ def parse_layers(text: str | None) -> list[int] | None:
 def prepare(clip_path: str | Path, checkpoint_path: str | Path, size: int | None = None,
             feature_layers: Sequence[int] | None = None,
             few_shot_layers: Sequence[int] | None = None) -> Prepared:
+    stage(f"load: reading {Path(clip_path).name} and {Path(checkpoint_path).name}")
     clip = load_clip(clip_path)
     arch = clip.arch
     prompts = load_prompts(checkpoint_path, arch)
@@ -115,8 +119,34 @@ def prepare(clip_path: str | Path, checkpoint_path: str | Path, size: int | None
     encoder = VisualEncoder(arch, clip.state, size, sorted(set(layers) | set(few))).eval()
     text = compute_text_constant(arch, clip.state, prompts.state)
     clip.state = {}  # the encoder holds what it needs; let the text weights go
+    stage(f"load: done ({arch.label}, {size} px, text constant computed)")
     return Prepared(clip=clip, prompts=prompts, arch=arch, encoder=encoder, text=text,
                     head_layers=tuple(sorted(set(layers))), few_shot_layers=tuple(few))
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+
+# Model file of each precision; `precisions` in the manifest lists those written, in this order.
+PRECISION_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+_STARTED = time.perf_counter()
+PROGRESS = True  # stage lines on stdout; the tests that export in-process leave them on
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def stage(message: str) -> None:
+    """One progress line: elapsed seconds since start, peak memory, what starts or ended."""
+    if PROGRESS:
+        print(f"[{time.perf_counter() - _STARTED:7.1f} s, peak {peak_memory_mb():7.0f} MB] "
+              f"{message}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,6 +183,7 @@ def trace_onnx(encoder: VisualEncoder, scratch: Path) -> onnx.ModelProto:
     dummy = torch.zeros(2, 3, encoder.size, encoder.size)
     scratch.mkdir()
     raw_path = scratch / "raw.onnx"
+    stage("trace: exporting the encoder to ONNX (the longest stage at full size)")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(encoder, (dummy,), str(raw_path), dynamo=False, opset_version=OPSET,
@@ -162,12 +193,14 @@ def trace_onnx(encoder: VisualEncoder, scratch: Path) -> onnx.ModelProto:
     shutil.rmtree(scratch)
     _set_output_shapes(model, encoder)
     model.doc_string = f"AnomalyCLIP image encoder ({encoder.arch.label}, {encoder.size} px)"
+    stage(f"trace: done ({len(model.graph.node)} nodes)")
     return model
 
 
 def save_onnx(model: onnx.ModelProto, destination: Path) -> list[str]:
     """Save (weights in `<name>.data` beyond the protobuf limit); return the file names."""
     weight_bytes = sum(len(init.raw_data) for init in model.graph.initializer)
+    stage(f"save: {destination.name} ({weight_bytes / 1e6:.1f} MB of weights)")
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
         data_name = destination.name + ".data"
         onnx.save_model(model, str(destination), save_as_external_data=True,
@@ -216,7 +249,9 @@ def render_manifest(prep: Prepared, name: str, tiny: bool, files: dict[str, str]
     v = arch.vision
     n_tokens = enc.grid * enc.grid
     lines: list[str] = []
-    lines += _toml_table(None, {"format_version": FORMAT_VERSION, "name": name, "tiny": tiny})
+    precisions = [p for p, file in PRECISION_FILES.items() if file in files]
+    lines += _toml_table(None, {"format_version": FORMAT_VERSION, "name": name, "tiny": tiny,
+                                "precisions": precisions})
     lines += [""]
     lines += _toml_table("[input]", {"name": "image", "size": enc.size, "mean": list(MEAN),
                                      "std": list(STD)})
@@ -260,7 +295,8 @@ def check_destination(out: Path, force: bool) -> None:
             raise InputError(out, "exists and is not a directory")
 
 
-def write_package(prep: Prepared, out: str | Path, *, fp16: bool = False, force: bool = False,
+def write_package(prep: Prepared, out: str | Path, *, fp16: bool = False, int8: bool = False,
+                  force: bool = False,
                   name: str | None = None, tiny: bool | None = None,
                   seed: int | None = None) -> Path:
     """Write the package for `prep` to `out` atomically (temporary sibling dir, then rename)."""
@@ -277,11 +313,16 @@ def write_package(prep: Prepared, out: str | Path, *, fp16: bool = False, force:
         text = prep.text.detach().cpu().numpy().astype("<f4")
         (tmp / "text.f32").write_bytes(text.tobytes(order="C"))
         files.append("text.f32")
+        if int8:
+            stage("int8: dynamic quantization of the MatMul/Gemm weights")
+            files += save_onnx(quantize_int8(model), tmp / "model.int8.onnx")
         if fp16:
+            stage("fp16: converting the graph (LayerNorm/softmax/L2-norm stay fp32)")
             model = convert_float_to_float16(model)
             model.doc_string += ", fp16 with LayerNorm/softmax/L2-norm in fp32"
             files += save_onnx(model, tmp / "model.fp16.onnx")
         del model
+        stage(f"hash: SHA-256 of {len(files)} files")
         hashes = {file: sha256_file(tmp / file) for file in files}
         manifest = render_manifest(prep, name, tiny, hashes, seed)
         (tmp / "manifest.toml").write_text(manifest, encoding="utf-8")
@@ -304,7 +345,7 @@ def write_package(prep: Prepared, out: str | Path, *, fp16: bool = False, force:
 
 def export_random(arch: Arch, seed: int, out: str | Path, *, size: int | None = None,
                   feature_layers: Sequence[int] | None = None, fp16: bool = False,
-                  force: bool = False,
+                  int8: bool = False, force: bool = False,
                   few_shot_layers: Sequence[int] | None = None) -> tuple[Path, Prepared]:
     """Generate random source files for `arch`, then export them through the normal path."""
     check_destination(Path(out).absolute(), force)
@@ -313,7 +354,8 @@ def export_random(arch: Arch, seed: int, out: str | Path, *, size: int | None = 
         clip_path, prompt_path = write_random_sources(arch, seed, src, stem)
         prep = prepare(clip_path, prompt_path, size, feature_layers, few_shot_layers)
         name = f"tiny-seed{seed}" if arch is TINY else f"random-vitl14-{prep.size}-seed{seed}"
-        path = write_package(prep, out, fp16=fp16, force=force, name=name, tiny=True, seed=seed)
+        path = write_package(prep, out, fp16=fp16, int8=int8, force=force, name=name, tiny=True,
+                             seed=seed)
     return path, prep
 
 
@@ -454,7 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--few-shot-layers", help="also output these blocks' local features for "
                         "few-shot reference banks, comma-separated (e.g. 6,12,18,24; the head "
                         "still uses --layers); recorded as few_shot_layers in the manifest")
-    parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx")
+    parser.add_argument("--fp16", action="store_true",
+                        help="also write model.fp16.onnx (CUDA GPUs: precision fp16)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write model.int8.onnx (CPUs: precision int8; ONNX Runtime "
+                             "dynamic quantization of the MatMul/Gemm weights)")
+    parser.add_argument("--quiet", action="store_true", help="no stage lines, only the summary")
     parser.add_argument("--force", action="store_true", help="replace an existing package")
     parser.add_argument("--seed", type=int, default=0, help="seed for --tiny/--random-full")
     parser.add_argument("--name", help="package name in the manifest")
@@ -465,9 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global PROGRESS, _STARTED
     args = build_parser().parse_args(argv)
     warnings.simplefilter("ignore")
-    started = time.perf_counter()
+    started = _STARTED = time.perf_counter()
+    PROGRESS = not args.quiet
     try:
         layers = parse_layers(args.layers)
         few_shot = parse_layers(args.few_shot_layers) if args.few_shot_layers else None
@@ -489,13 +538,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise InputError(None, "--checkpoint is required with --clip")
             check_destination(out.absolute(), args.force)
             prep = prepare(args.clip, args.checkpoint, args.size, layers, few_shot)
-            write_package(prep, out, fp16=args.fp16, force=args.force, name=args.name)
+            write_package(prep, out, fp16=args.fp16, int8=args.int8, force=args.force,
+                          name=args.name)
         else:
             if args.checkpoint is not None:
                 raise InputError(None, "--checkpoint is only used with --clip")
             arch = TINY if args.tiny else VIT_L_14_336
             _, prep = export_random(arch, args.seed, out, size=args.size, feature_layers=layers,
-                                    fp16=args.fp16, force=args.force, few_shot_layers=few_shot)
+                                    fp16=args.fp16, int8=args.int8, force=args.force,
+                                    few_shot_layers=few_shot)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -513,7 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB"
                       for p in sorted(Path(out).iterdir()))
     print(f"wrote {out} ({prep.arch.label}, {prep.size} px, layers "
-          f"{list(prep.encoder.feature_layers)}; {sizes}) in {elapsed:.1f} s")
+          f"{list(prep.encoder.feature_layers)}; {sizes}) in {elapsed:.1f} s, peak memory "
+          f"{peak_memory_mb():.0f} MB")
     return 0
 
 

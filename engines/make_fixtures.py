@@ -4,8 +4,8 @@
     python engines/make_fixtures.py
 
 Owns:
-* `tests/fixtures/tiny/`: the tiny random-weight package (seed 0, with `model.fp16.onnx`), written
-  by the normal export path (`export.export_random`);
+* `tests/fixtures/tiny/`: the tiny random-weight package (seed 0, with `model.fp16.onnx` and
+  `model.int8.onnx`), written by the normal export path (`export.export_random`);
 * `tests/fixtures/golden/`: five synthetic images (square RGB PNG, non-square RGB PNG, grayscale
   PNG, RGBA PNG with transparent pixels, RGB JPEG) and, for each, the PyTorch reference outputs on
   the tiny model in fp32 on the CPU, in the layout of `engines/PACKAGE.md`;
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=Path, default=SAMPLES)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    package, prep = export_random(TINY, 0, args.fixtures / "tiny", fp16=True, force=True)
+    package, prep = export_random(TINY, 0, args.fixtures / "tiny", fp16=True, int8=True,
+                                  force=True)
     entries = write_golden(prep, args.fixtures / "golden")
     write_samples(args.samples)
     print(f"wrote {package}")

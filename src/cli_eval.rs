@@ -29,7 +29,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anomalyclip_edge::engine::{self, Backend, EngineOptions};
+use anomalyclip_edge::engine::{self, Backend, EngineOptions, Precision};
 use anomalyclip_edge::eval::dataset::{self, IssueCounts, Layout, ValidateOptions};
 use anomalyclip_edge::eval::{self, EvalOptions, ScoreResult};
 use anomalyclip_edge::package::HashCheck;
@@ -89,6 +89,9 @@ pub struct EvalArgs {
     /// Inference backend.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// Model precision: fp32, int8 (CPU) or fp16 (GPU); the package must have it.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
     /// CPU threads for inference (0 = all cores; at most 4 × the CPUs available, and 256).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -214,6 +217,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         threads: args.threads,
         ort_library: args.ort_library.clone(),
         max_batch: args.batch,
+        precision: args.precision,
         ..EngineOptions::default()
     };
     let hashes = if args.fast_load {

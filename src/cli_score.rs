@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anomalyclip_edge::engine::{self, Backend, EngineOptions};
+use anomalyclip_edge::engine::{self, Backend, EngineOptions, Precision};
 use anomalyclip_edge::head;
 use anomalyclip_edge::package::HashCheck;
 use anomalyclip_edge::scorer::{HeadChoice, ScoreError, Scored, Scorer};
@@ -51,6 +51,9 @@ pub struct ScoreArgs {
     /// Where the anomaly head runs (`auto`: the GPU when one is usable).
     #[arg(long, value_enum, default_value_t = HeadChoice::Cpu)]
     head: HeadChoice,
+    /// Model precision: fp32, int8 (CPU) or fp16 (GPU); the package must have it.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
     /// CPU threads for inference (0 = all cores; at most 4 × the CPUs available, and 256).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -114,6 +117,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         backend: args.backend,
         threads: args.threads,
         ort_library: args.ort_library.clone(),
+        precision: args.precision,
         ..EngineOptions::default()
     };
     let hashes = if args.fast_load {

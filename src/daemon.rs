@@ -283,6 +283,7 @@ pub fn engine_options(cfg: &Config) -> EngineOptions {
         fp16: cfg.engine.fp16,
         max_batch: cfg.engine.max_batch.max(1) as usize,
         device_id: 0,
+        precision: cfg.engine.precision,
     }
 }
 

@@ -7,6 +7,10 @@
 //! execution providers, CPU otherwise. `auto` tries TensorRT → CUDA → CPU and logs what it chose
 //! and why. The ONNX Runtime shared library is loaded at run time (`ort` `load-dynamic`); a
 //! missing or too-old library is an [`EngineError::Library`] naming every path tried.
+//! [`Precision`] picks the package's model file per backend ([`model_for`]): fp32 everywhere,
+//! int8 on the CPU only, fp16 on GPUs only (`model.fp16.onnx` on CUDA, an fp16 engine built from
+//! `model.onnx` on TensorRT); a precision the package lacks is an [`EngineError::Package`], one the
+//! backend cannot run an [`EngineError::Unavailable`] — never a silent change of precision.
 //! Failure modes: library not found, model that ONNX Runtime rejects, an output missing or of the
 //! wrong shape (checked against the manifest when the session is built), a run-time error inside
 //! ONNX Runtime. None of them panics.
@@ -18,7 +22,9 @@ use crate::package::ModelPackage;
 
 pub mod config;
 
-pub use config::{Backend, HeadChoice, MAX_THREADS, THREADS_PER_CPU, check_threads, max_threads};
+pub use config::{
+    Backend, HeadChoice, MAX_THREADS, Precision, THREADS_PER_CPU, check_threads, max_threads,
+};
 
 /// Options for building an engine.
 #[derive(Debug, Clone)]
@@ -37,6 +43,8 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// GPU ordinal.
     pub device_id: i32,
+    /// Which model file of the package runs ([`model_for`]).
+    pub precision: Precision,
 }
 
 impl Default for EngineOptions {
@@ -49,6 +57,7 @@ impl Default for EngineOptions {
             fp16: true,
             max_batch: 8,
             device_id: 0,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -66,6 +75,8 @@ pub enum EngineError {
     Model { path: PathBuf, message: String },
     #[error("{path}: the model does not match manifest.toml: {message}")]
     Interface { path: PathBuf, message: String },
+    #[error(transparent)]
+    Package(#[from] crate::package::PackageError),
     #[error("inference failed: {0}")]
     Run(String),
     #[error("model output {name}: expected {expected} values, got {got}")]
@@ -90,6 +101,8 @@ pub struct EngineInfo {
     pub backend: Backend,
     /// One line: why this backend was chosen, fallbacks included.
     pub detail: String,
+    /// The precision that runs (the one asked for: there is no fallback).
+    pub precision: Precision,
     pub ort_version: String,
 }
 
@@ -219,6 +232,42 @@ pub fn init_runtime(
     }
 }
 
+/// What a backend loads for a precision: the package's model file and, for TensorRT, whether
+/// the engine is built in fp16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelChoice {
+    /// The package file to load (its precision: [`Precision::model_file`]).
+    pub file: Precision,
+    /// TensorRT only: build an fp16 engine.
+    pub trt_fp16: bool,
+}
+
+/// The model `backend` runs for `precision` (`trt_fp16`: `[engine] fp16`, TensorRT's own
+/// switch, used for fp32), or why it cannot: int8 is a CPU model (ONNX Runtime's integer
+/// kernels), fp16 a GPU one (a CPU has no fast fp16 matrix products). `Auto` is resolved by
+/// the caller into concrete backends first.
+pub fn model_for(
+    precision: Precision,
+    backend: Backend,
+    trt_fp16: bool,
+) -> Result<ModelChoice, String> {
+    let choice = |file, trt_fp16| Ok(ModelChoice { file, trt_fp16 });
+    match (precision, backend) {
+        (Precision::Fp32, Backend::Tensorrt) => choice(Precision::Fp32, trt_fp16),
+        (Precision::Fp32, _) => choice(Precision::Fp32, false),
+        (Precision::Int8, Backend::Cpu) => choice(Precision::Int8, false),
+        (Precision::Int8, b) => Err(format!(
+            "precision int8 runs on the cpu backend only (model.int8.onnx uses ONNX Runtime's CPU integer kernels), not on {b}; use fp16 or fp32 on a GPU"
+        )),
+        (Precision::Fp16, Backend::Cuda) => choice(Precision::Fp16, false),
+        // TensorRT builds its own fp16 engine from the fp32 graph (LayerNorm kept in fp32).
+        (Precision::Fp16, Backend::Tensorrt) => choice(Precision::Fp32, true),
+        (Precision::Fp16, b) => Err(format!(
+            "precision fp16 needs a GPU backend (cuda or tensorrt), not {b}; use fp32 or int8 on the CPU"
+        )),
+    }
+}
+
 /// An ONNX Runtime session over a model package.
 pub struct OrtEngine {
     session: ort::session::Session,
@@ -234,8 +283,9 @@ pub struct OrtEngine {
 impl OrtEngine {
     /// Builds a session for `pkg` with the requested backend.
     pub fn new(pkg: &ModelPackage, opts: &EngineOptions) -> Result<Self, EngineError> {
+        // The package must have the precision asked for, whatever the backend.
+        pkg.model_path(opts.precision)?;
         let (lib, env) = init_runtime(opts.ort_library.as_deref())?;
-        let onnx = pkg.onnx_path();
         let order: &[Backend] = match opts.backend {
             Backend::Auto => &[Backend::Tensorrt, Backend::Cuda, Backend::Cpu],
             Backend::Tensorrt => &[Backend::Tensorrt],
@@ -245,7 +295,19 @@ impl OrtEngine {
         let mut notes: Vec<String> = Vec::new();
         let mut last_err = None;
         for &backend in order {
-            match build_session(&env, &onnx, backend, pkg, opts) {
+            let choice = match model_for(opts.precision, backend, opts.fp16) {
+                Ok(c) => c,
+                Err(reason) => {
+                    let e = EngineError::Unavailable { backend, reason };
+                    notes.push(format!("{e}"));
+                    last_err = Some(e);
+                    continue;
+                }
+            };
+            let onnx = pkg.model_path(choice.file)?;
+            let mut opts = opts.clone();
+            opts.fp16 = choice.trt_fp16;
+            match build_session(&env, &onnx, backend, pkg, &opts) {
                 Ok(session) => {
                     check_interface(&session, pkg, &onnx)?;
                     let detail = if notes.is_empty() {
@@ -257,12 +319,13 @@ impl OrtEngine {
                             notes.join("; ")
                         )
                     };
-                    tracing::info!(backend = %backend, %detail, library = %lib, "inference engine ready");
+                    tracing::info!(backend = %backend, precision = %opts.precision, model = %onnx.display(), %detail, library = %lib, "inference engine ready");
                     return Ok(Self {
                         session,
                         info: EngineInfo {
                             backend,
                             detail,
+                            precision: opts.precision,
                             ort_version: ort_version(),
                         },
                         input_name: pkg.manifest.input.name.clone(),
@@ -515,7 +578,9 @@ pub fn cache_key_parts(pkg: &ModelPackage, opts: &EngineOptions) -> CacheKeyPart
             .map(|d| d.name.clone())
             .unwrap_or_else(|| "nogpu".into()),
         compute_capability: dev.map(|d| d.compute_capability).unwrap_or((0, 0)),
-        fp16: opts.fp16,
+        // What TensorRT builds: precision fp16 forces an fp16 engine.
+        fp16: model_for(opts.precision, Backend::Tensorrt, opts.fp16)
+            .map_or(opts.fp16, |c| c.trt_fp16),
         max_batch: opts.max_batch.max(1),
         input_size: pkg.input_size(),
     }
@@ -854,5 +919,53 @@ mod tests {
         p.gpu = "../../etc/x y".into();
         let k = cache_key(&p);
         assert!(!k.contains('/') && !k.contains(' '), "{k}");
+    }
+
+    #[test]
+    fn each_precision_loads_its_own_file_on_the_backends_that_run_it() {
+        use Backend::{Cpu, Cuda, Tensorrt};
+        let ok = |p, b, trt| model_for(p, b, trt).unwrap();
+        let file = |file, trt_fp16| ModelChoice { file, trt_fp16 };
+        assert_eq!(ok(Precision::Fp32, Cpu, true), file(Precision::Fp32, false));
+        assert_eq!(
+            ok(Precision::Fp32, Cuda, true),
+            file(Precision::Fp32, false)
+        );
+        // fp32 on TensorRT keeps `[engine] fp16` (TensorRT's own switch), both ways.
+        assert_eq!(
+            ok(Precision::Fp32, Tensorrt, true),
+            file(Precision::Fp32, true)
+        );
+        assert_eq!(
+            ok(Precision::Fp32, Tensorrt, false),
+            file(Precision::Fp32, false)
+        );
+        assert_eq!(
+            ok(Precision::Int8, Cpu, false),
+            file(Precision::Int8, false)
+        );
+        assert_eq!(
+            ok(Precision::Fp16, Cuda, false),
+            file(Precision::Fp16, false)
+        );
+        // TensorRT builds fp16 from the fp32 graph, even with `[engine] fp16 = false`.
+        assert_eq!(
+            ok(Precision::Fp16, Tensorrt, false),
+            file(Precision::Fp32, true)
+        );
+    }
+
+    #[test]
+    fn a_precision_the_backend_cannot_run_is_refused_with_the_reason() {
+        let e = model_for(Precision::Fp16, Backend::Cpu, true).unwrap_err();
+        assert!(
+            e.contains("fp16 needs a GPU backend") && e.contains("not cpu"),
+            "{e}"
+        );
+        for b in [Backend::Cuda, Backend::Tensorrt] {
+            let e = model_for(Precision::Int8, b, true).unwrap_err();
+            assert!(e.contains("int8 runs on the cpu backend only"), "{e}");
+            assert!(e.contains(&format!("not on {b}")), "{e}");
+        }
     }
 }

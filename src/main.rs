@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cli_calibrate;
+mod cli_bench;
 mod cli_eval;
 mod cli_reference;
 mod cli_score;
@@ -36,6 +37,8 @@ enum Command {
     Eval(cli_eval::EvalArgs),
     /// Thresholds for a camera region from good parts (a folder of images or live frames).
     Calibrate(cli_calibrate::CalibrateArgs),
+    /// Time a model package on this machine: encoder, preprocessing, head, frames/s, memory.
+    Bench(cli_bench::BenchArgs),
     /// Write the meta.json describing a dataset folder tree.
     DatasetMeta(cli_eval::DatasetMetaArgs),
     /// Build a few-shot reference bank from a folder of good images.
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::DatasetMeta(args) => cli_eval::run_dataset_meta(args),
         Command::Calibrate(args) => cli_calibrate::run(args),
         Command::Reference(args) => cli_reference::run(args),
+        Command::Bench(args) => cli_bench::run(args),
         Command::Run { config } => run_daemon(&config),
         Command::CheckConfig { file } => Ok(check_config(&file)),
         Command::BuildEngine { config } => build_engine(&config),

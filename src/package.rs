@@ -1,7 +1,8 @@
 //! Model package loader: the directory `engines/export.py` writes (see `engines/PACKAGE.md`).
 //!
 //! Input: a package directory. Output: a validated [`ModelPackage`] holding the parsed manifest,
-//! the text constant `T = [t_n; t_a]` and the path of the ONNX file to load.
+//! the text constant `T = [t_n; t_a]` and the paths of its ONNX files, one per precision the
+//! manifest lists (`precisions`; [`ModelPackage::model_path`] refuses one the package lacks).
 //! Failure modes: a missing directory or file, a manifest that does not parse, a format version
 //! this build does not read, shapes that contradict each other, a file whose SHA-256 differs from
 //! the manifest. Every error names the file and what was expected.
@@ -23,6 +24,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::engine::config::Precision;
 use crate::fsio::{self, FsioError};
 
 /// The only manifest format version this build reads.
@@ -64,6 +66,14 @@ pub enum PackageError {
     Version { path: PathBuf, found: i64 },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error(
+        "{dir}: this model package has no {wanted} model (it has {has}); choose one of those, or re-export the package with engines/export.py --{wanted}"
+    )]
+    MissingPrecision {
+        dir: PathBuf,
+        wanted: Precision,
+        has: String,
+    },
     #[error(
         "{path}: SHA-256 mismatch: manifest says {expected}, file has {actual} (corrupt or modified package)"
     )]
@@ -154,6 +164,10 @@ pub struct Manifest {
     pub name: String,
     #[serde(default)]
     pub tiny: bool,
+    /// Model files present, by precision (`"fp32"`, `"fp16"`, `"int8"`); absent in packages
+    /// written before it existed: then derived from `[files]` ([`ModelPackage::precisions`]).
+    #[serde(default)]
+    pub precisions: Option<Vec<String>>,
     pub input: InputSpec,
     pub model: ModelSpec,
     pub text: TextSpec,
@@ -288,6 +302,30 @@ impl ModelPackage {
     /// Path of the fp32 ONNX model.
     pub fn onnx_path(&self) -> PathBuf {
         self.dir.join("model.onnx")
+    }
+
+    /// The precisions this package has: the manifest's `precisions` (validated on load), or for
+    /// a package without that list, fp32 plus each precision whose model file `[files]` lists.
+    pub fn precisions(&self) -> Vec<Precision> {
+        precisions_of(&self.manifest).unwrap_or_default()
+    }
+
+    /// Path of the model file for `precision`, or [`PackageError::MissingPrecision`] naming
+    /// what the package has.
+    pub fn model_path(&self, precision: Precision) -> Result<PathBuf, PackageError> {
+        let has = self.precisions();
+        if has.contains(&precision) {
+            return Ok(self.dir.join(precision.model_file()));
+        }
+        Err(PackageError::MissingPrecision {
+            dir: self.dir.clone(),
+            wanted: precision,
+            has: has
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
     }
 
     /// Square input edge in pixels.
@@ -473,6 +511,7 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
     if !m.files.contains_key(&m.text.file) {
         return Err(bad(format!("files: missing entry for {:?}", m.text.file)));
     }
+    precisions_of(m).map_err(bad)?;
     let batch = Dim::Symbolic("batch".into());
     let expect = |name: &str, shape: Vec<Dim>| -> Result<(), PackageError> {
         let out = m
@@ -497,6 +536,40 @@ fn validate(m: &Manifest, path: &Path) -> Result<(), PackageError> {
         )?;
     }
     Ok(())
+}
+
+/// The precisions `m` has (see [`ModelPackage::precisions`]), or why its `precisions` list is
+/// wrong: an unknown name, a duplicate, no fp32, or a precision whose model file `[files]` lacks.
+fn precisions_of(m: &Manifest) -> Result<Vec<Precision>, String> {
+    let Some(listed) = &m.precisions else {
+        return Ok(Precision::ALL
+            .into_iter()
+            .filter(|p| m.files.contains_key(p.model_file()))
+            .collect());
+    };
+    let mut out = Vec::with_capacity(listed.len());
+    for name in listed {
+        let p = Precision::parse(name).ok_or_else(|| {
+            format!(
+                "precisions: unknown precision {name:?} (this build knows {})",
+                Precision::ALL.map(Precision::as_str).join(", ")
+            )
+        })?;
+        if out.contains(&p) {
+            return Err(format!("precisions: {name:?} listed twice"));
+        }
+        if !m.files.contains_key(p.model_file()) {
+            return Err(format!(
+                "precisions lists {name:?} but [files] has no entry for {:?}",
+                p.model_file()
+            ));
+        }
+        out.push(p);
+    }
+    if !out.contains(&Precision::Fp32) {
+        return Err("precisions: \"fp32\" missing (every package has model.onnx)".into());
+    }
+    Ok(out)
 }
 
 /// A `[files]` name: relative, made of plain names only (`model.onnx`, `data/weights.bin`).
@@ -620,5 +693,84 @@ mod tests {
         assert_eq!((key.as_str(), v), ("d.e.f", f64::NEG_INFINITY));
         let t: toml::Table = toml::from_str("a = 1e300\nb = \"nan\"\n").unwrap();
         assert!(non_finite(&toml::Value::Table(t), String::new()).is_none());
+    }
+
+    /// The committed tiny manifest with `precisions` and `[files]` replaced.
+    fn manifest_with(precisions: Option<&str>, files: &[&str]) -> Manifest {
+        let raw = include_str!("../tests/fixtures/tiny/manifest.toml");
+        let mut t: toml::Table = toml::from_str(raw).unwrap();
+        match precisions {
+            Some(list) => {
+                let v: toml::Table = toml::from_str(&format!("p = {list}")).unwrap();
+                t.insert("precisions".into(), v["p"].clone());
+            }
+            None => {
+                t.remove("precisions");
+            }
+        }
+        let mut f = toml::Table::new();
+        for name in files {
+            f.insert((*name).into(), toml::Value::String("00".into()));
+        }
+        t.insert("files".into(), toml::Value::Table(f));
+        toml::from_str(&toml::to_string(&t).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_listed_precision_needs_its_model_file_and_fp32_is_required() {
+        let all = [
+            "model.onnx",
+            "text.f32",
+            "model.fp16.onnx",
+            "model.int8.onnx",
+        ];
+        let m = manifest_with(Some(r#"["fp32", "int8"]"#), &all);
+        assert_eq!(
+            precisions_of(&m).unwrap(),
+            vec![Precision::Fp32, Precision::Int8]
+        );
+        let m = manifest_with(Some(r#"["fp32", "int8"]"#), &["model.onnx", "text.f32"]);
+        let e = precisions_of(&m).unwrap_err();
+        assert!(
+            e.contains("\"int8\"") && e.contains("model.int8.onnx"),
+            "{e}"
+        );
+        let m = manifest_with(Some(r#"["int8"]"#), &all);
+        assert!(precisions_of(&m).unwrap_err().contains("fp32"));
+        let m = manifest_with(Some(r#"["fp32", "int4"]"#), &all);
+        let e = precisions_of(&m).unwrap_err();
+        assert!(e.contains("unknown precision \"int4\""), "{e}");
+        let m = manifest_with(Some(r#"["fp32", "fp32"]"#), &all);
+        assert!(precisions_of(&m).unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn a_package_without_a_precision_list_has_what_its_files_hold() {
+        let m = manifest_with(None, &["model.onnx", "text.f32", "model.fp16.onnx"]);
+        assert_eq!(
+            precisions_of(&m).unwrap(),
+            vec![Precision::Fp32, Precision::Fp16]
+        );
+    }
+
+    #[test]
+    fn asking_for_a_precision_the_package_lacks_names_the_package_and_what_it_has() {
+        let pkg = ModelPackage {
+            dir: PathBuf::from("/models/p"),
+            manifest: manifest_with(
+                Some(r#"["fp32", "fp16"]"#),
+                &["model.onnx", "text.f32", "model.fp16.onnx"],
+            ),
+            text: vec![],
+        };
+        assert_eq!(
+            pkg.model_path(Precision::Fp16).unwrap(),
+            Path::new("/models/p/model.fp16.onnx")
+        );
+        let e = pkg.model_path(Precision::Int8).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "/models/p: this model package has no int8 model (it has fp32, fp16); choose one of those, or re-export the package with engines/export.py --int8"
+        );
     }
 }

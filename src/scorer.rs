@@ -300,6 +300,11 @@ impl Scorer {
         self.engine.as_ref()
     }
 
+    /// The engine in use, to run it alone (`bench` times the encoder without the head).
+    pub fn engine_mut(&mut self) -> &mut dyn Engine {
+        self.engine.as_mut()
+    }
+
     /// Square input edge.
     pub fn size(&self) -> usize {
         self.pkg.input_size()

@@ -34,9 +34,9 @@ def tiny_prep(tiny_sources: tuple[Path, Path]) -> Prepared:
 
 @pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh tiny package, exported exactly like `export.py --tiny --seed 0 --fp16`."""
+    """A fresh tiny package, exported exactly like `export.py --tiny --seed 0 --fp16 --int8`."""
     out = tmp_path_factory.mktemp("pkg") / "tiny"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        path, _ = export_random(TINY, 0, out, fp16=True)
+        path, _ = export_random(TINY, 0, out, fp16=True, int8=True)
     return path

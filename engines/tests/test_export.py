@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -41,7 +42,7 @@ from export import Prepared, export_random, main as export_main, prepare, write_
 
 FIXTURES = REPO / "tests" / "fixtures"
 GOLDEN = FIXTURES / "golden"
-PACKAGE_FILES = ["manifest.toml", "model.fp16.onnx", "model.onnx", "text.f32"]
+PACKAGE_FILES = ["manifest.toml", "model.fp16.onnx", "model.int8.onnx", "model.onnx", "text.f32"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +157,7 @@ def test_manifest_fields_and_hashes(tiny_package: Path) -> None:
     manifest = tomllib.loads((tiny_package / "manifest.toml").read_text())
     assert manifest["format_version"] == 1
     assert manifest["name"] == "tiny-seed0" and manifest["tiny"] is True
+    assert manifest["precisions"] == ["fp32", "fp16", "int8"]
     assert manifest["input"] == {"name": "image", "size": 112, "mean": list(MEAN),
                                  "std": list(STD)}
     assert manifest["model"] == {"arch": "tiny", "width": 64, "layers": 4, "heads": 4, "patch": 14,
@@ -179,7 +181,7 @@ def test_manifest_fields_and_hashes(tiny_package: Path) -> None:
     assert (tiny_package / "text.f32").stat().st_size == 2 * 32 * 4
 
 
-@pytest.mark.parametrize("model_file", ["model.onnx", "model.fp16.onnx"])
+@pytest.mark.parametrize("model_file", ["model.onnx", "model.fp16.onnx", "model.int8.onnx"])
 def test_onnx_interface(tiny_package: Path, model_file: str) -> None:
     model = onnx.load(str(tiny_package / model_file))
     onnx.checker.check_model(model)
@@ -205,17 +207,27 @@ def test_export_twice_is_byte_identical_and_cli_matches(tiny_package: Path,
                                                         tmp_path: Path) -> None:
     out = tmp_path / "again"
     result = subprocess.run([sys.executable, str(ENGINES / "export.py"), "--tiny", "--seed", "0",
-                             "--fp16", "--out", str(out)], capture_output=True, text=True,
-                            timeout=120)
+                             "--fp16", "--int8", "--out", str(out)], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+    # Every stage on stdout with its elapsed time and peak memory, then the summary line.
+    lines = result.stdout.splitlines()
+    stages = [line.split("] ", 1)[1].split(":")[0] for line in lines[:-1]]
+    assert stages == ["load", "load", "trace", "trace", "save", "int8", "save", "fp16", "save",
+                      "hash"], lines
+    assert all(re.match(r"\[ *\d+\.\d s, peak +\d+ MB\] ", line) for line in lines[:-1]), lines
+    assert lines[-1].startswith(f"wrote {out} ") and "peak memory" in lines[-1]
     assert files_of(out) == files_of(tiny_package)
 
 
 # Tensors the exporter computes (float sums whose order differs between CPUs, e.g. the text
 # encoder's output, seen 8.9e-8 apart on an AMD EPYC) are compared within these tolerances; the
 # weights it only copies (or transposes, or rounds to fp16) must be byte-identical.
-COMPUTED_ATOL = {"text.f32": 1e-6, "model.onnx": 1e-6, "model.fp16.onnx": 2e-3}
+# The int8 file's quantized weights are integers (compared exactly: rounding the same copied
+# weights gives the same integers); its float scales are computed.
+COMPUTED_ATOL = {"text.f32": 1e-6, "model.onnx": 1e-6, "model.fp16.onnx": 2e-3,
+                 "model.int8.onnx": 1e-6}
 COPIED_PREFIXES = ("conv1", "class_embedding", "proj", "ln_", "blocks.", "onnx::MatMul")
 
 
@@ -519,6 +531,61 @@ def test_fp16_package(tiny_package: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# int8
+# --------------------------------------------------------------------------------------------
+
+# Drift of the int8 model against fp32 on the golden images (tiny model, ONNX Runtime CPU).
+# Measured: |d score| <= 0.020, |d map| <= 0.016 (the tiny model's 32-wide features make each
+# quantization step count more than ViT-L/14's 768; see docs/measurements/speed-cpu.md for the
+# full-size drift). Bounds with margin:
+INT8_SCORE_TOL = 0.03
+INT8_MAP_TOL = 0.025
+
+
+def test_int8_package(tiny_package: Path) -> None:
+    fp32, int8 = session(tiny_package / "model.onnx"), session(tiny_package / "model.int8.onnx")
+    text = text_of(tiny_package)
+    worst_score = worst_map = 0.0
+    for path in golden_images():
+        x = preprocess_file(path, 112)[None]
+        a, b = fp32.run(None, {"image": x}), int8.run(None, {"image": x})
+        for ra, rb in zip(a, b):
+            assert rb.dtype == np.float32 and rb.shape == ra.shape
+            assert cosine(ra, rb) >= 0.99
+        ha = anomaly_head(a[0][0], [a[1][0]], text, 112)
+        hb = anomaly_head(b[0][0], [b[1][0]], text, 112)
+        worst_score = max(worst_score, abs(float(ha.score) - float(hb.score)))
+        worst_map = max(worst_map, float(np.abs(ha.map - hb.map).max()))
+    assert worst_score <= INT8_SCORE_TOL and worst_map <= INT8_MAP_TOL, (worst_score, worst_map)
+    assert worst_score > 0, "int8 gave exactly the fp32 scores: was anything quantized?"
+    # Only the weight products are integer: LayerNorm, softmax and the L2 norms stay fp32, and
+    # no MatMul with a constant weight is left in float.
+    model = onnx.load(str(tiny_package / "model.int8.onnx"))
+    constants = {i.name for i in model.graph.initializer}
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        if node.op_type in ("MatMul", "Gemm"):
+            assert node.input[1] not in constants, f"{node.name}: float weight left"
+    assert ops.get("MatMulInteger", 0) > 0 and ops.get("DynamicQuantizeLinear", 0) > 0, ops
+    assert ops["LayerNormalization"] == 2 + 2 * 4 and ops["Softmax"] == 1 + 2 * 3
+    assert ops["ReduceL2"] >= 2
+    assert (tiny_package / "model.int8.onnx").stat().st_size < \
+        0.6 * (tiny_package / "model.onnx").stat().st_size
+
+
+def test_precisions_list_what_was_written(tiny_sources: tuple[Path, Path],
+                                          tmp_path: Path) -> None:
+    prep = prepare(*tiny_sources)
+    out = write_package(prep, tmp_path / "int8-only", int8=True, name="tiny-int8")
+    manifest = tomllib.loads((out / "manifest.toml").read_text())
+    assert manifest["precisions"] == ["fp32", "int8"]
+    assert sorted(manifest["files"]) == ["model.int8.onnx", "model.onnx", "text.f32"]
+    out = write_package(prep, tmp_path / "plain", name="tiny-plain")
+    assert tomllib.loads((out / "manifest.toml").read_text())["precisions"] == ["fp32"]
+
+
+# --------------------------------------------------------------------------------------------
 # bad inputs
 # --------------------------------------------------------------------------------------------
 
@@ -702,7 +769,10 @@ def test_bad_inputs_cli_process(case: str, tiny_sources: tuple[Path, Path],
                              "--checkpoint", str(ckpt), "--out", str(parent / "pkg"), "--fp16"],
                             capture_output=True, text=True, timeout=120)
     _assert_rejected(result.returncode, result.stderr, expected, parent, [])
-    assert result.stdout == ""
+    # At most the progress lines of the stages begun before the refusal; no summary line.
+    assert all(re.match(r"\[ *\d+\.\d s, peak +\d+ MB\] ", line)
+               for line in result.stdout.splitlines()), result.stdout
+    assert "wrote" not in result.stdout
 
 
 def test_failure_during_export_leaves_nothing(tiny_prep: Prepared, tmp_path: Path,

@@ -1,6 +1,6 @@
-//! The inference stage's configuration: `[engine]` as written and resolved, the [`Backend`] and
-//! [`HeadChoice`] choices (the one definition of each; the CLI's `--backend`/`--head` use them
-//! too).
+//! The inference stage's configuration: `[engine]` as written and resolved, the [`Backend`],
+//! [`Precision`] and [`HeadChoice`] choices (the one definition of each; the CLI's
+//! `--backend`/`--precision`/`--head` use them too).
 //!
 //! Input: the raw `[engine]` table (keys optional, `deny_unknown_fields`). Output: an
 //! [`EngineConfig`], or problems reported at each key's line (ranges, a missing ONNX Runtime
@@ -40,6 +40,54 @@ impl std::fmt::Display for Backend {
     }
 }
 
+/// Which model file of the package runs (`[engine] precision`, `--precision`). The package's
+/// manifest lists the precisions it has; asking for one it lacks is an error, never a fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// `model.onnx`: the reference, every backend.
+    #[default]
+    Fp32,
+    /// `model.int8.onnx`: dynamically quantized MatMul/Gemm weights, for the CPU backend.
+    Int8,
+    /// `model.fp16.onnx` on CUDA; TensorRT builds an fp16 engine from `model.onnx`. GPU only.
+    Fp16,
+}
+
+impl Precision {
+    /// Every precision, in the order manifests list them.
+    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Fp16, Precision::Int8];
+
+    /// The name used in configs, manifests and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+            Precision::Fp16 => "fp16",
+        }
+    }
+
+    /// The precision called `name`, if any.
+    pub fn parse(name: &str) -> Option<Precision> {
+        Self::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
+    /// The package file holding this precision's model.
+    pub fn model_file(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "model.onnx",
+            Precision::Int8 => "model.int8.onnx",
+            Precision::Fp16 => "model.fp16.onnx",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where the anomaly head runs (`[engine] head`, `--head`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -69,6 +117,8 @@ pub struct EngineConfig {
     pub fp16: bool,
     /// Where the anomaly head runs (`auto`: the GPU when one is usable).
     pub head: HeadChoice,
+    /// Which model file of the package runs.
+    pub precision: Precision,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +131,7 @@ impl Default for EngineConfig {
             ort_library: None,
             fp16: true,
             head: HeadChoice::Auto,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -115,6 +166,7 @@ pub(crate) struct RawEngine {
     ort_library: S<String>,
     fp16: Option<bool>,
     head: Option<HeadChoice>,
+    precision: Option<Precision>,
 }
 
 /// Checks `[engine]` and resolves it; `None` (with problems reported) when a value is invalid.
@@ -153,6 +205,7 @@ pub(crate) fn resolve_engine(ctx: &mut Ctx<'_>, raw: Option<&RawEngine>) -> Opti
         ort_library,
         fp16: e.fp16.unwrap_or(true),
         head: e.head.unwrap_or_default(),
+        precision: e.precision.unwrap_or_default(),
     })
 }
 

@@ -267,7 +267,13 @@ fn a_model_package_whose_hash_does_not_match_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pkg = dir.path().join("pkg");
     std::fs::create_dir(&pkg).expect("mkdir");
-    for f in ["manifest.toml", "model.onnx", "model.fp16.onnx", "text.f32"] {
+    for f in [
+        "manifest.toml",
+        "model.onnx",
+        "model.fp16.onnx",
+        "model.int8.onnx",
+        "text.f32",
+    ] {
         std::fs::copy(Path::new(tiny()).join(f), pkg.join(f)).expect("copy");
     }
     // Same size, one byte changed.

@@ -320,7 +320,12 @@ fn fp16_as_main(dir: &Path) -> PathBuf {
     let src = tiny_package();
     let dst = dir.join("tiny-fp16");
     std::fs::create_dir_all(&dst).unwrap();
-    for f in ["manifest.toml", "text.f32", "model.fp16.onnx"] {
+    for f in [
+        "manifest.toml",
+        "text.f32",
+        "model.fp16.onnx",
+        "model.int8.onnx",
+    ] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
     std::fs::copy(src.join("model.fp16.onnx"), dst.join("model.onnx")).unwrap();

@@ -671,7 +671,13 @@ fn fixture(sub: &str) -> PathBuf {
 fn pkg(ctx: &Ctx) -> PathBuf {
     let p = ctx.dir.join("pkg");
     std::fs::create_dir_all(&p).expect("mkdir pkg");
-    for f in ["manifest.toml", "model.onnx", "text.f32", "model.fp16.onnx"] {
+    for f in [
+        "manifest.toml",
+        "model.onnx",
+        "text.f32",
+        "model.fp16.onnx",
+        "model.int8.onnx",
+    ] {
         std::fs::copy(tiny().join(f), p.join(f)).expect("copy package file");
     }
     p

@@ -261,8 +261,9 @@ proptest! {
 // Package manifest
 // ---------------------------------------------------------------------------------------------
 
-/// A copy of the tiny package (without the fp16 graph, whose `[files]` entry is dropped) in a
-/// temporary directory; hashes are not checked by these properties.
+/// A copy of the tiny package (without the fp16 and int8 graphs, whose `[files]` entries and the
+/// `precisions` list are dropped) in a temporary directory; hashes are not checked by these
+/// properties.
 struct Pkg {
     _dir: tempfile::TempDir,
     path: PathBuf,
@@ -281,7 +282,11 @@ impl Pkg {
         let manifest: String = std::fs::read_to_string(tiny.join("manifest.toml"))
             .expect("manifest")
             .lines()
-            .filter(|l| !l.starts_with("\"model.fp16.onnx\""))
+            .filter(|l| {
+                !l.starts_with("\"model.fp16.onnx\"")
+                    && !l.starts_with("\"model.int8.onnx\"")
+                    && !l.starts_with("precisions")
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         Pkg {

@@ -35,5 +35,6 @@ mod queue;
 mod reference;
 mod regions;
 mod score_cli;
+mod speed;
 mod statedir;
 mod systemd;
