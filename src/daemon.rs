@@ -300,10 +300,12 @@ pub fn validity(cfg: &Config, scorer: &Scorer) -> regions::Validity {
         model_sha256: file("model.onnx"),
         text_sha256: file("text.f32"),
         backend: info.backend.to_string(),
-        precision: if cfg.engine.fp16 && info.backend.to_string() != "cpu" {
+        // The precision of the model file the engine loaded; a TensorRT engine built with
+        // `fp16 = true` runs in fp16 too.
+        precision: if cfg.engine.fp16 && info.backend.to_string() == "tensorrt" {
             "fp16".into()
         } else {
-            "fp32".into()
+            cfg.engine.precision.as_str().into()
         },
         input_size: scorer.size() as u32,
     }
