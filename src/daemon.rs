@@ -54,6 +54,7 @@ mod alarm_state;
 mod cameras;
 mod control;
 mod health;
+mod trigger;
 mod worker;
 
 pub use alarm_state::ALARM_STATE_FILE;
@@ -199,6 +200,8 @@ struct Shared {
     scored_ms: AtomicU64,
     statuses: Mutex<HashMap<String, CameraState>>,
     alarm_states: AlarmStates,
+    /// Triggered inspection: requests waiting for a frame, answers ([`trigger`]).
+    trigger: trigger::Triggers,
     started: Instant,
 }
 
@@ -284,8 +287,16 @@ async fn run_async(
         scored_ms: AtomicU64::new(0),
         statuses: Mutex::new(HashMap::new()),
         alarm_states: AlarmStates::load(&cfg.state_dir, &cfg.cameras),
+        trigger: trigger::Triggers::new(&cfg, publisher.clone()),
         started: Instant::now(),
     });
+    let (inbox_tx, inbox_rx) = tokio::sync::mpsc::channel(crate::mqtt::INBOX_CHANNEL);
+    publisher.set_inbox(inbox_tx);
+    let trigger_task = tokio::spawn(trigger::serve(
+        shared.clone(),
+        inbox_rx,
+        control.shutdown.clone(),
+    ));
     let notify_frames = FrameNotify::new();
     let mut cameras = Cameras::new(
         size,
@@ -348,6 +359,7 @@ async fn run_async(
             Some(()) = control.reload.recv() => {
                 let stats_before = current.stats_interval;
                 cameras.reload(&config_path, &mut current);
+                shared.trigger.configure(&current);
                 if current.stats_interval != stats_before {
                     info!(interval = ?current.stats_interval, "reload: stats interval changed");
                     stats_tick = stats_timer(current.stats_interval);
@@ -410,6 +422,9 @@ async fn run_async(
             "inference worker still busy at the stop deadline"
         ),
     }
+    // Requests still waiting get their answer (`ERROR` stopping) before the publisher stops.
+    let _ = trigger_task.await;
+    shared.trigger.stop();
     // A quarter second of the budget for the publisher task to return after its own stop.
     publisher.shutdown(deadline.left().saturating_sub(Duration::from_millis(250)));
     if tokio::time::timeout_at(deadline.instant().into(), pub_task)

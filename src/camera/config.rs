@@ -68,6 +68,21 @@ pub struct CameraConfig {
     pub alarm: DebounceConfig,
     pub mask: MaskConfig,
     pub retry: RetryConfig,
+    /// `mode`: stream a result per frame, or score only frames that answer a trigger request.
+    pub mode: CameraMode,
+}
+
+/// `[camera] mode`: how a camera's frames are scored and published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CameraMode {
+    /// Every frame is scored and published on `result` (and `alarm`, `mask`); trigger requests
+    /// are answered too.
+    #[default]
+    Continuous,
+    /// Only frames that answer a pending trigger request on `<prefix>/<camera>/inspect` are
+    /// scored; the answer goes to `<prefix>/<camera>/inspection`, nothing to `result`/`alarm`/`mask`.
+    Triggered,
 }
 
 /// `[camera.retry]`: the camera's reconnect backoff, doubling from `initial` up to `max`.
@@ -279,6 +294,7 @@ pub(crate) struct RawCamera {
     alarm: Option<RawAlarm>,
     mask: Option<RawMask>,
     retry: Option<RawRetry>,
+    mode: Option<CameraMode>,
 }
 
 /// `[camera.retry]` as written.
@@ -567,6 +583,7 @@ pub(crate) fn resolve_camera(
         alarm,
         mask,
         retry,
+        mode: c.mode.unwrap_or_default(),
     })
 }
 

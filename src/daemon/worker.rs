@@ -61,7 +61,9 @@ pub(super) fn run(
             std::thread::sleep(Duration::from_millis(100));
             continue;
         }
-        let frames = gather_batch(&handles, &notify_frames, &batching);
+        let mut frames = gather_batch(&handles, &notify_frames, &batching);
+        // Triggered cameras: only frames a waiting request will take are scored.
+        frames.retain(|f| shared.trigger.wanted(&f.camera_name, f));
         for chunk in frames.chunks(batching.max_batch.max(1)) {
             let Some(results) = score_chunk(&mut scorer, chunk, &handles, &mut input, &mut errors)
             else {
@@ -226,6 +228,17 @@ fn publish_scored(
     st.next_seq = seq + 1;
     let anomaly = r.score >= st.threshold;
     let latency_ms = f.captured_at.elapsed().as_secs_f32() * 1e3;
+    st.scored += 1;
+    if f.ordinal >= st.frames_in_at_last_stats {
+        st.scored_in_window += 1;
+    }
+    if st.latencies_ms.len() < 100_000 {
+        st.latencies_ms.push(latency_ms);
+    }
+    // Trigger requests waiting for this frame are answered; a triggered camera streams nothing.
+    if !shared.trigger.on_scored(&h.name, f, r.score, st.threshold) {
+        return;
+    }
     publisher.result(FrameResult {
         camera: h.name.to_string(),
         seq,
@@ -265,12 +278,5 @@ fn publish_scored(
             }
             Err(e) => warn!(camera = %h.name, error = %e, "mask encoding failed"),
         }
-    }
-    st.scored += 1;
-    if f.ordinal >= st.frames_in_at_last_stats {
-        st.scored_in_window += 1;
-    }
-    if st.latencies_ms.len() < 100_000 {
-        st.latencies_ms.push(latency_ms);
     }
 }

@@ -32,3 +32,4 @@ mod queue;
 mod score_cli;
 mod statedir;
 mod systemd;
+mod trigger;
