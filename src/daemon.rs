@@ -54,6 +54,7 @@ mod alarm_state;
 mod cameras;
 mod control;
 mod health;
+mod info;
 mod trigger;
 mod worker;
 
@@ -280,6 +281,9 @@ async fn run_async(
     let size = scorer.size();
     let model_name = scorer.package().manifest.name.clone();
     let engine_name = scorer.engine().info().backend.to_string();
+    let model_info = info::ModelInfo::new(&scorer.package().manifest);
+    let started_ms = unix_ms();
+    publisher.info(info::birth(&cfg, &model_info, &engine_name, started_ms));
     let shared = Arc::new(Shared {
         cams: RwLock::new(Vec::new()),
         stop: AtomicBool::new(false),
@@ -360,6 +364,7 @@ async fn run_async(
                 let stats_before = current.stats_interval;
                 cameras.reload(&config_path, &mut current);
                 shared.trigger.configure(&current);
+                publisher.info(info::birth(&current, &model_info, &engine_name, started_ms));
                 if current.stats_interval != stats_before {
                     info!(interval = ?current.stats_interval, "reload: stats interval changed");
                     stats_tick = stats_timer(current.stats_interval);

@@ -16,6 +16,7 @@
 //! | `<prefix>/<camera>/inspect` | subscribed, 1 | trigger request (JSON), forwarded to the trigger stage |
 //! | `<prefix>/<camera>/inspection` | 1 / no | flat JSON ([`Inspection`]), through the inspection disk queue |
 //! | `<prefix>/<camera>/ready` | 1 / yes | `true` / `false`: can a trigger be served now |
+//! | `<prefix>/info` | 1 / yes | the birth certificate (JSON, set by the daemon), at every connect and on change |
 //!
 //! Delivery policy, per edge (named, bounded):
 //! - alarms never drop while the disk has room: every alarm is appended (fsync'd) to the queue file
@@ -174,6 +175,7 @@ enum Ctl {
     Inspection(Box<Inspection>),
     Ready(String, bool),
     Inbox(mpsc::Sender<Inbound>),
+    Info(Vec<u8>),
     CameraStatus(String, CameraStatus),
     Forget(String),
     Shutdown(Duration),
@@ -242,6 +244,12 @@ impl PublisherHandle {
             return false;
         }
         true
+    }
+
+    /// Sets the birth certificate, published retained on `<prefix>/info` now and at every
+    /// connect.
+    pub fn info(&self, payload: Vec<u8>) {
+        let _ = self.ctl.send(Ctl::Info(payload));
     }
 
     /// Sets a camera's retained `ready` flag (published when it changes and on reconnect).
@@ -379,6 +387,7 @@ impl Publisher {
             iqueue,
             ready: BTreeMap::new(),
             inbox: None,
+            info: None,
             shared: shared.clone(),
             statuses: BTreeMap::new(),
             last_alarm: BTreeMap::new(),
@@ -508,6 +517,8 @@ struct Worker {
     ready: BTreeMap<String, bool>,
     /// Where trigger requests go; `None` until the daemon sets it (nothing is subscribed).
     inbox: Option<mpsc::Sender<Inbound>>,
+    /// The birth certificate (`<prefix>/info`), once set.
+    info: Option<Vec<u8>>,
     shared: Arc<Shared>,
     statuses: BTreeMap<String, CameraStatus>,
     /// Latest acknowledged alarm per camera (re-published on reconnect).
@@ -777,6 +788,10 @@ impl Worker {
                     Sent::Status,
                 );
             }
+        }
+        if let Some(info) = self.info.clone() {
+            let topic = format!("{}/info", self.prefix);
+            self.publish(topic, QoS::AtLeastOnce, true, info, Sent::Status);
         }
         self.subscribe_inbox();
         self.send_alarms();
@@ -1077,6 +1092,13 @@ impl Worker {
                         r.to_string().into_bytes(),
                         Sent::Status,
                     );
+                }
+            }
+            Ctl::Info(payload) => {
+                if self.info.as_ref() != Some(&payload) {
+                    let topic = format!("{}/info", self.prefix);
+                    self.info = Some(payload.clone());
+                    self.publish(topic, QoS::AtLeastOnce, true, payload, Sent::Status);
                 }
             }
             Ctl::Inbox(tx) => {

@@ -86,6 +86,8 @@ struct Inner {
     pending: HashMap<String, VecDeque<Pending>>,
     /// Scored results remembered for repeats, oldest first: ((camera, meas_id), when, result).
     done: VecDeque<((String, String), Instant, Inspection)>,
+    /// The `ready` flag last handed to the publisher, per camera.
+    ready_sent: HashMap<String, bool>,
     stopping: bool,
 }
 
@@ -125,6 +127,10 @@ impl Triggers {
                 .iter()
                 .map(|c| (c.name.clone(), c.mode))
                 .collect();
+            let Inner {
+                modes, ready_sent, ..
+            } = &mut *inner;
+            ready_sent.retain(|c, _| modes.contains_key(c));
             let gone: Vec<String> = inner
                 .pending
                 .keys()
@@ -368,8 +374,8 @@ impl Triggers {
     /// Each camera's `ready`: online and below `max_pending` waiting requests.
     fn ready(&self, statuses: &HashMap<String, CameraState>) {
         let flags: Vec<(String, bool)> = {
-            let inner = lock(&self.inner);
-            inner
+            let mut inner = lock(&self.inner);
+            let flags: Vec<(String, bool)> = inner
                 .modes
                 .keys()
                 .map(|c| {
@@ -380,7 +386,12 @@ impl Triggers {
                         .is_none_or(|q| q.len() < inner.cfg.max_pending);
                     (c.clone(), online && room && !inner.stopping)
                 })
-                .collect()
+                .filter(|(c, r)| inner.ready_sent.get(c) != Some(r))
+                .collect();
+            for (c, r) in &flags {
+                inner.ready_sent.insert(c.clone(), *r);
+            }
+            flags
         };
         for (c, r) in flags {
             self.publisher.ready(&c, r);

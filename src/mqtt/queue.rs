@@ -4,6 +4,11 @@
 //! Output: the queued alarms, oldest first, restored after a restart or a crash; the file
 //! `<state_dir>/`[`QUEUE_FILE`].
 //!
+//! The same code, generic over [`Queued`], keeps the answers to trigger requests
+//! ([`InspectionQueue`], file `<state_dir>/`[`INSPECTION_QUEUE_FILE`], same format, the
+//! record's `alarm` key holding an inspection result; no v1 file). What is said below of
+//! alarms holds for them too.
+//!
 //! # File format (`alarm-queue.v2`)
 //! A sequence of records, each framed so that a reader can check it and, after any damage,
 //! find the next good one:

@@ -348,3 +348,117 @@ async fn answers_decided_during_a_broker_outage_are_delivered_after_it_marked_re
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit().await.code(), Some(0), "{}", d.log());
 }
+
+/// Percentile (nearest rank on the sorted values).
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Benchmark (run explicitly, see `docs/measurements/trigger-latency.md`): trigger → answer
+/// latency on a triggered camera at 25 fps, tiny model on the CPU, one request at a time every
+/// 97 ms (not aligned with the frames). Prints the daemon's `latency_ms` (request arrival →
+/// decided), the PLC's round trip (publish → answer received, through mosquitto and the disk
+/// queue) and the camera's capture → scored latency from `stats` (the engine time, with
+/// preprocessing and the head). `TRIGGER_BENCH_N` sets the number of requests (default 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --test it trigger::trigger_latency_benchmark -- --ignored --nocapture"]
+async fn trigger_latency_benchmark() {
+    let n: usize = std::env::var("TRIGGER_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let broker = Broker::start(None).await;
+    let mut w = Watcher::start(broker.port, "anomalyclip/tb/#").await;
+    let cam = "[[camera]]\nname = \"cam\"\nmode = \"triggered\"\n\
+         pipeline = \"videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=480,framerate=25/1 ! appsink name=sink\"\n\
+         [camera.mask]\nenabled = false\n";
+    let mut d = Daemon::start(&config("tb", broker.port, cam));
+    d.wait_ready().await;
+    wait_ready_flag(&mut w, "anomalyclip/tb/cam/ready").await;
+    let plc = Plc::connect(broker.port).await;
+    let mut daemon_ms = Vec::new();
+    let mut round_trip_ms = Vec::new();
+    for i in 0..n {
+        let t0 = std::time::Instant::now();
+        plc.send(
+            "anomalyclip/tb/cam/inspect",
+            format!(r#"{{"meas_id":"L{i}"}}"#),
+        )
+        .await;
+        let id = format!("L{i}");
+        let v = w
+            .until(|m| {
+                m.topic == "anomalyclip/tb/cam/inspection" && m.json()["meas_id"] == id.as_str()
+            })
+            .await
+            .json();
+        round_trip_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        assert!(matches!(v["verdict"].as_str(), Some("OK" | "NG")), "{v}");
+        daemon_ms.push(v["latency_ms"].as_f64().expect("latency_ms"));
+        tokio::time::sleep(Duration::from_millis(97)).await;
+    }
+    let s = w.until(|m| m.topic == "anomalyclip/tb/stats").await.json();
+    let cs = &s["cameras"]["cam"];
+    daemon_ms.sort_by(f64::total_cmp);
+    round_trip_ms.sort_by(f64::total_cmp);
+    println!(
+        "requests {n}; frame interval 40.0 ms (25 fps); \
+         daemon latency_ms p50 {:.1} p99 {:.1} max {:.1}; \
+         PLC round trip p50 {:.1} p99 {:.1} max {:.1}; \
+         capture->scored (stats, last interval) p50 {} p99 {}",
+        pct(&daemon_ms, 0.5),
+        pct(&daemon_ms, 0.99),
+        daemon_ms[n - 1],
+        pct(&round_trip_ms, 0.5),
+        pct(&round_trip_ms, 0.99),
+        round_trip_ms[n - 1],
+        cs["latency_p50_ms"],
+        cs["latency_p99_ms"],
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit().await.code(), Some(0), "{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_birth_certificate_is_retained_and_follows_a_reload() {
+    let broker = Broker::start(None).await;
+    let cfg = |mode: &str| config("t5", broker.port, &sim("cam", mode));
+    let mut d = Daemon::start(&cfg("continuous"));
+    d.wait_ready().await;
+    // A client connecting later gets it (retained).
+    let mut w = Watcher::start(broker.port, "anomalyclip/t5/info").await;
+    let v = w.next_on("anomalyclip/t5/info").await;
+    assert!(v.retain, "retained");
+    let v = v.json();
+    assert_eq!(v["node"], "t5");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["model"]["name"], "tiny-seed0");
+    assert_eq!(v["model"]["tiny"], true);
+    let manifest: toml::Table = toml::from_str(
+        &std::fs::read_to_string(common::daemon::tiny_model().join("manifest.toml")).expect("read"),
+    )
+    .expect("manifest");
+    let onnx = manifest["files"]["model.onnx"]
+        .as_str()
+        .expect("model.onnx hash");
+    assert_eq!(v["model"]["files"]["model.onnx"], onnx);
+    assert_eq!(v["cameras"][0]["name"], "cam");
+    assert_eq!(v["cameras"][0]["mode"], "continuous");
+    assert_eq!(
+        v["cameras"][0]["regions"][0]["rect"],
+        serde_json::json!([0.0, 0.0, 1.0, 1.0])
+    );
+    // A reload that changes the mode updates it.
+    d.write_config(&cfg("triggered"));
+    d.signal(libc::SIGHUP);
+    let v = w
+        .until(|m| {
+            m.topic == "anomalyclip/t5/info" && m.json()["cameras"][0]["mode"] == "triggered"
+        })
+        .await
+        .json();
+    assert_eq!(v["started_ms"].is_u64(), true);
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit().await.code(), Some(0), "{}", d.log());
+}
