@@ -26,8 +26,8 @@
 //! Failure modes: a payload that is not a JSON object or has no readable `meas_id` cannot be
 //! answered (there is nothing to correlate): it is logged (at most one line per second) and
 //! dropped. Every queue here is bounded (`max_pending`, `repeat_max`); nothing panics on input.
-//! MQTT 5 response topics and correlation data are not supported: the daemon's MQTT client
-//! connection is MQTT 3.1.1.
+//! MQTT 5 response topics and correlation data are not supported: the daemon's connection
+//! uses rumqttc's MQTT 3.1.1 client (the crate's MQTT 5 client would be needed to see them).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

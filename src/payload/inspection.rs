@@ -167,7 +167,6 @@ mod tests {
             frame_ts_ms: Some(u64::MAX),
             done_ts_ms: u64::MAX,
             latency_ms: f32::MAX,
-            ..sample()
         };
         let j = i.to_json(true);
         assert!(j.len() <= MAX_INSPECTION_BYTES, "{}", j.len());

@@ -458,7 +458,7 @@ async fn the_birth_certificate_is_retained_and_follows_a_reload() {
         })
         .await
         .json();
-    assert_eq!(v["started_ms"].is_u64(), true);
+    assert!(v["started_ms"].is_u64(), "{v}");
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit().await.code(), Some(0), "{}", d.log());
 }
