@@ -48,11 +48,12 @@ use crate::engine::config::{RawEngine, resolve_engine};
 use crate::mqtt::config::{RawMqtt, SECRET_KEYS, resolve_mqtt};
 use crate::package::{HashCheck, ModelPackage};
 use problems::{Ctx, S, in_range, name_problem};
+use trigger::{RawTrigger, resolve_trigger};
 
 pub use crate::camera::config::{
-    CameraConfig, MaskConfig, RegionConfig, RetryConfig, SourceError, default_mask_kind,
-    default_mask_min_interval_ms, default_mask_size, default_max_fps, default_pixel_threshold,
-    default_threshold,
+    CameraConfig, CameraMode, MaskConfig, RegionConfig, RetryConfig, SourceError,
+    default_mask_kind, default_mask_min_interval_ms, default_mask_size, default_max_fps,
+    default_pixel_threshold, default_threshold,
 };
 pub use crate::engine::config::{
     Backend, EngineConfig, HeadChoice, default_backend, default_max_batch, default_max_wait_ms,
@@ -61,6 +62,9 @@ pub use crate::engine::config::{
 pub use crate::mqtt::config::{MqttConfig, Secret, TlsConfig, WhenFull};
 pub use crate::payload::{MAX_NAME_LEN, is_valid_name};
 pub use problems::{ConfigErrors, FsChecks, Problem};
+pub use trigger::{MAX_TRIGGER_TIMEOUT_MS, TriggerConfig};
+
+mod trigger;
 
 /// `config/example.toml`: every field, documented.
 pub fn example_config() -> &'static str {
@@ -84,6 +88,8 @@ pub struct Config {
     pub engine: EngineConfig,
     pub mqtt: MqttConfig,
     pub cameras: Vec<CameraConfig>,
+    /// `[trigger]`: triggered inspection (defaults when absent).
+    pub trigger: TriggerConfig,
 }
 
 /// `[model]`.
@@ -118,6 +124,7 @@ struct RawConfig {
     engine: Option<RawEngine>,
     mqtt: S<RawMqtt>,
     camera: S<Vec<Spanned<RawCamera>>>,
+    trigger: Option<RawTrigger>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -419,6 +426,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
     };
 
     let engine = resolve_engine(ctx, raw.engine.as_ref());
+    let trigger = resolve_trigger(ctx, raw.trigger.as_ref());
     let mqtt = match &raw.mqtt {
         Some(m) => resolve_mqtt(ctx, m),
         None => {
@@ -487,6 +495,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         engine: engine?,
         mqtt: mqtt?,
         cameras,
+        trigger,
     })
 }
 

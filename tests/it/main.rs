@@ -33,3 +33,4 @@ mod regions;
 mod score_cli;
 mod statedir;
 mod systemd;
+mod trigger;
