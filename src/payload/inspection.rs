@@ -12,7 +12,7 @@
 //! Size: with a 7-character camera, an 8-character meas_id, no part_id and a 15-character
 //! result id a scored answer is about 235 bytes (fits a 254-character PLC `STRING`); a
 //! 10-character part_id brings it to about 263. Each id character adds one byte, and the
-//! largest possible payload (64-byte camera, meas_id, part_id and reason) is under
+//! largest possible payload (64-byte camera, meas_id, part_id, region and reason) is under
 //! [`MAX_INSPECTION_BYTES`].
 
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::{MAX_STRING_BYTES, SCHEMA_VERSION, r1, r4, sanitize};
 
 /// Upper bound of an `inspection` payload.
-pub const MAX_INSPECTION_BYTES: usize = 640;
+pub const MAX_INSPECTION_BYTES: usize = 768;
 
 /// The verdict of one inspection request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
