@@ -22,6 +22,7 @@ const FLAGS: &[&str] = &[
     "have_dpkg_deb",
     "have_openssl",
     "have_deb",
+    "have_chromium",
 ];
 
 fn main() {
@@ -78,6 +79,7 @@ fn main() {
     set("have_systemd_analyze", on_path("systemd-analyze"));
     set("have_dpkg_deb", on_path("dpkg-deb"));
     set("have_openssl", on_path("openssl"));
+    set("have_chromium", on_path("chromium"));
     let deb = std::fs::read_dir(root.join("target/debian"))
         .map(|d| {
             d.flatten()

@@ -56,8 +56,10 @@ pub struct EvalArgs {
     /// present and --layout is auto, else the folder layout.
     #[arg(long)]
     meta: Option<PathBuf>,
-    /// Folder layout: auto (meta.json, else sdd when ROOT/test exists, else mvtec), mvtec
-    /// (ROOT/<class>/test/<species>/…), sdd (one category: ROOT/test/<species>/…).
+    /// Folder layout: auto (meta.json, else visa when ROOT/split_csv/1cls.csv exists, else sdd
+    /// when ROOT/test exists, else mvtec), or one of the official layouts: mvtec, visa, mpdd,
+    /// btad, sdd, dagm, dtd, head_ct, brainmri, br35, covid, isbi, clinicdb, colondb, kvasir,
+    /// endotect, tn3k (trees: docs/datasets.md).
     #[arg(long, default_value = "auto")]
     layout: Layout,
     /// Only these classes (comma-separated).
@@ -104,7 +106,10 @@ pub struct EvalArgs {
 pub struct DatasetMetaArgs {
     /// Dataset ROOT.
     root: PathBuf,
-    /// Folder layout: auto (sdd when ROOT/test exists, else mvtec), mvtec, sdd.
+    /// Folder layout: auto (visa when ROOT/split_csv/1cls.csv exists, else sdd when ROOT/test
+    /// exists, else mvtec), or one of the official layouts: mvtec, visa, mpdd, btad, sdd, dagm,
+    /// dtd, head_ct, brainmri, br35, covid, isbi, clinicdb, colondb, kvasir, endotect, tn3k
+    /// (trees: docs/datasets.md).
     #[arg(long, default_value = "auto")]
     layout: Layout,
     /// Where to write (default: ROOT/meta.json).

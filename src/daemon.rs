@@ -290,8 +290,11 @@ pub fn engine_options(cfg: &Config) -> EngineOptions {
     }
 }
 
+pub use calibrated::fingerprint as calibration_fingerprint;
+pub use regions::Validity;
+
 /// What the running model and engine are, for calibration fingerprints.
-fn validity(cfg: &Config, scorer: &Scorer) -> regions::Validity {
+pub fn validity(cfg: &Config, scorer: &Scorer) -> regions::Validity {
     let m = &scorer.package().manifest;
     let file = |name: &str| m.files.get(name).cloned().unwrap_or_default();
     let info = scorer.engine().info();
@@ -376,6 +379,9 @@ async fn run_async(
         inbox_rx,
         control.shutdown.clone(),
     ));
+    let live = start_live(&cfg, &shared, &control)
+        .await
+        .map_err(DaemonError::Runtime)?;
     let notify_frames = FrameNotify::new();
     let mut cameras = Cameras::new(
         size,
@@ -394,6 +400,7 @@ async fn run_async(
             max_wait: cfg.engine.max_wait,
         };
         let model_name = model_name.clone();
+        let live = live.clone();
         std::thread::Builder::new()
             .name("ace-infer".into())
             .spawn(move || {
@@ -404,6 +411,7 @@ async fn run_async(
                     publisher,
                     batching,
                     model_name,
+                    live,
                 )
             })
             .map_err(DaemonError::Runtime)?
@@ -516,6 +524,53 @@ async fn run_async(
             "publisher still busy at the stop deadline"
         );
     }
+    if let Some(live) = &live {
+        live.stop();
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Starts the live view server when `[http]` is set (the port is bound before the daemon
+/// reports ready: a taken port is a start-up error). `[http]` changes take effect at restart.
+async fn start_live(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    control: &Control,
+) -> std::io::Result<Option<crate::live::LiveHub>> {
+    let Some(http) = &cfg.http else {
+        return Ok(None);
+    };
+    let hub = crate::live::LiveHub::new(http, &cfg.state_dir)?;
+    let statuses: crate::live::StatusFn = {
+        let shared = shared.clone();
+        Arc::new(move || {
+            // One lock at a time (the control loop takes them in its own order).
+            let names: Vec<Arc<str>> = shared
+                .cams
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|h| h.name.clone())
+                .collect();
+            let statuses = lock(&shared.statuses);
+            names
+                .into_iter()
+                .map(|n| {
+                    let status = statuses.get(n.as_ref()).map_or("starting", |s| s.as_str());
+                    (n.to_string(), status.to_owned())
+                })
+                .collect()
+        })
+    };
+    crate::live::serve(
+        http,
+        hub.clone(),
+        statuses,
+        &cfg.node_id,
+        control.shutdown.clone(),
+    )
+    .await
+    .map_err(|e| std::io::Error::new(e.kind(), format!("http.listen {}: {e}", http.listen)))?;
+    Ok(Some(hub))
 }

@@ -803,13 +803,50 @@ pub fn render_mask(
     match kind {
         MaskKind::GrayMap => quantize_u8(&resized, &mut out),
         MaskKind::Binary => binary_mask(&resized, pixel_threshold, &mut out),
+        MaskKind::ThresholdMap => {
+            for (o, v) in out.iter_mut().zip(&resized) {
+                *o = threshold_grey(*v, pixel_threshold);
+            }
+        }
     }
     out
+}
+
+/// [`MaskKind::ThresholdMap`]'s grey level of a map value for pixel threshold `t`: 0..=127
+/// below `t`, 128..=255 from `t` to 1 (a non-finite value is 0).
+pub fn threshold_grey(v: f32, t: f32) -> u8 {
+    if !v.is_finite() {
+        return 0;
+    }
+    let v = v.clamp(0.0, 1.0);
+    let t = t.clamp(0.0, 1.0);
+    if v < t {
+        (127.0 * v / t).round() as u8
+    } else if t >= 1.0 {
+        255
+    } else {
+        128 + (127.0 * (v - t) / (1.0 - t)).round() as u8
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_threshold_map_puts_mid_grey_at_the_pixel_threshold_on_every_frame() {
+        assert_eq!(threshold_grey(0.3, 0.3), 128);
+        assert_eq!(threshold_grey(0.0, 0.3), 0);
+        assert_eq!(threshold_grey(1.0, 0.3), 255);
+        assert_eq!(threshold_grey(0.15, 0.3), 64);
+        assert_eq!(threshold_grey(0.299, 0.3), 126);
+        assert_eq!(threshold_grey(0.9, 0.9), 128);
+        assert_eq!(threshold_grey(f32::NAN, 0.5), 0);
+        // Same value, same grey, whatever else is in the frame.
+        let a = render_mask(&[0.6, 0.1, 0.1, 0.1], 2, 2, 2, MaskKind::ThresholdMap, 0.5);
+        let b = render_mask(&[0.6, 0.9, 0.9, 0.9], 2, 2, 2, MaskKind::ThresholdMap, 0.5);
+        assert!(a[0] >= 128 && b[1] > a[0]);
+    }
 
     #[test]
     fn render_mask_gray_and_binary() {

@@ -20,6 +20,8 @@
 //! - [`decision`]: statistic, thresholds (hand-set or calibrated) and the OK / UNKNOWN / NG
 //!   verdict of a region on a frame.
 //! - [`alarm`]: per-region alarm debouncer (N of the last M frames over threshold, K to clear).
+//! - [`calibration`]: thresholds T1/T2 from good-part scores (order statistics), the calibration
+//!   file with its validity fingerprint and rollback, the drift index and the normalised score.
 //! - [`payload`]: the versioned MQTT payloads (result, alarm, status, mask PNG, stats).
 //! - [`mqtt`]: the publisher task, its topic contract and the on-disk alarm queue.
 //! - [`daemon`]: `run(config, control)`: the cameras, the inference worker, health and reload
@@ -55,11 +57,15 @@ pub mod decision;
 
 pub mod alarm;
 
+pub mod calibration;
+
 pub mod payload;
 
 pub mod mqtt;
 
 pub mod daemon;
+
+pub mod live;
 
 pub mod statedir;
 

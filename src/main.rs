@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cli_calibrate;
 mod cli_eval;
 mod cli_score;
 
@@ -32,6 +33,8 @@ enum Command {
     Score(cli_score::ScoreArgs),
     /// Evaluate a labelled dataset: image AUROC/AP, pixel AUROC, AUPRO per class (table, JSON, CSV).
     Eval(cli_eval::EvalArgs),
+    /// Thresholds for a camera region from good parts (a folder of images or live frames).
+    Calibrate(cli_calibrate::CalibrateArgs),
     /// Write the meta.json describing a dataset folder tree.
     DatasetMeta(cli_eval::DatasetMetaArgs),
     /// Run the daemon: cameras → inference → MQTT, until SIGTERM/SIGINT (SIGHUP reloads).
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Score(args) => cli_score::run(args),
         Command::Eval(args) => cli_eval::run(args),
         Command::DatasetMeta(args) => cli_eval::run_dataset_meta(args),
+        Command::Calibrate(args) => cli_calibrate::run(args),
         Command::Run { config } => run_daemon(&config),
         Command::CheckConfig { file } => Ok(check_config(&file)),
         Command::BuildEngine { config } => build_engine(&config),

@@ -389,6 +389,10 @@ pub enum MaskKind {
     GrayMap,
     /// 0 or 255: 255 where the map value is at or above the pixel threshold.
     Binary,
+    /// 8-bit map anchored to the pixel threshold `t`: 0..=127 for values below `t` (linear from
+    /// 0), 128..=255 from `t` to 1, so mid-grey is the threshold on every frame and region
+    /// whatever its level (never a per-frame min–max scaling, which makes normal frames glow).
+    ThresholdMap,
 }
 
 /// Encodes an 8-bit grayscale `width × height` image as PNG with `tEXt` chunks `camera`, `seq`

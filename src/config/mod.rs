@@ -45,6 +45,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::camera::config::{RawCamera, resolve_camera};
 use crate::engine::config::{RawEngine, resolve_engine};
+use crate::live::config::{RawHttp, resolve_http};
 use crate::mqtt::config::{RawMqtt, SECRET_KEYS, resolve_mqtt};
 use crate::package::{HashCheck, ModelPackage};
 use problems::{Ctx, S, in_range, name_problem};
@@ -59,6 +60,7 @@ pub use crate::engine::config::{
     Backend, EngineConfig, HeadChoice, default_backend, default_max_batch, default_max_wait_ms,
     default_threads,
 };
+pub use crate::live::config::HttpConfig;
 pub use crate::mqtt::config::{MqttConfig, Secret, TlsConfig, WhenFull};
 pub use crate::payload::{MAX_NAME_LEN, is_valid_name};
 pub use problems::{ConfigErrors, FsChecks, Problem};
@@ -90,6 +92,8 @@ pub struct Config {
     pub cameras: Vec<CameraConfig>,
     /// `[trigger]`: triggered inspection (defaults when absent).
     pub trigger: TriggerConfig,
+    /// `[http]`: the live view server; `None` = nothing listens.
+    pub http: Option<HttpConfig>,
 }
 
 /// `[model]`.
@@ -125,6 +129,7 @@ struct RawConfig {
     mqtt: S<RawMqtt>,
     camera: S<Vec<Spanned<RawCamera>>>,
     trigger: Option<RawTrigger>,
+    http: Option<RawHttp>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -427,6 +432,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
 
     let engine = resolve_engine(ctx, raw.engine.as_ref());
     let trigger = resolve_trigger(ctx, raw.trigger.as_ref());
+    let http = resolve_http(ctx, raw.http.as_ref());
     let mqtt = match &raw.mqtt {
         Some(m) => resolve_mqtt(ctx, m),
         None => {
@@ -496,6 +502,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         mqtt: mqtt?,
         cameras,
         trigger,
+        http,
     })
 }
 
@@ -634,6 +641,7 @@ mod tests {
             "camera::config",
             "mqtt::config",
             "engine::config",
+            "live::config",
             "payload",
             "package",
             "fsio",
@@ -649,8 +657,19 @@ mod tests {
             }
         }
         // The stage config leaves: the problems leaf, pure leaves, and their own stage (`super`).
-        let stage = ["config::problems", "alarm", "payload", "region", "decision"];
-        for f in ["camera/config.rs", "mqtt/config.rs", "engine/config.rs"] {
+        let stage = [
+            "config::problems",
+            "alarm",
+            "payload",
+            "region",
+            "decision",
+        ];
+        for f in [
+            "camera/config.rs",
+            "mqtt/config.rs",
+            "engine/config.rs",
+            "live/config.rs",
+        ] {
             for import in crate_imports(&root.join(f)) {
                 assert!(
                     allowed(&import, &stage),

@@ -80,8 +80,9 @@ pub(super) fn build_stats(
                 status,
                 regions: st
                     .units
-                    .iter()
+                    .iter_mut()
                     .map(|u| {
+                        u.update_drift();
                         let name = u.cfg.name.clone().unwrap_or_else(|| "(frame)".into());
                         (name, u.stats())
                     })

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use tracing::warn;
 
 use crate::alarm::Debouncer;
+use crate::calibration;
 use crate::camera::config::{MaskConfig, RegionConfig};
 use crate::decision::{Decision, Rule};
 use crate::payload::MaskGate;
@@ -35,7 +36,10 @@ pub struct Validity {
 }
 
 /// How many recent values a region keeps for drift.
-pub(super) const DRIFT_WINDOW: usize = 500;
+pub(super) const DRIFT_WINDOW: usize = calibration::DRIFT_WINDOW;
+/// Fewest recent values for a drift index (its no-drift 99th percentile is about 0.14 at 200
+/// values against 1000 calibration frames; docs/calibration.md).
+pub(super) const DRIFT_MIN: usize = 200;
 
 /// One region of one camera, as the worker scores it.
 pub(super) struct Unit {
@@ -58,6 +62,10 @@ pub(super) struct Unit {
     /// Recent statistic values (for drift).
     pub(super) recent: VecDeque<f32>,
     pub(super) drift: bool,
+    /// The last drift index (population stability index), when computed.
+    pub(super) psi: Option<f64>,
+    /// The calibration's deciles (empty without a calibration).
+    deciles: Vec<f32>,
     /// What the calibration file says about itself (sample size, rates, when), for the
     /// retained `calibration` message; `Null` without one.
     pub(super) details: serde_json::Value,
@@ -79,9 +87,12 @@ impl Unit {
         mask: &MaskConfig,
         validity: &Validity,
     ) -> Self {
+        let applied = resolve_rule(camera, cfg, validity);
         Self {
             key: unit_key(camera, cfg.level()),
-            rule: resolve_rule(camera, cfg, validity),
+            rule: applied.rule,
+            details: applied.details,
+            deciles: applied.deciles,
             cfg: cfg.clone(),
             debouncer,
             gate: MaskGate::new(mask.only_on_anomaly, mask.min_interval),
@@ -90,7 +101,7 @@ impl Unit {
             crop_errors: 0,
             recent: VecDeque::with_capacity(DRIFT_WINDOW),
             drift: false,
-            details: serde_json::Value::Null,
+            psi: None,
         }
     }
 
@@ -100,7 +111,39 @@ impl Unit {
             self.geometry = None;
         }
         self.cfg = cfg.clone();
-        self.rule = resolve_rule(camera, cfg, validity);
+        let applied = resolve_rule(camera, cfg, validity);
+        if applied.deciles != self.deciles || applied.rule != self.rule {
+            // Another calibration (or none): its drift starts again.
+            self.recent.clear();
+            self.drift = false;
+            self.psi = None;
+        }
+        self.rule = applied.rule;
+        self.details = applied.details;
+        self.deciles = applied.deciles;
+    }
+
+    /// Re-computes the drift index of the recent values against the calibration's deciles
+    /// (at least [`DRIFT_MIN`] values); logs once when the region starts drifting.
+    pub(super) fn update_drift(&mut self) {
+        if self.deciles.is_empty() || self.recent.len() < DRIFT_MIN {
+            return;
+        }
+        let recent: Vec<f32> = self.recent.iter().copied().collect();
+        let Ok(psi) = calibration::psi(&self.deciles, &recent) else {
+            return;
+        };
+        self.psi = Some(psi);
+        let drift = psi > calibration::PSI_DRIFT;
+        if drift && !self.drift {
+            warn!(
+                region = %self.key,
+                psi,
+                limit = calibration::PSI_DRIFT,
+                "scores have drifted from the region's calibration (population stability index over the limit): check the camera, the lighting and the parts, then calibrate again"
+            );
+        }
+        self.drift = drift;
     }
 
     /// The crop of a `width × height` frame this region scores and, for a `size × size` map,
@@ -176,7 +219,7 @@ impl Unit {
             crop_errors: self.crop_errors,
             calibration: self.calibration_status(),
             drift: self.drift,
-            psi: None,
+            psi: self.psi,
         }
     }
 
@@ -201,11 +244,15 @@ pub(super) fn masked_stats(
 }
 
 /// The rule of a region: hand-set, or its calibration when the fingerprint matches.
-pub(super) fn resolve_rule(camera: &str, cfg: &RegionConfig, validity: &Validity) -> Rule {
+fn resolve_rule(camera: &str, cfg: &RegionConfig, validity: &Validity) -> super::calibrated::Applied {
     if !cfg.calibrated {
-        return Rule::Manual {
-            t1: cfg.t1,
-            t2: cfg.threshold,
+        return super::calibrated::Applied {
+            rule: Rule::Manual {
+                t1: cfg.t1,
+                t2: cfg.threshold,
+            },
+            details: serde_json::Value::Null,
+            deciles: Vec::new(),
         };
     }
     super::calibrated::rule(camera, cfg, validity)

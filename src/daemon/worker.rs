@@ -43,6 +43,7 @@ pub(super) fn run(
     publisher: PublisherHandle,
     batching: Batching,
     model_name: String,
+    live: Option<crate::live::LiveHub>,
 ) {
     // Test hook, read once: while this file exists the worker stalls (a hung engine).
     let stall_file = std::env::var_os(STALL_FILE_ENV).map(PathBuf::from);
@@ -110,7 +111,15 @@ pub(super) fn run(
                 .filter(|(j, _)| j.frame == fi)
                 .map(|(j, o)| (j, o.as_ref().and_then(|r| r.as_ref().ok())))
                 .collect();
-            publish_frame(&shared, &publisher, &handles, f, &scored, &model_name);
+            publish_frame(
+                &shared,
+                &publisher,
+                &handles,
+                f,
+                &scored,
+                &model_name,
+                live.as_ref(),
+            );
         }
     }
     info!("inference worker stopped");
@@ -285,6 +294,7 @@ fn publish_frame(
     f: &Frame,
     scored: &[(&Job, Option<&Scored>)],
     model_name: &str,
+    live: Option<&crate::live::LiveHub>,
 ) {
     let Some(h) = handles.iter().find(|h| h.index == f.camera) else {
         return;
@@ -388,6 +398,19 @@ fn publish_frame(
                 score: r.score,
                 region: u.cfg.name.clone(),
             });
+        }
+        // The live view shows whole frames with their map: the implicit region's. A no-op
+        // unless someone watches (or an NG frame is due for the gallery); never waits.
+        if let Some(live) = live
+            && u.cfg.name.is_none()
+        {
+            live.offer(
+                &h.name,
+                f,
+                r,
+                u.rule.t2().unwrap_or(f32::NAN),
+                job.pixel_threshold,
+            );
         }
         if mask.enabled && u.gate.admit(anomaly, Instant::now()) {
             let px = crate::head::render_mask(

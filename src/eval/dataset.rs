@@ -1,5 +1,6 @@
-//! Evaluation datasets: folder discovery (MVTec AD and SDD layouts), `meta.json` in the official
-//! AnomalyCLIP format, and validation with per-item issues.
+//! Evaluation datasets: folder discovery (the 17 official AnomalyCLIP layouts; MVTec-style ones
+//! here, the others in [`super::layouts`]), `meta.json` in the official AnomalyCLIP format, and
+//! validation with per-item issues.
 //!
 //! Input: a dataset ROOT and either a `meta.json` or a folder layout. Output: [`Validated`], the
 //! test items per class (image path, optional mask path, label) plus every [`Issue`] found, with
@@ -15,12 +16,18 @@
 //! `--strict` ([`Validated::check`] with `strict = true`) turns any issue into a failure.
 //!
 //! Layouts (`good` — or `ok`, as in BTAD — is the normal species; others are defect types):
-//! - `mvtec`: `ROOT/<class>/{train,test}/<species>/<image>`, masks in
-//!   `ROOT/<class>/ground_truth/<species>/<stem>_mask.<ext>` (also `<stem>.<ext>`,
+//! - `mvtec` (also `mpdd`, `btad`, `dtd`, `head_ct`): `ROOT/<class>/{train,test}/<species>/<image>`,
+//!   masks in `ROOT/<class>/ground_truth/<species>/<stem>_mask.<ext>` (also `<stem>.<ext>`,
 //!   `<stem>_label.<ext>`), or beside the image as `<stem>_mask.<ext>` / `<stem>_label.<ext>`;
 //! - `sdd`: one category at ROOT: `ROOT/{train,test}/<species>/…`, masks as above under
-//!   `ROOT/ground_truth/…` or beside the images; the class is named after ROOT's folder;
-//! - `auto`: `ROOT/meta.json` if present, else `sdd` when `ROOT/test` exists, else `mvtec`.
+//!   `ROOT/ground_truth/…` or beside the images; the class is named after ROOT's folder; without
+//!   `ROOT/test/`, the official SDD tree (`ROOT/electrical commutators/…`, MVTec-style);
+//! - the other official layouts (`visa`, `dagm`, `isbi`, `br35`, `brainmri`, `covid`,
+//!   `endotect`, `clinicdb`, `colondb`, `kvasir`, `tn3k`): [`super::layouts`];
+//! - `auto`: `ROOT/meta.json` if present, else `visa` when `ROOT/split_csv/1cls.csv` exists, else
+//!   `sdd` when `ROOT/test` exists, else `mvtec`.
+//!
+//! Every tree is described in `docs/datasets.md`.
 //!
 //! A class without any mask is *image-only* (image metrics, no pixel metrics, no warning); a class
 //! with masks for some anomalous images but not others warns for each missing one. Masks are
@@ -38,6 +45,9 @@ use serde::{Deserialize, Serialize};
 
 /// The official file name of the dataset description.
 pub const META_FILE: &str = "meta.json";
+
+/// The class folder of the official SDD tree (`ROOT/electrical commutators/{train,test,…}`).
+pub const SDD_OFFICIAL_CLASS: &str = "electrical commutators";
 
 /// Species (sub-folder) names of normal images: `good` (MVTec AD, VisA, MPDD, SDD) and `ok`
 /// (BTAD). Every other species is a defect type.
@@ -96,6 +106,14 @@ pub enum DatasetError {
         /// The parse error.
         message: String,
     },
+    /// The VisA split CSV is malformed.
+    #[error("{path}: {message}")]
+    BadCsv {
+        /// The CSV file.
+        path: PathBuf,
+        /// What is wrong and what was expected.
+        message: String,
+    },
     /// Writing `meta.json` failed.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -135,45 +153,158 @@ pub enum DatasetError {
     },
 }
 
-/// A folder layout for discovery.
+/// A folder layout for discovery: `auto` plus the 17 official AnomalyCLIP generators
+/// (`generate_dataset_json/*.py`); see `docs/datasets.md` for each tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
-    /// Detect: `sdd` when `ROOT/test` exists, else `mvtec`.
+    /// Detect: `visa` when `ROOT/split_csv/1cls.csv` exists, `sdd` when `ROOT/test` exists, else
+    /// `mvtec`.
     Auto,
-    /// `ROOT/<class>/test/<species>/…` with `ROOT/<class>/ground_truth/<species>/…`.
+    /// `ROOT/<class>/{train,test}/<species>/…` with `ROOT/<class>/ground_truth/<species>/…`.
     Mvtec,
-    /// One category at ROOT: `ROOT/test/{good,<defect>…}`.
+    /// One category at ROOT (`ROOT/test/{good,<defect>…}`), or the official SDD tree
+    /// (`ROOT/electrical commutators/{train,test,ground_truth}/…`, MVTec-style).
     Sdd,
+    /// VisA: `ROOT/split_csv/1cls.csv` (object, split, label, image, mask).
+    Visa,
+    /// MPDD: MVTec-style.
+    Mpdd,
+    /// BTAD: MVTec-style with `ok` as the normal species.
+    Btad,
+    /// DAGM 2007: `ROOT/<ClassN>/{Train,Test}/*.PNG` with masks in `…/Label/<stem>_label.PNG`.
+    Dagm,
+    /// DTD-Synthetic: MVTec-style.
+    Dtd,
+    /// HeadCT: `ROOT/brain/test/{good,<defect>}/…`, image-level only.
+    #[serde(rename = "head_ct")]
+    HeadCt,
+    /// Brain MRI: `ROOT/brain_tumor_dataset/{no,yes}/…`, image-level only.
+    Brainmri,
+    /// Br35H: `ROOT/{no,yes}/…`, image-level only.
+    Br35,
+    /// COVID-19 Radiography: `ROOT/{NORMAL,<finding>…}/…`, image-level only.
+    Covid,
+    /// ISIC 2016: `ROOT/skin/test/<species>/…`, masks in
+    /// `ROOT/skin/ISBI2016_ISIC_Part1_Test_GroundTruth/`.
+    Isbi,
+    /// CVC-ClinicDB: `ROOT/images/`, `ROOT/masks/` (every image anomalous).
+    Clinicdb,
+    /// CVC-ColonDB: `ROOT/images/`, `ROOT/masks/` (every image anomalous).
+    Colondb,
+    /// Kvasir-SEG: `ROOT/images/`, `ROOT/masks/` (every image anomalous).
+    Kvasir,
+    /// EndoTect: `ROOT/<species>/…` (`good` normal), masks in `ROOT/masks/`.
+    Endotect,
+    /// TN3K: `ROOT/test-image/`, `ROOT/test-mask/` (every image anomalous).
+    Tn3k,
 }
 
 impl Layout {
-    /// The names accepted by [`FromStr`].
-    pub const NAMES: &'static [&'static str] = &["auto", "mvtec", "sdd"];
+    /// The names accepted by [`FromStr`] (case-insensitive).
+    pub const NAMES: &'static [&'static str] = &[
+        "auto", "mvtec", "sdd", "visa", "mpdd", "btad", "dagm", "dtd", "head_ct", "brainmri",
+        "br35", "covid", "isbi", "clinicdb", "colondb", "kvasir", "endotect", "tn3k",
+    ];
+
+    /// Every layout, in [`Layout::NAMES`] order.
+    pub const ALL: &'static [Layout] = &[
+        Layout::Auto,
+        Layout::Mvtec,
+        Layout::Sdd,
+        Layout::Visa,
+        Layout::Mpdd,
+        Layout::Btad,
+        Layout::Dagm,
+        Layout::Dtd,
+        Layout::HeadCt,
+        Layout::Brainmri,
+        Layout::Br35,
+        Layout::Covid,
+        Layout::Isbi,
+        Layout::Clinicdb,
+        Layout::Colondb,
+        Layout::Kvasir,
+        Layout::Endotect,
+        Layout::Tn3k,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        Layout::ALL
+            .iter()
+            .position(|l| *l == self)
+            .map_or("auto", |i| Layout::NAMES[i])
+    }
+
+    /// Whether the layout is an MVTec-style tree of classes (`<class>/test/<species>/…`).
+    pub fn is_mvtec_style(self) -> bool {
+        matches!(
+            self,
+            Layout::Mvtec | Layout::Mpdd | Layout::Btad | Layout::Dtd | Layout::HeadCt
+        )
+    }
+
+    /// The folders the layout needs, for error messages.
+    pub fn expected_tree(self) -> &'static str {
+        match self {
+            Layout::Auto => {
+                "ROOT/<class>/test/<species>/… (mvtec), ROOT/test/<species>/… (sdd) or ROOT/split_csv/1cls.csv (visa)"
+            }
+            Layout::Mvtec | Layout::Mpdd | Layout::Dtd => {
+                "ROOT/<class>/test/<species>/… (normal species `good`), masks in ROOT/<class>/ground_truth/<species>/"
+            }
+            Layout::Btad => {
+                "ROOT/<class>/test/<species>/… (normal species `ok`), masks in ROOT/<class>/ground_truth/<species>/"
+            }
+            Layout::HeadCt => "ROOT/brain/test/{good,<defect>}/…",
+            Layout::Sdd => {
+                "ROOT/test/<species>/… (one category) or ROOT/electrical commutators/test/<species>/…"
+            }
+            Layout::Visa => {
+                "ROOT/split_csv/1cls.csv with columns object,split,label,image,mask (paths relative to ROOT)"
+            }
+            Layout::Dagm => {
+                "ROOT/<ClassN>/{Train,Test}/<image>.PNG, masks in ROOT/<ClassN>/{Train,Test}/Label/"
+            }
+            Layout::Brainmri => "ROOT/brain_tumor_dataset/{no,yes}/…",
+            Layout::Br35 => "ROOT/{no,yes}/…",
+            Layout::Covid => "ROOT/{NORMAL,<finding>…}/…",
+            Layout::Isbi => {
+                "ROOT/skin/test/<species>/…, masks in ROOT/skin/ISBI2016_ISIC_Part1_Test_GroundTruth/"
+            }
+            Layout::Clinicdb | Layout::Colondb | Layout::Kvasir => "ROOT/images/ and ROOT/masks/",
+            Layout::Endotect => "ROOT/<species>/… (normal species `good`), masks in ROOT/masks/",
+            Layout::Tn3k => "ROOT/test-image/ and ROOT/test-mask/",
+        }
+    }
 }
 
 impl fmt::Display for Layout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Layout::Auto => "auto",
-            Layout::Mvtec => "mvtec",
-            Layout::Sdd => "sdd",
-        })
+        f.write_str(self.name())
     }
 }
 
 impl FromStr for Layout {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Layout::Auto),
-            "mvtec" | "mpdd" | "btad" => Ok(Layout::Mvtec),
-            "sdd" | "single" => Ok(Layout::Sdd),
-            other => Err(format!(
-                "unknown layout {other:?}; use one of {}",
-                Layout::NAMES.join(", ")
-            )),
-        }
+        let lower = s.to_ascii_lowercase().replace('-', "_");
+        let lower = match lower.as_str() {
+            "single" => "sdd",
+            "headct" => "head_ct",
+            other => other,
+        };
+        Layout::NAMES
+            .iter()
+            .position(|n| *n == lower)
+            .map(|i| Layout::ALL[i])
+            .ok_or_else(|| {
+                format!(
+                    "unknown layout {s:?}; use one of {}",
+                    Layout::NAMES.join(", ")
+                )
+            })
     }
 }
 
@@ -413,36 +544,27 @@ pub fn discover(root: &Path, layout: Layout) -> Result<Opened, DatasetError> {
     };
     let mut meta = Meta::default();
     let mut issues = Vec::new();
+    let no_layout = || DatasetError::NoLayout {
+        root: root.to_owned(),
+        expected: format!("{} for --layout {layout}", layout.expected_tree()),
+    };
     match layout {
-        Layout::Sdd => {
-            if !root.join("test").is_dir() {
-                return Err(DatasetError::NoLayout {
-                    root: root.to_owned(),
-                    expected: "ROOT/test/{good,<defect>…} for --layout sdd".into(),
-                });
-            }
+        Layout::Sdd if root.join("test").is_dir() => {
             let name = class_name_of_root(root);
             discover_class(root, "", &name, &mut meta, &mut issues)?;
         }
-        Layout::Mvtec | Layout::Auto => {
-            let mut found = false;
-            for dir in sorted_entries(root)? {
-                if dir.is_dir() && dir.join("test").is_dir() {
-                    let name = file_name(&dir);
-                    if name.starts_with('.') {
-                        continue;
-                    }
-                    found = true;
-                    discover_class(&dir, &name, &name, &mut meta, &mut issues)?;
-                }
+        Layout::Sdd => {
+            // The official SDD tree: the one class of `SDD.py`, MVTec-style.
+            let name = SDD_OFFICIAL_CLASS;
+            let dir = root.join(name);
+            if !dir.join("test").is_dir() {
+                return Err(no_layout());
             }
-            if !found {
-                return Err(DatasetError::NoLayout {
-                    root: root.to_owned(),
-                    expected: "ROOT/<class>/test/<species>/… for --layout mvtec".into(),
-                });
-            }
+            discover_class(&dir, name, name, &mut meta, &mut issues)?;
         }
+        Layout::Auto => discover_classes(root, &mut meta, &mut issues, no_layout)?,
+        l if l.is_mvtec_style() => discover_classes(root, &mut meta, &mut issues, no_layout)?,
+        l => super::layouts::discover(root, l, &mut meta, &mut issues, no_layout)?,
     }
     Ok(Opened {
         meta,
@@ -451,7 +573,31 @@ pub fn discover(root: &Path, layout: Layout) -> Result<Opened, DatasetError> {
     })
 }
 
+/// MVTec-style: every non-hidden sub-folder of ROOT with a `test/` folder is a class.
+fn discover_classes(
+    root: &Path,
+    meta: &mut Meta,
+    issues: &mut Vec<Issue>,
+    no_layout: impl Fn() -> DatasetError,
+) -> Result<(), DatasetError> {
+    let mut found = false;
+    for dir in sorted_entries(root)? {
+        if dir.is_dir() && dir.join("test").is_dir() {
+            let name = file_name(&dir);
+            if name.starts_with('.') {
+                continue;
+            }
+            found = true;
+            discover_class(&dir, &name, &name, meta, issues)?;
+        }
+    }
+    if found { Ok(()) } else { Err(no_layout()) }
+}
+
 fn detect_layout(root: &Path) -> Result<Layout, DatasetError> {
+    if root.join(super::layouts::VISA_CSV).is_file() {
+        return Ok(Layout::Visa);
+    }
     if root.join("test").is_dir() {
         return Ok(Layout::Sdd);
     }
@@ -463,7 +609,7 @@ fn detect_layout(root: &Path) -> Result<Layout, DatasetError> {
     } else {
         Err(DatasetError::NoLayout {
             root: root.to_owned(),
-            expected: "ROOT/<class>/test/<species>/… (mvtec) or ROOT/test/<species>/… (sdd)".into(),
+            expected: Layout::Auto.expected_tree().into(),
         })
     }
 }
@@ -476,13 +622,13 @@ fn class_name_of_root(root: &Path) -> String {
         .unwrap_or_else(|| "dataset".to_owned())
 }
 
-fn file_name(p: &Path) -> String {
+pub(super) fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+pub(super) fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     let rd = std::fs::read_dir(dir).map_err(|source| DatasetError::Io {
         path: dir.to_owned(),
         source,
@@ -499,7 +645,7 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     Ok(out)
 }
 
-fn is_image_file(p: &Path) -> bool {
+pub(super) fn is_image_file(p: &Path) -> bool {
     if !p.is_file() || file_name(p).starts_with('.') {
         return false;
     }
@@ -508,7 +654,7 @@ fn is_image_file(p: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
 }
 
-fn stem(p: &Path) -> String {
+pub(super) fn stem(p: &Path) -> String {
     p.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
@@ -520,7 +666,7 @@ fn mask_target(stem: &str) -> Option<&str> {
 }
 
 /// Joins a relative prefix and a name with `/` (meta paths use `/` on every platform).
-fn rel(prefix: &str, parts: &[&str]) -> String {
+pub(super) fn rel(prefix: &str, parts: &[&str]) -> String {
     let mut s = String::from(prefix);
     for p in parts {
         if !s.is_empty() {
@@ -676,10 +822,7 @@ pub fn write_meta_to(root: &Path, layout: Layout, out: &Path) -> Result<WrittenM
         return Err(DatasetError::NoImages {
             root: root.to_owned(),
             layout,
-            expected: match layout {
-                Layout::Sdd => "ROOT/test/<species>/",
-                Layout::Mvtec | Layout::Auto => "ROOT/<class>/test/<species>/",
-            },
+            expected: layout.expected_tree(),
         });
     }
     std::fs::write(out, opened.meta.to_json()).map_err(|source| DatasetError::Write {

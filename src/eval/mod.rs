@@ -21,6 +21,7 @@
 //! bit-identical across runs and thread counts.
 
 pub mod dataset;
+pub mod layouts;
 pub mod mask;
 pub mod metrics;
 pub mod report;

@@ -362,8 +362,23 @@ fn sdd_layout_single_category() {
     assert!(v.issues.is_empty(), "{:#?}", v.issues);
     assert_eq!(v.total_items(), 4);
 
+    // The folder above is the official SDD tree (`ROOT/electrical commutators/…`, as SDD.py)
+    let official = dataset::discover(t.path(), Layout::Sdd).unwrap();
+    let items = &official.meta.test["electrical commutators"];
+    assert_eq!(items.len(), 4);
+    assert!(
+        items[0]
+            .img_path
+            .starts_with("electrical commutators/test/")
+    );
+
     // --layout sdd on an MVTec root says what it expected
-    let e = dataset::discover(t.path(), Layout::Sdd).unwrap_err();
+    let mvtec = tempfile::tempdir().unwrap();
+    save(
+        &mvtec.path().join("bottle/test/good/a.png"),
+        &sample(1, None),
+    );
+    let e = dataset::discover(mvtec.path(), Layout::Sdd).unwrap_err();
     assert!(e.to_string().contains("ROOT/test"), "{e}");
     let empty = tempfile::tempdir().unwrap();
     let e = dataset::discover(empty.path(), Layout::Auto).unwrap_err();

@@ -25,6 +25,8 @@ mod hostile;
 mod hostile_files;
 mod hostile_props;
 mod image_io;
+mod layouts;
+mod live;
 mod mqtt;
 mod packaging;
 mod preprocess;

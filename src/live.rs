@@ -1,0 +1,1100 @@
+//! The live view: an optional local HTTP server (`[http]`) that shows what the model sees —
+//! the camera frame with the anomaly map overlaid, a verdict badge, an overview of all cameras
+//! and a gallery of recent NG frames.
+//!
+//! Input: the inference worker's scored frames through [`LiveHub::offer`] (one call per scored
+//! frame); HTTP requests. Output: HTML pages (served from the binary, no build step), JSON
+//! (`/api/cameras`, `/api/stats`), JPEG frames (`/live/<camera>/frame.jpg`, MJPEG at
+//! `/live/<camera>/stream.mjpeg`) and the NG gallery files in `<state_dir>/gallery/<camera>/`.
+//!
+//! Cost rule: [`LiveHub::offer`] records the score history (a short lock, no allocation once
+//! warm) and copies the frame only when a viewer of that camera is connected and the live rate
+//! (`http.max_fps`) is due, or when an NG frame is due for the gallery. The copy goes to one
+//! encoder thread (`ace-live`) through a latest-per-camera slot: inference never waits for an
+//! encode or a viewer, and a frame not yet encoded is replaced by a newer one. Viewers read a
+//! `watch` channel (latest JPEG only): a viewer that never reads holds back only its own
+//! connection. `/api/stats` counts live encodes (`live_encodes`: zero while nobody watches) and
+//! gallery encodes separately.
+//!
+//! Colour scale: anchored to the camera's pixel threshold, not to each frame's range. A map
+//! value `v` sits at `p = v / (2·t)` below the threshold `t` and at `p = 0.5 + (v − t) / (2·(1 −
+//! t))` above it; values below `p = 0.25` are not tinted, `p = 0.5` (the threshold) is yellow,
+//! `p = 1` red. The same value has the same colour on every frame.
+//!
+//! Access: loopback binds may run without a token; any other bind needs `http.token_file`
+//! ([`config`] refuses the file otherwise). With a token every page and API needs
+//! `Authorization: Bearer <token>` or the session cookie set by `POST /login` (the token is
+//! compared by SHA-256 digest in constant time; never put in a URL, never logged).
+//!
+//! Failure modes: a port that cannot be bound is a start-up error of the daemon; an unknown
+//! camera, gallery file or path (including traversal attempts) is 404; a missing or wrong
+//! token is 401; request bodies over 16 KiB are refused (413); a gallery write that fails is
+//! logged (at most every 10 s) and the frame skipped.
+
+pub mod config;
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::camera::Frame;
+use crate::payload::is_valid_name;
+use crate::scorer::Scored;
+
+pub use config::HttpConfig;
+
+/// The decision shown for a frame. Stand-in for `crate::decision::Verdict` (the regions work);
+/// when that lands, this becomes `pub use crate::decision::Verdict;`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Verdict {
+    #[serde(rename = "OK")]
+    Ok,
+    #[serde(rename = "UNKNOWN")]
+    Unknown,
+    #[serde(rename = "NG")]
+    Ng,
+}
+
+/// Scores kept per camera for the sparkline.
+const HISTORY: usize = 120;
+/// Longest time a `frame.jpg` request keeps the camera "watched".
+const LEASE: Duration = Duration::from_secs(3);
+/// Smallest interval between two gallery frames of one camera.
+const GALLERY_INTERVAL: Duration = Duration::from_secs(1);
+/// JPEG quality of live and gallery frames.
+const JPEG_QUALITY: u8 = 80;
+/// Sessions kept (oldest dropped first).
+const MAX_SESSIONS: usize = 64;
+/// Session cookie name.
+const COOKIE: &str = "ace_session";
+
+/// One scored frame's summary, for the overview.
+#[derive(Debug, Clone, Serialize)]
+struct Last {
+    seq: u64,
+    ts_ms: u64,
+    score: f32,
+    threshold: f32,
+    verdict: Verdict,
+    latency_ms: f32,
+    map_max: f32,
+}
+
+struct CamLive {
+    history: VecDeque<(u64, f32)>,
+    last: Option<Last>,
+    /// Open MJPEG streams.
+    streams: usize,
+    /// A `frame.jpg` viewer keeps the camera watched until then.
+    lease_until: Option<Instant>,
+    last_live: Option<Instant>,
+    last_gallery: Option<Instant>,
+    tx: watch::Sender<Option<Bytes>>,
+}
+
+impl CamLive {
+    fn new() -> Self {
+        Self {
+            history: VecDeque::with_capacity(HISTORY),
+            last: None,
+            streams: 0,
+            lease_until: None,
+            last_live: None,
+            last_gallery: None,
+            tx: watch::channel(None).0,
+        }
+    }
+
+    fn watched(&self, now: Instant) -> bool {
+        self.streams > 0 || self.lease_until.is_some_and(|t| t > now)
+    }
+}
+
+/// A frame copied for the encoder.
+struct Job {
+    rgb: Vec<u8>,
+    width: usize,
+    height: usize,
+    stride: usize,
+    map: Vec<f32>,
+    map_size: usize,
+    pixel_threshold: f32,
+    verdict: Verdict,
+    seq: u64,
+    ts_ms: u64,
+    live: bool,
+    gallery: bool,
+}
+
+/// Counters served at `/api/stats`.
+#[derive(Debug, Default, Serialize)]
+pub struct LiveCounters {
+    /// Frames offered by the worker.
+    pub offered: u64,
+    /// Frames copied for the encoder.
+    pub copied: u64,
+    /// Live view JPEGs encoded (zero while nobody watches).
+    pub live_encodes: u64,
+    /// Gallery JPEGs encoded and written.
+    pub gallery_encodes: u64,
+    /// Viewers now (open streams plus cameras with a recent `frame.jpg` request).
+    pub viewers: u64,
+}
+
+struct Inner {
+    max_fps: u32,
+    max_width: u32,
+    gallery_count: u32,
+    gallery_bytes: u64,
+    gallery_dir: PathBuf,
+    cams: Mutex<HashMap<String, CamLive>>,
+    /// Fast path: open streams plus leases handed out (an upper bound; leases expire).
+    watchers: AtomicUsize,
+    jobs: Mutex<HashMap<String, Job>>,
+    wake: Condvar,
+    stop: AtomicBool,
+    offered: AtomicU64,
+    copied: AtomicU64,
+    live_encodes: AtomicU64,
+    gallery_encodes: AtomicU64,
+}
+
+/// The worker's and the server's shared view of the cameras (cheap to clone).
+#[derive(Clone)]
+pub struct LiveHub {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl LiveHub {
+    /// A hub for `cfg`, keeping the gallery under `<state_dir>/gallery`, with its encoder
+    /// thread started.
+    pub fn new(cfg: &HttpConfig, state_dir: &Path) -> std::io::Result<LiveHub> {
+        let inner = Arc::new(Inner {
+            max_fps: cfg.max_fps.max(1),
+            max_width: cfg.max_width.max(16),
+            gallery_count: cfg.gallery_count,
+            gallery_bytes: u64::from(cfg.gallery_mib).saturating_mul(1 << 20),
+            gallery_dir: state_dir.join("gallery"),
+            cams: Mutex::new(HashMap::new()),
+            watchers: AtomicUsize::new(0),
+            jobs: Mutex::new(HashMap::new()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            offered: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+            live_encodes: AtomicU64::new(0),
+            gallery_encodes: AtomicU64::new(0),
+        });
+        let worker = inner.clone();
+        std::thread::Builder::new()
+            .name("ace-live".into())
+            .spawn(move || encoder(&worker))?;
+        Ok(LiveHub { inner })
+    }
+
+    /// Stops the encoder thread (frames not yet encoded are dropped).
+    pub fn stop(&self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_all();
+    }
+
+    /// Counters (see [`LiveCounters`]).
+    pub fn counters(&self) -> LiveCounters {
+        let i = &self.inner;
+        let now = Instant::now();
+        let viewers = lock(&i.cams)
+            .values()
+            .map(|c| c.streams as u64 + u64::from(c.lease_until.is_some_and(|t| t > now)))
+            .sum();
+        LiveCounters {
+            offered: i.offered.load(Ordering::Relaxed),
+            copied: i.copied.load(Ordering::Relaxed),
+            live_encodes: i.live_encodes.load(Ordering::Relaxed),
+            gallery_encodes: i.gallery_encodes.load(Ordering::Relaxed),
+            viewers,
+        }
+    }
+
+    /// Called by the inference worker for every scored frame: records the score and, only when
+    /// someone watches this camera (or the frame is NG and the gallery is due), hands a copy to
+    /// the encoder thread. Never blocks on an encode or a viewer.
+    pub fn offer(
+        &self,
+        camera: &str,
+        frame: &Frame,
+        scored: &Scored,
+        threshold: f32,
+        pixel_threshold: f32,
+    ) {
+        let i = &self.inner;
+        i.offered.fetch_add(1, Ordering::Relaxed);
+        let verdict = if scored.score >= threshold {
+            Verdict::Ng
+        } else {
+            Verdict::Ok
+        };
+        let now = Instant::now();
+        let (live, gallery) = {
+            let mut cams = lock(&i.cams);
+            if !cams.contains_key(camera) {
+                cams.insert(camera.to_owned(), CamLive::new());
+            }
+            let Some(c) = cams.get_mut(camera) else {
+                return;
+            };
+            if c.history.len() == HISTORY {
+                c.history.pop_front();
+            }
+            c.history.push_back((frame.capture_unix_ms, scored.score));
+            c.last = Some(Last {
+                seq: frame.seq,
+                ts_ms: frame.capture_unix_ms,
+                score: scored.score,
+                threshold,
+                verdict,
+                latency_ms: frame.captured_at.elapsed().as_secs_f32() * 1e3,
+                map_max: scored.map_max,
+            });
+            let period = Duration::from_secs(1) / i.max_fps;
+            let live = i.watchers.load(Ordering::Relaxed) > 0
+                && c.watched(now)
+                && c.last_live.is_none_or(|t| now.duration_since(t) >= period);
+            let gallery = i.gallery_count > 0
+                && verdict == Verdict::Ng
+                && c.last_gallery
+                    .is_none_or(|t| now.duration_since(t) >= GALLERY_INTERVAL);
+            if live {
+                c.last_live = Some(now);
+            }
+            if gallery {
+                c.last_gallery = Some(now);
+            }
+            (live, gallery)
+        };
+        if !live && !gallery {
+            return;
+        }
+        i.copied.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            rgb: frame.data.clone(),
+            width: frame.width as usize,
+            height: frame.height as usize,
+            stride: frame.stride,
+            map: scored.map.clone(),
+            map_size: scored.size,
+            pixel_threshold,
+            verdict,
+            seq: frame.seq,
+            ts_ms: frame.capture_unix_ms,
+            live,
+            gallery,
+        };
+        let mut jobs = lock(&i.jobs);
+        // A gallery frame not yet written is kept in preference to a newer live-only one.
+        match jobs.get_mut(camera) {
+            Some(old) if old.gallery && !job.gallery => old.live |= job.live,
+            Some(old) => *old = job,
+            None => {
+                jobs.insert(camera.to_owned(), job);
+            }
+        }
+        drop(jobs);
+        i.wake.notify_one();
+    }
+
+    fn subscribe(&self, camera: &str) -> watch::Receiver<Option<Bytes>> {
+        lock(&self.inner.cams)
+            .entry(camera.to_owned())
+            .or_insert_with(CamLive::new)
+            .tx
+            .subscribe()
+    }
+
+    fn lease(&self, camera: &str) {
+        let mut cams = lock(&self.inner.cams);
+        let c = cams.entry(camera.to_owned()).or_insert_with(CamLive::new);
+        if c.lease_until.is_none_or(|t| t <= Instant::now()) {
+            self.inner.watchers.fetch_add(1, Ordering::Relaxed);
+        }
+        c.lease_until = Some(Instant::now() + LEASE);
+    }
+
+    fn stream_opened(&self, camera: &str) -> StreamGuard {
+        lock(&self.inner.cams)
+            .entry(camera.to_owned())
+            .or_insert_with(CamLive::new)
+            .streams += 1;
+        self.inner.watchers.fetch_add(1, Ordering::Relaxed);
+        StreamGuard {
+            hub: self.clone(),
+            camera: camera.to_owned(),
+        }
+    }
+
+    /// Forgets expired leases in the fast-path count (called by the server now and then).
+    fn expire_leases(&self) {
+        let now = Instant::now();
+        let mut cams = lock(&self.inner.cams);
+        for c in cams.values_mut() {
+            if c.lease_until.is_some_and(|t| t <= now) {
+                c.lease_until = None;
+                self.inner.watchers.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Counts an MJPEG viewer while its response body lives.
+struct StreamGuard {
+    hub: LiveHub,
+    camera: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if let Some(c) = lock(&self.hub.inner.cams).get_mut(&self.camera) {
+            c.streams = c.streams.saturating_sub(1);
+        }
+        self.hub.inner.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoder thread
+// ---------------------------------------------------------------------------------------------
+
+fn encoder(i: &Inner) {
+    let mut last_error: Option<Instant> = None;
+    loop {
+        let batch: Vec<(String, Job)> = {
+            let mut jobs = lock(&i.jobs);
+            while jobs.is_empty() && !i.stop.load(Ordering::SeqCst) {
+                jobs = i
+                    .wake
+                    .wait_timeout(jobs, Duration::from_millis(500))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            if i.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            jobs.drain().collect()
+        };
+        for (camera, job) in batch {
+            let jpeg = match render_jpeg(&job, i.max_width) {
+                Ok(j) => Bytes::from(j),
+                Err(e) => {
+                    warn!(camera = %camera, error = %e, "live view: JPEG encoding failed");
+                    continue;
+                }
+            };
+            if job.live {
+                i.live_encodes.fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = lock(&i.cams).get(&camera) {
+                    c.tx.send_replace(Some(jpeg.clone()));
+                }
+            }
+            if job.gallery {
+                i.gallery_encodes.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = gallery_write(i, &camera, &job, &jpeg)
+                    && last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                {
+                    warn!(camera = %camera, error = %e, "NG gallery: frame not kept");
+                    last_error = Some(Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// Position of map value `v` on the colour scale anchored at the pixel threshold `t` (see the
+/// module documentation): 0.5 at `t`, 0 at 0, 1 at 1.
+pub fn scale_position(v: f32, t: f32) -> f32 {
+    let t = t.clamp(1e-6, 1.0 - 1e-6);
+    let v = if v.is_finite() {
+        v.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    if v < t {
+        0.5 * v / t
+    } else {
+        0.5 + 0.5 * (v - t) / (1.0 - t)
+    }
+}
+
+/// Overlay colour and opacity at scale position `p`: none below 0.25, blue → yellow up to the
+/// threshold (0.5), yellow → red above it.
+pub fn overlay_colour(p: f32) -> ([f32; 3], f32) {
+    if p < 0.25 {
+        ([0.0, 0.0, 0.0], 0.0)
+    } else if p < 0.5 {
+        let s = (p - 0.25) / 0.25;
+        ([255.0 * s, 255.0 * s, 255.0 * (1.0 - s)], 0.15 + 0.3 * s)
+    } else {
+        let s = ((p - 0.5) / 0.5).min(1.0);
+        ([255.0, 255.0 * (1.0 - s), 0.0], 0.5 + 0.15 * s)
+    }
+}
+
+/// Bilinear sample of the `n × n` map at fractional map coordinates (pixel centres at +0.5).
+fn sample(map: &[f32], n: usize, x: f32, y: f32) -> f32 {
+    if n == 0 || map.len() < n * n {
+        return 0.0;
+    }
+    let fx = (x - 0.5).clamp(0.0, (n - 1) as f32);
+    let fy = (y - 0.5).clamp(0.0, (n - 1) as f32);
+    let (x0, y0) = (fx as usize, fy as usize);
+    let (x1, y1) = ((x0 + 1).min(n - 1), (y0 + 1).min(n - 1));
+    let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
+    let top = map[y0 * n + x0] * (1.0 - ax) + map[y0 * n + x1] * ax;
+    let bottom = map[y1 * n + x0] * (1.0 - ax) + map[y1 * n + x1] * ax;
+    top * (1.0 - ay) + bottom * ay
+}
+
+/// The frame (downscaled to at most `max_width`) with the map overlaid and a verdict border.
+fn render_rgb(job: &Job, max_width: u32) -> (Vec<u8>, u32, u32) {
+    let (w, h) = (job.width.max(1), job.height.max(1));
+    let ow = w.min(max_width as usize).max(1);
+    let oh = (h * ow / w).max(1);
+    let mut out = vec![0u8; ow * oh * 3];
+    let n = job.map_size;
+    let border = (ow.min(oh) / 60).max(2);
+    let badge = match job.verdict {
+        Verdict::Ok => [40u8, 170, 60],
+        Verdict::Unknown => [230, 170, 0],
+        Verdict::Ng => [220, 30, 30],
+    };
+    for oy in 0..oh {
+        let sy = oy * h / oh;
+        let my = (oy as f32 + 0.5) * n as f32 / oh as f32;
+        for ox in 0..ow {
+            let o = (oy * ow + ox) * 3;
+            if ox < border || oy < border || ox >= ow - border || oy >= oh - border {
+                out[o..o + 3].copy_from_slice(&badge);
+                continue;
+            }
+            let sx = ox * w / ow;
+            let s = sy * job.stride + sx * 3;
+            let px = job.rgb.get(s..s + 3).unwrap_or(&[0, 0, 0]);
+            let mx = (ox as f32 + 0.5) * n as f32 / ow as f32;
+            let v = sample(&job.map, n, mx, my);
+            let (c, a) = overlay_colour(scale_position(v, job.pixel_threshold));
+            for k in 0..3 {
+                out[o + k] = (f32::from(px[k]) * (1.0 - a) + c[k] * a).round() as u8;
+            }
+        }
+    }
+    (out, ow as u32, oh as u32)
+}
+
+fn render_jpeg(job: &Job, max_width: u32) -> Result<Vec<u8>, image::ImageError> {
+    let (rgb, w, h) = render_rgb(job, max_width);
+    let mut out = Vec::with_capacity(rgb.len() / 8);
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY).encode(
+        &rgb,
+        w,
+        h,
+        image::ExtendedColorType::Rgb8,
+    )?;
+    Ok(out)
+}
+
+/// Gallery file names: `<capture ms>-<seq>.jpg` (digits only, so a request can be checked
+/// against the pattern before any path is built).
+fn is_gallery_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".jpg") else {
+        return false;
+    };
+    let mut parts = stem.split('-');
+    let ok = |p: Option<&str>| {
+        p.is_some_and(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+}
+
+/// The gallery's files of `camera`, newest first: (name, bytes).
+fn gallery_list(dir: &Path) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    let meta = e.metadata().ok()?;
+                    (is_gallery_name(&name) && meta.is_file()).then_some((name, meta.len()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // Names start with the capture time in ms: sort by the numeric prefix.
+    files.sort_by_key(|(n, _)| {
+        std::cmp::Reverse(
+            n.split('-')
+                .next()
+                .and_then(|p| p.parse::<u64>().ok())
+                .unwrap_or(0),
+        )
+    });
+    files
+}
+
+fn gallery_write(i: &Inner, camera: &str, job: &Job, jpeg: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = i.gallery_dir.join(camera);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(&dir)?;
+    let name = format!("{}-{}.jpg", job.ts_ms, job.seq);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, jpeg)?;
+    std::fs::rename(&tmp, dir.join(&name))?;
+    // Bound: newest first, keep while both count and bytes fit.
+    let mut bytes = 0u64;
+    for (k, (n, len)) in gallery_list(&dir).into_iter().enumerate() {
+        bytes = bytes.saturating_add(len);
+        if k >= i.gallery_count as usize || bytes > i.gallery_bytes {
+            let _ = std::fs::remove_file(dir.join(n));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP server
+// ---------------------------------------------------------------------------------------------
+
+/// Camera names and their status words (`online`, `reconnecting`, …), from the daemon.
+pub type StatusFn = Arc<dyn Fn() -> Vec<(String, String)> + Send + Sync>;
+
+#[derive(Clone)]
+struct AppState {
+    hub: LiveHub,
+    token: Option<[u8; 32]>,
+    sessions: Arc<Mutex<VecDeque<[u8; 32]>>>,
+    statuses: StatusFn,
+    node_id: Arc<str>,
+    max_fps: u32,
+}
+
+impl AppState {
+    fn known(&self, camera: &str) -> bool {
+        is_valid_name(camera) && (self.statuses)().iter().any(|(n, _)| n == camera)
+    }
+}
+
+fn digest(s: &[u8]) -> [u8; 32] {
+    Sha256::digest(s).into()
+}
+
+/// Binds `cfg.listen` and serves the live view until `shutdown` is cancelled. The bind happens
+/// before this returns (a taken port is an error at start); serving runs on a spawned task.
+pub async fn serve(
+    cfg: &HttpConfig,
+    hub: LiveHub,
+    statuses: StatusFn,
+    node_id: &str,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let local = listener.local_addr()?;
+    let state = AppState {
+        hub: hub.clone(),
+        token: cfg.token.as_ref().map(|t| digest(t.0.as_bytes())),
+        sessions: Arc::new(Mutex::new(VecDeque::new())),
+        statuses,
+        node_id: node_id.into(),
+        max_fps: cfg.max_fps,
+    };
+    let app = router(state);
+    info!(
+        url = %format!("http://{local}/"),
+        token = cfg.token.is_some(),
+        "live view listening"
+    );
+    let expire = {
+        let hub = hub.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => hub.expire_leases(),
+                }
+            }
+        }
+    };
+    tokio::spawn(expire);
+    Ok(tokio::spawn(async move {
+        let stop = shutdown.clone();
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+        {
+            warn!(error = %e, "live view server ended");
+        }
+    }))
+}
+
+fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .route("/", get(overview))
+        .route("/live/{camera}", get(live_page))
+        .route("/live/{camera}/frame.jpg", get(frame_jpg))
+        .route("/live/{camera}/stream.mjpeg", get(stream_mjpeg))
+        .route("/gallery/{camera}", get(gallery_page))
+        .route("/gallery/{camera}/{file}", get(gallery_file))
+        .route("/api/cameras", get(api_cameras))
+        .route("/api/stats", get(api_stats))
+        .route("/static/app.css", get(app_css))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+    Router::new()
+        .merge(protected)
+        .route("/login", get(login_page).post(login))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(16 << 10))
+        .with_state(state)
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "not found\n").into_response()
+}
+
+fn cookie_session(headers: &HeaderMap) -> Option<[u8; 32]> {
+    for v in headers.get_all(header::COOKIE) {
+        for part in v.to_str().ok()?.split(';') {
+            if let Some(hexed) = part.trim().strip_prefix(&format!("{COOKIE}=")) {
+                let mut out = [0u8; 32];
+                if hex::decode_to_slice(hexed, &mut out).is_ok() {
+                    return Some(out);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(token) = state.token else {
+        return true;
+    };
+    if let Some(bearer) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        && bool::from(digest(bearer.trim().as_bytes())[..].ct_eq(&token[..]))
+    {
+        return true;
+    }
+    if let Some(session) = cookie_session(headers) {
+        let d = digest(&session);
+        return lock(&state.sessions)
+            .iter()
+            .fold(false, |found, s| found | bool::from(s[..].ct_eq(&d[..])));
+    }
+    false
+}
+
+async fn require_auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if authorized(&state, req.headers()) {
+        return next.run(req).await;
+    }
+    let mut r = (
+        StatusCode::UNAUTHORIZED,
+        Html(
+            "<!doctype html><title>401</title><p>401: a token is needed. \
+             <a href=\"/login\">Log in</a>.</p>",
+        ),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+async fn login_page() -> Html<&'static str> {
+    Html(include_str!("live/login.html"))
+}
+
+/// Decodes `application/x-www-form-urlencoded` percent escapes and `+`.
+fn form_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut k = 0;
+    while k < b.len() {
+        match b[k] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hexed = s.get(k + 1..k + 3)?;
+                out.push(u8::from_str_radix(hexed, 16).ok()?);
+                k += 2;
+            }
+            c => out.push(c),
+        }
+        k += 1;
+    }
+    Some(out)
+}
+
+async fn login(State(state): State<AppState>, body: Bytes) -> Response {
+    let Some(token) = state.token else {
+        return (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
+    };
+    let given = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|s| {
+            s.split('&')
+                .find_map(|kv| kv.strip_prefix("token="))
+                .and_then(form_decode)
+        })
+        .unwrap_or_default();
+    let given = String::from_utf8_lossy(&given).trim().to_owned();
+    if !bool::from(digest(given.as_bytes())[..].ct_eq(&token[..])) {
+        warn!("live view: failed login");
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html("<!doctype html><p>401: wrong token. <a href=\"/login\">Try again</a>.</p>"),
+        )
+            .into_response();
+    }
+    let mut session = [0u8; 32];
+    if random_bytes(&mut session).is_err() {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "no random source\n").into_response();
+    }
+    {
+        let mut s = lock(&state.sessions);
+        if s.len() >= MAX_SESSIONS {
+            s.pop_front();
+        }
+        s.push_back(digest(&session));
+    }
+    let cookie = format!(
+        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
+        hex::encode(session)
+    );
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/".to_owned()),
+            (header::SET_COOKIE, cookie),
+        ],
+    )
+        .into_response()
+}
+
+fn random_bytes(out: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(out)
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn page(title: &str, body: &str) -> Html<String> {
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{}</title><link rel=\"stylesheet\" href=\"/static/app.css\"></head>\
+         <body>{body}</body></html>",
+        html_escape(title)
+    ))
+}
+
+async fn app_css() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("live/app.css"),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct CameraRow {
+    name: String,
+    status: String,
+    last: Option<Last>,
+    /// Scores of the last frames, oldest first.
+    scores: Vec<f32>,
+    /// Frames per second over the history window.
+    fps: Option<f32>,
+}
+
+fn camera_rows(state: &AppState) -> Vec<CameraRow> {
+    let statuses = (state.statuses)();
+    let cams = lock(&state.hub.inner.cams);
+    statuses
+        .into_iter()
+        .map(|(name, status)| {
+            let c = cams.get(&name);
+            let scores = c.map_or_else(Vec::new, |c| c.history.iter().map(|h| h.1).collect());
+            let fps = c.and_then(|c| {
+                let (first, last) = (c.history.front()?.0, c.history.back()?.0);
+                (last > first && c.history.len() > 1)
+                    .then(|| (c.history.len() - 1) as f32 * 1000.0 / (last - first) as f32)
+            });
+            CameraRow {
+                last: c.and_then(|c| c.last.clone()),
+                name,
+                status,
+                scores,
+                fps,
+            }
+        })
+        .collect()
+}
+
+async fn api_cameras(State(state): State<AppState>) -> Response {
+    axum::Json(camera_rows(&state)).into_response()
+}
+
+async fn api_stats(State(state): State<AppState>) -> Response {
+    axum::Json(state.hub.counters()).into_response()
+}
+
+async fn overview(State(state): State<AppState>) -> Html<String> {
+    let mut rows = String::new();
+    for c in camera_rows(&state) {
+        let n = html_escape(&c.name);
+        rows.push_str(&format!(
+            "<tr data-camera=\"{n}\"><td><a href=\"/live/{n}\">{n}</a></td>\
+             <td class=\"status\">{}</td><td class=\"verdict\">{}</td><td class=\"score\">{}</td>\
+             <td class=\"threshold\">{}</td><td><canvas class=\"spark\" width=\"160\" height=\"28\"></canvas></td>\
+             <td class=\"fps\">{}</td><td class=\"latency\">{}</td>\
+             <td><a href=\"/gallery/{n}\">NG gallery</a></td></tr>",
+            html_escape(&c.status),
+            c.last.as_ref().map_or("–".into(), |l| format!("{:?}", l.verdict).to_uppercase()),
+            c.last.as_ref().map_or("–".into(), |l| format!("{:.3}", l.score)),
+            c.last.as_ref().map_or("–".into(), |l| format!("{:.3}", l.threshold)),
+            c.fps.map_or("–".into(), |f| format!("{f:.1}")),
+            c.last.as_ref().map_or("–".into(), |l| format!("{:.0} ms", l.latency_ms)),
+        ));
+    }
+    page(
+        "anomalyclip-edge",
+        &format!(
+            "<h1>anomalyclip-edge <small>{}</small></h1>\
+             <table id=\"cameras\"><thead><tr><th>camera</th><th>status</th><th>verdict</th>\
+             <th>score</th><th>threshold</th><th>recent scores</th><th>fps</th><th>latency</th><th></th></tr></thead>\
+             <tbody>{rows}</tbody></table>\
+             <p class=\"note\">Scores of the tiny test model mean nothing; a real model package gives real scores.</p>\
+             <script>{}</script>",
+            html_escape(&state.node_id),
+            include_str!("live/overview.js")
+        ),
+    )
+}
+
+async fn live_page(State(state): State<AppState>, UrlPath(camera): UrlPath<String>) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    let n = html_escape(&camera);
+    page(
+        &format!("{camera} — live"),
+        &format!(
+            "<h1><a href=\"/\">anomalyclip-edge</a> / {n} <span id=\"badge\" class=\"badge\">…</span></h1>\
+             <div class=\"live\"><img id=\"frame\" alt=\"live frame of {n}\" src=\"/live/{n}/frame.jpg\"></div>\
+             <div class=\"legend\"><span>0</span><span class=\"bar\"></span><span>pixel threshold</span><span class=\"bar hot\"></span><span>1</span></div>\
+             <p id=\"info\"></p>\
+             <p><a href=\"/live/{n}/stream.mjpeg\">MJPEG stream</a> · <a href=\"/gallery/{n}\">NG gallery</a></p>\
+             <script>const CAMERA = {}; const FPS = {};\n{}</script>",
+            serde_json::to_string(&camera).unwrap_or_default(),
+            state.max_fps,
+            include_str!("live/live.js")
+        ),
+    )
+    .into_response()
+}
+
+fn jpeg_response(jpeg: Bytes) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/jpeg"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        jpeg,
+    )
+        .into_response()
+}
+
+async fn frame_jpg(State(state): State<AppState>, UrlPath(camera): UrlPath<String>) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    state.hub.lease(&camera);
+    let mut rx = state.hub.subscribe(&camera);
+    // A frame encoded within the lease is fresh enough; otherwise wait for the next one.
+    let current = rx.borrow_and_update().clone();
+    let next = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+    let jpeg = match next {
+        Ok(Ok(())) => rx.borrow().clone(),
+        _ => current,
+    };
+    match jpeg {
+        Some(j) => jpeg_response(j),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "no frame scored yet\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn stream_mjpeg(State(state): State<AppState>, UrlPath(camera): UrlPath<String>) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    let guard = state.hub.stream_opened(&camera);
+    let rx = state.hub.subscribe(&camera);
+    let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        rx.changed().await.ok()?;
+        let jpeg = rx.borrow_and_update().clone()?;
+        let mut part = Vec::with_capacity(jpeg.len() + 96);
+        part.extend_from_slice(
+            format!(
+                "--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
+                jpeg.len()
+            )
+            .as_bytes(),
+        );
+        part.extend_from_slice(&jpeg);
+        part.extend_from_slice(b"\r\n");
+        Some((Ok::<Bytes, Infallible>(Bytes::from(part)), (rx, guard)))
+    });
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "multipart/x-mixed-replace; boundary=frame",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn gallery_page(State(state): State<AppState>, UrlPath(camera): UrlPath<String>) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    let n = html_escape(&camera);
+    let files = gallery_list(&state.hub.inner.gallery_dir.join(&camera));
+    let mut items = String::new();
+    for (f, len) in &files {
+        items.push_str(&format!(
+            "<figure><a href=\"/gallery/{n}/{f}\" download><img src=\"/gallery/{n}/{f}\" alt=\"{f}\"></a>\
+             <figcaption>{f} · {} KiB</figcaption></figure>",
+            len.div_ceil(1024)
+        ));
+    }
+    if files.is_empty() {
+        items.push_str("<p>No NG frames kept yet.</p>");
+    }
+    page(
+        &format!("{camera} — NG gallery"),
+        &format!(
+            "<h1><a href=\"/\">anomalyclip-edge</a> / <a href=\"/live/{n}\">{n}</a> / NG gallery</h1>\
+             <div class=\"gallery\">{items}</div>"
+        ),
+    )
+    .into_response()
+}
+
+async fn gallery_file(
+    State(state): State<AppState>,
+    UrlPath((camera, file)): UrlPath<(String, String)>,
+) -> Response {
+    if !state.known(&camera) || !is_gallery_name(&file) {
+        return not_found().await;
+    }
+    let path = state.hub.inner.gallery_dir.join(&camera).join(&file);
+    let read = tokio::task::spawn_blocking(move || {
+        crate::fsio::read_limited(&path, 64 << 20, "gallery file")
+    })
+    .await;
+    match read {
+        Ok(Ok(bytes)) => {
+            let mut r = jpeg_response(Bytes::from(bytes));
+            if let Ok(v) =
+                HeaderValue::from_str(&format!("attachment; filename=\"{camera}-{file}\""))
+            {
+                r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+            }
+            r
+        }
+        _ => not_found().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_colour_scale_puts_the_pixel_threshold_at_its_middle_whatever_the_frame() {
+        for t in [0.1f32, 0.5, 0.9] {
+            assert!((scale_position(t, t) - 0.5).abs() < 1e-6);
+            assert!(scale_position(0.0, t).abs() < 1e-6);
+            assert!((scale_position(1.0, t) - 1.0).abs() < 1e-6);
+        }
+        // Monotonic in the value.
+        let mut last = -1.0;
+        for k in 0..=100 {
+            let p = scale_position(k as f32 / 100.0, 0.3);
+            assert!(p >= last, "{k}: {p} < {last}");
+            last = p;
+        }
+        // NaN is drawn as nothing, not as the hottest colour.
+        assert_eq!(overlay_colour(scale_position(f32::NAN, 0.5)).1, 0.0);
+    }
+
+    #[test]
+    fn gallery_names_are_digits_only_and_reject_traversal() {
+        assert!(is_gallery_name("1700000000000-42.jpg"));
+        for bad in [
+            "../x.jpg",
+            "1-2.jpg/..",
+            "..",
+            "1-2-3.jpg",
+            "a-1.jpg",
+            "1-.jpg",
+            "1-2.png",
+            "%2e%2e",
+        ] {
+            assert!(!is_gallery_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn form_decoding_handles_escapes_and_refuses_truncated_ones() {
+        assert_eq!(form_decode("a%2Bb+c").as_deref(), Some(&b"a+b c"[..]));
+        assert_eq!(form_decode("abc%2"), None);
+    }
+}
