@@ -54,7 +54,9 @@ mod calibrated;
 mod cameras;
 mod control;
 mod health;
+mod info;
 mod regions;
+mod trigger;
 mod worker;
 
 pub use alarm_state::ALARM_STATE_FILE;
@@ -253,6 +255,8 @@ struct Shared {
     alarm_states: AlarmStates,
     /// What a region's calibration must have been made for.
     validity: regions::Validity,
+    /// Triggered inspection: requests waiting for a frame, answers ([`trigger`]).
+    trigger: trigger::Triggers,
     started: Instant,
 }
 
@@ -357,6 +361,9 @@ async fn run_async(
     let model_name = scorer.package().manifest.name.clone();
     let engine_name = scorer.engine().info().backend.to_string();
     let validity = validity(&cfg, &scorer);
+    let model_info = info::ModelInfo::new(&scorer.package().manifest);
+    let started_ms = unix_ms();
+    publisher.info(info::birth(&cfg, &model_info, &engine_name, started_ms));
     let shared = Arc::new(Shared {
         cams: RwLock::new(Vec::new()),
         stop: AtomicBool::new(false),
@@ -365,8 +372,16 @@ async fn run_async(
         statuses: Mutex::new(HashMap::new()),
         alarm_states: AlarmStates::load(&cfg.state_dir, &cfg.cameras),
         validity,
+        trigger: trigger::Triggers::new(&cfg, publisher.clone()),
         started: Instant::now(),
     });
+    let (inbox_tx, inbox_rx) = tokio::sync::mpsc::channel(crate::mqtt::INBOX_CHANNEL);
+    publisher.set_inbox(inbox_tx);
+    let trigger_task = tokio::spawn(trigger::serve(
+        shared.clone(),
+        inbox_rx,
+        control.shutdown.clone(),
+    ));
     let live = start_live(&cfg, &shared, &control)
         .await
         .map_err(DaemonError::Runtime)?;
@@ -434,6 +449,8 @@ async fn run_async(
             Some(()) = control.reload.recv() => {
                 let stats_before = current.stats_interval;
                 cameras.reload(&config_path, &mut current);
+                shared.trigger.configure(&current);
+                publisher.info(info::birth(&current, &model_info, &engine_name, started_ms));
                 if current.stats_interval != stats_before {
                     info!(interval = ?current.stats_interval, "reload: stats interval changed");
                     stats_tick = stats_timer(current.stats_interval);
@@ -496,6 +513,9 @@ async fn run_async(
             "inference worker still busy at the stop deadline"
         ),
     }
+    // Requests still waiting get their answer (`ERROR` stopping) before the publisher stops.
+    let _ = trigger_task.await;
+    shared.trigger.stop();
     // A quarter second of the budget for the publisher task to return after its own stop.
     publisher.shutdown(deadline.left().saturating_sub(Duration::from_millis(250)));
     if tokio::time::timeout_at(deadline.instant().into(), pub_task)

@@ -13,6 +13,10 @@
 //! | `<prefix>/<camera>/alarm` | 1 / yes | flat JSON ([`Alarm`]) |
 //! | `<prefix>/<camera>/mask` | `mask_qos` / no | grayscale PNG with `tEXt` camera/seq/ts_ms |
 //! | `<prefix>/stats` | 0 / no | JSON ([`Stats`]) |
+//! | `<prefix>/<camera>/inspect` | subscribed, 1 | trigger request (JSON), forwarded to the trigger stage |
+//! | `<prefix>/<camera>/inspection` | 1 / no | flat JSON ([`Inspection`]), through the inspection disk queue |
+//! | `<prefix>/<camera>/ready` | 1 / yes | `true` / `false`: can a trigger be served now |
+//! | `<prefix>/info` | 1 / yes | the birth certificate (JSON, set by the daemon), at every connect and on change |
 //!
 //! Delivery policy, per edge (named, bounded):
 //! - alarms never drop while the disk has room: every alarm is appended (fsync'd) to the queue file
@@ -64,10 +68,33 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::payload::{Alarm, CameraStatus, FrameResult, MqttStats, Stats, is_valid_name};
+use crate::payload::{
+    Alarm, CameraStatus, FrameResult, Inspection, MqttStats, Stats, is_valid_name,
+};
 
 pub mod queue;
-pub use queue::{AlarmQueue, PushOutcome, QUEUE_FILE, QUEUE_FILE_V1};
+pub use queue::{
+    AlarmQueue, INSPECTION_QUEUE_FILE, InspectionQueue, PushOutcome, QUEUE_FILE, QUEUE_FILE_V1,
+};
+
+/// Most inspection results kept in the disk queue while the broker is away (the oldest is
+/// dropped, counted and logged beyond it).
+pub const INSPECTION_QUEUE_MAX: usize = 10_000;
+/// Capacity of the channel of trigger requests to the trigger stage; a request beyond it is
+/// dropped with a warning (the stage answers thousands per second, so only a stalled stage
+/// fills it).
+pub const INBOX_CHANNEL: usize = 4096;
+
+/// A message received on a subscribed topic (`<prefix>/<camera>/inspect`).
+#[derive(Debug)]
+pub struct Inbound {
+    /// The camera level of the topic (not checked against the configured cameras).
+    pub camera: String,
+    pub payload: Vec<u8>,
+    /// Arrival, monotonic and Unix ms.
+    pub at: std::time::Instant,
+    pub at_unix_ms: u64,
+}
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -114,6 +141,9 @@ struct Shared {
     queued_alarms: AtomicU64,
     dropped_alarms: AtomicU64,
     queue_errors: AtomicU64,
+    queued_inspections: AtomicU64,
+    dropped_inspections: AtomicU64,
+    dropped_inbound: AtomicU64,
     /// Unix ms of the last message the broker took (QoS 0 written, QoS 1/2 acknowledged); 0 = never.
     last_progress_ms: AtomicU64,
 }
@@ -142,6 +172,10 @@ fn now_ms() -> u64 {
 
 enum Ctl {
     Alarm(Alarm),
+    Inspection(Box<Inspection>),
+    Ready(String, bool),
+    Inbox(mpsc::Sender<Inbound>),
+    Info(Vec<u8>),
     CameraStatus(String, CameraStatus),
     /// A retained message under a camera or region (`unit`), e.g. its `calibration`.
     Retained(String, &'static str, Vec<u8>),
@@ -201,6 +235,43 @@ impl PublisherHandle {
             return false;
         }
         true
+    }
+
+    /// Queues an inspection result: written to the inspection disk queue, published on
+    /// `<prefix>/<camera>/inspection` (QoS 1, not retained) as soon as the broker is reachable,
+    /// re-sent with `replayed: true` after a reconnect or restart until acknowledged.
+    pub fn inspection(&self, i: Inspection) -> bool {
+        if self.ctl.send(Ctl::Inspection(Box::new(i))).is_err() {
+            error!("inspection result after the publisher stopped: not delivered");
+            return false;
+        }
+        true
+    }
+
+    /// Sets the birth certificate, published retained on `<prefix>/info` now and at every
+    /// connect.
+    pub fn info(&self, payload: Vec<u8>) {
+        let _ = self.ctl.send(Ctl::Info(payload));
+    }
+
+    /// Sets a camera's retained `ready` flag (published when it changes and on reconnect).
+    pub fn ready(&self, camera: &str, ready: bool) {
+        let _ = self.ctl.send(Ctl::Ready(camera.to_owned(), ready));
+    }
+
+    /// Subscribes to `<prefix>/+/inspect` (QoS 1, on this and every later connection) and
+    /// forwards each request to `tx`.
+    pub fn set_inbox(&self, tx: mpsc::Sender<Inbound>) {
+        let _ = self.ctl.send(Ctl::Inbox(tx));
+    }
+
+    /// Inspection results queued on disk (sent but unacknowledged included), and those dropped
+    /// because the queue was full.
+    pub fn inspection_counters(&self) -> (u64, u64) {
+        (
+            self.shared.queued_inspections.load(Ordering::Relaxed),
+            self.shared.dropped_inspections.load(Ordering::Relaxed),
+        )
     }
 
     /// Sets a camera's status; published (QoS 1, retained) when it changes and on every reconnect.
@@ -298,10 +369,18 @@ impl Publisher {
             }
         };
 
+        let iqueue = InspectionQueue::open(state_dir, INSPECTION_QUEUE_MAX, WhenFull::DropOldest)
+            .map_err(|source| PublisherError::Queue {
+            path: state_dir.to_owned(),
+            source,
+        })?;
         let shared = Arc::new(Shared::default());
         shared
             .queued_alarms
             .store(queue.len() as u64, Ordering::Relaxed);
+        shared
+            .queued_inspections
+            .store(iqueue.len() as u64, Ordering::Relaxed);
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::channel(DATA_CHANNEL);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -313,6 +392,10 @@ impl Publisher {
             prefix,
             tls,
             queue,
+            iqueue,
+            ready: BTreeMap::new(),
+            inbox: None,
+            info: None,
             shared: shared.clone(),
             statuses: BTreeMap::new(),
             last_alarm: BTreeMap::new(),
@@ -356,6 +439,7 @@ impl Drop for AbortOnDrop {
 #[derive(Debug, Clone, PartialEq)]
 enum Sent {
     Alarm(u64),
+    Inspection(u64),
     AlarmState,
     /// The clear of a forgotten camera's retained alarm (sent after its status clear).
     Cleared(String),
@@ -437,6 +521,13 @@ struct Worker {
     node_status_topic: String,
     tls: Option<TlsBytes>,
     queue: AlarmQueue,
+    iqueue: InspectionQueue,
+    /// Each camera's `ready` flag (re-published on reconnect).
+    ready: BTreeMap<String, bool>,
+    /// Where trigger requests go; `None` until the daemon sets it (nothing is subscribed).
+    inbox: Option<mpsc::Sender<Inbound>>,
+    /// The birth certificate (`<prefix>/info`), once set.
+    info: Option<Vec<u8>>,
     shared: Arc<Shared>,
     statuses: BTreeMap<String, CameraStatus>,
     /// Latest acknowledged alarm per camera (re-published on reconnect).
@@ -617,6 +708,9 @@ impl Worker {
                 }
                 None => warn!(pkid, "mqtt: publish event without a pending request"),
             },
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                self.on_inbound(&p.topic, p.payload.to_vec())
+            }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 if let Some(sent) = conn.inflight.remove(&ack.pkid) {
                     self.completed(sent);
@@ -704,8 +798,68 @@ impl Worker {
         for (topic, payload) in retained {
             self.publish(topic, QoS::AtLeastOnce, true, payload, Sent::Status);
         }
+        let ready: Vec<(String, bool)> = self.ready.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        for (camera, r) in ready {
+            if let Some(topic) = self.topic(&camera, "ready") {
+                self.publish(
+                    topic,
+                    QoS::AtLeastOnce,
+                    true,
+                    r.to_string().into_bytes(),
+                    Sent::Status,
+                );
+            }
+        }
+        if let Some(info) = self.info.clone() {
+            let topic = format!("{}/info", self.prefix);
+            self.publish(topic, QoS::AtLeastOnce, true, info, Sent::Status);
+        }
+        self.subscribe_inbox();
         self.send_alarms();
         self.send_clears();
+    }
+
+    /// Subscribes to the trigger topic on the current connection, if an inbox is set.
+    fn subscribe_inbox(&mut self) {
+        if self.inbox.is_none() {
+            return;
+        }
+        let topic = format!("{}/+/inspect", self.prefix);
+        if let Some(conn) = self.conn.as_mut().filter(|c| c.up)
+            && let Err(e) = conn.client.try_subscribe(topic.clone(), QoS::AtLeastOnce)
+        {
+            // Only a full request channel: the next reconnect subscribes again.
+            warn!(error = %e, topic, "cannot subscribe to trigger requests on this connection");
+        }
+    }
+
+    /// A message on a subscribed topic: trigger requests go to the inbox.
+    fn on_inbound(&mut self, topic: &str, payload: Vec<u8>) {
+        let camera = topic
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|t| t.strip_prefix('/'))
+            .and_then(|t| t.strip_suffix("/inspect"))
+            .filter(|c| !c.contains('/'));
+        let (Some(camera), Some(inbox)) = (camera, &self.inbox) else {
+            debug!(topic, "mqtt: message on an unexpected topic ignored");
+            return;
+        };
+        let msg = Inbound {
+            camera: camera.to_owned(),
+            payload,
+            at: std::time::Instant::now(),
+            at_unix_ms: now_ms(),
+        };
+        if inbox.try_send(msg).is_err() {
+            let n = self.shared.dropped_inbound.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(
+                    topic,
+                    dropped = n,
+                    "trigger request dropped: the trigger stage is not keeping up"
+                );
+            }
+        }
     }
 
     fn on_connection_error(&mut self, e: ConnectionError) {
@@ -742,6 +896,7 @@ impl Worker {
             }
         }
         self.queue.mark_all_unsent();
+        self.iqueue.mark_all_unsent();
         for handed in self.pending_clear.values_mut() {
             *handed = false;
         }
@@ -772,6 +927,15 @@ impl Worker {
                     .queued_alarms
                     .store(self.queue.len() as u64, Ordering::Relaxed);
                 self.send_clears();
+            }
+            Sent::Inspection(id) => {
+                if let Err(e) = self.iqueue.ack(id) {
+                    self.shared.queue_errors.fetch_add(1, Ordering::Relaxed);
+                    error!(error = %e, "inspection queue: cannot record acknowledgement (may replay a duplicate after restart)");
+                }
+                self.shared
+                    .queued_inspections
+                    .store(self.iqueue.len() as u64, Ordering::Relaxed);
             }
             Sent::Cleared(camera) if self.pending_clear.get(&camera) == Some(&true) => {
                 self.pending_clear.remove(&camera);
@@ -816,6 +980,44 @@ impl Worker {
                 Sent::Alarm(id),
             ) {
                 if let Some(e) = self.queue.entries.iter_mut().find(|e| e.id == id) {
+                    e.sent = true;
+                }
+            } else {
+                self.alarm_blocked = true;
+                break;
+            }
+        }
+        if !self.alarm_blocked {
+            self.send_inspections();
+        }
+    }
+
+    /// Sends the queued inspection results not yet handed to this connection, in order (after
+    /// the alarms; a full request channel retries on the alarms' timer).
+    fn send_inspections(&mut self) {
+        if !self.is_up() {
+            return;
+        }
+        let pending: Vec<(u64, Inspection, bool)> = self
+            .iqueue
+            .entries
+            .iter()
+            .filter(|e| !e.sent)
+            .map(|e| (e.id, e.alarm.clone(), e.replay))
+            .collect();
+        for (id, insp, replay) in pending {
+            let Some(topic) = self.topic(&insp.camera, "inspection") else {
+                let _ = self.iqueue.ack(id);
+                continue;
+            };
+            if self.publish(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                insp.to_json(replay),
+                Sent::Inspection(id),
+            ) {
+                if let Some(e) = self.iqueue.entries.iter_mut().find(|e| e.id == id) {
                     e.sent = true;
                 }
             } else {
@@ -883,6 +1085,51 @@ impl Worker {
                     .store(self.queue.len() as u64, Ordering::Relaxed);
                 self.send_alarms();
             }
+            Ctl::Inspection(i) => {
+                let replay = !self.is_up();
+                let (_, out) = self.iqueue.push(*i, replay);
+                if let Some(dropped) = out.dropped {
+                    self.shared
+                        .dropped_inspections
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(camera = %dropped.camera, meas_id = %dropped.meas_id, "inspection queue full: oldest result dropped");
+                }
+                if let Some(e) = out.io_error {
+                    self.shared.queue_errors.fetch_add(1, Ordering::Relaxed);
+                    error!(error = %e, "inspection queue write failed: result kept in memory only");
+                }
+                self.shared
+                    .queued_inspections
+                    .store(self.iqueue.len() as u64, Ordering::Relaxed);
+                if !self.alarm_blocked {
+                    self.send_inspections();
+                }
+            }
+            Ctl::Ready(camera, r) => {
+                if self.ready.get(&camera) != Some(&r)
+                    && let Some(topic) = self.topic(&camera, "ready")
+                {
+                    self.ready.insert(camera, r);
+                    self.publish(
+                        topic,
+                        QoS::AtLeastOnce,
+                        true,
+                        r.to_string().into_bytes(),
+                        Sent::Status,
+                    );
+                }
+            }
+            Ctl::Info(payload) => {
+                if self.info.as_ref() != Some(&payload) {
+                    let topic = format!("{}/info", self.prefix);
+                    self.info = Some(payload.clone());
+                    self.publish(topic, QoS::AtLeastOnce, true, payload, Sent::Status);
+                }
+            }
+            Ctl::Inbox(tx) => {
+                self.inbox = Some(tx);
+                self.subscribe_inbox();
+            }
             Ctl::CameraStatus(camera, status) => {
                 self.pending_clear.remove(&camera);
                 if self.statuses.get(&camera) == Some(&status) {
@@ -905,6 +1152,11 @@ impl Worker {
                 }
             }
             Ctl::Forget(camera) => {
+                if self.ready.remove(&camera).is_some()
+                    && let Some(topic) = self.topic(&camera, "ready")
+                {
+                    self.publish(topic, QoS::AtLeastOnce, true, Vec::new(), Sent::Status);
+                }
                 self.statuses.remove(&camera);
                 let sub = format!("{camera}/");
                 self.last_alarm
@@ -995,6 +1247,19 @@ impl Worker {
                 return;
             }
             self.send_clears();
+            let ready: Vec<String> = self.ready.keys().cloned().collect();
+            for camera in ready {
+                self.ready.insert(camera.clone(), false);
+                if let Some(topic) = self.topic(&camera, "ready") {
+                    self.publish(
+                        topic,
+                        QoS::AtLeastOnce,
+                        true,
+                        b"false".to_vec(),
+                        Sent::Status,
+                    );
+                }
+            }
             let cameras: Vec<String> = self.statuses.keys().cloned().collect();
             for camera in cameras {
                 self.statuses.insert(camera.clone(), CameraStatus::Offline);
@@ -1025,7 +1290,7 @@ impl Worker {
                 .conn
                 .as_ref()
                 .is_some_and(|c| c.fifo.is_empty() && c.inflight.is_empty());
-        if stop.stopped_acked && self.queue.is_empty() && flushed {
+        if stop.stopped_acked && self.queue.is_empty() && self.iqueue.is_empty() && flushed {
             let ok = self
                 .conn
                 .as_ref()

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod inspection;
+pub use inspection::{Inspection, InspectionVerdict, MAX_INSPECTION_BYTES};
+
 /// Payload schema version, the `v` field of every JSON payload.
 pub const SCHEMA_VERSION: u32 = 1;
 /// Upper bound of a `result` payload (CODESYS JSON and MQTT client limits, with margin).

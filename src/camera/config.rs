@@ -117,6 +117,21 @@ pub struct CameraConfig {
     /// implicit whole-frame region (name `None`) carrying the camera's own `statistic`,
     /// `threshold`, `t1` and `calibration`. Never empty.
     pub regions: Vec<RegionConfig>,
+    /// `mode`: stream a result per frame, or score only frames that answer a trigger request.
+    pub mode: CameraMode,
+}
+
+/// `[camera] mode`: how a camera's frames are scored and published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CameraMode {
+    /// Every frame is scored and published on `result` (and `alarm`, `mask`); trigger requests
+    /// are answered too.
+    #[default]
+    Continuous,
+    /// Only frames that answer a pending trigger request on `<prefix>/<camera>/inspect` are
+    /// scored; the answer goes to `<prefix>/<camera>/inspection`, nothing to `result`/`alarm`/`mask`.
+    Triggered,
 }
 
 /// `[camera.retry]`: the camera's reconnect backoff, doubling from `initial` up to `max`.
@@ -338,6 +353,7 @@ pub(crate) struct RawCamera {
     t1: S<f64>,
     calibration: S<bool>,
     region: Option<Vec<Spanned<RawRegion>>>,
+    mode: Option<CameraMode>,
 }
 
 /// `[[camera.region]]` as written.
@@ -690,6 +706,7 @@ pub(crate) fn resolve_camera(
         mask,
         retry,
         regions,
+        mode: c.mode.unwrap_or_default(),
     })
 }
 

@@ -49,11 +49,12 @@ use crate::live::config::{RawHttp, resolve_http};
 use crate::mqtt::config::{RawMqtt, SECRET_KEYS, resolve_mqtt};
 use crate::package::{HashCheck, ModelPackage};
 use problems::{Ctx, S, in_range, name_problem};
+use trigger::{RawTrigger, resolve_trigger};
 
 pub use crate::camera::config::{
-    CameraConfig, MaskConfig, RegionConfig, RetryConfig, SourceError, default_mask_kind,
-    default_mask_min_interval_ms, default_mask_size, default_max_fps, default_pixel_threshold,
-    default_threshold,
+    CameraConfig, CameraMode, MaskConfig, RegionConfig, RetryConfig, SourceError,
+    default_mask_kind, default_mask_min_interval_ms, default_mask_size, default_max_fps,
+    default_pixel_threshold, default_threshold,
 };
 pub use crate::engine::config::{
     Backend, EngineConfig, HeadChoice, default_backend, default_max_batch, default_max_wait_ms,
@@ -63,6 +64,9 @@ pub use crate::live::config::HttpConfig;
 pub use crate::mqtt::config::{MqttConfig, Secret, TlsConfig, WhenFull};
 pub use crate::payload::{MAX_NAME_LEN, is_valid_name};
 pub use problems::{ConfigErrors, FsChecks, Problem};
+pub use trigger::{MAX_TRIGGER_TIMEOUT_MS, TriggerConfig};
+
+mod trigger;
 
 /// `config/example.toml`: every field, documented.
 pub fn example_config() -> &'static str {
@@ -86,6 +90,8 @@ pub struct Config {
     pub engine: EngineConfig,
     pub mqtt: MqttConfig,
     pub cameras: Vec<CameraConfig>,
+    /// `[trigger]`: triggered inspection (defaults when absent).
+    pub trigger: TriggerConfig,
     /// `[http]`: the live view server; `None` = nothing listens.
     pub http: Option<HttpConfig>,
 }
@@ -122,6 +128,7 @@ struct RawConfig {
     engine: Option<RawEngine>,
     mqtt: S<RawMqtt>,
     camera: S<Vec<Spanned<RawCamera>>>,
+    trigger: Option<RawTrigger>,
     http: Option<RawHttp>,
 }
 
@@ -424,6 +431,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
     };
 
     let engine = resolve_engine(ctx, raw.engine.as_ref());
+    let trigger = resolve_trigger(ctx, raw.trigger.as_ref());
     let http = resolve_http(ctx, raw.http.as_ref());
     let mqtt = match &raw.mqtt {
         Some(m) => resolve_mqtt(ctx, m),
@@ -493,6 +501,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         engine: engine?,
         mqtt: mqtt?,
         cameras,
+        trigger,
         http,
     })
 }

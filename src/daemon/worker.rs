@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use super::regions::masked_stats;
+use super::trigger::Outcome;
 use super::{CamHandle, STALL_FILE_ENV, Shared, lock};
 use crate::camera::{Frame, FrameNotify, LatestSlot};
 use crate::decision::Verdict;
@@ -66,7 +67,9 @@ pub(super) fn run(
             std::thread::sleep(Duration::from_millis(100));
             continue;
         }
-        let frames = gather_batch(&handles, &notify_frames, &batching);
+        let mut frames = gather_batch(&handles, &notify_frames, &batching);
+        // Triggered cameras: only frames a waiting request will take are scored.
+        frames.retain(|f| shared.trigger.wanted(&f.camera_name, f));
         if frames.is_empty() {
             continue;
         }
@@ -306,6 +309,9 @@ fn publish_frame(
     let mask = st.mask;
     let latency_ms = f.captured_at.elapsed().as_secs_f32() * 1e3;
     let mut any = false;
+    // A triggered camera streams nothing; its decisions answer the waiting trigger requests.
+    let stream = shared.trigger.streams(&h.name);
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(scored.len());
     for (job, r) in scored {
         let Some(u) = st.units.get_mut(job.unit) else {
             continue;
@@ -315,6 +321,15 @@ fn publish_frame(
                 u.crop_errors += 1;
             }
             u.verdicts[Verdict::Unknown as usize] += 1;
+            outcomes.push(Outcome {
+                region: u.cfg.name.clone(),
+                score: f32::NAN,
+                threshold: u.rule.t2(),
+                verdict: Verdict::Unknown,
+            });
+            if !stream {
+                continue;
+            }
             publisher.result(FrameResult {
                 camera: h.name.to_string(),
                 seq,
@@ -345,6 +360,15 @@ fn publish_frame(
         };
         let d = u.decide(r.score, map_max);
         let anomaly = d.verdict == Verdict::Ng;
+        outcomes.push(Outcome {
+            region: u.cfg.name.clone(),
+            score: r.score,
+            threshold: u.rule.t2(),
+            verdict: d.verdict,
+        });
+        if !stream {
+            continue;
+        }
         publisher.result(FrameResult {
             camera: h.name.to_string(),
             seq,
@@ -405,6 +429,7 @@ fn publish_frame(
             }
         }
     }
+    shared.trigger.on_scored(&h.name, f, &outcomes);
     if !any {
         return;
     }

@@ -4,6 +4,11 @@
 //! Output: the queued alarms, oldest first, restored after a restart or a crash; the file
 //! `<state_dir>/`[`QUEUE_FILE`].
 //!
+//! The same code, generic over [`Queued`], keeps the answers to trigger requests
+//! ([`InspectionQueue`], file `<state_dir>/`[`INSPECTION_QUEUE_FILE`], same format, the
+//! record's `alarm` key holding an inspection result; no v1 file). What is said below of
+//! alarms holds for them too.
+//!
 //! # File format (`alarm-queue.v2`)
 //! A sequence of records, each framed so that a reader can check it and, after any damage,
 //! find the next good one:
@@ -64,11 +69,12 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::WhenFull;
-use crate::payload::Alarm;
+use crate::payload::{Alarm, Inspection};
 use crate::statedir;
 
 /// File name of the alarm queue inside the state directory (format version in the name).
@@ -85,12 +91,74 @@ const MAGIC: &[u8] = b"\x1eAQ2 ";
 const HEADER_LEN: usize = MAGIC.len() + 8 + 1 + 8 + 1;
 const RS: u8 = 0x1e;
 
+/// What a queue holds: alarms ([`AlarmQueue`]) or inspection results ([`InspectionQueue`]),
+/// each in its own file of the same format (the record's `alarm` key holds the stored item).
+pub trait Queued: Clone + std::fmt::Debug {
+    /// The form written to the file.
+    type Stored: Serialize + DeserializeOwned + std::fmt::Debug;
+    /// File name inside the state directory.
+    const FILE: &'static str;
+    /// The version-1 file migrated at open, if the kind had one.
+    const V1_FILE: Option<&'static str>;
+    fn stored(&self) -> Self::Stored;
+    fn restore(s: Self::Stored) -> Self;
+    /// The topic levels it is published under: `camera` or `camera/region`.
+    fn unit(&self) -> String;
+    /// Whether two items are the same message (merging a v1 file).
+    fn same(a: &Self, b: &Self) -> bool;
+}
+
+impl Queued for Alarm {
+    type Stored = StoredAlarm;
+    const FILE: &'static str = QUEUE_FILE;
+    const V1_FILE: Option<&'static str> = Some(QUEUE_FILE_V1);
+    fn stored(&self) -> StoredAlarm {
+        StoredAlarm::from(self)
+    }
+    fn restore(s: StoredAlarm) -> Self {
+        s.into()
+    }
+    fn unit(&self) -> String {
+        Alarm::unit(self)
+    }
+    fn same(a: &Self, b: &Self) -> bool {
+        same_alarm(a, b)
+    }
+}
+
+impl Queued for Inspection {
+    type Stored = Inspection;
+    const FILE: &'static str = INSPECTION_QUEUE_FILE;
+    const V1_FILE: Option<&'static str> = None;
+    fn stored(&self) -> Inspection {
+        self.clone()
+    }
+    fn restore(s: Inspection) -> Self {
+        s
+    }
+    fn unit(&self) -> String {
+        self.camera.clone()
+    }
+    fn same(a: &Self, b: &Self) -> bool {
+        a.result_id == b.result_id && a.meas_id == b.meas_id
+    }
+}
+
+/// The on-disk queue of alarms.
+pub type AlarmQueue = Queue<Alarm>;
+/// The on-disk queue of inspection results (triggered inspection, [`crate::payload::Inspection`]).
+pub type InspectionQueue = Queue<Inspection>;
+
+/// File name of the inspection-result queue inside the state directory.
+pub const INSPECTION_QUEUE_FILE: &str = "inspection-queue.v2";
+
 /// One record of the queue file (the JSON payload).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
-enum Record {
-    /// An alarm was queued (written and fsync'd before it is sent).
-    Add { id: u64, alarm: StoredAlarm },
+#[serde(bound = "S: Serialize + DeserializeOwned")]
+enum Record<S> {
+    /// An item was queued (written and fsync'd before it is sent).
+    Add { id: u64, alarm: S },
     /// The alarm with this id was acknowledged by the broker, or dropped because the queue was
     /// full (not fsync'd: a lost `del` only means a duplicate after a crash).
     Del { id: u64 },
@@ -99,7 +167,7 @@ enum Record {
 /// An [`Alarm`] as stored: a non-finite score is written as `null` (JSON has no NaN) and read
 /// back as NaN, so such an alarm is not lost as an unreadable record.
 #[derive(Debug, Serialize, Deserialize)]
-struct StoredAlarm {
+pub struct StoredAlarm {
     camera: String,
     active: bool,
     seq: u64,
@@ -136,7 +204,7 @@ impl From<StoredAlarm> for Alarm {
 }
 
 /// Appends one framed record to `out`.
-fn encode(rec: &Record, out: &mut Vec<u8>) -> io::Result<()> {
+fn encode<S: Serialize + DeserializeOwned>(rec: &Record<S>, out: &mut Vec<u8>) -> io::Result<()> {
     let payload = serde_json::to_vec(rec).map_err(io::Error::other)?;
     if payload.len() > MAX_PAYLOAD {
         return Err(io::Error::new(
@@ -165,7 +233,10 @@ fn hex32(b: &[u8]) -> Option<u32> {
 
 /// The record starting at `start` (an RS) and the offset just past its LF, if it is whole and
 /// its checksum matches.
-fn decode_at(buf: &[u8], start: usize) -> Option<(Record, usize)> {
+fn decode_at<S: Serialize + DeserializeOwned>(
+    buf: &[u8],
+    start: usize,
+) -> Option<(Record<S>, usize)> {
     let header = buf.get(start..start.checked_add(HEADER_LEN)?)?;
     if !header.starts_with(MAGIC) || header[13] != b' ' || header[22] != b' ' {
         return None;
@@ -186,14 +257,23 @@ fn decode_at(buf: &[u8], start: usize) -> Option<(Record, usize)> {
 }
 
 /// What a read of a queue file found.
-#[derive(Debug, Default)]
-struct Scan {
-    records: Vec<Record>,
+#[derive(Debug)]
+struct Scan<S> {
+    records: Vec<Record<S>>,
     /// Skipped byte ranges (damage), in file order.
     damaged: Vec<(usize, usize)>,
 }
 
-impl Scan {
+impl<S> Default for Scan<S> {
+    fn default() -> Self {
+        Self {
+            records: Vec::new(),
+            damaged: Vec::new(),
+        }
+    }
+}
+
+impl<S> Scan<S> {
     fn skip(&mut self, from: usize, to: usize) {
         match self.damaged.last_mut() {
             Some(last) if last.1 == from => last.1 = to,
@@ -207,7 +287,7 @@ impl Scan {
 }
 
 /// Reads every good record of a v2 file, resynchronising after damage (see the module docs).
-fn scan_v2(buf: &[u8]) -> Scan {
+fn scan_v2<S: Serialize + DeserializeOwned>(buf: &[u8]) -> Scan<S> {
     let mut scan = Scan::default();
     let mut pos = 0;
     while pos < buf.len() {
@@ -234,7 +314,7 @@ fn scan_v2(buf: &[u8]) -> Scan {
 }
 
 /// Reads a v1 file (JSON lines) line by line as bytes: a bad line costs only itself.
-fn scan_v1(buf: &[u8], path: &Path) -> Scan {
+fn scan_v1<S: Serialize + DeserializeOwned>(buf: &[u8], path: &Path) -> Scan<S> {
     let mut scan = Scan::default();
     let mut pos = 0;
     for (n, line) in buf.split_inclusive(|&b| b == b'\n').enumerate() {
@@ -244,7 +324,7 @@ fn scan_v1(buf: &[u8], path: &Path) -> Scan {
             scan.skip(pos, end);
             break;
         };
-        match serde_json::from_slice::<Record>(body) {
+        match serde_json::from_slice::<Record<S>>(body) {
             Ok(rec) => scan.records.push(rec),
             Err(e) => {
                 warn!(path = %path.display(), line = n + 1, error = %e, "alarm queue (v1): corrupt record skipped");
@@ -258,8 +338,8 @@ fn scan_v1(buf: &[u8], path: &Path) -> Scan {
 
 /// The queued alarms of a set of records: the `add`s without a `del`, in id order; a repeated
 /// `add` of one id counts once.
-fn live(records: Vec<Record>) -> Vec<Alarm> {
-    let mut adds: BTreeMap<u64, StoredAlarm> = BTreeMap::new();
+fn live<T: Queued>(records: Vec<Record<T::Stored>>) -> Vec<T> {
+    let mut adds: BTreeMap<u64, T::Stored> = BTreeMap::new();
     let mut dels: HashSet<u64> = HashSet::new();
     for rec in records {
         match rec {
@@ -273,13 +353,13 @@ fn live(records: Vec<Record>) -> Vec<Alarm> {
     }
     adds.into_iter()
         .filter(|(id, _)| !dels.contains(id))
-        .map(|(_, a)| a.into())
+        .map(|(_, a)| T::restore(a))
         .collect()
 }
 
 /// Reads one queue file (`v1` picks the format); `None` if it does not exist. Damage is logged,
 /// and the original bytes are kept in `<path>.damaged`.
-fn load(path: &Path, v1: bool) -> io::Result<Option<Vec<Alarm>>> {
+fn load<T: Queued>(path: &Path, v1: bool) -> io::Result<Option<Vec<T>>> {
     // The error names the file (e.g. a directory or a device at the queue's name).
     let Some(buf) = statedir::read_file(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?
@@ -309,13 +389,13 @@ fn load(path: &Path, v1: bool) -> io::Result<Option<Vec<Alarm>>> {
             warn!(path = %keep.display(), error = %e, "alarm queue: cannot keep a copy of the damaged file");
         }
     }
-    Ok(Some(live(scan.records)))
+    Ok(Some(live::<T>(scan.records)))
 }
 
 #[derive(Debug, Clone)]
-pub(super) struct Entry {
+pub(super) struct Entry<T> {
     pub(super) id: u64,
-    pub(super) alarm: Alarm,
+    pub(super) alarm: T,
     /// Send with `replayed: true`.
     pub(super) replay: bool,
     /// Handed to the current connection.
@@ -323,21 +403,30 @@ pub(super) struct Entry {
 }
 
 /// What [`AlarmQueue::push`] did.
-#[derive(Debug, Default)]
-pub struct PushOutcome {
-    /// An alarm discarded by the full-queue policy (the oldest, or the new one).
-    pub dropped: Option<Alarm>,
+#[derive(Debug)]
+pub struct PushOutcome<T = Alarm> {
+    /// An item discarded by the full-queue policy (the oldest, or the new one).
+    pub dropped: Option<T>,
     /// The write failed; the alarm is kept in memory only (until a later write succeeds).
     pub io_error: Option<io::Error>,
 }
 
-/// Bounded, append-only, fsync'd alarm queue; the format and its guarantees are in the module
+impl<T> Default for PushOutcome<T> {
+    fn default() -> Self {
+        Self {
+            dropped: None,
+            io_error: None,
+        }
+    }
+}
+
+/// Bounded, append-only, fsync'd queue; the format and its guarantees are in the module
 /// docs.
 #[derive(Debug)]
-pub struct AlarmQueue {
+pub struct Queue<T: Queued> {
     path: PathBuf,
     file: Option<File>,
-    pub(super) entries: VecDeque<Entry>,
+    pub(super) entries: VecDeque<Entry<T>>,
     next_id: u64,
     max: usize,
     when_full: WhenFull,
@@ -347,22 +436,25 @@ pub struct AlarmQueue {
     in_sync: bool,
 }
 
-impl AlarmQueue {
+impl<T: Queued> Queue<T> {
     /// Opens (creating `dir` and the file if needed) and restores the queue, migrating a v1
     /// file. Restored alarms will be sent with `replayed: true`.
     pub fn open(dir: &Path, max: usize, when_full: WhenFull) -> io::Result<Self> {
         statedir::create_dir(dir)?;
-        let path = dir.join(QUEUE_FILE);
-        let v1_path = dir.join(QUEUE_FILE_V1);
-        let mut alarms = load(&path, false)?.unwrap_or_default();
-        let v1 = load(&v1_path, true)?;
-        if let Some(old) = &v1 {
+        let path = dir.join(T::FILE);
+        let v1_path = T::V1_FILE.map(|f| dir.join(f));
+        let mut alarms: Vec<T> = load(&path, false)?.unwrap_or_default();
+        let v1 = match &v1_path {
+            Some(p) => load::<T>(p, true)?,
+            None => None,
+        };
+        if let (Some(old), Some(v1_path)) = (&v1, &v1_path) {
             // Both files exist after a crash between the migration's rename and unlink (the v1
             // alarms are then in v2 already), or after a downgrade and upgrade (then they are
             // newer): keep each alarm once.
             let before = alarms.len();
             for a in old {
-                if !alarms.iter().take(before).any(|b| same_alarm(a, b)) {
+                if !alarms.iter().take(before).any(|b| T::same(a, b)) {
                     alarms.push(a.clone());
                 }
             }
@@ -374,7 +466,7 @@ impl AlarmQueue {
             warn!(path = %path.display(), dropped = n, max, "alarm queue: more alarms restored than queue_max_alarms; the oldest are dropped");
             alarms.drain(..n);
         }
-        let entries: VecDeque<Entry> = alarms
+        let entries: VecDeque<Entry<T>> = alarms
             .into_iter()
             .enumerate()
             .map(|(i, alarm)| Entry {
@@ -398,9 +490,9 @@ impl AlarmQueue {
             info!(path = %q.path.display(), alarms = q.entries.len(), "alarm queue restored; will replay after connecting");
         }
         q.rewrite()?;
-        if v1.is_some() {
-            std::fs::remove_file(&v1_path)?;
-            statedir::sync_dir(&v1_path)?;
+        if let (Some(_), Some(v1_path)) = (&v1, &v1_path) {
+            std::fs::remove_file(v1_path)?;
+            statedir::sync_dir(v1_path)?;
         }
         Ok(q)
     }
@@ -421,12 +513,12 @@ impl AlarmQueue {
     }
 
     /// The queued alarms, oldest first.
-    pub fn alarms(&self) -> impl Iterator<Item = &Alarm> {
+    pub fn alarms(&self) -> impl Iterator<Item = &T> {
         self.entries.iter().map(|e| &e.alarm)
     }
 
     /// Appends an alarm (fsync'd) and returns its id, applying the full-queue policy first.
-    pub fn push(&mut self, alarm: Alarm, replay: bool) -> (Option<u64>, PushOutcome) {
+    pub fn push(&mut self, alarm: T, replay: bool) -> (Option<u64>, PushOutcome<T>) {
         let mut out = PushOutcome::default();
         if self.entries.len() >= self.max {
             match self.when_full {
@@ -436,7 +528,9 @@ impl AlarmQueue {
                 }
                 WhenFull::DropOldest => {
                     if let Some(old) = self.entries.pop_front() {
-                        if let Err(e) = self.persist(&Record::Del { id: old.id }, false) {
+                        if let Err(e) =
+                            self.persist(&Record::<T::Stored>::Del { id: old.id }, false)
+                        {
                             out.io_error = Some(e);
                         }
                         out.dropped = Some(old.alarm);
@@ -453,7 +547,7 @@ impl AlarmQueue {
         });
         let rec = Record::Add {
             id,
-            alarm: StoredAlarm::from(&self.entries[self.entries.len() - 1].alarm),
+            alarm: self.entries[self.entries.len() - 1].alarm.stored(),
         };
         if let Err(e) = self.persist(&rec, true) {
             out.io_error = Some(e);
@@ -462,7 +556,7 @@ impl AlarmQueue {
     }
 
     /// Removes an acknowledged alarm; returns it (None if it was dropped meanwhile).
-    pub fn ack(&mut self, id: u64) -> io::Result<Option<Alarm>> {
+    pub fn ack(&mut self, id: u64) -> io::Result<Option<T>> {
         let Some(pos) = self.entries.iter().position(|e| e.id == id) else {
             return Ok(None);
         };
@@ -470,7 +564,7 @@ impl AlarmQueue {
         if self.entries.is_empty() && self.in_sync {
             self.truncate()?;
         } else {
-            self.persist(&Record::Del { id }, false)?;
+            self.persist(&Record::<T::Stored>::Del { id }, false)?;
         }
         Ok(entry.map(|e| e.alarm))
     }
@@ -511,7 +605,7 @@ impl AlarmQueue {
 
     /// Brings the file up to date with `entries` after a change whose record is `rec`: appends
     /// it, or rewrites the whole file when it is out of sync or dead records dominate it.
-    fn persist(&mut self, rec: &Record, sync: bool) -> io::Result<()> {
+    fn persist(&mut self, rec: &Record<T::Stored>, sync: bool) -> io::Result<()> {
         let compact = self.records > 2 * self.entries.len() + 1024;
         if self.in_sync && !compact {
             self.append(rec, sync)
@@ -520,7 +614,7 @@ impl AlarmQueue {
         }
     }
 
-    fn append(&mut self, rec: &Record, sync: bool) -> io::Result<()> {
+    fn append(&mut self, rec: &Record<T::Stored>, sync: bool) -> io::Result<()> {
         let mut bytes = Vec::with_capacity(256);
         encode(rec, &mut bytes)?;
         let file = match &mut self.file {
@@ -567,7 +661,7 @@ impl AlarmQueue {
         for e in &self.entries {
             let rec = Record::Add {
                 id: e.id,
-                alarm: StoredAlarm::from(&e.alarm),
+                alarm: e.alarm.stored(),
             };
             encode(&rec, &mut buf)?;
         }
@@ -608,7 +702,7 @@ mod tests {
         q.alarms().map(|a| a.seq).collect()
     }
 
-    fn records(path: &Path) -> Vec<Record> {
+    fn records(path: &Path) -> Vec<Record<StoredAlarm>> {
         scan_v2(&std::fs::read(path).expect("read")).records
     }
 
@@ -756,13 +850,15 @@ mod tests {
         assert_eq!(hex32(b"+000001f"), None);
         assert_eq!(hex32(b"000001f"), None);
         let mut buf = Vec::new();
-        encode(&Record::Del { id: 7 }, &mut buf).expect("encode");
-        assert!(matches!(decode_at(&buf, 0), Some((Record::Del { id: 7 }, n)) if n == buf.len()));
+        encode(&Record::<StoredAlarm>::Del { id: 7 }, &mut buf).expect("encode");
+        assert!(
+            matches!(decode_at::<StoredAlarm>(&buf, 0), Some((Record::Del { id: 7 }, n)) if n == buf.len())
+        );
         let mut big = buf.clone();
         big[5..13].copy_from_slice(b"ffffffff");
-        assert!(decode_at(&big, 0).is_none());
+        assert!(decode_at::<StoredAlarm>(&big, 0).is_none());
         let mut no_lf = buf.clone();
         *no_lf.last_mut().expect("lf") = b' ';
-        assert!(decode_at(&no_lf, 0).is_none());
+        assert!(decode_at::<StoredAlarm>(&no_lf, 0).is_none());
     }
 }

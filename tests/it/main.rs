@@ -38,3 +38,4 @@ mod score_cli;
 mod speed;
 mod statedir;
 mod systemd;
+mod trigger;
