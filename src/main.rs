@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod cli_calibrate;
 mod cli_bench;
+mod cli_calibrate;
 mod cli_eval;
 mod cli_reference;
 mod cli_score;

@@ -24,6 +24,11 @@ use crate::decision::{Decision, Rule};
 use crate::payload::MaskGate;
 use crate::region::{self, PixelRect, RegionError};
 
+/// A region's crop of a frame and the map pixels it ignores.
+pub(super) type Crop = (PixelRect, Option<Arc<[bool]>>);
+/// A frame's width and height and the map's edge.
+type Geometry = (u32, u32, usize);
+
 /// What a calibration must match to be applied: the running model and engine.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Validity {
@@ -51,10 +56,7 @@ pub(super) struct Unit {
     pub(super) debouncer: Debouncer,
     pub(super) gate: MaskGate,
     /// The crop and ignore mask for the last frame geometry `(width, height, map size)`.
-    geometry: Option<(
-        (u32, u32, usize),
-        Result<(PixelRect, Option<Arc<[bool]>>), RegionError>,
-    )>,
+    geometry: Option<(Geometry, Result<Crop, RegionError>)>,
     /// Frames decided OK, UNKNOWN, NG.
     pub(super) verdicts: [u64; 3],
     /// Frames whose crop did not fit the frame.
@@ -153,7 +155,7 @@ impl Unit {
         width: u32,
         height: u32,
         size: usize,
-    ) -> Result<(PixelRect, Option<Arc<[bool]>>), RegionError> {
+    ) -> Result<Crop, RegionError> {
         let key = (width, height, size);
         if self.geometry.as_ref().is_none_or(|(k, _)| *k != key) {
             let shape = &self.cfg.shape;
