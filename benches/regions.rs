@@ -105,8 +105,22 @@ fn main() {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(30);
-    let (mut one, mut all) = (Vec::new(), Vec::new());
+    let (mut one, mut all, mut prep) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..iterations {
+        let t = Instant::now();
+        for (k, shape) in regions.iter().enumerate() {
+            let r = shape.pixel_rect(w, h).expect("rect");
+            scorer
+                .prepare_frame(
+                    &frame[r.y as usize * stride + r.x as usize * 3..],
+                    r.w as usize,
+                    r.h as usize,
+                    stride,
+                    &mut four_input[k * plane..(k + 1) * plane],
+                )
+                .expect("prepare");
+        }
+        prep.push(t.elapsed());
         let t = Instant::now();
         std::hint::black_box(scorer.score_frames(&one_input, &[0.5]).expect("score"));
         one.push(t.elapsed());
@@ -114,7 +128,7 @@ fn main() {
         four(&mut scorer, &mut four_input);
         all.push(t.elapsed());
     }
-    let (one, all) = (median(one), median(all));
+    let (one, all, prep) = (median(one), median(all), median(prep));
     let budget = one.mul_f64(4.0 * 1.1);
     println!(
         "model: {} (input {s}), {threads} engine thread(s), {iterations} alternating runs, medians",
