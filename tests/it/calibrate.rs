@@ -246,3 +246,60 @@ async fn the_daemon_applies_a_matching_calibration_and_refuses_a_stale_one() {
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit().await.success());
 }
+
+#[test]
+fn live_calibration_takes_distinct_frames_from_the_camera_and_a_silent_camera_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("config.toml");
+    let state = format!("state_dir = \"{}\"", dir.path().join("state").display());
+    let camera = |pipeline: &str| {
+        config(
+            "live",
+            1,
+            &format!(
+                "[[camera]]\nname = \"cam\"\npipeline = \"{pipeline}\"\n\
+                 [[camera.region]]\nname = \"part\"\nrect = [0.25, 0.25, 0.5, 0.5]\ncalibration = true\n"
+            ),
+        )
+        .replace("state_dir = \"state\"", &state)
+    };
+    // A moving ball: consecutive frames differ, so none is skipped as a near-duplicate.
+    std::fs::write(
+        &cfg,
+        camera("videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=20/1"),
+    )
+    .expect("config");
+    let o = calibrate(
+        &cfg,
+        &[
+            "--region",
+            "part",
+            "--frames",
+            "12",
+            "--min-interval-ms",
+            "20",
+            "--rate",
+            "0.08",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let cal: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(cal["stats"]["n"], 12, "{cal}");
+    assert_eq!(cal["source"], "camera");
+    assert_eq!(cal["region"], "part");
+    assert!(dir.path().join("state/calibration/cam/part.json").is_file());
+
+    // A camera that never delivers a frame: one clear line, exit 2, nothing written.
+    std::fs::write(&cfg, camera("videotestsrc is-live=true ! valve drop=true")).expect("config");
+    let before = std::fs::read(dir.path().join("state/calibration/cam/part.json")).expect("file");
+    let o = calibrate(
+        &cfg,
+        &["--region", "part", "--frames", "12", "--timeout-s", "3"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("delivered no frame"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(dir.path().join("state/calibration/cam/part.json")).expect("file"),
+        before
+    );
+}
