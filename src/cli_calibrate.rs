@@ -333,20 +333,20 @@ fn capture(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
         let now = Instant::now();
-        if now >= deadline {
-            bail!(
-                "camera {:?}: only {} of {n} frames in {} s (--timeout-s)",
-                cam.name,
-                values.len(),
-                args.timeout_s
-            );
-        }
         if values.is_empty() && geometry.is_none() && now >= first_frame_by {
             bail!(
                 "camera {:?} delivered no frame in {} s: is it online? (status: {})",
                 cam.name,
                 first_frame_by.duration_since(started).as_secs(),
                 camera.status()
+            );
+        }
+        if now >= deadline {
+            bail!(
+                "camera {:?}: only {} of {n} frames in {} s (--timeout-s)",
+                cam.name,
+                values.len(),
+                args.timeout_s
             );
         }
         let frames = notify.take_any(&slots, Duration::from_millis(200));
