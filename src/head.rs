@@ -839,7 +839,8 @@ mod tests {
         assert_eq!(threshold_grey(0.0, 0.3), 0);
         assert_eq!(threshold_grey(1.0, 0.3), 255);
         assert_eq!(threshold_grey(0.15, 0.3), 64);
-        assert_eq!(threshold_grey(0.299, 0.3), 126);
+        assert_eq!(threshold_grey(0.29, 0.3), 123);
+        assert_eq!(threshold_grey(0.3 - 1e-6, 0.3), 127);
         assert_eq!(threshold_grey(0.9, 0.9), 128);
         assert_eq!(threshold_grey(f32::NAN, 0.5), 0);
         // Same value, same grey, whatever else is in the frame.
