@@ -284,9 +284,10 @@ fn score_chunk(
     Ok(results)
 }
 
-/// Publishes one frame's regions: each region's result (a region whose crop did not fit or
-/// whose inference failed gets an UNKNOWN result with `score` -1), alarm transition (recorded
-/// in the state directory first) and a mask when the region's gate admits one.
+/// Publishes one frame's regions: each region's result (a region whose crop did not fit the
+/// frame gets an UNKNOWN result with `score` -1; one whose inference failed gets nothing, it is
+/// counted as an inference error), alarm transition (recorded in the state directory first)
+/// and a mask when the region's gate admits one.
 fn publish_frame(
     shared: &Shared,
     publisher: &PublisherHandle,
@@ -317,9 +318,13 @@ fn publish_frame(
             continue;
         };
         let Some(r) = r else {
-            if job.crop.is_err() {
-                u.crop_errors += 1;
+            if job.crop.is_ok() {
+                // Inference failed for this image (e.g. NaN in the model's outputs): counted
+                // and logged as an inference error, nothing is published for it.
+                continue;
             }
+            // The region does not fit this frame: the line is told (UNKNOWN), not left silent.
+            u.crop_errors += 1;
             u.verdicts[Verdict::Unknown as usize] += 1;
             outcomes.push(Outcome {
                 region: u.cfg.name.clone(),
