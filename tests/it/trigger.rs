@@ -426,7 +426,10 @@ async fn the_birth_certificate_is_retained_and_follows_a_reload() {
     let cfg = |mode: &str| config("t5", broker.port, &sim("cam", mode));
     let mut d = Daemon::start(&cfg("continuous"));
     d.wait_ready().await;
-    // A client connecting later gets it (retained).
+    // Once it is out (READY=1 can come before the broker connection), a client connecting
+    // later gets it retained.
+    let mut first = Watcher::start(broker.port, "anomalyclip/t5/info").await;
+    first.next_on("anomalyclip/t5/info").await;
     let mut w = Watcher::start(broker.port, "anomalyclip/t5/info").await;
     let v = w.next_on("anomalyclip/t5/info").await;
     assert!(v.retain, "retained");
