@@ -45,6 +45,10 @@ pub const MAX_LAYERS: usize = 1024;
 /// is 256 MB of float32.
 pub const MAX_LOCAL_FEATURES: usize = 1 << 26;
 
+/// How far a text row's L2 norm may be from 1. float32 rounding of a normalised 768-vector is
+/// ~1e-7; fp16 storage upstream ~1e-3 at worst.
+pub const TEXT_NORM_TOLERANCE: f64 = 1e-2;
+
 /// Errors while loading a model package.
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
@@ -120,7 +124,19 @@ pub struct ModelSpec {
 #[serde(deny_unknown_fields)]
 pub struct TextSpec {
     pub file: String,
+    #[serde(deserialize_with = "two_dims")]
     pub shape: [usize; 2],
+}
+
+/// `text.shape`: exactly two dimensions (serde's fixed-size arrays would ignore extra ones).
+fn two_dims<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[usize; 2], D::Error> {
+    let v = Vec::<usize>::deserialize(d)?;
+    <[usize; 2]>::try_from(v.as_slice()).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "expected two dimensions [2, embed_dim], found {} ({v:?})",
+            v.len()
+        ))
+    })
 }
 
 /// One dimension of an output shape: a fixed size or the symbolic batch dimension.
@@ -291,6 +307,25 @@ impl ModelPackage {
                 path: text_path,
                 message: "text constant holds NaN or infinite values".into(),
             });
+        }
+        // The exporter writes each prompt's features L2-normalised (official `test.py`); a row
+        // that is not (all zeros, a foreign file) would give every image the same score.
+        for (row, values) in text.chunks_exact(dim.max(1)).enumerate() {
+            let norm = values
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                .sqrt();
+            if (norm - 1.0).abs() > TEXT_NORM_TOLERANCE {
+                return Err(PackageError::Invalid {
+                    path: text_path,
+                    message: format!(
+                        "row {row} ({}) has L2 norm {norm:.6}, expected 1 within \
+                         {TEXT_NORM_TOLERANCE} (the exporter writes L2-normalised prompt features)",
+                        if row == 0 { "normal" } else { "anomalous" }
+                    ),
+                });
+            }
         }
         Ok(Self {
             dir: dir.to_path_buf(),

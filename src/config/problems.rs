@@ -91,6 +91,9 @@ pub(crate) struct Ctx<'a> {
     pub origin: &'a str,
     pub fs: FsChecks,
     pub problems: Vec<Problem>,
+    /// Byte offsets of the newlines, so that a line number is a binary search (a file with
+    /// thousands of problems must not rescan the text for each one).
+    newlines: Vec<usize>,
 }
 
 impl<'a> Ctx<'a> {
@@ -100,16 +103,20 @@ impl<'a> Ctx<'a> {
             origin,
             fs,
             problems: Vec::new(),
+            newlines: text
+                .bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'\n')
+                .map(|(i, _)| i)
+                .collect(),
         }
     }
 
+    /// The 1-based line of byte `offset` (offsets past the end count as the last line).
     pub fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+        // Newlines strictly before `end`.
+        self.newlines.partition_point(|&n| n < end) + 1
     }
 
     pub fn push(

@@ -389,6 +389,9 @@ pub enum IssueKind {
     MissingImage,
     /// An image that cannot be decoded. Error: skipped.
     UnreadableImage,
+    /// An image or mask path in `meta.json` that leaves ROOT (absolute, or with `..`). Error:
+    /// skipped (the evaluation reads only files under the dataset root).
+    OutsideRoot,
     /// `anomaly` not 0 or 1. Error: skipped.
     BadLabel,
     /// The scorer failed on the image. Error: skipped.
@@ -411,6 +414,7 @@ impl IssueKind {
         match self {
             IssueKind::MissingImage
             | IssueKind::UnreadableImage
+            | IssueKind::OutsideRoot
             | IssueKind::BadLabel
             | IssueKind::ScoreFailed => Severity::Error,
             IssueKind::MissingMask
@@ -645,8 +649,11 @@ pub(super) fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     Ok(out)
 }
 
+/// Whether `p` is listed as an image: an image extension, not hidden, not a directory. A FIFO,
+/// a device or a dangling symlink with an image name is listed, so that reading it reports what
+/// it is instead of the file silently missing from the evaluation.
 pub(super) fn is_image_file(p: &Path) -> bool {
-    if !p.is_file() || file_name(p).starts_with('.') {
+    if p.is_dir() || file_name(p).starts_with('.') || std::fs::symlink_metadata(p).is_err() {
         return false;
     }
     p.extension()
@@ -934,11 +941,25 @@ impl Validated {
 /// Joins a `meta.json` path to ROOT like the official loader (`os.path.join`: an absolute path
 /// stays absolute); `None` for an empty path.
 fn join_rel(root: &Path, rel: &str) -> Option<PathBuf> {
+    // Paths that leave ROOT are refused before this (`leaves_root`).
     if rel.is_empty() {
         None
     } else {
         Some(root.join(rel))
     }
+}
+
+/// Whether a `meta.json` path would leave ROOT: absolute, or with a `..` component. The
+/// official loader joins such paths as they are; we read only files under the dataset root.
+fn leaves_root(rel: &str) -> bool {
+    let p = Path::new(rel);
+    p.is_absolute()
+        || p.components().any(|c| {
+            matches!(
+                c,
+                std::path::Component::ParentDir | std::path::Component::Prefix(_)
+            )
+        })
 }
 
 /// Whether something that is not a directory exists at `p` (a FIFO or a device counts, so that
@@ -975,6 +996,20 @@ fn check_item(
             format!("anomaly = {} (expected 0 or 1): skipped", item.anomaly),
         ));
         return (None, issues);
+    }
+    for (what, path) in [("image", ip), ("mask", item.mask_path.as_str())] {
+        if leaves_root(path) {
+            issues.push(Issue::new(
+                IssueKind::OutsideRoot,
+                class,
+                Some(ip),
+                format!(
+                    "{what} path {path:?} leaves the dataset root (absolute or with ..; \
+                     meta.json paths must be relative to ROOT): skipped"
+                ),
+            ));
+            return (None, issues);
+        }
     }
     let Some(image) = join_rel(root, ip).filter(|p| present(p)) else {
         issues.push(Issue::new(

@@ -903,14 +903,12 @@ fn with_password_file(text: String, file: &str) -> String {
 // The table
 // ---------------------------------------------------------------------------------------------
 
-const KNOWN_FILES: &str = "known: file-type/size checks (FIFO, /dev/zero, bounded reads)";
 /// Not a fault we can fix in the binary: a signal that arrives within the first tens of
 /// milliseconds after exec, while the dynamic loader is still mapping GLib/GStreamer and before
 /// `main` runs, takes the default action. `run` installs its handlers first thing; systemd sends
 /// SIGHUP (ExecReload) only to an active unit, i.e. after READY=1.
 const LIMIT_EXEC_WINDOW: &str =
     "limit: a signal before main runs (the exec window) takes the default action";
-const NEW_QUADRATIC: &str = "new: check-config takes problems × file size (line numbers found by rescanning the text): 10000 bad 100-byte lines take 21 s (debug) / 2.5 s (release)";
 
 fn cases() -> Vec<Case> {
     let mut v = Vec::new();
@@ -1215,7 +1213,7 @@ fn config_cases(v: &mut Vec<Case>) {
         ("config file with NUL bytes", "config.toml", None),
         ("config file nested arrays 100000 deep", "config.toml", None),
         ("config file nested inline tables 100000 deep", "config.toml", None),
-        ("config file 1 MB of garbage lines (25000 problems)", "config.toml", Some(NEW_QUADRATIC)),
+        ("config file 1 MB of garbage lines (25000 problems)", "config.toml", None),
         ("config file a dangling symlink", "cannot read", None),
     ];
     for (name, frag, pending) in file_cases {
@@ -1445,7 +1443,7 @@ fn package_cases(v: &mut Vec<Case>) {
         ("feature_layers block 0", |_, p| edit_manifest(p, "feature_layers = [4]", "feature_layers = [0]"), Exit::Usage, "feature_layers", None),
         ("feature_layers past layers", |_, p| edit_manifest(p, "feature_layers = [4]", "feature_layers = [99]"), Exit::Usage, "feature_layers", None),
         ("text.shape wrong", |_, p| edit_manifest(p, "shape = [2, 32]", "shape = [3, 32]"), Exit::Usage, "text.shape", None),
-        ("text.shape with three dims", |_, p| edit_manifest(p, "shape = [2, 32]", "shape = [2, 32, 1]"), Exit::Usage, "shape", Some("new: text.shape with extra dimensions is accepted (the extra ones are ignored)")),
+        ("text.shape with three dims", |_, p| edit_manifest(p, "shape = [2, 32]", "shape = [2, 32, 1]"), Exit::Usage, "shape", None),
         ("output global missing", |_, p| edit_manifest(p, "name = \"global\"", "name = \"globl\""), Exit::Usage, "global", None),
         ("output shape wrong", |_, p| edit_manifest(p, "[\"batch\", 64, 32]", "[\"batch\", 65, 32]"), Exit::Usage, "outputs.local_4.shape", None),
         ("output shape past u64", |_, p| edit_manifest(p, "[\"batch\", 64, 32]", "[\"batch\", 18446744073709551616, 32]"), Exit::Usage, "manifest", None),
@@ -1507,7 +1505,7 @@ fn package_cases(v: &mut Vec<Case>) {
             t[8..12].copy_from_slice(&f32::INFINITY.to_le_bytes());
             replace_with_hash(p, "text.f32", &t);
         }, Exit::Usage, "infinite", None),
-        ("text.f32 all zeros (normal = anomalous prompt)", |_, p| replace_with_hash(p, "text.f32", &[0u8; 256]), Exit::Usage, "text.f32", Some("new: a text constant of zeros (not L2-normalised) is accepted and every score is 0.5")),
+        ("text.f32 all zeros (normal = anomalous prompt)", |_, p| replace_with_hash(p, "text.f32", &[0u8; 256]), Exit::Usage, "text.f32", None),
         ("text.f32 missing", |_, p| std::fs::remove_file(p.join("text.f32")).expect("rm"), Exit::Usage, "text.f32", None),
         ("text.f32 a FIFO", |_, p| {
             std::fs::remove_file(p.join("text.f32")).expect("rm");
@@ -2024,12 +2022,13 @@ fn dataset_cases(v: &mut Vec<Case>) {
             mvtec(&ctx.dir.join("data"), true);
             write(&ctx.dir.join("data/widget/ground_truth/crack/000_mask.png"), "garbage");
         }, &[], Exit::Ok, "cannot read mask", None),
+        // An unreadable mask is a warning (image metrics only), as for "mask garbage": no hang.
         ("mask a FIFO", |ctx| {
             mvtec(&ctx.dir.join("data"), true);
             let m = ctx.dir.join("data/widget/ground_truth/crack/000_mask.png");
             std::fs::remove_file(&m).expect("rm");
             mkfifo(&m);
-        }, &[], Exit::Refused, "000_mask.png", Some(KNOWN_FILES)),
+        }, &[], Exit::Ok, "000_mask.png", None),
         ("image garbage: skipped, others scored", |ctx| {
             mvtec(&ctx.dir.join("data"), true);
             write(&ctx.dir.join("data/widget/test/good/001.png"), "garbage");
@@ -2039,7 +2038,7 @@ fn dataset_cases(v: &mut Vec<Case>) {
             let p = ctx.dir.join("data/widget/test/good/001.png");
             std::fs::remove_file(&p).expect("rm");
             mkfifo(&p);
-        }, &[], Exit::Items, "001.png", Some(KNOWN_FILES)),
+        }, &[], Exit::Items, "001.png", None),
         ("image a directory named .png", |ctx| {
             mvtec(&ctx.dir.join("data"), true);
             std::fs::create_dir_all(ctx.dir.join("data/widget/test/good/dir.png")).expect("mkdir");
@@ -2047,7 +2046,7 @@ fn dataset_cases(v: &mut Vec<Case>) {
         ("image a dangling symlink", |ctx| {
             mvtec(&ctx.dir.join("data"), true);
             symlink("/nonexistent/x.png", &ctx.dir.join("data/widget/test/good/002.png"));
-        }, &[], Exit::Items, "002.png", Some("new: an image that is a dangling symlink is silently left out of eval (no issue)")),
+        }, &[], Exit::Items, "002.png", None),
         ("meta.json malformed", |ctx| {
             mvtec(&ctx.dir.join("data"), true);
             write(&ctx.dir.join("data/meta.json"), "{\"test\": {\"widget\": [");
@@ -2099,7 +2098,7 @@ fn dataset_cases(v: &mut Vec<Case>) {
                 meta_item("widget/test/crack/000.png", "widget/ground_truth/crack/000_mask.png", 1),
             ];
             write(&ctx.dir.join("data/meta.json"), meta_json(&items.join(",")));
-        }, &[], Exit::Refused, "../outside.png", Some("new: meta.json paths outside ROOT are read (../, absolute)")),
+        }, &[], Exit::Refused, "../outside.png", None),
         ("meta.json absolute image path", |ctx| {
             mvtec(&ctx.dir.join("data"), true);
             let abs = ctx.dir.join("data/widget/test/good/001.png").display().to_string();
@@ -2109,7 +2108,7 @@ fn dataset_cases(v: &mut Vec<Case>) {
                 meta_item("widget/test/crack/000.png", "widget/ground_truth/crack/000_mask.png", 1),
             ];
             write(&ctx.dir.join("data/meta.json"), meta_json(&items.join(",")));
-        }, &[], Exit::Refused, "001.png", Some("new: meta.json paths outside ROOT are read (../, absolute)")),
+        }, &[], Exit::Refused, "001.png", None),
         ("meta.json mask path outside the root", |ctx| {
             mvtec(&ctx.dir.join("data"), true);
             write(&ctx.dir.join("outside_mask.png"), gray_png(32, 32, 255));
@@ -2118,7 +2117,7 @@ fn dataset_cases(v: &mut Vec<Case>) {
                 meta_item("widget/test/crack/000.png", "../outside_mask.png", 1),
             ];
             write(&ctx.dir.join("data/meta.json"), meta_json(&items.join(",")));
-        }, &[], Exit::Refused, "outside_mask.png", Some("new: meta.json paths outside ROOT are read (../, absolute)")),
+        }, &[], Exit::Refused, "outside_mask.png", None),
         ("--batch 0", |ctx| mvtec(&ctx.dir.join("data"), true), &["--batch", "0"], Exit::Usage, "batch", None),
         ("--batch 1000000 (over the bound)", |ctx| mvtec(&ctx.dir.join("data"), true), &["--batch", "1000000"], Exit::Usage, "--batch 1000000", None),
         ("--batch past u64", |ctx| mvtec(&ctx.dir.join("data"), true), &["--batch", "18446744073709551616"], Exit::Usage, "batch", None),
