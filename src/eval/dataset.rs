@@ -949,17 +949,30 @@ fn join_rel(root: &Path, rel: &str) -> Option<PathBuf> {
     }
 }
 
-/// Whether a `meta.json` path would leave ROOT: absolute, or with a `..` component. The
-/// official loader joins such paths as they are; we read only files under the dataset root.
-fn leaves_root(rel: &str) -> bool {
-    let p = Path::new(rel);
-    p.is_absolute()
-        || p.components().any(|c| {
-            matches!(
-                c,
-                std::path::Component::ParentDir | std::path::Component::Prefix(_)
-            )
-        })
+/// Whether a `meta.json` path would leave ROOT, judged on the path as written (`.` and `..`
+/// resolved lexically, symlinks not followed). An absolute path inside ROOT is accepted: several
+/// official generators write their root argument into every path. Anything else outside ROOT is
+/// refused; the official loader would read it.
+fn leaves_root(root: &Path, rel: &str) -> bool {
+    fn lexical(p: &Path) -> PathBuf {
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                other => out.push(other),
+            }
+        }
+        out
+    }
+    if rel.is_empty() {
+        return false;
+    }
+    let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+    let root = lexical(&root);
+    !lexical(&root.join(rel)).starts_with(&root)
 }
 
 /// Whether something that is not a directory exists at `p` (a FIFO or a device counts, so that
@@ -998,14 +1011,15 @@ fn check_item(
         return (None, issues);
     }
     for (what, path) in [("image", ip), ("mask", item.mask_path.as_str())] {
-        if leaves_root(path) {
+        if leaves_root(root, path) {
             issues.push(Issue::new(
                 IssueKind::OutsideRoot,
                 class,
                 Some(ip),
                 format!(
-                    "{what} path {path:?} leaves the dataset root (absolute or with ..; \
-                     meta.json paths must be relative to ROOT): skipped"
+                    "{what} path {path:?} leads outside the dataset root {}: skipped \
+                     (meta.json paths must stay under ROOT)",
+                    root.display()
                 ),
             ));
             return (None, issues);

@@ -2099,7 +2099,7 @@ fn dataset_cases(v: &mut Vec<Case>) {
             ];
             write(&ctx.dir.join("data/meta.json"), meta_json(&items.join(",")));
         }, &[], Exit::Refused, "../outside.png", None),
-        ("meta.json absolute image path", |ctx| {
+        ("meta.json absolute image path inside the root (official br35 and others write them)", |ctx| {
             mvtec(&ctx.dir.join("data"), true);
             let abs = ctx.dir.join("data/widget/test/good/001.png").display().to_string();
             let items = [
@@ -2108,7 +2108,18 @@ fn dataset_cases(v: &mut Vec<Case>) {
                 meta_item("widget/test/crack/000.png", "widget/ground_truth/crack/000_mask.png", 1),
             ];
             write(&ctx.dir.join("data/meta.json"), meta_json(&items.join(",")));
-        }, &[], Exit::Refused, "001.png", None),
+        }, &[], Exit::Ok, "widget", None),
+        ("meta.json absolute image path outside the root", |ctx| {
+            mvtec(&ctx.dir.join("data"), true);
+            write(&ctx.dir.join("outside.png"), png_bytes(32, 32));
+            let abs = ctx.dir.join("data/../outside.png").display().to_string();
+            let items = [
+                meta_item("widget/test/good/000.png", "", 0),
+                meta_item(&abs, "", 0),
+                meta_item("widget/test/crack/000.png", "widget/ground_truth/crack/000_mask.png", 1),
+            ];
+            write(&ctx.dir.join("data/meta.json"), meta_json(&items.join(",")));
+        }, &[], Exit::Refused, "outside.png", None),
         ("meta.json mask path outside the root", |ctx| {
             mvtec(&ctx.dir.join("data"), true);
             write(&ctx.dir.join("outside_mask.png"), gray_png(32, 32, 255));
