@@ -96,8 +96,12 @@ fn main() {
             std::hint::black_box(anomalyclip_edge::region::mask_map(&mut r.map, &ignore, 0.5));
         }
     };
-    // Warm-up.
-    for _ in 0..3 {
+    // Warm-up (`ACE_BENCH_WARMUP`, default 3; 1 is enough for a full-size model).
+    let warmup: usize = std::env::var("ACE_BENCH_WARMUP")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(3);
+    for _ in 0..warmup {
         scorer.score_frames(&one_input, &[0.5]).expect("score");
         four(&mut scorer, &mut four_input);
     }

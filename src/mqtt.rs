@@ -1106,7 +1106,15 @@ impl Worker {
                 }
             }
             Ctl::Ready(camera, r) => {
-                if self.ready.get(&camera) != Some(&r)
+                // A `false` computed for a camera a reload just removed (the trigger stage learns
+                // of the removal after the cameras do) must not re-create its cleared topic; a
+                // `true` means the camera is back.
+                let removed = self.pending_clear.contains_key(&camera);
+                if removed && r {
+                    self.pending_clear.remove(&camera);
+                }
+                if !(removed && !r)
+                    && self.ready.get(&camera) != Some(&r)
                     && let Some(topic) = self.topic(&camera, "ready")
                 {
                     self.ready.insert(camera, r);

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib
 import io
+import itertools
 import json
 import os
 import re
@@ -220,10 +221,13 @@ def _import_official(root: Path) -> types.SimpleNamespace:
 
 
 def _official_steps(off, clip_path: Path, data: Path, steps: int, batch: int, layer: int,
-                    dpam_layer: int) -> tuple[list[tuple[float, float]], dict, dict]:
+                    dpam_layer: int, size: int = SIZE
+                    ) -> tuple[list[tuple[float, float]], dict, dict]:
     """The official train.py: seed, model, DataLoader, prompt learner, V-V replacement, and the
-    loop body for `steps` steps (CPU; data through the project's loader: the official
-    preprocessing and mask semantics, checked by the exporter and eval tests)."""
+    loop body for `steps` steps, over as many epochs (DataLoader passes, each reshuffled) as that
+    takes (CPU; data through the project's loader: the official preprocessing and mask
+    semantics, checked by the exporter and eval tests). `size` is the official `--image_size`.
+    Also run by `check_train_parity.py`."""
     from train import load_image, load_mask, read_meta, seed_everything
 
     details = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9,
@@ -244,11 +248,11 @@ def _official_steps(off, clip_path: Path, data: Path, steps: int, batch: int, la
     model.eval()
     learner.train()
     records = []
-    for indices in loader:
+    for indices in itertools.chain.from_iterable(loader for _ in itertools.count()):
         idx = indices.tolist()
-        image = torch.from_numpy(np.stack([load_image(items[i], SIZE) for i in idx]))
+        image = torch.from_numpy(np.stack([load_image(items[i], size) for i in idx]))
         label = torch.tensor([int(items[i].anomalous) for i in idx])
-        gt = torch.from_numpy(np.stack([load_mask(items[i], SIZE) for i in idx]))
+        gt = torch.from_numpy(np.stack([load_mask(items[i], size) for i in idx]))
         gt[gt > 0.5] = 1
         gt[gt <= 0.5] = 0
         with torch.no_grad():
@@ -265,7 +269,7 @@ def _official_steps(off, clip_path: Path, data: Path, steps: int, batch: int, la
         for patch_feature in patch_features:
             patch_feature = patch_feature / patch_feature.norm(dim=-1, keepdim=True)
             similarity, _ = off.compute_similarity(patch_feature, text_features[0])
-            maps.append(off.get_similarity_map(similarity[:, 1:, :], SIZE).permute(0, 3, 1, 2))
+            maps.append(off.get_similarity_map(similarity[:, 1:, :], size).permute(0, 3, 1, 2))
         loss = 0
         for m in maps:
             loss += focal(m, gt)

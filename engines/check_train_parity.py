@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Check `train.py` against the official AnomalyCLIP `train.py` step by step, on random weights.
+
+Owns the standalone version of the test `test_training_matches_the_official_train_step_for_three_
+steps` (engines/tests/test_train.py), at any size: writes a random-weight CLIP file (`--arch tiny`,
+or `--arch full` for a random ViT-L/14@336px run at 518 px) and a small synthetic dataset, imports
+the official model, prompt learner and losses in-process from a checkout of zqhang/AnomalyCLIP
+(the test module's `_import_official`), runs the official loop body (`_official_steps`: seed 111,
+DataLoader shuffle, Adam lr 1e-3 betas (0.5, 0.999), feature block 24 and V-V on blocks 6..24 at
+full size) and then ours (`train.train`, with the feature cache and with the image encoder every
+step) from the same seed, so from the same initial prompt learner and the same batches.
+
+Prints, per step, both runs' loss (the 4 x map loss of the official log) and image loss with the
+relative difference, and the difference of the updated prompt parameters after the step:
+max |delta| over all elements, and max over the parameter tensors of max |delta| / max |p|
+(p: the official tensor). Exit status 1 if any of these relative differences exceeds --tol
+(default 1e-5) or the initial prompt learners are not bit-identical.
+
+Random weights: this checks the arithmetic and the order of the random stream, nothing about
+detection quality.
+
+    python engines/check_train_parity.py --official /path/to/AnomalyCLIP --arch tiny
+    python engines/check_train_parity.py --official /path/to/AnomalyCLIP --arch full --tmp /dev/shm
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+ENGINES = Path(__file__).resolve().parent
+sys.path.insert(0, str(ENGINES))
+sys.path.insert(0, str(ENGINES / "tests"))
+
+from anomalyclip_ref import TINY, VIT_L_14_336  # noqa: E402
+from checkpoints import load_clip  # noqa: E402
+from random_weights import write_random_sources  # noqa: E402
+from test_train import _import_official, _official_steps, make_dataset  # noqa: E402
+from train import official_initial_learner, train  # noqa: E402
+
+
+class StepParams:
+    """Records the parameters of every optimizer after each `step()` (a global post-hook), in
+    the optimizer's order: `list(learner.parameters())` on both sides."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[torch.Tensor]] = []
+        self._handle = None
+
+    def __enter__(self) -> StepParams:
+        def hook(optimizer, args, kwargs):
+            self.steps.append([p.detach().cpu().clone() for g in optimizer.param_groups
+                               for p in g["params"]])
+        self._handle = register_optimizer_step_post_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def param_diff(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, float]:
+    """max |delta| over all elements; max over tensors of max |delta| / max |p_ref|."""
+    abs_max, rel_max = 0.0, 0.0
+    for a, b in zip(ours, ref, strict=True):
+        d = float((a.to(b.dtype) - b).abs().max())
+        abs_max = max(abs_max, d)
+        rel_max = max(rel_max, d / max(float(b.abs().max()), 1e-12))
+    return abs_max, rel_max
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--official", type=Path, required=True,
+                   help="checkout of github.com/zqhang/AnomalyCLIP")
+    p.add_argument("--arch", choices=("tiny", "full"), default="tiny")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--images", type=int, default=4, help="half normal, half anomalous")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random CLIP weights")
+    p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument("--ours", choices=("both", "cache", "encoder"), default="both",
+                   help="our runs: with the feature cache, the image encoder every step, or both")
+    p.add_argument("--tmp", type=Path, help="scratch directory (the full CLIP file is 0.9 GB)")
+    args = p.parse_args()
+    if not (args.official / "prompt_ensemble.py").is_file():
+        print(f"{args.official}: not a checkout of zqhang/AnomalyCLIP (no prompt_ensemble.py)",
+              file=sys.stderr)
+        return 2
+
+    if args.arch == "tiny":
+        # the official code derives the head counts from the widths (width // 64 = 1 for the
+        # tiny model): ours gets the same architecture; V-V on blocks 2..4, like 6..24
+        arch = dataclasses.replace(TINY, vision=dataclasses.replace(TINY.vision, heads=1),
+                                   text=dataclasses.replace(TINY.text, heads=1))
+        source_arch, dpam = TINY, TINY.vision.layers - TINY.vision.vv_start + 2
+    else:
+        arch = source_arch = VIT_L_14_336  # heads 16 / 12 = width // 64, as the official code
+        dpam = 20  # the official DAPM_replace(DPAM_layer=20): V-V on blocks 6..24
+    size, layer = arch.default_size, arch.vision.layers
+    started = time.perf_counter()
+    print(f"{arch.label} at {size} px, feature block {layer}, {args.images} images, batch "
+          f"{args.batch_size}, {args.steps} steps; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}", flush=True)
+
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="train-parity-", dir=args.tmp) as tmp:
+        tmp = Path(tmp)
+        clip_path, _ = write_random_sources(source_arch, args.seed, tmp, args.arch)
+        n_anomalous = args.images // 2
+        data = make_dataset(tmp / "data", n_normal=args.images - n_anomalous,
+                            n_anomalous=n_anomalous)
+        print(f"[{time.perf_counter() - started:6.0f} s] sources written", flush=True)
+
+        off = _import_official(args.official)
+        t0 = time.perf_counter()
+        with StepParams() as ref_steps:
+            ref, initial, final = _official_steps(off, clip_path, data, args.steps,
+                                                  args.batch_size, layer, dpam, size)
+        del off
+        print(f"[{time.perf_counter() - started:6.0f} s] official: {len(ref)} steps in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+        learner = official_initial_learner(arch, load_clip(clip_path).state, 111)
+        ours_initial = learner.state_dict()
+        names = [n for n, _ in learner.named_parameters()]
+        if list(ours_initial) != list(initial):
+            failures.append("initial prompt learner: keys differ")
+        differing = [k for k, v in initial.items() if not torch.equal(ours_initial[k], v)]
+        if differing:
+            failures.append(f"initial prompt learner: {differing} differ")
+        print(f"initial prompt learner: {len(initial)} tensors, "
+              f"{'bit-identical to the official one' if not differing else 'DIFFERENT'}",
+              flush=True)
+        # the recorded official parameters are in `learner.parameters()` order: check the
+        # mapping against the official final state
+        for name, value in zip(names, ref_steps.steps[-1], strict=True):
+            if not torch.equal(final[name], value):
+                failures.append(f"parameter order: {name} does not match the final state")
+        del learner, ours_initial
+
+        modes = {"both": (True, False), "cache": (True,), "encoder": (False,)}[args.ours]
+        rows = []
+        for cache in modes:
+            label = "ours, fp32 feature cache" if cache else "ours, encoder every step"
+            t0 = time.perf_counter()
+            with StepParams() as our_steps:
+                records, state = train(clip_path, data, tmp / f"ours-{cache}",
+                                       batch_size=args.batch_size, cache=cache,
+                                       max_steps=args.steps, quiet=True, arch_override=arch)
+            print(f"[{time.perf_counter() - started:6.0f} s] {label}: {len(records)} steps in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            for name, value in zip(names, our_steps.steps[-1], strict=True):
+                if not torch.equal(state[name], value):
+                    failures.append(f"{label}: parameter order: {name}")
+            for k, ((loss, image_loss), rec) in enumerate(zip(ref, records, strict=True)):
+                d_abs, d_rel = param_diff(our_steps.steps[k], ref_steps.steps[k])
+                row = (label, k + 1, loss, rec.loss, rel(rec.loss, loss), image_loss,
+                       rec.image_loss, rel(rec.image_loss, image_loss), d_abs, d_rel)
+                rows.append(row)
+                for what, value in (("loss", row[4]), ("image loss", row[7]),
+                                    ("parameters", d_rel)):
+                    if value > args.tol:
+                        failures.append(f"{label}, step {k + 1}: {what} relative difference "
+                                        f"{value:.2e} > {args.tol:g}")
+        moved = max(float((final[n] - initial[n]).abs().max()) for n in names)
+
+    print()
+    print("| run | step | loss official | loss ours | rel | image loss official | "
+          "image loss ours | rel | params max abs Δ | params max Δ/max abs p |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.7f} | {r[3]:.7f} | {r[4]:.1e} | {r[5]:.7f} | "
+              f"{r[6]:.7f} | {r[7]:.1e} | {r[8]:.1e} | {r[9]:.1e} |")
+    print()
+    print(f"largest parameter change over the {args.steps} official steps: {moved:.2e} "
+          f"(the comparison is not between untouched copies)")
+    print(f"total {time.perf_counter() - started:.0f} s; load average "
+          f"{os.getloadavg()[0]:.2f}")
+    if moved <= 1e-4:
+        failures.append("the official parameters did not move")
+    for f in failures:
+        print(f"FAIL: {f}", file=sys.stderr)
+    print("PASS" if not failures else f"FAIL ({len(failures)})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
