@@ -286,9 +286,10 @@ impl PublisherHandle {
     }
 
     /// Forgets a camera that was removed: its status and alarm are no longer re-published on
-    /// reconnect, and its retained `status` and `alarm` topics are cleared (empty retained
-    /// messages), after any of its alarms still queued. A later status or alarm of the same name
-    /// cancels the clear (the camera is back).
+    /// reconnect, and its retained `status`, `alarm`, `calibration` and `ready` topics are
+    /// cleared (empty retained messages), after any of its alarms still queued. A later status,
+    /// alarm or `ready = true` of the same name cancels the clear (the camera is back); a late
+    /// `ready = false` is ignored.
     pub fn forget_camera(&self, camera: &str) {
         let _ = self.ctl.send(Ctl::Forget(camera.to_owned()));
     }
