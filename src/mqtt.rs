@@ -1110,11 +1110,11 @@ impl Worker {
                 // A `false` computed for a camera a reload just removed (the trigger stage learns
                 // of the removal after the cameras do) must not re-create its cleared topic; a
                 // `true` means the camera is back.
-                let removed = self.pending_clear.contains_key(&camera);
-                if removed && r {
+                let late_false = !r && self.pending_clear.contains_key(&camera);
+                if r {
                     self.pending_clear.remove(&camera);
                 }
-                if !(removed && !r)
+                if !late_false
                     && self.ready.get(&camera) != Some(&r)
                     && let Some(topic) = self.topic(&camera, "ready")
                 {
