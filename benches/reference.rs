@@ -151,7 +151,7 @@ fn main() {
         black_box(head.run_frame(input, 0.5).expect("frame").stats.max);
     });
 
-    // The tiny package's whole frame (engine + head), without and with a K = 4 bank.
+    // A package's whole frame (engine + head), without and with a K = 4 bank.
     let Some(lib) = std::env::var_os("ORT_DYLIB_PATH").map(std::path::PathBuf::from) else {
         eprintln!("ORT_DYLIB_PATH not set: source scripts/env.sh for the tiny-package frame");
         return;
@@ -162,11 +162,22 @@ fn main() {
         ort_library: Some(lib),
         ..EngineOptions::default()
     };
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
-    let mut scorer = Scorer::open(&dir, HashCheck::All, &opts).expect("tiny scorer");
+    // `ACE_BENCH_MODEL=DIR` times another package (e.g. a random full-size export) instead of
+    // the tiny one; `BENCH_FRAME_REPS` frames per round (default 50; 1 for a full-size model).
+    let dir = std::env::var_os("ACE_BENCH_MODEL").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny"),
+        std::path::PathBuf::from,
+    );
+    let reps: usize = std::env::var("BENCH_FRAME_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+        .max(1);
+    let mut scorer = Scorer::open(&dir, HashCheck::None, &opts).expect("scorer");
     let s = scorer.size();
+    println!("package {} (input {s})", dir.display());
     let input = noise(3 * s * s, 7);
-    time("reference/tiny_frame_zero_shot", 50, || {
+    time("reference/frame_zero_shot", reps, || {
         black_box(scorer.score_batch(black_box(&input), 1).expect("score"));
     });
     let bank_input: Vec<f32> = (0..4).flat_map(|i| noise(3 * s * s, 20 + i)).collect();
@@ -174,7 +185,7 @@ fn main() {
         .build_bank(&bank_input, 4, WHOLE_FRAME, 16)
         .expect("bank");
     scorer.set_reference(Some(Reference::new(bank)));
-    time("reference/tiny_frame_few_shot_k4", 50, || {
+    time("reference/frame_few_shot_k4", reps, || {
         black_box(scorer.score_batch(black_box(&input), 1).expect("score"));
     });
 }

@@ -13,10 +13,10 @@ step) from the same seed, so from the same initial prompt learner and the same b
 Prints, per step, both runs' loss (the 4 x map loss of the official log) and image loss with the
 relative difference, and the difference of the updated prompt parameters after the step:
 max |delta| over all elements, and max over the parameter tensors of max |delta| / max |p|
-(p: the official tensor). The parameter criterion is relative to each tensor's scale, not per
-element: elements near zero are common (the prompts start from N(0, 0.02)) and an element-wise
-ratio would divide by them. Exit status 1 if any loss, image-loss or parameter relative difference
-exceeds --tol (default 1e-5), or the initial prompt learners are not bit-identical.
+(p: the official tensor; relative to each tensor's scale, not per element: elements near zero are
+common, the prompts start from N(0, 0.02)). Exit status 1 if a loss or image-loss relative
+difference exceeds --tol (default 1e-5), an updated parameter differs by more than --param-atol
+(default 1e-5, absolute), or the initial prompt learners are not bit-identical.
 
 Also printed, not gated: the gradients of each step (max |delta| / max |g| per tensor), the
 element with the largest parameter difference and its gradients, and the step-1 gradients per
@@ -127,7 +127,10 @@ def main() -> int:
     p.add_argument("--images", type=int, default=4, help="half normal, half anomalous")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of the random CLIP weights")
-    p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument("--tol", type=float, default=1e-5,
+                   help="largest relative difference of the loss and the image loss")
+    p.add_argument("--param-atol", type=float, default=1e-5,
+                   help="largest absolute difference of an updated prompt parameter")
     p.add_argument("--ours", choices=("both", "cache", "encoder"), default="both",
                    help="our runs: with the feature cache, the image encoder every step, or both")
     p.add_argument("--tmp", type=Path, help="scratch directory (the full CLIP file is 0.9 GB)")
@@ -210,11 +213,16 @@ def main() -> int:
                 rows.append(row)
                 notes.append(f"{label}, after step {k + 1}: "
                              f"{worst_element(names, worst, our_steps, ref_steps, k)}")
-                for what, value in (("loss", row[4]), ("image loss", row[7]),
-                                    ("parameters", d_rel)):
+                for what, value in (("loss", row[4]), ("image loss", row[7])):
                     if value > args.tol:
                         failures.append(f"{label}, step {k + 1}: {what} relative difference "
                                         f"{value:.2e} > {args.tol:g}")
+                # the issue's criterion: updated parameters within 1e-5 (absolute; the prompts
+                # are O(0.02) and move by lr = 1e-3 per step); the scale-relative figure is
+                # printed beside it
+                if d_abs > args.param_atol:
+                    failures.append(f"{label}, step {k + 1}: parameters differ by {d_abs:.2e} "
+                                    f"> {args.param_atol:g}")
             # step 1 starts from bit-identical parameters on both sides: its gradients compare
             # the two implementations directly, tensor by tensor (ctx_* enter the text encoder in
             # fp32; the official code casts compound_prompts_text.* to fp16, so their gradients
