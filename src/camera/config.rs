@@ -86,11 +86,31 @@ pub enum ReferenceSource {
 }
 
 /// `reference` as written: a flag or a path.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub(crate) enum RawReference {
     Flag(bool),
     Path(String),
+}
+
+impl<'de> Deserialize<'de> for RawReference {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawReference;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "true (the bank in the state directory), false, or a bank file path string",
+                )
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawReference, E> {
+                Ok(RawReference::Flag(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawReference, E> {
+                Ok(RawReference::Path(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Resolves a `reference` key at `path` (`false` is the same as leaving it out).

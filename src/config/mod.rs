@@ -52,7 +52,8 @@ use problems::{Ctx, S, in_range, name_problem};
 use trigger::{RawTrigger, resolve_trigger};
 
 pub use crate::camera::config::{
-    CameraConfig, CameraMode, MaskConfig, RegionConfig, RetryConfig, SourceError,
+    CameraConfig, CameraMode, MaskConfig, ReferenceConfig, ReferenceSource, RegionConfig,
+    RetryConfig, SourceError,
     default_mask_kind, default_mask_min_interval_ms, default_mask_size, default_max_fps,
     default_pixel_threshold, default_threshold,
 };
