@@ -53,9 +53,8 @@ use trigger::{RawTrigger, resolve_trigger};
 
 pub use crate::camera::config::{
     CameraConfig, CameraMode, MaskConfig, ReferenceConfig, ReferenceSource, RegionConfig,
-    RetryConfig, SourceError,
-    default_mask_kind, default_mask_min_interval_ms, default_mask_size, default_max_fps,
-    default_pixel_threshold, default_threshold,
+    RetryConfig, SourceError, default_mask_kind, default_mask_min_interval_ms, default_mask_size,
+    default_max_fps, default_pixel_threshold, default_threshold,
 };
 pub use crate::engine::config::{
     Backend, EngineConfig, HeadChoice, default_backend, default_max_batch, default_max_wait_ms,

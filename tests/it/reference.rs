@@ -664,8 +664,16 @@ fn reference_keys_resolve_on_cameras_and_regions_and_bad_ones_are_reported_at_th
             "no problem {path} at line {line} containing {msg:?}: {ps:#?}"
         );
     };
-    has("camera[0].reference", "reference = true", "set reference on each region");
-    has("camera[0].region[0].reference", "reference = \"\"", "an empty path");
+    has(
+        "camera[0].reference",
+        "reference = true",
+        "set reference on each region",
+    );
+    has(
+        "camera[0].region[0].reference",
+        "reference = \"\"",
+        "an empty path",
+    );
     has("camera[0].region[1].reference", "reference = 3", "");
     has("model.max_bank_mb", "max_bank_mb = 0", "");
 }
@@ -765,7 +773,8 @@ async fn a_region_scored_with_its_bank_publishes_the_scorers_combined_score_and_
         got.iter().filter(|m| m.topic == topic).count() >= 2
     })
     .await;
-    // Same pixels (PNG), crop, resize, engine and bank: equal up to float noise (1e-4).
+    // Same pixels (PNG), crop, resize, engine and bank: equal up to the payload's rounding to
+    // 4 decimals and float noise: |Δ| <= 1e-4.
     for m in got.iter().filter(|m| m.topic == topic) {
         let r = m.json();
         let published = r["score"].as_f64().expect("score") as f32;
@@ -785,7 +794,13 @@ async fn a_region_scored_with_its_bank_publishes_the_scorers_combined_score_and_
 
     // The region moves: the bank was built for the old geometry. On reload the region is
     // UNKNOWN with `uncalibrated: reference: …` (logged once), and the daemon keeps running.
-    let moved = bank_config(dir.path(), "fsd", broker.port, &frame, "[0.0, 0.0, 0.5, 0.5]");
+    let moved = bank_config(
+        dir.path(),
+        "fsd",
+        broker.port,
+        &frame,
+        "[0.0, 0.0, 0.5, 0.5]",
+    );
     d.write_config(&moved);
     let _ = plc.drain();
     d.signal(libc::SIGHUP);
@@ -810,7 +825,10 @@ async fn a_region_scored_with_its_bank_publishes_the_scorers_combined_score_and_
         .find(|m| stale(m))
         .map(|m| m.json()["status"].as_str().unwrap_or("").to_owned())
         .unwrap_or_default();
-    assert!(status.contains("region") && status.contains(&key), "{status}");
+    assert!(
+        status.contains("region") && status.contains(&key),
+        "{status}"
+    );
     for m in got
         .iter()
         .skip_while(|m| !stale(m))
@@ -900,7 +918,11 @@ fn a_live_region_bank_takes_distinct_frames_and_a_silent_camera_is_one_clear_err
         "3",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", all_text(&o));
-    assert!(all_text(&o).contains("delivered no frame"), "{}", all_text(&o));
+    assert!(
+        all_text(&o).contains("delivered no frame"),
+        "{}",
+        all_text(&o)
+    );
     assert_eq!(std::fs::read(&bank).expect("bank"), first);
     // An unknown region: one line naming it.
     let o = run(&[
@@ -915,5 +937,133 @@ fn a_live_region_bank_takes_distinct_frames_and_a_silent_camera_is_one_clear_err
         "3",
     ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(all_text(&o).contains("no region \"lid\""), "{}", all_text(&o));
+    assert!(
+        all_text(&o).contains("no region \"lid\""),
+        "{}",
+        all_text(&o)
+    );
+}
+
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calibration_records_its_bank_and_is_refused_without_it_or_with_another() {
+    use crate::common::broker::{Broker, Msg, Watcher};
+    use crate::common::daemon::Daemon;
+
+    ort_or_skip("calibration with a bank");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let frame = dir.path().join("frame.png");
+    frame_png(&frame, 1, 24);
+    let good = dir.path().join("good");
+    std::fs::create_dir_all(&good).expect("mkdir");
+    for i in 0..19 {
+        frame_png(&good.join(format!("{i:02}.png")), 100 + i, 40);
+    }
+    let broker = Broker::start(None).await;
+    let with_bank = bank_config(
+        dir.path(),
+        "fsc",
+        broker.port,
+        &frame,
+        "[0.25, 0.25, 0.5, 0.5]",
+    )
+    .replace("threshold = 0.9\n", "calibration = true\n");
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, &with_bank).expect("config");
+    let bank = dir.path().join("state/reference/cam/part.bank");
+    let build = |k: &str| {
+        run(&[
+            "reference",
+            "--config",
+            s(&cfg),
+            "--camera",
+            "cam",
+            "--region",
+            "part",
+            "--images",
+            s(&good),
+            "--k",
+            k,
+        ])
+    };
+    let o = build("4");
+    assert_eq!(o.status.code(), Some(0), "{}", all_text(&o));
+    let id = anomalyclip_edge::reference::identity(&std::fs::read(&bank).expect("bank"));
+    let o = run(&[
+        "calibrate",
+        "--config",
+        s(&cfg),
+        "--camera",
+        "cam",
+        "--region",
+        "part",
+        "--images",
+        s(&good),
+        "--rate",
+        "0.05",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", all_text(&o));
+    let cal: Value = serde_json::from_slice(&o.stdout).expect("calibration JSON");
+    assert_eq!(cal["fingerprint"]["reference"], id.as_str(), "{cal}");
+    assert!(all_text(&o).contains("combined score"), "{}", all_text(&o));
+
+    let status_of = |got: &[Msg]| {
+        got.iter()
+            .rev()
+            .find(|m| m.topic == "anomalyclip/fsc/cam/part/calibration")
+            .map(|m| m.json()["status"].as_str().unwrap_or("").to_owned())
+            .unwrap_or_default()
+    };
+    let mut plc = Watcher::start(broker.port, "anomalyclip/fsc/#").await;
+    let mut d = Daemon::start(&with_bank);
+    d.wait_ready().await;
+    let mut got: Vec<Msg> = Vec::new();
+    plc.until(|m| {
+        got.push(m.clone());
+        m.topic == "anomalyclip/fsc/cam/part/calibration"
+    })
+    .await;
+    let cal_id = cal["id"].as_str().expect("id");
+    assert_eq!(status_of(&got), format!("calibrated {cal_id}"));
+
+    // Without the bank: the calibration (of combined scores) no longer applies.
+    let without = with_bank.replace("reference = true\n", "");
+    for (text, rebuild, want) in [
+        (
+            &without,
+            false,
+            format!("reference bank changed ({id} → none)"),
+        ),
+        (
+            &with_bank,
+            true,
+            format!("reference bank changed ({id} → sha256:"),
+        ),
+    ] {
+        if rebuild {
+            // Another bank (K = 2): another identity.
+            let o = build("2");
+            assert_eq!(o.status.code(), Some(0), "{}", all_text(&o));
+        }
+        d.write_config(text);
+        let _ = plc.drain();
+        d.signal(libc::SIGHUP);
+        let mut got: Vec<Msg> = Vec::new();
+        plc.until(|m| {
+            got.push(m.clone());
+            status_of(&got).contains(&want)
+        })
+        .await;
+        assert!(
+            status_of(&got).starts_with("uncalibrated: calibration"),
+            "{}",
+            status_of(&got)
+        );
+    }
+    d.assert_running();
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit().await.success());
 }
