@@ -452,7 +452,7 @@ fn capture(
         take(&f)?;
         taken += 1;
         last = Some((Instant::now(), thumb));
-        if taken % 10 == 0 || taken == n {
+        if taken.is_multiple_of(10) || taken == n {
             eprintln!("captured {taken}/{n} (near-duplicates skipped: {duplicates})");
         }
     }
