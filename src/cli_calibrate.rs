@@ -4,7 +4,9 @@
 //! folder of images (full camera frames; the region's rectangle is cropped from each) or live
 //! frames from the configured camera (`--frames N`, at least `--min-interval-ms` apart,
 //! near-duplicates skipped). Each sample is scored as the daemon scores the region (same crop,
-//! resize, ignore polygons and statistic). Output: a calibration file in the state directory
+//! resize, ignore polygons and statistic, and the region's few-shot bank when it has
+//! `reference`: the calibration is then of the combined score and records the bank's identity).
+//! The live capture ([`live_frames`]) is shared with `reference --config`. Output: a calibration file in the state directory
 //! (atomically replaced, the previous ones kept for `--rollback`), a summary on stderr and the
 //! calibration as JSON on stdout. The method is in docs/calibration.md.
 //!
@@ -20,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anomalyclip_edge::calibration::{self, Options};
-use anomalyclip_edge::camera::{self, Camera, CameraState, FrameNotify};
+use anomalyclip_edge::camera::{self, Camera, CameraState, Frame, FrameNotify};
 use anomalyclip_edge::config::{self, CameraConfig, Config, RegionConfig};
 use anomalyclip_edge::daemon;
 use anomalyclip_edge::image_io;
@@ -69,20 +71,27 @@ pub struct CalibrateArgs {
 /// last one taken (compared on a 16 × 16 grey thumbnail of the region).
 const NEAR_DUPLICATE: f64 = 0.5;
 
-pub fn run(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
-    let cfg = config::load_config(&args.config)?;
-    let cam = cfg
-        .cameras
+/// The camera named `name` in `cfg` (loaded from `path`).
+pub(crate) fn find_camera<'a>(
+    cfg: &'a Config,
+    path: &Path,
+    name: &str,
+) -> anyhow::Result<&'a CameraConfig> {
+    cfg.cameras
         .iter()
-        .find(|c| c.name == args.camera)
+        .find(|c| c.name == name)
         .with_context(|| {
             format!(
-                "{}: no camera {:?} (cameras: {})",
-                args.config.display(),
-                args.camera,
+                "{}: no camera {name:?} (cameras: {})",
+                path.display(),
                 names(cfg.cameras.iter().map(|c| c.name.as_str()))
             )
-        })?;
+        })
+}
+
+pub fn run(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
+    let cfg = config::load_config(&args.config)?;
+    let cam = find_camera(&cfg, &args.config, &args.camera)?;
     let region = find_region(cam, args.region.as_deref())?;
     let region_name = region.name.clone().unwrap_or_default();
     let unit = match &region.name {
@@ -118,7 +127,25 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let validity = daemon::validity(&cfg, &scorer);
-    let fingerprint = daemon::calibration_fingerprint(&validity, region);
+    let mut bank_id = String::new();
+    if let Some(loaded) = daemon::load_reference(
+        &cfg.state_dir,
+        &cam.name,
+        region,
+        &validity.bank,
+        validity.max_bank_mb,
+    ) {
+        let l = loaded.map_err(|why| anyhow::anyhow!("{unit}: reference: {why}"))?;
+        eprintln!(
+            "{unit}: scoring with the few-shot bank {} ({}, K = {}): the calibration is of the combined score",
+            l.path.display(),
+            l.id,
+            l.reference.bank().fingerprint().k
+        );
+        bank_id = l.id;
+        scorer.set_reference(Some(l.reference));
+    }
+    let fingerprint = daemon::calibration_fingerprint(&validity, region, &bank_id);
     let (values, source) = match (&args.images, args.frames) {
         (Some(dir), _) => (
             from_folder(&mut scorer, cam, region, dir)?,
@@ -192,7 +219,10 @@ fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
-fn find_region<'a>(cam: &'a CameraConfig, name: Option<&str>) -> anyhow::Result<&'a RegionConfig> {
+pub(crate) fn find_region<'a>(
+    cam: &'a CameraConfig,
+    name: Option<&str>,
+) -> anyhow::Result<&'a RegionConfig> {
     let found = cam.regions.iter().find(|r| r.name.as_deref() == name);
     found.with_context(|| match name {
         Some(n) => format!(
@@ -263,6 +293,51 @@ fn live(
     n: usize,
     args: &CalibrateArgs,
 ) -> anyhow::Result<Vec<f32>> {
+    let _ = cfg;
+    let rules = Capture {
+        frames: n,
+        min_interval: Duration::from_millis(args.min_interval_ms),
+        timeout: Duration::from_secs(args.timeout_s),
+    };
+    let mut values = Vec::with_capacity(n);
+    let size = scorer.size() as u32;
+    live_frames(size, cam, region, &rules, &mut |f: &Frame| {
+        let s = scorer
+            .score_region(
+                &f.data,
+                f.width,
+                f.height,
+                f.stride,
+                &region.shape,
+                cam.pixel_threshold,
+            )
+            .context("a live frame could not be scored")?;
+        values.push(region.statistic.value(s.score, s.map_max));
+        Ok(())
+    })?;
+    Ok(values)
+}
+
+/// How live frames are taken: how many, at least how far apart, and the overall time limit.
+pub(crate) struct Capture {
+    pub(crate) frames: usize,
+    pub(crate) min_interval: Duration,
+    pub(crate) timeout: Duration,
+}
+
+/// Starts the camera as the daemon does for `region` (full-resolution frames for a named
+/// region, frames scaled to the model's `size` for the implicit one) and hands `take`
+/// `rules.frames` frames at least `rules.min_interval` apart whose region is not a
+/// near-duplicate of the last one taken. Refused (one line): no frame within 30 s, fewer frames
+/// than asked within `rules.timeout`, a camera that goes offline or changes its frame size
+/// mid-capture, an error of `take`.
+pub(crate) fn live_frames(
+    size: u32,
+    cam: &CameraConfig,
+    region: &RegionConfig,
+    rules: &Capture,
+    take: &mut dyn FnMut(&Frame) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     camera::init()?;
     let notify = FrameNotify::new();
     let events: Arc<Mutex<Vec<CameraState>>> = Arc::default();
@@ -277,40 +352,38 @@ fn live(
     };
     // Full-resolution frames, as the daemon takes them for regions (for the implicit region
     // the daemon scales in GStreamer; cropping the whole frame and resizing is the same image).
-    let mut settings = cam.settings(scorer.size() as u32);
+    let mut settings = cam.settings(size);
     if region.name.is_some() {
         settings.scale = None;
     }
     let camera = Camera::spawn(0, settings, notify.clone(), cb)?;
-    let _ = cfg;
-    let res = capture(scorer, &camera, &notify, &events, cam, region, n, args);
+    let res = capture(&camera, &notify, &events, cam, region, rules, take);
     if let Err(e) = camera.stop() {
         tracing::warn!(error = %e, "camera did not stop cleanly");
     }
     res
 }
 
-#[allow(clippy::too_many_arguments)]
 fn capture(
-    scorer: &mut Scorer,
     camera: &Camera,
     notify: &FrameNotify,
     events: &Mutex<Vec<CameraState>>,
     cam: &CameraConfig,
     region: &RegionConfig,
-    n: usize,
-    args: &CalibrateArgs,
-) -> anyhow::Result<Vec<f32>> {
+    rules: &Capture,
+    take: &mut dyn FnMut(&Frame) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let n = rules.frames;
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.timeout_s);
-    let min_interval = Duration::from_millis(args.min_interval_ms);
+    let deadline = started + rules.timeout;
+    let min_interval = rules.min_interval;
     let slots = [camera.slot().clone()];
-    let mut values = Vec::with_capacity(n);
+    let mut taken = 0usize;
     let mut last: Option<(Instant, Vec<u8>)> = None;
     let mut geometry: Option<(u32, u32)> = None;
     let (mut duplicates, mut was_online) = (0usize, false);
-    let first_frame_by = started + Duration::from_secs(30.min(args.timeout_s));
-    while values.len() < n {
+    let first_frame_by = started + rules.timeout.min(Duration::from_secs(30));
+    while taken < n {
         {
             let ev = events
                 .lock()
@@ -320,9 +393,8 @@ fn capture(
                     CameraState::Online => was_online = true,
                     CameraState::Starting => {}
                     other if was_online => bail!(
-                        "camera {:?} went {other} after {} of {n} frames: the capture stops (a reconnect may change what the camera sees); run calibrate again",
+                        "camera {:?} went {other} after {taken} of {n} frames: the capture stops (a reconnect may change what the camera sees); run the command again",
                         cam.name,
-                        values.len()
                     ),
                     _ => {}
                 }
@@ -333,7 +405,7 @@ fn capture(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
         let now = Instant::now();
-        if values.is_empty() && geometry.is_none() && now >= first_frame_by {
+        if taken == 0 && geometry.is_none() && now >= first_frame_by {
             bail!(
                 "camera {:?} delivered no frame in {} s: is it online? (status: {})",
                 cam.name,
@@ -343,10 +415,9 @@ fn capture(
         }
         if now >= deadline {
             bail!(
-                "camera {:?}: only {} of {n} frames in {} s (--timeout-s)",
+                "camera {:?}: only {taken} of {n} frames in {} s (--timeout-s)",
                 cam.name,
-                values.len(),
-                args.timeout_s
+                rules.timeout.as_secs()
             );
         }
         let frames = notify.take_any(&slots, Duration::from_millis(200));
@@ -356,13 +427,12 @@ fn capture(
         match geometry {
             None => geometry = Some((f.width, f.height)),
             Some(g) if g != (f.width, f.height) => bail!(
-                "camera {:?} changed its frame size from {}x{} to {}x{} after {} of {n} frames: the capture stops; run calibrate again",
+                "camera {:?} changed its frame size from {}x{} to {}x{} after {taken} of {n} frames: the capture stops; run the command again",
                 cam.name,
                 g.0,
                 g.1,
                 f.width,
                 f.height,
-                values.len()
             ),
             Some(_) => {}
         }
@@ -379,26 +449,14 @@ fn capture(
             duplicates += 1;
             continue;
         }
-        let s = scorer
-            .score_region(
-                &f.data,
-                f.width,
-                f.height,
-                f.stride,
-                &region.shape,
-                cam.pixel_threshold,
-            )
-            .context("a live frame could not be scored")?;
-        values.push(region.statistic.value(s.score, s.map_max));
+        take(&f)?;
+        taken += 1;
         last = Some((Instant::now(), thumb));
-        if values.len() % 10 == 0 || values.len() == n {
-            eprintln!(
-                "captured {}/{n} (near-duplicates skipped: {duplicates})",
-                values.len()
-            );
+        if taken.is_multiple_of(10) || taken == n {
+            eprintln!("captured {taken}/{n} (near-duplicates skipped: {duplicates})");
         }
     }
-    Ok(values)
+    Ok(())
 }
 
 /// A 16 × 16 grey thumbnail of the region's crop (nearest pixel), for near-duplicate checks.

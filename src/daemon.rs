@@ -55,6 +55,7 @@ mod cameras;
 mod control;
 mod health;
 mod info;
+mod references;
 mod regions;
 mod trigger;
 mod worker;
@@ -292,6 +293,10 @@ pub fn engine_options(cfg: &Config) -> EngineOptions {
 }
 
 pub use calibrated::fingerprint as calibration_fingerprint;
+pub use references::{
+    Loaded as LoadedReference, bank_path as reference_bank_path, check as check_references,
+    load as load_reference, region_key as reference_region_key,
+};
 pub use regions::Validity;
 
 /// What the running model and engine are, for calibration fingerprints.
@@ -312,6 +317,8 @@ pub fn validity(cfg: &Config, scorer: &Scorer) -> regions::Validity {
             cfg.engine.precision.as_str().into()
         },
         input_size: scorer.size() as u32,
+        bank: crate::reference::Fingerprint::for_package(scorer.package(), "", 0),
+        max_bank_mb: cfg.model.max_bank_mb,
     }
 }
 

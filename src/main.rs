@@ -41,7 +41,8 @@ enum Command {
     Bench(cli_bench::BenchArgs),
     /// Write the meta.json describing a dataset folder tree.
     DatasetMeta(cli_eval::DatasetMetaArgs),
-    /// Build a few-shot reference bank from a folder of good images.
+    /// Build a few-shot reference bank: of a folder of good images (whole frame), or of a camera
+    /// region from good frames (folder or live) into the state directory.
     Reference(cli_reference::ReferenceArgs),
     /// Run the daemon: cameras → inference → MQTT, until SIGTERM/SIGINT (SIGHUP reloads).
     Run {
@@ -53,8 +54,9 @@ enum Command {
     ///
     /// Refuses everything `run` would refuse at start, and also checks, as the running user,
     /// that the state directory is writable (creating it if missing), that every file of the
-    /// model package matches its SHA-256 (a few seconds for a full-size model) and that every
-    /// camera source builds in GStreamer.
+    /// model package matches its SHA-256 (a few seconds for a full-size model), that every
+    /// camera source builds in GStreamer and that every few-shot bank (`reference`) is there
+    /// and was built for this model and region.
     CheckConfig {
         /// Configuration file.
         file: PathBuf,
@@ -105,7 +107,12 @@ fn main() -> ExitCode {
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {
-    let problems = anomalyclip_edge::config::check(file);
+    // The config first; then, for a good config, the few-shot banks it names (they need the
+    // resolved config and the model package).
+    let problems = match anomalyclip_edge::config::check_loaded(file) {
+        Ok(cfg) => anomalyclip_edge::daemon::check_references(&cfg, &file.display().to_string()),
+        Err(problems) => problems,
+    };
     if problems.is_empty() {
         println!("{}: ok", file.display());
         ExitCode::SUCCESS

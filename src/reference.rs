@@ -104,7 +104,7 @@ pub enum ReferenceError {
 }
 
 /// What a bank was built for. Two banks are interchangeable only if every field agrees.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fingerprint {
     /// SHA-256 of the package's `model.onnx` (from its manifest).
@@ -420,10 +420,31 @@ impl Bank {
         Ok(bank)
     }
 
+    /// [`Bank::load_checked`], also returning the bank's identity: `sha256:` and the first 16
+    /// hex digits of the file's SHA-256 (what a calibration made with this bank records).
+    pub fn load_identified(
+        path: &Path,
+        max_bank_mb: u64,
+        expected: &Fingerprint,
+    ) -> Result<(Bank, String), ReferenceError> {
+        let max = max_bank_mb.saturating_mul(1 << 20).saturating_add(64 << 10);
+        let bytes = fsio::read_limited(path, max, "reference bank")?;
+        let name = path.display().to_string();
+        let bank = Bank::from_bytes(&bytes, &name)?;
+        bank.check(expected, &name)?;
+        Ok((bank, identity(&bytes)))
+    }
+
     /// Writes the bank file atomically (see [`crate::statedir::replace_file`]).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         crate::statedir::replace_file(path, &self.to_bytes())
     }
+}
+
+/// The identity of a bank file's bytes: `sha256:<first 16 hex digits>`.
+pub fn identity(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("sha256:{}", &hex::encode(Sha256::digest(bytes))[..16])
 }
 
 /// What [`Reference::apply`] did to a frame.

@@ -458,6 +458,31 @@ impl Scorer {
         Ok(results)
     }
 
+    /// Crops region `shape` from an RGB image (rows of `stride` bytes) and resizes it into the
+    /// model input `out` (`3 × size × size`), as the daemon does; returns the crop's rectangle.
+    /// Used for region banks (`reference --config`) and by [`Scorer::score_region`].
+    pub fn prepare_region(
+        &mut self,
+        rgb: &[u8],
+        width: u32,
+        height: u32,
+        stride: usize,
+        shape: &RegionShape,
+        out: &mut [f32],
+    ) -> Result<region::PixelRect, ScoreError> {
+        let r = shape
+            .pixel_rect(width, height)
+            .map_err(|e| ScoreError::Input(e.to_string()))?;
+        let offset = r.y as usize * stride + r.x as usize * 3;
+        let data = rgb.get(offset..).ok_or_else(|| {
+            ScoreError::Input(format!(
+                "region {r:?} starts outside the {width}x{height} image"
+            ))
+        })?;
+        self.prepare_frame(data, r.w as usize, r.h as usize, stride, out)?;
+        Ok(r)
+    }
+
     /// Scores one region of an RGB image (rows of `stride` bytes) as the daemon does: crops
     /// the region's rectangle from the full-resolution image, resizes it to the model input,
     /// scores it at `pixel_threshold`, then leaves the ignore polygons out of the map (set to
@@ -472,18 +497,9 @@ impl Scorer {
         shape: &RegionShape,
         pixel_threshold: f32,
     ) -> Result<Scored, ScoreError> {
-        let r = shape
-            .pixel_rect(width, height)
-            .map_err(|e| ScoreError::Input(e.to_string()))?;
-        let offset = r.y as usize * stride + r.x as usize * 3;
-        let data = rgb.get(offset..).ok_or_else(|| {
-            ScoreError::Input(format!(
-                "region {r:?} starts outside the {width}x{height} image"
-            ))
-        })?;
         let s = self.size();
         let mut input = vec![0.0; 3 * s * s];
-        self.prepare_frame(data, r.w as usize, r.h as usize, stride, &mut input)?;
+        let r = self.prepare_region(rgb, width, height, stride, shape, &mut input)?;
         let mut scored = self
             .score_frames(&input, &[pixel_threshold])?
             .pop()

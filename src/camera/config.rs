@@ -61,6 +61,83 @@ pub struct RegionConfig {
     /// Decide with the calibration file of this region (see `calibrate`); a missing or
     /// mismatching one makes every frame UNKNOWN. Excludes a hand-set `threshold`/`t1`.
     pub calibrated: bool,
+    /// The few-shot reference bank this region is scored with (`reference = true` or
+    /// `reference = "path"`), `None` for zero-shot.
+    pub reference: Option<ReferenceConfig>,
+}
+
+/// Where a region's few-shot bank is (`reference = true`: the state directory; a string: that
+/// file), and where the key is written (for problems found later, e.g. by `check-config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferenceConfig {
+    pub source: ReferenceSource,
+    /// 1-based line of the `reference` key.
+    pub line: usize,
+    /// TOML path of the key (`camera[0].region[1].reference`).
+    pub path: String,
+}
+
+/// `reference = true` (the bank `anomalyclip-edge reference --config` writes into the state
+/// directory) or `reference = "file"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReferenceSource {
+    StateDir,
+    File(std::path::PathBuf),
+}
+
+/// `reference` as written: a flag or a path.
+#[derive(Debug)]
+pub(crate) enum RawReference {
+    Flag(bool),
+    Path(String),
+}
+
+impl<'de> Deserialize<'de> for RawReference {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawReference;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "true (the bank in the state directory), false, or a bank file path string",
+                )
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawReference, E> {
+                Ok(RawReference::Flag(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawReference, E> {
+                Ok(RawReference::Path(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Resolves a `reference` key at `path` (`false` is the same as leaving it out).
+fn resolve_reference(
+    ctx: &mut Ctx<'_>,
+    v: &S<RawReference>,
+    path: String,
+) -> Option<ReferenceConfig> {
+    let v = v.as_ref()?;
+    let source = match v.get_ref() {
+        RawReference::Flag(false) => return None,
+        RawReference::Flag(true) => ReferenceSource::StateDir,
+        RawReference::Path(p) if p.trim().is_empty() => {
+            ctx.at(
+                v,
+                path,
+                "an empty path: set reference = true (the bank in the state directory) or reference = \"<bank file>\"",
+            );
+            return None;
+        }
+        RawReference::Path(p) => ReferenceSource::File(p.into()),
+    };
+    Some(ReferenceConfig {
+        source,
+        line: ctx.line_of(v.span().start),
+        path,
+    })
 }
 
 impl RegionConfig {
@@ -352,6 +429,7 @@ pub(crate) struct RawCamera {
     statistic: S<String>,
     t1: S<f64>,
     calibration: S<bool>,
+    reference: S<RawReference>,
     region: Option<Vec<Spanned<RawRegion>>>,
     mode: Option<CameraMode>,
 }
@@ -368,6 +446,7 @@ struct RawRegion {
     threshold: S<f64>,
     t1: S<f64>,
     calibration: S<bool>,
+    reference: S<RawReference>,
 }
 
 /// `[camera.retry]` as written.
@@ -655,6 +734,17 @@ pub(crate) fn resolve_camera(
             "set either threshold (hand-set) or calibration = true, not both",
         );
     }
+    let reference = resolve_reference(ctx, &c.reference, format!("{p}.reference"));
+    if reference.is_some()
+        && c.region.as_ref().is_some_and(|l| !l.is_empty())
+        && let Some(v) = &c.reference
+    {
+        ctx.at(
+            v,
+            format!("{p}.reference"),
+            "the camera's reference is the bank of its whole frame, which is not scored once it has [[camera.region]] tables: set reference on each region instead",
+        );
+    }
     let mut regions = Vec::new();
     match &c.region {
         None => regions.push(RegionConfig {
@@ -664,6 +754,7 @@ pub(crate) fn resolve_camera(
             threshold: threshold as f32,
             t1,
             calibrated,
+            reference,
         }),
         Some(list) if list.is_empty() => ctx.at(
             cam,
@@ -912,6 +1003,7 @@ fn resolve_region(
             "set either threshold (hand-set) or calibration = true, not both",
         );
     }
+    let reference = resolve_reference(ctx, &raw.reference, format!("{p}.reference"));
     if ctx.problems.len() != before {
         return None;
     }
@@ -922,6 +1014,7 @@ fn resolve_region(
         threshold: t2 as f32,
         t1,
         calibrated,
+        reference,
     })
 }
 

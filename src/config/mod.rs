@@ -52,9 +52,9 @@ use problems::{Ctx, S, in_range, name_problem};
 use trigger::{RawTrigger, resolve_trigger};
 
 pub use crate::camera::config::{
-    CameraConfig, CameraMode, MaskConfig, RegionConfig, RetryConfig, SourceError,
-    default_mask_kind, default_mask_min_interval_ms, default_mask_size, default_max_fps,
-    default_pixel_threshold, default_threshold,
+    CameraConfig, CameraMode, MaskConfig, ReferenceConfig, ReferenceSource, RegionConfig,
+    RetryConfig, SourceError, default_mask_kind, default_mask_min_interval_ms, default_mask_size,
+    default_max_fps, default_pixel_threshold, default_threshold,
 };
 pub use crate::engine::config::{
     Backend, EngineConfig, HeadChoice, default_backend, default_max_batch, default_max_wait_ms,
@@ -101,6 +101,8 @@ pub struct Config {
 pub struct ModelConfig {
     /// Model package directory (see `engines/PACKAGE.md`).
     pub package: PathBuf,
+    /// Bound on each few-shot reference bank file the daemon loads, in MiB (`max_bank_mb`).
+    pub max_bank_mb: u64,
 }
 
 // Defaults, one function each (referenced from `config/example.toml`).
@@ -108,6 +110,11 @@ pub struct ModelConfig {
 /// `state_dir` default (systemd `StateDirectory=anomalyclip-edge`).
 pub fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/anomalyclip-edge")
+}
+/// `[model] max_bank_mb` default (equal to `reference::DEFAULT_MAX_BANK_MB`, checked by a
+/// test; the config layer does not import the inference stack).
+pub const fn default_max_bank_mb() -> u64 {
+    256
 }
 /// `stats_interval_s` default.
 pub const fn default_stats_interval_s() -> u64 {
@@ -136,6 +143,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawModel {
     package: S<String>,
+    max_bank_mb: S<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -153,10 +161,16 @@ pub fn load_config(path: impl AsRef<Path>) -> Result<Config, ConfigErrors> {
 /// write probe in the state directory, a full hash of the model package (seconds for a big
 /// model) and a GStreamer build of every camera source.
 pub fn check(path: impl AsRef<Path>) -> Vec<Problem> {
-    match load_with(path.as_ref(), FsChecks::Full) {
+    match check_loaded(path) {
         Ok(_) => Vec::new(),
-        Err(e) => e.problems,
+        Err(e) => e,
     }
+}
+
+/// [`check`], returning the resolved config when there is no problem (for the checks of the
+/// stages above the config layer, e.g. the few-shot banks, `daemon::check_references`).
+pub fn check_loaded(path: impl AsRef<Path>) -> Result<Config, Vec<Problem>> {
+    load_with(path.as_ref(), FsChecks::Full).map_err(|e| e.problems)
 }
 
 fn load_with(path: &Path, fs: FsChecks) -> Result<Config, ConfigErrors> {
@@ -405,7 +419,15 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
                         ctx.at(p, "model.package", e.to_string());
                     }
                 }
-                Some(ModelConfig { package: path })
+                let mut max_bank_mb = default_max_bank_mb();
+                if let Some(v) = &m.get_ref().max_bank_mb {
+                    in_range(ctx, v, "model.max_bank_mb", 1, 65_536);
+                    max_bank_mb = *v.get_ref();
+                }
+                Some(ModelConfig {
+                    package: path,
+                    max_bank_mb,
+                })
             }
             None => {
                 if !ctx.reported("model.package") {

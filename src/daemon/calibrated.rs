@@ -13,8 +13,10 @@ use crate::region::Units;
 
 use super::regions::Validity;
 
-/// What a calibration of region `r` must have been made for, on the running model.
-pub fn fingerprint(validity: &Validity, r: &RegionConfig) -> Fingerprint {
+/// What a calibration of region `r` must have been made for, on the running model, with the
+/// region's few-shot bank of identity `reference` (`""` for none; see
+/// [`crate::reference::identity`]).
+pub fn fingerprint(validity: &Validity, r: &RegionConfig, reference: &str) -> Fingerprint {
     let rect = if r.name.is_none() && r.shape.is_full() {
         calibration::RECT_FULL.to_owned()
     } else {
@@ -33,7 +35,7 @@ pub fn fingerprint(validity: &Validity, r: &RegionConfig) -> Fingerprint {
         rect,
         ignore_sha256: calibration::ignore_sha256(&r.shape.ignore),
         statistic: r.statistic.as_str().to_owned(),
-        reference: String::new(),
+        reference: reference.to_owned(),
     }
 }
 
@@ -44,8 +46,14 @@ pub(super) struct Applied {
     pub(super) deciles: Vec<f32>,
 }
 
-/// The rule of a region configured with `calibration = true`.
-pub(super) fn rule(camera: &str, cfg: &RegionConfig, validity: &Validity) -> Applied {
+/// The rule of a region configured with `calibration = true`, scored with the bank of
+/// identity `reference` (`""` for none).
+pub(super) fn rule(
+    camera: &str,
+    cfg: &RegionConfig,
+    validity: &Validity,
+    reference: &str,
+) -> Applied {
     let region = cfg.name.as_deref().unwrap_or("");
     let uncalibrated = |reason: String| Applied {
         rule: Rule::Uncalibrated { reason },
@@ -61,7 +69,10 @@ pub(super) fn rule(camera: &str, cfg: &RegionConfig, validity: &Validity) -> App
         }
         Err(e) => return uncalibrated(e.to_string()),
     };
-    if let Some(why) = cal.fingerprint.mismatch(&fingerprint(validity, cfg)) {
+    if let Some(why) = cal
+        .fingerprint
+        .mismatch(&fingerprint(validity, cfg, reference))
+    {
         return uncalibrated(format!("calibration {} no longer applies: {why}", cal.id));
     }
     Applied {

@@ -9,13 +9,16 @@
 //! reported by [`Unit::crop`] as an error for that frame, logged once per geometry, and counted
 //! — the daemon keeps running and the other regions are scored; a calibration that is missing,
 //! unreadable or made for something else makes the region [`Rule::Uncalibrated`] (every frame
-//! UNKNOWN, `uncalibrated: <reason>` in its calibration message and stats).
+//! UNKNOWN, `uncalibrated: <reason>` in its calibration message and stats). A region with a
+//! few-shot `reference` loads its bank here ([`super::references`]); a bank that is missing,
+//! corrupt or built for another model or region makes the region UNKNOWN as well
+//! (`uncalibrated: reference: <reason>`, logged once per load), never zero-shot.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::alarm::Debouncer;
 use crate::calibration;
@@ -38,6 +41,10 @@ pub struct Validity {
     pub backend: String,
     pub precision: String,
     pub input_size: u32,
+    /// What a few-shot bank must have been built for (its `region` and `k` left empty).
+    pub bank: crate::reference::Fingerprint,
+    /// `[model] max_bank_mb`.
+    pub max_bank_mb: u64,
 }
 
 /// How many recent values a region keeps for drift.
@@ -71,6 +78,8 @@ pub(super) struct Unit {
     /// What the calibration file says about itself (sample size, rates, when), for the
     /// retained `calibration` message; `Null` without one.
     pub(super) details: serde_json::Value,
+    /// The region's few-shot bank (with its scratch buffers), when it has one that loaded.
+    pub(super) reference: Option<Arc<Mutex<crate::reference::Reference>>>,
 }
 
 /// The unit key of a region of `camera`.
@@ -89,9 +98,11 @@ impl Unit {
         mask: &MaskConfig,
         validity: &Validity,
     ) -> Self {
-        let applied = resolve_rule(camera, cfg, validity);
+        let key = unit_key(camera, cfg.level());
+        let (reference, applied) = resolve(camera, &key, cfg, validity);
         Self {
-            key: unit_key(camera, cfg.level()),
+            reference,
+            key,
             rule: applied.rule,
             details: applied.details,
             deciles: applied.deciles,
@@ -113,7 +124,8 @@ impl Unit {
             self.geometry = None;
         }
         self.cfg = cfg.clone();
-        let applied = resolve_rule(camera, cfg, validity);
+        let (reference, applied) = resolve(camera, &self.key, cfg, validity);
+        self.reference = reference;
         if applied.deciles != self.deciles || applied.rule != self.rule {
             // Another calibration (or none): its drift starts again.
             self.recent.clear();
@@ -245,11 +257,56 @@ pub(super) fn masked_stats(
     region::mask_map(map, ignore.unwrap_or(&[]), pixel_threshold)
 }
 
-/// The rule of a region: hand-set, or its calibration when the fingerprint matches.
+/// The bank and the rule of a region: without a usable bank (when it has `reference`) the
+/// region is uncalibrated with the bank's reason (logged here, once per load); else the rule
+/// of [`resolve_rule`] with the bank's identity.
+fn resolve(
+    camera: &str,
+    key: &str,
+    cfg: &RegionConfig,
+    validity: &Validity,
+) -> (
+    Option<Arc<Mutex<crate::reference::Reference>>>,
+    super::calibrated::Applied,
+) {
+    let loaded = super::references::load(
+        &validity.state_dir,
+        camera,
+        cfg,
+        &validity.bank,
+        validity.max_bank_mb,
+    );
+    match loaded {
+        None => (None, resolve_rule(camera, cfg, validity, "")),
+        Some(Err(why)) => {
+            warn!(region = %key, reason = %why, "few-shot reference bank unusable: the region's verdicts are UNKNOWN until it is fixed (then reload)");
+            (
+                None,
+                super::calibrated::Applied {
+                    rule: Rule::Uncalibrated {
+                        reason: format!("reference: {why}"),
+                    },
+                    details: serde_json::Value::Null,
+                    deciles: Vec::new(),
+                },
+            )
+        }
+        Some(Ok(l)) => {
+            let fp = l.reference.bank().fingerprint();
+            info!(region = %key, bank = %l.path.display(), id = %l.id, k = fp.k, bytes = l.reference.bank().feature_bytes(), "few-shot reference bank loaded");
+            let applied = resolve_rule(camera, cfg, validity, &l.id);
+            (Some(Arc::new(Mutex::new(l.reference))), applied)
+        }
+    }
+}
+
+/// The rule of a region: hand-set, or its calibration when the fingerprint matches (made with
+/// the bank of identity `reference`, `""` for none).
 fn resolve_rule(
     camera: &str,
     cfg: &RegionConfig,
     validity: &Validity,
+    reference: &str,
 ) -> super::calibrated::Applied {
     if !cfg.calibrated {
         return super::calibrated::Applied {
@@ -261,7 +318,7 @@ fn resolve_rule(
             deciles: Vec::new(),
         };
     }
-    super::calibrated::rule(camera, cfg, validity)
+    super::calibrated::rule(camera, cfg, validity, reference)
 }
 
 #[cfg(test)]

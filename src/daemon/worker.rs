@@ -1,6 +1,7 @@
 //! The inference worker (one thread, `ace-infer`): gather a batch of the latest frames across
 //! cameras → crop each frame's regions (a camera without regions has one, the whole frame) →
-//! score the crops as batches (preprocess, engine, head) → decide per region (OK / UNKNOWN /
+//! score the crops as batches (preprocess, engine, head, and each region's few-shot bank when
+//! it has one) → decide per region (OK / UNKNOWN /
 //! NG) → publish each region's result, alarm transition and mask.
 //!
 //! Input: the cameras' latest-frame slots (one frame per camera; a newer frame overwrites an
@@ -199,6 +200,8 @@ struct Job {
     crop: Result<PixelRect, RegionError>,
     ignore: Option<Arc<[bool]>>,
     pixel_threshold: f32,
+    /// The region's few-shot bank, if any.
+    reference: Option<Arc<std::sync::Mutex<crate::reference::Reference>>>,
 }
 
 /// The images of a batch of frames: one per region of each frame's camera.
@@ -224,6 +227,7 @@ fn plan_jobs(frames: &[Frame], handles: &[CamHandle], size: usize) -> Vec<Job> {
                 crop,
                 ignore,
                 pixel_threshold,
+                reference: u.reference.clone(),
             });
         }
     }
@@ -276,7 +280,16 @@ fn score_chunk(
         })
         .collect();
     if n > 0 {
-        let scored = scorer.score_frames(&input[..n * plane], &thresholds)?;
+        // Each region's bank (one frame per camera per batch: a bank is used once per batch;
+        // the worker is the only one that locks them).
+        let mut guards: Vec<Option<std::sync::MutexGuard<'_, crate::reference::Reference>>> = todo
+            .iter()
+            .map(|(_, j, _)| j.reference.as_deref().map(lock))
+            .collect();
+        let mut refs: Vec<Option<&mut crate::reference::Reference>> =
+            guards.iter_mut().map(|g| g.as_deref_mut()).collect();
+        let scored =
+            scorer.score_frames_with_references(&input[..n * plane], &thresholds, &mut refs)?;
         for ((i, _, _), r) in todo.iter().zip(scored) {
             results[*i] = r;
         }

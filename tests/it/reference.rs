@@ -548,3 +548,522 @@ fn extra_few_shot_layers_feed_the_bank_and_leave_the_zero_shot_head_unchanged() 
     };
     assert!(e.contains("few_shot_layers") && e.contains('9'), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Region banks in the daemon: `reference = true | "path"`, `reference --config`, check-config
+// ---------------------------------------------------------------------------------------------
+
+use anomalyclip_edge::config::{FsChecks, ReferenceSource, parse_config};
+
+/// A 96 × 64 frame: a horizontal gradient with seeded noise of amplitude `noise`.
+fn frame_png(path: &Path, seed: u32, noise: u8) {
+    let mut state = seed;
+    let px: Vec<u8> = (0..96 * 64)
+        .flat_map(|i| {
+            let x = (i % 96) as u8;
+            [x * 2, 80 + x, 200 - x]
+        })
+        .map(|v: u8| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            v.wrapping_add(((state >> 24) as u8) % noise.max(1))
+        })
+        .collect();
+    crate::common::fx::write_rgb_png(path, 96, 64, &px);
+}
+
+/// The daemon config of the region-bank tests: one camera showing the still image `image`, one
+/// region `part` at `rect` with `reference = true`, state directory `dir/state`.
+fn bank_config(dir: &Path, node: &str, port: u16, image: &Path, rect: &str) -> String {
+    let state = format!("state_dir = \"{}\"", dir.join("state").display());
+    crate::common::daemon::config(
+        node,
+        port,
+        &format!(
+            "[[camera]]\nname = \"cam\"\n\
+             pipeline = \"filesrc location={} ! pngdec ! imagefreeze is-live=true ! video/x-raw,framerate=5/1\"\n\
+             [camera.mask]\nenabled = false\n\
+             [[camera.region]]\nname = \"part\"\nrect = {rect}\nthreshold = 0.9\nreference = true\n",
+            image.display()
+        ),
+    )
+    .replace("state_dir = \"state\"", &state)
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("{needle:?} not in text"))
+}
+
+fn all_text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn reference_keys_resolve_on_cameras_and_regions_and_bad_ones_are_reported_at_their_line() {
+    let base = |cam: &str| {
+        format!(
+            "node_id = \"n1\"\n[model]\npackage = \"/nonexistent\"\nmax_bank_mb = 32\n[mqtt]\nhost = \"localhost\"\n\
+             [[camera]]\nname = \"cam\"\nuri = \"/dev/video0\"\n{cam}"
+        )
+    };
+    let text = base("reference = \"/banks/cam.bank\"\n");
+    let cfg = parse_config(&text, "c.toml", FsChecks::Disabled).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.model.max_bank_mb, 32);
+    let r = cfg.cameras[0].regions[0]
+        .reference
+        .as_ref()
+        .expect("whole-frame reference");
+    assert_eq!(r.source, ReferenceSource::File("/banks/cam.bank".into()));
+    assert_eq!(
+        (r.line, r.path.as_str()),
+        (line_of(&text, "reference ="), "camera[0].reference")
+    );
+
+    let text = base(
+        "[[camera.region]]\nname = \"a\"\nrect = [0.0, 0.0, 0.5, 1.0]\nreference = true\n\
+         [[camera.region]]\nname = \"b\"\nrect = [0.5, 0.0, 0.5, 1.0]\nreference = false\n",
+    );
+    let cfg = parse_config(&text, "c.toml", FsChecks::Disabled).unwrap_or_else(|e| panic!("{e}"));
+    let regions = &cfg.cameras[0].regions;
+    let a = regions[0].reference.as_ref().expect("region a has a bank");
+    assert_eq!(a.source, ReferenceSource::StateDir);
+    assert_eq!(a.line, line_of(&text, "reference = true"));
+    assert!(regions[1].reference.is_none(), "false is zero-shot");
+    let default = parse_config(
+        &base("").replace("max_bank_mb = 32\n", ""),
+        "c.toml",
+        FsChecks::Disabled,
+    )
+    .expect("default");
+    assert_eq!(
+        default.model.max_bank_mb,
+        anomalyclip_edge::reference::DEFAULT_MAX_BANK_MB
+    );
+
+    // Refused, each at its line: a camera-level reference beside regions, an empty path, a
+    // number, a bound of 0.
+    let text = base(
+        "reference = true\n[[camera.region]]\nname = \"a\"\nrect = [0.0, 0.0, 0.5, 1.0]\nreference = \"\"\n\
+         [[camera.region]]\nname = \"b\"\nrect = [0.5, 0.0, 0.5, 1.0]\nreference = 3\n",
+    )
+    .replace("max_bank_mb = 32", "max_bank_mb = 0");
+    let ps = parse_config(&text, "c.toml", FsChecks::Disabled)
+        .expect_err("bad references")
+        .problems;
+    let has = |path: &str, needle: &str, msg: &str| {
+        let line = line_of(&text, needle);
+        assert!(
+            ps.iter()
+                .any(|p| p.path == path && p.line == Some(line) && p.message.contains(msg)),
+            "no problem {path} at line {line} containing {msg:?}: {ps:#?}"
+        );
+    };
+    has(
+        "camera[0].reference",
+        "reference = true",
+        "set reference on each region",
+    );
+    has(
+        "camera[0].region[0].reference",
+        "reference = \"\"",
+        "an empty path",
+    );
+    has("camera[0].region[1].reference", "reference = 3", "");
+    has("model.max_bank_mb", "max_bank_mb = 0", "");
+}
+
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_scored_with_its_bank_publishes_the_scorers_combined_score_and_a_stale_bank_is_unknown()
+ {
+    use crate::common::broker::{Broker, Msg, Watcher};
+    use crate::common::daemon::Daemon;
+
+    let lib = ort_or_skip("region banks in the daemon").expect("ort");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let frame = dir.path().join("frame.png");
+    frame_png(&frame, 1, 24);
+    let good = dir.path().join("good");
+    std::fs::create_dir_all(&good).expect("mkdir");
+    for i in 0..3 {
+        frame_png(&good.join(format!("{i}.png")), 10 + i, 24);
+    }
+    let broker = Broker::start(None).await;
+    let rect = "[0.25, 0.25, 0.5, 0.5]";
+    let cfg_text = bank_config(dir.path(), "fsd", broker.port, &frame, rect);
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, &cfg_text).expect("config");
+
+    // check-config refuses the missing bank at the key's line, naming camera and region.
+    let check = |cfg: &Path| run(&["check-config", s(cfg)]);
+    let o = check(&cfg);
+    assert_eq!(o.status.code(), Some(2), "{}", all_text(&o));
+    let want = format!(
+        "config.toml:{}: camera[0].region[0].reference: camera \"cam\" region \"part\": no bank file",
+        line_of(&cfg_text, "reference = true")
+    );
+    assert!(all_text(&o).contains(&want), "{want:?} in {}", all_text(&o));
+
+    // The bank of the region's crops, into the state directory.
+    let o = run(&[
+        "reference",
+        "--config",
+        s(&cfg),
+        "--camera",
+        "cam",
+        "--region",
+        "part",
+        "--images",
+        s(&good),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", all_text(&o));
+    let line: Value = serde_json::from_slice(&o.stdout).expect("one JSON line");
+    let bank = dir.path().join("state/reference/cam/part.bank");
+    assert_eq!(line["bank"], s(&bank));
+    assert_eq!(line["k"], 3);
+    let key = line["region_key"].as_str().expect("region_key").to_owned();
+    assert!(key.starts_with("part:"), "{key}");
+    assert!(bank.is_file());
+    let o = check(&cfg);
+    assert_eq!(o.status.code(), Some(0), "{}", all_text(&o));
+
+    // What the scorer gives the region's crop of the camera's frame, with and without the bank.
+    let opts = EngineOptions {
+        backend: Backend::Cpu,
+        threads: 1,
+        ort_library: Some(lib),
+        ..EngineOptions::default()
+    };
+    let mut scorer = Scorer::open(&tiny_package(), HashCheck::All, &opts).expect("scorer");
+    let img = anomalyclip_edge::image_io::load_image(&frame).expect("frame");
+    let rgb = img.to_rgb();
+    let parsed = parse_config(&cfg_text, "c.toml", FsChecks::Disabled).expect("config");
+    let shape = parsed.cameras[0].regions[0].shape.clone();
+    let score = |scorer: &mut Scorer| {
+        scorer
+            .score_region(&rgb, 96, 64, 96 * 3, &shape, 0.5)
+            .expect("score")
+            .score
+    };
+    let zero_shot = score(&mut scorer);
+    let reference = Reference::load(&bank, scorer.package(), &key, 256).expect("bank");
+    scorer.set_reference(Some(reference));
+    let combined = score(&mut scorer);
+    assert!(
+        (combined - zero_shot).abs() > 1e-3,
+        "the bank changes the score: {combined} vs {zero_shot}"
+    );
+
+    let mut plc = Watcher::start(broker.port, "anomalyclip/fsd/#").await;
+    let mut d = Daemon::start(&cfg_text);
+    d.wait_ready().await;
+    let topic = "anomalyclip/fsd/cam/part/result";
+    let mut got: Vec<Msg> = Vec::new();
+    plc.until(|m| {
+        got.push(m.clone());
+        got.iter().filter(|m| m.topic == topic).count() >= 2
+    })
+    .await;
+    // Same pixels (PNG), crop, resize, engine and bank: equal up to the payload's rounding to
+    // 4 decimals and float noise: |Δ| <= 1e-4.
+    for m in got.iter().filter(|m| m.topic == topic) {
+        let r = m.json();
+        let published = r["score"].as_f64().expect("score") as f32;
+        assert!(
+            (published - combined).abs() <= 1e-4,
+            "published {published}, scorer with the bank {combined}, zero-shot {zero_shot}: {r}"
+        );
+        assert_ne!(r["verdict"], "UNKNOWN", "{r}");
+    }
+    assert_eq!(
+        d.log_lines(&["few-shot reference bank loaded", "cam/part"])
+            .len(),
+        1,
+        "{}",
+        d.log()
+    );
+
+    // The region moves: the bank was built for the old geometry. On reload the region is
+    // UNKNOWN with `uncalibrated: reference: …` (logged once), and the daemon keeps running.
+    let moved = bank_config(
+        dir.path(),
+        "fsd",
+        broker.port,
+        &frame,
+        "[0.0, 0.0, 0.5, 0.5]",
+    );
+    d.write_config(&moved);
+    let _ = plc.drain();
+    d.signal(libc::SIGHUP);
+    let stale = |m: &Msg| {
+        m.topic == "anomalyclip/fsd/cam/part/calibration"
+            && m.json()["status"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("uncalibrated: reference:"))
+    };
+    let mut got: Vec<Msg> = Vec::new();
+    plc.until(|m| {
+        got.push(m.clone());
+        got.iter()
+            .skip_while(|m| !stale(m))
+            .filter(|m| m.topic == topic)
+            .count()
+            >= 2
+    })
+    .await;
+    let status = got
+        .iter()
+        .find(|m| stale(m))
+        .map(|m| m.json()["status"].as_str().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    assert!(
+        status.contains("region") && status.contains(&key),
+        "{status}"
+    );
+    for m in got
+        .iter()
+        .skip_while(|m| !stale(m))
+        .filter(|m| m.topic == topic)
+    {
+        assert_eq!(m.json()["verdict"], "UNKNOWN", "{}", m.describe());
+    }
+    assert_eq!(
+        d.log_lines(&["few-shot reference bank unusable", "cam/part"])
+            .len(),
+        1,
+        "{}",
+        d.log()
+    );
+    d.assert_running();
+    // check-config refuses it too, naming the region key it was built for.
+    std::fs::write(&cfg, &moved).expect("config");
+    let o = check(&cfg);
+    assert_eq!(o.status.code(), Some(2), "{}", all_text(&o));
+    assert!(
+        all_text(&o).contains("camera \"cam\" region \"part\"") && all_text(&o).contains(&key),
+        "{}",
+        all_text(&o)
+    );
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit().await.success());
+}
+
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[test]
+fn a_live_region_bank_takes_distinct_frames_and_a_silent_camera_is_one_clear_error() {
+    ort_or_skip("live region bank");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("config.toml");
+    let state = format!("state_dir = \"{}\"", dir.path().join("state").display());
+    let camera = |pipeline: &str| {
+        crate::common::daemon::config(
+            "live",
+            1,
+            &format!(
+                "[[camera]]\nname = \"cam\"\npipeline = \"{pipeline}\"\n\
+                 [[camera.region]]\nname = \"part\"\nrect = [0.25, 0.25, 0.5, 0.5]\nreference = true\n"
+            ),
+        )
+        .replace("state_dir = \"state\"", &state)
+    };
+    std::fs::write(
+        &cfg,
+        camera("videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=20/1"),
+    )
+    .expect("config");
+    let bank = dir.path().join("state/reference/cam/part.bank");
+    let o = run(&[
+        "reference",
+        "--config",
+        s(&cfg),
+        "--camera",
+        "cam",
+        "--region",
+        "part",
+        "--frames",
+        "3",
+        "--interval-ms",
+        "20",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", all_text(&o));
+    let line: Value = serde_json::from_slice(&o.stdout).expect("one JSON line");
+    assert_eq!(line["k"], 3, "{line}");
+    let first = std::fs::read(&bank).expect("bank written");
+
+    // A camera that never delivers: one line, exit 2, the bank left as it was.
+    std::fs::write(&cfg, camera("videotestsrc is-live=true ! valve drop=true")).expect("config");
+    let o = run(&[
+        "reference",
+        "--config",
+        s(&cfg),
+        "--camera",
+        "cam",
+        "--region",
+        "part",
+        "--frames",
+        "3",
+        "--timeout-s",
+        "3",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", all_text(&o));
+    assert!(
+        all_text(&o).contains("delivered no frame"),
+        "{}",
+        all_text(&o)
+    );
+    assert_eq!(std::fs::read(&bank).expect("bank"), first);
+    // An unknown region: one line naming it.
+    let o = run(&[
+        "reference",
+        "--config",
+        s(&cfg),
+        "--camera",
+        "cam",
+        "--region",
+        "lid",
+        "--frames",
+        "3",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        all_text(&o).contains("no region \"lid\""),
+        "{}",
+        all_text(&o)
+    );
+}
+
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calibration_records_its_bank_and_is_refused_without_it_or_with_another() {
+    use crate::common::broker::{Broker, Msg, Watcher};
+    use crate::common::daemon::Daemon;
+
+    ort_or_skip("calibration with a bank");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let frame = dir.path().join("frame.png");
+    frame_png(&frame, 1, 24);
+    let good = dir.path().join("good");
+    std::fs::create_dir_all(&good).expect("mkdir");
+    for i in 0..19 {
+        frame_png(&good.join(format!("{i:02}.png")), 100 + i, 40);
+    }
+    let broker = Broker::start(None).await;
+    let with_bank = bank_config(
+        dir.path(),
+        "fsc",
+        broker.port,
+        &frame,
+        "[0.25, 0.25, 0.5, 0.5]",
+    )
+    .replace("threshold = 0.9\n", "calibration = true\n");
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, &with_bank).expect("config");
+    let bank = dir.path().join("state/reference/cam/part.bank");
+    let build = |k: &str| {
+        run(&[
+            "reference",
+            "--config",
+            s(&cfg),
+            "--camera",
+            "cam",
+            "--region",
+            "part",
+            "--images",
+            s(&good),
+            "--k",
+            k,
+        ])
+    };
+    let o = build("4");
+    assert_eq!(o.status.code(), Some(0), "{}", all_text(&o));
+    let id = anomalyclip_edge::reference::identity(&std::fs::read(&bank).expect("bank"));
+    let o = run(&[
+        "calibrate",
+        "--config",
+        s(&cfg),
+        "--camera",
+        "cam",
+        "--region",
+        "part",
+        "--images",
+        s(&good),
+        "--rate",
+        "0.05",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", all_text(&o));
+    let cal: Value = serde_json::from_slice(&o.stdout).expect("calibration JSON");
+    assert_eq!(cal["fingerprint"]["reference"], id.as_str(), "{cal}");
+    assert!(all_text(&o).contains("combined score"), "{}", all_text(&o));
+
+    let status_of = |got: &[Msg]| {
+        got.iter()
+            .rev()
+            .find(|m| m.topic == "anomalyclip/fsc/cam/part/calibration")
+            .map(|m| m.json()["status"].as_str().unwrap_or("").to_owned())
+            .unwrap_or_default()
+    };
+    let mut plc = Watcher::start(broker.port, "anomalyclip/fsc/#").await;
+    let mut d = Daemon::start(&with_bank);
+    d.wait_ready().await;
+    let mut got: Vec<Msg> = Vec::new();
+    plc.until(|m| {
+        got.push(m.clone());
+        m.topic == "anomalyclip/fsc/cam/part/calibration"
+    })
+    .await;
+    let cal_id = cal["id"].as_str().expect("id");
+    assert_eq!(status_of(&got), format!("calibrated {cal_id}"));
+
+    // Without the bank: the calibration (of combined scores) no longer applies.
+    let without = with_bank.replace("reference = true\n", "");
+    for (text, rebuild, want) in [
+        (
+            &without,
+            false,
+            format!("reference bank changed ({id} → none)"),
+        ),
+        (
+            &with_bank,
+            true,
+            format!("reference bank changed ({id} → sha256:"),
+        ),
+    ] {
+        if rebuild {
+            // Another bank (K = 2): another identity.
+            let o = build("2");
+            assert_eq!(o.status.code(), Some(0), "{}", all_text(&o));
+        }
+        d.write_config(text);
+        let _ = plc.drain();
+        d.signal(libc::SIGHUP);
+        let mut got: Vec<Msg> = Vec::new();
+        plc.until(|m| {
+            got.push(m.clone());
+            status_of(&got).contains(&want)
+        })
+        .await;
+        assert!(
+            status_of(&got).starts_with("uncalibrated: calibration"),
+            "{}",
+            status_of(&got)
+        );
+    }
+    d.assert_running();
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit().await.success());
+}
