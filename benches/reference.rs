@@ -15,7 +15,7 @@ use std::hint::black_box;
 use anomalyclip_edge::engine::{Backend, EngineOptions};
 use anomalyclip_edge::head::{AnomalyHead, CpuHead, HeadConfig, HeadInput};
 use anomalyclip_edge::package::HashCheck;
-use anomalyclip_edge::reference::{Bank, Fingerprint, Reference, WHOLE_FRAME};
+use anomalyclip_edge::reference::{Bank, DEFAULT_MAX_BANK_MB, Fingerprint, Reference, WHOLE_FRAME};
 use anomalyclip_edge::scorer::Scorer;
 use std::time::Instant;
 
@@ -182,7 +182,7 @@ fn main() {
     });
     let bank_input: Vec<f32> = (0..4).flat_map(|i| noise(3 * s * s, 20 + i)).collect();
     let bank = scorer
-        .build_bank(&bank_input, 4, WHOLE_FRAME, 16)
+        .build_bank(&bank_input, 4, WHOLE_FRAME, DEFAULT_MAX_BANK_MB)
         .expect("bank");
     scorer.set_reference(Some(Reference::new(bank)));
     time("reference/frame_few_shot_k4", reps, || {

@@ -336,8 +336,17 @@ def test_fixture_comparison_catches_changes(tiny_package: Path, tmp_path: Path) 
     assert any("copied weight" in p for p in compare_package(FIXTURES / "tiny", pkg))
 
 
+# Computed on another CPU, the golden files differ from a fresh run in the last bits (float
+# summation order). Features: 1e-6 absolute. The head divides cosines by the temperature (0.07)
+# and takes a two-class softmax, so a feature error e reaches the probabilities as up to
+# 0.25 * 2e / 0.07 (about 7e): 1e-5 absolute for patch, maps and score. Seen on an AMD EPYC run:
+# 1.07e-6 on `patch`.
+GOLDEN_ATOL = {"global": 1e-6, "local": 1e-6, "patch": 1e-5, "map_raw": 1e-5, "map": 1e-5,
+               "score": 1e-5}
+
+
 def test_golden_reference_outputs_reproduce(tiny_prep: Prepared) -> None:
-    """The golden ref files equal a fresh PyTorch reference run within 1e-6."""
+    """The golden ref files equal a fresh PyTorch reference run (tolerances: GOLDEN_ATOL)."""
     index = json.loads((GOLDEN / "index.json").read_text())
     size, grid, dim = index["size"], index["grid"], index["dim"]
     assert (index["package"], size, grid, dim) == ("../tiny", 112, 8, 32)
@@ -358,9 +367,9 @@ def test_golden_reference_outputs_reproduce(tiny_prep: Prepared) -> None:
                   "map": (head.map, (size, size))}
         for kind, (value, shape) in checks.items():
             stored = read_f32(ref / f"{stem}.{kind}.f32", shape)
-            assert np.abs(stored - value).max() <= 1e-6, (stem, kind)
-        assert abs(entry["score"] - head.score) <= 1e-6
-        assert abs(entry["map_max"] - head.map_max) <= 1e-6
+            assert np.abs(stored - value).max() <= GOLDEN_ATOL[kind], (stem, kind)
+        assert abs(entry["score"] - head.score) <= GOLDEN_ATOL["score"]
+        assert abs(entry["map_max"] - head.map_max) <= GOLDEN_ATOL["map"]
         assert abs(entry["map_max"] - float(read_f32(ref / f"{stem}.map.f32", (size, size)).max())) \
             <= 1e-7
     assert sorted(modes.values()) == ["L", "RGB", "RGB", "RGB", "RGBA"]

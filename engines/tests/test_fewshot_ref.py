@@ -58,11 +58,12 @@ def test_the_committed_fixture_is_what_the_reference_writes(tmp_path):
     assert a["bank"] == b["bank"] and len(a["images"]) == len(b["images"]) >= 5
     for ea, eb in zip(a["images"], b["images"]):
         assert ea["name"] == eb["name"]
-        assert abs(ea["score"] - eb["score"]) < 1e-6
+        # Computed on another CPU: BLAS summation order moves the last bits (values in [0, 1]).
+        assert abs(ea["score"] - eb["score"]) < 1e-5
         for what in ("fs_map", "map"):
             x = np.fromfile(committed / f"{ea['name']}.{what}.f32", dtype="<f4")
             y = np.fromfile(tmp_path / f"{ea['name']}.{what}.f32", dtype="<f4")
-            assert x.shape == y.shape and np.abs(x - y).max() < 1e-6
+            assert x.shape == y.shape and np.abs(x - y).max() < 1e-5
 
 
 def test_the_exporter_records_few_shot_layers_as_extra_outputs(tmp_path):
