@@ -389,7 +389,7 @@ async fn run_async(
         inbox_rx,
         control.shutdown.clone(),
     ));
-    let live = start_live(&cfg, &shared, &control)
+    let live = start_live(&cfg, &config_path, &shared, &control)
         .await
         .map_err(DaemonError::Runtime)?;
     let notify_frames = FrameNotify::new();
@@ -541,10 +541,21 @@ async fn run_async(
     Ok(())
 }
 
+/// The checks `check-config` makes, on a config text that is not (yet) the file at `origin`:
+/// the config with [`FsChecks::Full`], then the few-shot banks it names. One line per problem.
+pub fn check_config_text(text: &str, origin: &str) -> Vec<String> {
+    let problems = match config::parse_config(text, origin, config::FsChecks::Full) {
+        Ok(cfg) => check_references(&cfg, origin),
+        Err(e) => e.problems,
+    };
+    problems.iter().map(ToString::to_string).collect()
+}
+
 /// Starts the live view server when `[http]` is set (the port is bound before the daemon
 /// reports ready: a taken port is a start-up error). `[http]` changes take effect at restart.
 async fn start_live(
     cfg: &Config,
+    config_path: &Path,
     shared: &Arc<Shared>,
     control: &Control,
 ) -> std::io::Result<Option<crate::live::LiveHub>> {
@@ -573,11 +584,23 @@ async fn start_live(
                 .collect()
         })
     };
+    let editor = {
+        let origin = config_path.display().to_string();
+        let handle = control.handle();
+        crate::live::EditorSetup {
+            config_path: config_path.to_path_buf(),
+            enabled: http.edit_config,
+            validate: Arc::new(move |text: &str| check_config_text(text, &origin)),
+            reload: Arc::new(move || handle.reload()),
+            backup: cfg.state_dir.join("live").join("config.previous.toml"),
+        }
+    };
     crate::live::serve(
         http,
         hub.clone(),
         statuses,
         &cfg.node_id,
+        Some(editor),
         control.shutdown.clone(),
     )
     .await

@@ -32,6 +32,7 @@
 //! logged (at most every 10 s) and the frame skipped.
 
 pub mod config;
+pub mod editor;
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -83,6 +84,8 @@ const JPEG_QUALITY: u8 = 80;
 const MAX_SESSIONS: usize = 64;
 /// Session cookie name.
 const COOKIE: &str = "ace_session";
+/// Largest region edit accepted (16 regions with many polygon points fit).
+const MAX_EDIT_BODY: usize = 64 << 10;
 
 /// One scored frame's summary, for the overview.
 #[derive(Debug, Clone, Serialize)]
@@ -94,6 +97,9 @@ struct Last {
     verdict: Verdict,
     latency_ms: f32,
     map_max: f32,
+    /// The full-resolution frame's size (the region editor converts `rect_px` with it).
+    width: u32,
+    height: u32,
 }
 
 struct CamLive {
@@ -274,6 +280,8 @@ impl LiveHub {
                 verdict,
                 latency_ms: frame.captured_at.elapsed().as_secs_f32() * 1e3,
                 map_max: scored.map_max,
+                width: frame.width,
+                height: frame.height,
             });
             let period = Duration::from_secs(1) / i.max_fps;
             let live = i.watchers.load(Ordering::Relaxed) > 0
@@ -587,9 +595,33 @@ fn gallery_write(i: &Inner, camera: &str, job: &Job, jpeg: &[u8]) -> std::io::Re
 /// Camera names and their status words (`online`, `reconnecting`, …), from the daemon.
 pub type StatusFn = Arc<dyn Fn() -> Vec<(String, String)> + Send + Sync>;
 
+/// Runs the checks of `check-config` on a candidate config text: its problems, one line each
+/// (empty: the text is a good config).
+pub type ValidateFn = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
+/// What the region editor needs from the daemon.
+pub struct EditorSetup {
+    /// The config file the daemon runs on (the one the editor rewrites).
+    pub config_path: PathBuf,
+    /// `http.edit_config`: false serves the editor read-only.
+    pub enabled: bool,
+    pub validate: ValidateFn,
+    /// Asks the daemon to reload its config file (after a write).
+    pub reload: Arc<dyn Fn() + Send + Sync>,
+    /// Where the file's previous text is kept after each write (in the state directory).
+    pub backup: PathBuf,
+}
+
+struct EditorState {
+    setup: EditorSetup,
+    /// One edit at a time: read, compare, check, write.
+    lock: tokio::sync::Mutex<()>,
+}
+
 #[derive(Clone)]
 struct AppState {
     hub: LiveHub,
+    editor: Option<Arc<EditorState>>,
     token: Option<[u8; 32]>,
     sessions: Arc<Mutex<VecDeque<[u8; 32]>>>,
     statuses: StatusFn,
@@ -614,12 +646,19 @@ pub async fn serve(
     hub: LiveHub,
     statuses: StatusFn,
     node_id: &str,
+    editor: Option<EditorSetup>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let local = listener.local_addr()?;
     let state = AppState {
         hub: hub.clone(),
+        editor: editor.map(|setup| {
+            Arc::new(EditorState {
+                setup,
+                lock: tokio::sync::Mutex::new(()),
+            })
+        }),
         token: cfg.token.as_ref().map(|t| digest(t.0.as_bytes())),
         sessions: Arc::new(Mutex::new(VecDeque::new())),
         statuses,
@@ -667,6 +706,13 @@ fn router(state: AppState) -> Router {
         .route("/gallery/{camera}/{file}", get(gallery_file))
         .route("/api/cameras", get(api_cameras))
         .route("/api/stats", get(api_stats))
+        .route("/regions/{camera}", get(regions_page))
+        .route(
+            "/api/regions/{camera}",
+            get(api_regions)
+                .post(save_regions)
+                .route_layer(DefaultBodyLimit::max(MAX_EDIT_BODY)),
+        )
         .route("/static/app.css", get(app_css))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
     Router::new()
@@ -885,7 +931,7 @@ async fn overview(State(state): State<AppState>) -> Html<String> {
              <td class=\"status\">{}</td><td class=\"verdict\">{}</td><td class=\"score\">{}</td>\
              <td class=\"threshold\">{}</td><td><canvas class=\"spark\" width=\"160\" height=\"28\"></canvas></td>\
              <td class=\"fps\">{}</td><td class=\"latency\">{}</td>\
-             <td><a href=\"/gallery/{n}\">NG gallery</a></td></tr>",
+             <td><a href=\"/gallery/{n}\">NG gallery</a> · <a href=\"/regions/{n}\">regions</a></td></tr>",
             html_escape(&c.status),
             c.last.as_ref().map_or("–".into(), |l| format!("{:?}", l.verdict).to_uppercase()),
             c.last.as_ref().map_or("–".into(), |l| format!("{:.3}", l.score)),
@@ -921,7 +967,7 @@ async fn live_page(State(state): State<AppState>, UrlPath(camera): UrlPath<Strin
              <div class=\"live\"><img id=\"frame\" alt=\"live frame of {n}\" src=\"/live/{n}/frame.jpg\"></div>\
              <div class=\"legend\"><span>0</span><span class=\"bar\"></span><span>pixel threshold</span><span class=\"bar hot\"></span><span>1</span></div>\
              <p id=\"info\"></p>\
-             <p><a href=\"/live/{n}/stream.mjpeg\">MJPEG stream</a> · <a href=\"/gallery/{n}\">NG gallery</a></p>\
+             <p><a href=\"/live/{n}/stream.mjpeg\">MJPEG stream</a> · <a href=\"/gallery/{n}\">NG gallery</a> · <a href=\"/regions/{n}\">regions</a></p>\
              <script>const CAMERA = {}; const FPS = {};\n{}</script>",
             serde_json::to_string(&camera).unwrap_or_default(),
             state.max_fps,
@@ -929,6 +975,240 @@ async fn live_page(State(state): State<AppState>, UrlPath(camera): UrlPath<Strin
         ),
     )
     .into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Region editor (the file side is `editor`)
+
+async fn regions_page(State(state): State<AppState>, UrlPath(camera): UrlPath<String>) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    let n = html_escape(&camera);
+    page(
+        &format!("{camera} — regions"),
+        &format!(
+            "<h1><a href=\"/\">anomalyclip-edge</a> / <a href=\"/live/{n}\">{n}</a> / regions</h1>\
+             <div class=\"editor\"><div class=\"canvas\" id=\"canvas\">\
+             <img id=\"frame\" alt=\"frame of {n}\" draggable=\"false\">\
+             <svg id=\"overlay\" viewBox=\"0 0 1 1\" preserveAspectRatio=\"none\"></svg></div>\
+             <div class=\"side\"><p class=\"note\">Drag on the frame to draw a region; drag a region to move it, \
+             its corner to resize it. Ignore polygons: select a region, then <em>Add ignore polygon</em> and click \
+             the points.</p>\
+             <ul id=\"list\"></ul>\
+             <div id=\"selected\" hidden><label>name <input id=\"name\" maxlength=\"64\"></label>\
+             <button id=\"poly\">Add ignore polygon</button> <button id=\"polydone\" hidden>Finish polygon</button> \
+             <button id=\"clearpoly\">Clear ignore polygons</button> <button id=\"delete\">Delete region</button></div>\
+             <p><button id=\"save\">Save to the config file</button> <button id=\"discard\">Discard changes</button></p>\
+             <p id=\"status\" class=\"status\"></p><pre id=\"problems\"></pre>\
+             <p class=\"note\">Saving rewrites the config file (comments and other settings stay) after the checks \
+             of <code>check-config</code>, then reloads it. Moving or renaming a calibrated region makes it \
+             UNKNOWN until it is calibrated again.</p></div></div>\
+             <script>const CAMERA = {};\n{}</script>",
+            serde_json::to_string(&camera).unwrap_or_default(),
+            include_str!("live/regions.js")
+        ),
+    )
+    .into_response()
+}
+
+fn json_error(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+/// A browser request from another site (a page elsewhere posting to this loopback server) is
+/// refused: `Sec-Fetch-Site` when the browser sends it, else `Origin` against `Host`.
+fn same_origin(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return site == "same-origin" || site == "none";
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true; // not a browser (curl, a script): the token rules apply
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    origin
+        .to_str()
+        .ok()
+        .and_then(|o| {
+            o.strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"))
+        })
+        .is_some_and(|o| !host.is_empty() && o == host)
+}
+
+fn read_config(path: &Path) -> Result<String, String> {
+    crate::fsio::read_limited_string(path, crate::fsio::MAX_CONFIG_FILE, "config file")
+        .map_err(|e| format!("cannot read {}: {}", path.display(), e.cause()))
+}
+
+async fn api_regions(State(state): State<AppState>, UrlPath(camera): UrlPath<String>) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    let Some(ed) = state.editor.clone() else {
+        return not_found().await;
+    };
+    let frame = lock(&state.hub.inner.cams)
+        .get(&camera)
+        .and_then(|c| c.last.as_ref().map(|l| (l.width, l.height)));
+    let path = ed.setup.config_path.clone();
+    let cam = camera.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let text = read_config(&path)?;
+        let regions = editor::regions_of(&text, &cam).map_err(|e| e.to_string())?;
+        Ok::<_, String>((editor::digest_hex(text.as_bytes()), regions))
+    })
+    .await;
+    match read {
+        Ok(Ok((base, regions))) => axum::Json(serde_json::json!({
+            "camera": camera,
+            "config": ed.setup.config_path.display().to_string(),
+            "editable": ed.setup.enabled,
+            "base": base,
+            "frame": frame.map(|(w, h)| serde_json::json!({"width": w, "height": h})),
+            "regions": regions,
+        }))
+        .into_response(),
+        Ok(Err(e)) => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({ "error": e }),
+        ),
+        Err(_) => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({ "error": "internal error" }),
+        ),
+    }
+}
+
+/// How a save ended (the blocking part's answer).
+enum Saved {
+    Done { base: String, path: PathBuf },
+    Changed,
+    Refused(String),
+    Problems(Vec<String>),
+    WriteFailed { error: String, text: String },
+}
+
+async fn save_regions(
+    State(state): State<AppState>,
+    UrlPath(camera): UrlPath<String>,
+    headers: HeaderMap,
+    body: Result<axum::Json<editor::Edit>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    let Some(ed) = state.editor.clone() else {
+        return not_found().await;
+    };
+    if !same_origin(&headers) {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": "cross-site request refused" }),
+        );
+    }
+    if !ed.setup.enabled {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": "editing is off (http.edit_config = false)" }),
+        );
+    }
+    let edit = match body {
+        Ok(axum::Json(e)) => e,
+        Err(e) => {
+            // 415 for a body that is not declared JSON (a form post); 400 for anything else.
+            let status = match e {
+                axum::extract::rejection::JsonRejection::MissingJsonContentType(_) => {
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE
+                }
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return json_error(
+                status,
+                serde_json::json!({ "error": format!("bad request: {}", e.body_text()) }),
+            );
+        }
+    };
+    let _one = ed.lock.lock().await;
+    let job = {
+        let ed = ed.clone();
+        let camera = camera.clone();
+        tokio::task::spawn_blocking(move || save_blocking(&ed.setup, &camera, &edit))
+    };
+    let saved = match job.await {
+        Ok(s) => s,
+        Err(_) => Saved::Refused("internal error".into()),
+    };
+    match saved {
+        Saved::Done { base, path } => {
+            info!(camera = %camera, file = %path.display(), "region editor: config file written; reloading");
+            (ed.setup.reload)();
+            axum::Json(serde_json::json!({ "saved": path.display().to_string(), "base": base }))
+                .into_response()
+        }
+        Saved::Changed => json_error(
+            StatusCode::CONFLICT,
+            serde_json::json!({ "error": "the config file changed since this page read it: \
+                                          discard and edit again" }),
+        ),
+        Saved::Refused(e) => json_error(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+        Saved::Problems(p) => {
+            info!(camera = %camera, problems = p.len(), "region editor: edit refused by the checks");
+            json_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({ "error": "the edited config has problems; nothing was written",
+                                    "problems": p }),
+            )
+        }
+        Saved::WriteFailed { error, text } => {
+            warn!(camera = %camera, error = %error, "region editor: cannot write the config file");
+            json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({ "error": error, "text": text }),
+            )
+        }
+    }
+}
+
+fn save_blocking(setup: &EditorSetup, camera: &str, edit: &editor::Edit) -> Saved {
+    let old = match read_config(&setup.config_path) {
+        Ok(t) => t,
+        Err(e) => return Saved::Refused(e),
+    };
+    if editor::digest_hex(old.as_bytes()) != edit.base {
+        return Saved::Changed;
+    }
+    let new = match editor::apply(&old, camera, edit) {
+        Ok(t) => t,
+        Err(e) => return Saved::Refused(e.to_string()),
+    };
+    let problems = (setup.validate)(&new);
+    if !problems.is_empty() {
+        return Saved::Problems(problems);
+    }
+    if let Some(dir) = setup.backup.parent()
+        && let Err(e) = crate::statedir::create_dir(dir)
+            .and_then(|()| crate::statedir::replace_file(&setup.backup, old.as_bytes()))
+    {
+        warn!(file = %setup.backup.display(), error = %e, "region editor: previous config not kept");
+    }
+    match editor::write_atomic(&setup.config_path, &new) {
+        Ok(path) => Saved::Done {
+            base: editor::digest_hex(new.as_bytes()),
+            path,
+        },
+        Err(e) => Saved::WriteFailed {
+            error: format!(
+                "cannot write {}: {e} (nothing changed; the checked file is attached: copy it \
+                 over the config file and reload the daemon)",
+                setup.config_path.display()
+            ),
+            text: new,
+        },
+    }
 }
 
 fn jpeg_response(jpeg: Bytes) -> Response {

@@ -30,6 +30,9 @@ pub struct Control {
     pub shutdown: CancellationToken,
     /// One pending reload request at most.
     pub reload: mpsc::Receiver<()>,
+    /// The sending side, for stages inside the daemon that ask for a reload (the live view's
+    /// region editor after it wrote the config file).
+    requests: mpsc::Sender<()>,
 }
 
 /// A connected pair.
@@ -39,13 +42,24 @@ pub fn control() -> (ControlHandle, Control) {
     (
         ControlHandle {
             shutdown: shutdown.clone(),
-            reload: tx,
+            reload: tx.clone(),
         },
         Control {
             shutdown,
             reload: rx,
+            requests: tx,
         },
     )
+}
+
+impl Control {
+    /// A handle on this daemon's own stop and reload requests.
+    pub fn handle(&self) -> ControlHandle {
+        ControlHandle {
+            shutdown: self.shutdown.clone(),
+            reload: self.requests.clone(),
+        }
+    }
 }
 
 impl ControlHandle {

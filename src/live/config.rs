@@ -58,6 +58,8 @@ pub struct HttpConfig {
     pub gallery_count: u32,
     /// NG gallery: bytes kept per camera, in MiB.
     pub gallery_mib: u32,
+    /// Whether the region editor may write the config file (`http.edit_config`, default true).
+    pub edit_config: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +71,7 @@ pub(crate) struct RawHttp {
     max_width: S<u32>,
     gallery_count: S<u32>,
     gallery_mib: S<u32>,
+    edit_config: S<bool>,
 }
 
 /// The token in a token file's bytes: its first line, trimmed; `Err` says why it is unusable
@@ -162,5 +165,6 @@ pub(crate) fn resolve_http(ctx: &mut Ctx<'_>, raw: Option<&RawHttp>) -> Option<H
         max_width: get(&h.max_width, default_live_width()),
         gallery_count: get(&h.gallery_count, default_gallery_count()),
         gallery_mib: get(&h.gallery_mib, default_gallery_mib()),
+        edit_config: get(&h.edit_config, true),
     })
 }

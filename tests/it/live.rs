@@ -577,3 +577,286 @@ async fn a_real_browser_lists_the_camera_and_sees_the_live_view_change() {
     .await
     .expect("test thread");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Region editor
+
+fn post_json(addr: SocketAddr, target: &str, body: &str, extra: &[(&str, &str)]) -> Resp {
+    let mut h = vec![("Content-Type", "application/json")];
+    h.extend_from_slice(extra);
+    request(addr, "POST", target, &h, body.as_bytes())
+}
+
+/// `check-config` on the daemon's config file, as the plant engineer would run it.
+fn check_config_ok(d: &Daemon) {
+    let o = std::process::Command::new(BIN)
+        .args(["check-config", "config.toml"])
+        .current_dir(d.dir.path())
+        .output()
+        .expect("run check-config");
+    assert!(
+        o.status.success(),
+        "check-config refuses the edited file: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_region_editor_writes_only_checked_edits_and_the_daemon_reloads_them() {
+    let (broker, d, addr) = start("gallery_count = 0", &sim_camera("sim", 0.5)).await;
+    let mut plc = common::broker::Watcher::start(broker.port, "anomalyclip/live/sim/#").await;
+    let cfg = d.config_path();
+    let original = std::fs::read(&cfg).expect("config");
+    let api = "/api/regions/sim";
+    let (base, first) = tokio::task::block_in_place(|| {
+        wait_scored(addr, &d);
+        let r = get(addr, api);
+        assert_eq!(r.status, 200, "{}", r.text());
+        (
+            r.json()["base"].as_str().expect("base").to_owned(),
+            r.json(),
+        )
+    });
+    assert_eq!(first["regions"], serde_json::json!([]));
+    assert_eq!(first["editable"], true);
+    assert_eq!(
+        first["frame"],
+        serde_json::json!({"width": 160, "height": 120})
+    );
+
+    let good = |base: &str| {
+        serde_json::json!({"base": base, "regions": [{"name": "left", "rect": [0.0, 0.0, 0.5, 1.0],
+            "ignore": [[[0.1, 0.1], [0.2, 0.1], [0.2, 0.2]]]}]})
+        .to_string()
+    };
+    tokio::task::block_in_place(|| {
+        let unchanged = |what: &str| {
+            assert_eq!(
+                std::fs::read(&cfg).expect("config"),
+                original,
+                "{what} changed the config file"
+            );
+        };
+        // A page of another site posting to this loopback server.
+        let r = post_json(
+            addr,
+            api,
+            &good(&base),
+            &[("Origin", "http://evil.example")],
+        );
+        assert_eq!(r.status, 403, "{}", r.text());
+        let r = post_json(addr, api, &good(&base), &[("Sec-Fetch-Site", "cross-site")]);
+        assert_eq!(r.status, 403, "{}", r.text());
+        // A form post cannot be JSON.
+        let r = request(
+            addr,
+            "POST",
+            api,
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            good(&base).as_bytes(),
+        );
+        assert_eq!(r.status, 415, "{}", r.text());
+        let r = post_json(addr, api, "{\"base\": 1", &[]);
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("bad request"))
+        );
+        let r = post_json(addr, api, &good("0000"), &[]);
+        assert_eq!(r.status, 409, "{}", r.text());
+        unchanged("refused requests");
+        // What check-config refuses: a rectangle past the frame, a reserved name.
+        for (name, rect, needle) in [
+            ("right", [0.5, 0.5, 0.7, 0.2], "rect"),
+            ("status", [0.0, 0.0, 0.5, 0.5], "status"),
+        ] {
+            let body = serde_json::json!({"base": base, "regions": [{"name": name, "rect": rect}]});
+            let r = post_json(addr, api, &body.to_string(), &[]);
+            assert_eq!(r.status, 422, "{}", r.text());
+            let problems = r.json()["problems"].clone();
+            let first = problems[0].as_str().unwrap_or("");
+            assert!(
+                first.starts_with(&format!("{}:", cfg.display()))
+                    || first.starts_with("config.toml:"),
+                "a problem names the file: {problems}"
+            );
+            assert!(
+                problems.to_string().contains(needle),
+                "{needle} not in {problems}"
+            );
+            unchanged("an edit refused by the checks");
+        }
+        let r = post_json(addr, api, &good(&base), &[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = std::fs::read_to_string(&cfg).expect("config");
+        // Everything else is as it was: the original text is a prefix-wise subset of the new.
+        for line in String::from_utf8_lossy(&original).lines() {
+            assert!(text.contains(line), "lost line {line:?}:\n{text}");
+        }
+        assert!(
+            text.contains("[[camera.region]]\nname = \"left\""),
+            "{text}"
+        );
+        check_config_ok(&d);
+        let backup = d.dir.path().join("state/live/config.previous.toml");
+        assert_eq!(
+            std::fs::read(&backup).expect("previous config kept"),
+            original
+        );
+    });
+    // The daemon reloaded the file: the region publishes its own results.
+    let m = plc.next_on("anomalyclip/live/sim/left/result").await;
+    assert_eq!(m.json()["region"], "left", "{}", m.describe());
+
+    // Rename and move, keeping its keys; then the page's view of the file follows.
+    tokio::task::block_in_place(|| {
+        let now = get(addr, api).json();
+        assert_ne!(now["base"], base.as_str());
+        assert_eq!(now["regions"][0]["name"], "left");
+        let body = serde_json::json!({"base": now["base"], "regions": [
+            {"name": "left2", "from": "left"},
+            {"name": "right", "rect": [0.5, 0.25, 0.5, 0.75]}]});
+        let r = post_json(addr, api, &body.to_string(), &[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let regions = get(addr, api).json()["regions"].clone();
+        assert_eq!(regions[0]["name"], "left2");
+        assert_eq!(regions[0]["rect"], serde_json::json!([0.0, 0.0, 0.5, 1.0]));
+        assert_eq!(regions[0]["ignore"][0][2], serde_json::json!([0.2, 0.2]));
+        assert_eq!(
+            regions[1]["rect"],
+            serde_json::json!([0.5, 0.25, 0.5, 0.75])
+        );
+        check_config_ok(&d);
+    });
+    plc.next_on("anomalyclip/live/sim/right/result").await;
+}
+
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_edit_config_off_the_editor_is_read_only() {
+    let (_broker, d, addr) = start("edit_config = false", &sim_camera("sim", 0.5)).await;
+    tokio::task::block_in_place(|| {
+        let before = std::fs::read(d.config_path()).expect("config");
+        let r = get(addr, "/api/regions/sim");
+        assert_eq!(r.json()["editable"], false);
+        let body = serde_json::json!({"base": r.json()["base"],
+            "regions": [{"name": "a", "rect": [0.0, 0.0, 0.5, 0.5]}]});
+        let r = post_json(addr, "/api/regions/sim", &body.to_string(), &[]);
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert!(r.text().contains("edit_config"), "{}", r.text());
+        assert_eq!(std::fs::read(d.config_path()).expect("config"), before);
+        assert_eq!(get(addr, "/api/regions/nope").status, 404);
+    });
+}
+
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[cfg_attr(
+    not(have_chromium),
+    ignore = "needs Debian's chromium package: run scripts/setup"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_drawn_with_the_mouse_in_a_real_browser_lands_in_the_config_and_on_mqtt() {
+    let (broker, d, addr) = start("gallery_count = 0", &sim_camera("sim", 0.5)).await;
+    let mut plc = common::broker::Watcher::start(broker.port, "anomalyclip/live/sim/#").await;
+    let rect = tokio::task::block_in_place(|| {
+        wait_scored(addr, &d);
+        let mut b = common::cdp::Browser::start(1100, 800);
+        b.navigate(&format!("http://{addr}/regions/sim"));
+        b.wait_for(
+            "window.EDITOR_READY === true && document.getElementById('frame').naturalWidth > 0",
+            Duration::from_secs(30),
+        );
+        let r = b.eval(
+            "(() => { const r = document.getElementById('frame').getBoundingClientRect(); \
+             return [r.left, r.top, r.width, r.height]; })()",
+        );
+        let [l, t, w, h] = [0, 1, 2, 3].map(|k| r[k].as_f64().expect("rect"));
+        assert!(w > 100.0 && h > 50.0, "frame shown at {w}x{h}");
+        // Draw from 10 %/20 % to 60 %/80 % of the frame with the mouse.
+        b.drag((l + 0.1 * w, t + 0.2 * h), (l + 0.6 * w, t + 0.8 * h));
+        b.wait_for(
+            "document.getElementById('list').textContent.includes('region-1')",
+            Duration::from_secs(5),
+        );
+        let at = |x: f64, y: f64| (l + x * w, t + y * h);
+        // Move it right by 10 % of the frame, then add an ignore polygon inside it.
+        b.drag(at(0.35, 0.5), at(0.45, 0.5));
+        let poly = b.centre_of("#poly");
+        b.click(poly);
+        for (x, y) in [(0.3, 0.3), (0.4, 0.3), (0.4, 0.4)] {
+            b.click(at(x, y));
+        }
+        let done = b.centre_of("#polydone");
+        b.click(done);
+        b.wait_for(
+            "document.getElementById('list').textContent.includes('1 ignore polygon')",
+            Duration::from_secs(5),
+        );
+        let save = b.centre_of("#save");
+        b.click(save);
+        let status = b.wait_for(
+            "(() => { const s = document.getElementById('status').textContent; \
+             return s.startsWith('saved') || s.startsWith('HTTP') || \
+             document.getElementById('problems').textContent ? s + ' ' + \
+             document.getElementById('problems').textContent : ''; })()",
+            Duration::from_secs(30),
+        );
+        assert!(
+            status.as_str().is_some_and(|s| s.starts_with("saved")),
+            "save failed: {status}"
+        );
+        let text = std::fs::read_to_string(d.config_path()).expect("config");
+        let regions = anomalyclip_edge::live::editor::regions_of(&text, "sim").expect("regions");
+        assert_eq!(regions.len(), 1, "{text}");
+        assert_eq!(regions[0].name, "region-1");
+        check_config_ok(&d);
+        // A screenshot of the editor with the saved region, as a test artifact.
+        std::fs::create_dir_all(artifact_dir()).expect("artifact dir");
+        let path = artifact_dir().join("region-editor.png");
+        let profile = tempfile::tempdir().expect("profile");
+        chromium(
+            &[
+                "--window-size=1100,800",
+                "--virtual-time-budget=3000",
+                &format!("--screenshot={}", path.display()),
+                &format!("http://{addr}/regions/sim"),
+            ],
+            profile.path(),
+        );
+        assert!(std::fs::metadata(&path).is_ok_and(|m| m.len() > 1000));
+        eprintln!("screenshot: {}", path.display());
+        (
+            regions[0].rect.expect("rect in fractions"),
+            regions[0].ignore.clone(),
+        )
+    });
+    let (rect, ignore) = rect;
+    // One screen pixel of a 640 px wide frame is 0.0016 of it.
+    for (got, want) in rect.iter().zip([0.2, 0.2, 0.5, 0.6]) {
+        assert!(
+            (got - want).abs() < 0.01,
+            "drawn and moved {rect:?}, expected ≈ [0.2, 0.2, 0.5, 0.6]"
+        );
+    }
+    assert_eq!(ignore.len(), 1, "{ignore:?}");
+    for (got, want) in ignore[0].iter().zip([[0.3, 0.3], [0.4, 0.3], [0.4, 0.4]]) {
+        assert!(
+            (got[0] - want[0]).abs() < 0.01 && (got[1] - want[1]).abs() < 0.01,
+            "polygon {ignore:?}"
+        );
+    }
+    let m = plc.next_on("anomalyclip/live/sim/region-1/result").await;
+    assert_eq!(m.json()["region"], "region-1", "{}", m.describe());
+}

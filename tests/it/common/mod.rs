@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the helpers.
 
 pub mod broker;
+pub mod cdp;
 pub mod daemon;
 pub mod fx;
 pub mod golden;
