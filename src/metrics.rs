@@ -101,6 +101,9 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
+/// The values of the `verdict` label (as `decision::Verdict::as_str` spells them).
+const VERDICTS: &[&str] = &["OK", "UNKNOWN", "NG"];
+
 /// The causes of `frames_dropped_total`.
 pub mod cause {
     /// A newer frame overwrote one the worker had not taken yet (inference slower than the
@@ -133,7 +136,7 @@ pub struct CameraSnapshot {
     pub skipped_corrupt: u64,
     /// Frames whose inference failed (kept across camera restarts).
     pub inference_errors: u64,
-    /// Each region's NG threshold (T2), `None` when it has none; region names as labelled.
+    /// Each region (its `region` label) and its NG threshold (T2), `None` when it has none.
     pub thresholds: Vec<(String, Option<f32>)>,
 }
 
@@ -402,12 +405,24 @@ impl Metrics {
                     .inc_by(increment(was, now));
             }
             self.camera_up.get_or_create(&camera).set(i64::from(c.up));
+            // Series known from the config exist at 0 before their first event (a query's
+            // `rate()` then sees the first alarm, and the families are always declared).
+            drop(self.frames_scored.get_or_create(&camera));
+            drop(self.trigger_to_result.get_or_create(&camera));
             up.insert(camera);
             for (region, t) in &c.thresholds {
                 let labels = RegionLabels {
                     camera: c.name.clone(),
                     region: region.clone(),
                 };
+                drop(self.alarms_raised.get_or_create(&labels));
+                for verdict in VERDICTS {
+                    drop(self.verdicts.get_or_create(&VerdictLabels {
+                        camera: c.name.clone(),
+                        region: region.clone(),
+                        verdict: (*verdict).to_owned(),
+                    }));
+                }
                 match t {
                     Some(t) => {
                         self.threshold.get_or_create(&labels).set(f64::from(*t));
@@ -558,6 +573,15 @@ mod tests {
             text.contains("anomalyclip_camera_up{camera=\"b\"} 1"),
             "{text}"
         );
+        // Known series exist at 0 before their first event.
+        for series in [
+            "anomalyclip_alarms_raised_total{camera=\"b\",region=\"(frame)\"} 0",
+            "anomalyclip_verdicts_total{camera=\"b\",region=\"(frame)\",verdict=\"NG\"} 0",
+            "anomalyclip_frames_scored_total{camera=\"b\"} 0",
+            "anomalyclip_trigger_to_result_seconds_count{camera=\"b\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing: {text}");
+        }
         assert!(
             text.contains("anomalyclip_threshold{camera=\"b\",region=\"(frame)\"} 0.5"),
             "{text}"
