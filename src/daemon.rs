@@ -4,7 +4,9 @@
 //!
 //! Threads: one per camera (GStreamer, [`crate::camera`]); one inference worker (blocking ONNX
 //! Runtime + CPU head); a small tokio runtime for the publisher ([`crate::mqtt`]), signals,
-//! stats and the watchdog.
+//! stats, the watchdog and the optional servers: the live view ([`crate::live`], `[http]`) and
+//! the Prometheus endpoint ([`crate::metrics`], `[metrics]`, its counters followed once a
+//! second from the same totals as `stats`).
 //!
 //! Edges and their full-policies: camera → worker: one latest-frame slot per camera (overwrite,
 //! counted as dropped); worker → publisher: results and masks are latest-value data (dropped and
