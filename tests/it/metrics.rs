@@ -444,3 +444,40 @@ fn a_bad_metrics_listen_is_one_check_config_line_naming_the_field() {
         );
     }
 }
+
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_bind_is_allowed_with_a_warning() {
+    let broker = Broker::start(None).await;
+    let port = free_port();
+    let text = metrics_first(
+        &config("lanmetrics", broker.port, &sim_camera("sim", 0.5)),
+        &format!("listen = \"0.0.0.0:{port}\""),
+    );
+    let d = Daemon::start(&text);
+    tokio::task::spawn_blocking(move || {
+        assert!(
+            common::wait_until(Duration::from_secs(30), || d
+                .log()
+                .contains("anomalyclip-edge running")),
+            "daemon did not start; log:\n{}",
+            d.log()
+        );
+        assert!(
+            d.log()
+                .contains("metrics endpoint listens beyond this machine"),
+            "no warning for 0.0.0.0: {}",
+            d.log()
+        );
+        // Scraped over loopback only (tests send nothing to other addresses).
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let r = scrape(addr);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().ends_with("# EOF\n"), "{}", r.text());
+    })
+    .await
+    .expect("test thread");
+}
