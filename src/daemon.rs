@@ -4,7 +4,9 @@
 //!
 //! Threads: one per camera (GStreamer, [`crate::camera`]); one inference worker (blocking ONNX
 //! Runtime + CPU head); a small tokio runtime for the publisher ([`crate::mqtt`]), signals,
-//! stats and the watchdog.
+//! stats, the watchdog and the optional servers: the live view ([`crate::live`], `[http]`) and
+//! the Prometheus endpoint ([`crate::metrics`], `[metrics]`, its counters followed once a
+//! second from the same totals as `stats`).
 //!
 //! Edges and their full-policies: camera → worker: one latest-frame slot per camera (overwrite,
 //! counted as dropped); worker → publisher: results and masks are latest-value data (dropped and
@@ -65,7 +67,7 @@ pub use control::{Control, ControlHandle, Deadline, control};
 
 use alarm_state::AlarmStates;
 use cameras::Cameras;
-use health::{build_stats, making_progress, notify, stats_timer, status_line};
+use health::{build_stats, making_progress, metrics_snapshot, notify, stats_timer, status_line};
 
 /// How long a clean stop may take for in-flight frames and the final MQTT messages.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
@@ -258,6 +260,8 @@ struct Shared {
     validity: regions::Validity,
     /// Triggered inspection: requests waiting for a frame, answers ([`trigger`]).
     trigger: trigger::Triggers,
+    /// The Prometheus metrics when `[metrics]` is set ([`crate::metrics`]).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     started: Instant,
 }
 
@@ -371,6 +375,10 @@ async fn run_async(
     let model_info = info::ModelInfo::new(&scorer.package().manifest);
     let started_ms = unix_ms();
     publisher.info(info::birth(&cfg, &model_info, &engine_name, started_ms));
+    let metrics = cfg
+        .metrics
+        .as_ref()
+        .map(|_| Arc::new(crate::metrics::Metrics::new()));
     let shared = Arc::new(Shared {
         cams: RwLock::new(Vec::new()),
         stop: AtomicBool::new(false),
@@ -379,7 +387,8 @@ async fn run_async(
         statuses: Mutex::new(HashMap::new()),
         alarm_states: AlarmStates::load(&cfg.state_dir, &cfg.cameras),
         validity,
-        trigger: trigger::Triggers::new(&cfg, publisher.clone()),
+        trigger: trigger::Triggers::new(&cfg, publisher.clone(), metrics.clone()),
+        metrics,
         started: Instant::now(),
     });
     let (inbox_tx, inbox_rx) = tokio::sync::mpsc::channel(crate::mqtt::INBOX_CHANNEL);
@@ -390,6 +399,9 @@ async fn run_async(
         control.shutdown.clone(),
     ));
     let live = start_live(&cfg, &config_path, &shared, &control)
+        .await
+        .map_err(DaemonError::Runtime)?;
+    start_metrics(&cfg, &shared, &control)
         .await
         .map_err(DaemonError::Runtime)?;
     let notify_frames = FrameNotify::new();
@@ -436,6 +448,8 @@ async fn run_async(
             .max(Duration::from_millis(50)),
     );
     let mut last_stats = Instant::now();
+    // The metrics' counters follow the daemon's totals once a second (none without [metrics]).
+    let mut metrics_tick = stats_timer(shared.metrics.as_ref().map(|_| Duration::from_secs(1)));
 
     notify(&[
         sd_notify::NotifyState::Ready,
@@ -467,6 +481,11 @@ async fn run_async(
                 let stats = build_stats(&shared, &cameras.running, &engine_name, last_stats.elapsed());
                 last_stats = Instant::now();
                 publisher.stats(stats);
+            }
+            _ = metrics_tick.tick() => {
+                if let Some(m) = &shared.metrics {
+                    m.sync(&metrics_snapshot(&cameras.running, &publisher));
+                }
             }
             _ = wd_tick.tick() => {
                 let line = status_line(&shared, &publisher);
@@ -606,4 +625,21 @@ async fn start_live(
     .await
     .map_err(|e| std::io::Error::new(e.kind(), format!("http.listen {}: {e}", http.listen)))?;
     Ok(Some(hub))
+}
+
+/// Starts the Prometheus endpoint when `[metrics]` is set (bound before the daemon reports
+/// ready: a taken port is a start-up error naming `metrics.listen`). `[metrics]` changes take
+/// effect at restart.
+async fn start_metrics(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    control: &Control,
+) -> std::io::Result<()> {
+    let (Some(m), Some(metrics)) = (&cfg.metrics, &shared.metrics) else {
+        return Ok(());
+    };
+    crate::metrics::serve(m.listen, metrics.clone(), control.shutdown.clone())
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("metrics.listen {}: {e}", m.listen)))?;
+    Ok(())
 }

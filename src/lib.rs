@@ -27,7 +27,8 @@
 //! - [`daemon`]: `run(config, control)`: the cameras, the inference worker, health and reload
 //!   that tie the stages together, with systemd integration and one stop path.
 //!
-//! Beside the frame path: [`statedir`] (the state directory, locked for one daemon; atomic,
+//! Beside the frame path: [`live`] (the optional live view server), [`metrics`] (the optional
+//! Prometheus endpoint), [`statedir`] (the state directory, locked for one daemon; atomic,
 //! symlink-safe writes), [`fsio`] (every file read from outside: regular files only, bounded
 //! before reading) and [`eval`] (dataset evaluation with the paper's metrics).
 
@@ -68,6 +69,8 @@ pub mod mqtt;
 pub mod daemon;
 
 pub mod live;
+
+pub mod metrics;
 
 pub mod statedir;
 

@@ -46,6 +46,7 @@ use toml::de::{DeTable, DeValue};
 use crate::camera::config::{RawCamera, resolve_camera};
 use crate::engine::config::{RawEngine, resolve_engine};
 use crate::live::config::{RawHttp, resolve_http};
+use crate::metrics::config::{RawMetrics, resolve_metrics};
 use crate::mqtt::config::{RawMqtt, SECRET_KEYS, resolve_mqtt};
 use crate::package::{HashCheck, ModelPackage};
 use problems::{Ctx, S, in_range, name_problem};
@@ -61,6 +62,7 @@ pub use crate::engine::config::{
     default_threads,
 };
 pub use crate::live::config::HttpConfig;
+pub use crate::metrics::config::MetricsConfig;
 pub use crate::mqtt::config::{MqttConfig, Secret, TlsConfig, WhenFull};
 pub use crate::payload::{MAX_NAME_LEN, is_valid_name};
 pub use problems::{ConfigErrors, FsChecks, Problem};
@@ -94,6 +96,8 @@ pub struct Config {
     pub trigger: TriggerConfig,
     /// `[http]`: the live view server; `None` = nothing listens.
     pub http: Option<HttpConfig>,
+    /// `[metrics]`: the Prometheus endpoint; `None` = nothing listens.
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// `[model]`.
@@ -137,6 +141,7 @@ struct RawConfig {
     camera: S<Vec<Spanned<RawCamera>>>,
     trigger: Option<RawTrigger>,
     http: Option<RawHttp>,
+    metrics: Option<RawMetrics>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,6 +460,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
     let engine = resolve_engine(ctx, raw.engine.as_ref());
     let trigger = resolve_trigger(ctx, raw.trigger.as_ref());
     let http = resolve_http(ctx, raw.http.as_ref());
+    let metrics = resolve_metrics(ctx, raw.metrics.as_ref());
     let mqtt = match &raw.mqtt {
         Some(m) => resolve_mqtt(ctx, m),
         None => {
@@ -525,6 +531,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         cameras,
         trigger,
         http,
+        metrics,
     })
 }
 
@@ -664,6 +671,7 @@ mod tests {
             "mqtt::config",
             "engine::config",
             "live::config",
+            "metrics::config",
             "payload",
             "package",
             "fsio",
@@ -685,6 +693,7 @@ mod tests {
             "mqtt/config.rs",
             "engine/config.rs",
             "live/config.rs",
+            "metrics/config.rs",
         ] {
             for import in crate_imports(&root.join(f)) {
                 assert!(

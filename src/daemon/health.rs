@@ -1,9 +1,9 @@
-//! The daemon's health: the `stats` report, the systemd notifications (readiness, status line)
-//! and the watchdog's progress rule.
+//! The daemon's health: the `stats` report, the metrics snapshot, the systemd notifications
+//! (readiness, status line) and the watchdog's progress rule.
 //!
 //! Input: the shared counters of the worker and the cameras, the publisher's counters. Output:
-//! [`Stats`] payloads, `sd_notify` messages. Nothing here fails: a notification that cannot be
-//! sent is logged.
+//! [`Stats`] payloads, [`metrics::Snapshot`]s, `sd_notify` messages. Nothing here fails: a
+//! notification that cannot be sent is logged.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use tracing::warn;
 
 use super::{Running, Shared, lock, unix_ms};
 use crate::camera::CameraState;
+use crate::metrics;
 use crate::mqtt::PublisherHandle;
 use crate::payload::{CameraStats, Stats};
 
@@ -96,6 +97,53 @@ pub(super) fn build_stats(
         engine: engine.to_string(),
         cameras,
         mqtt: Default::default(),
+    }
+}
+
+/// The totals and states the metrics follow ([`metrics::Metrics::sync`]): the same counters as
+/// [`build_stats`], read without touching its window.
+pub(super) fn metrics_snapshot(
+    running: &[Running],
+    publisher: &PublisherHandle,
+) -> metrics::Snapshot {
+    let cameras = running
+        .iter()
+        .map(|r| {
+            let st = lock(&r.handle.state);
+            let cs = r.camera.stats();
+            metrics::CameraSnapshot {
+                name: r.cfg.name.clone(),
+                instance: r.handle.index,
+                up: cs.status == CameraState::Online,
+                frames_in: cs.frames_in,
+                dropped_overload: cs.dropped,
+                skipped_rate: cs.skipped_rate,
+                skipped_corrupt: cs.skipped_corrupt,
+                inference_errors: st.inference_errors,
+                thresholds: st
+                    .units
+                    .iter()
+                    .map(|u| {
+                        let region = u
+                            .cfg
+                            .name
+                            .clone()
+                            .unwrap_or_else(|| metrics::FRAME_REGION.into());
+                        (region, u.rule.t2())
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let c = publisher.counters();
+    metrics::Snapshot {
+        cameras,
+        broker: metrics::BrokerSnapshot {
+            connected: c.connected,
+            reconnects: c.reconnects,
+            queued_alarms: c.queued_alarms,
+            queued_inspections: publisher.inspection_counters().0,
+        },
     }
 }
 

@@ -122,16 +122,23 @@ pub(super) struct Triggers {
     next: AtomicU64,
     /// Requests answered, by kind (for logs and tests).
     answered: AtomicU64,
+    /// Trigger → scored result latencies go here when `[metrics]` is set.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Triggers {
-    pub(super) fn new(cfg: &Config, publisher: PublisherHandle) -> Self {
+    pub(super) fn new(
+        cfg: &Config,
+        publisher: PublisherHandle,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Self {
         let t = Self {
             inner: Mutex::new(Inner::default()),
             publisher,
             id_prefix: format!("{}-{:x}-", cfg.node_id, unix_ms() / 1000),
             next: AtomicU64::new(1),
             answered: AtomicU64::new(0),
+            metrics,
         };
         t.configure(cfg);
         t
@@ -285,6 +292,9 @@ impl Triggers {
                 done_ts_ms: unix_ms(),
                 latency_ms: p.at.elapsed().as_secs_f32() * 1e3,
             };
+            if let Some(m) = &self.metrics {
+                m.observe_trigger_to_result(camera, p.at.elapsed());
+            }
             self.remember(camera, &i);
             self.send(i, p.answers);
         }

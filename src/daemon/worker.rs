@@ -80,7 +80,13 @@ pub(super) fn run(
         let mut failed = vec![false; frames.len()];
         let mut at = 0;
         for chunk in jobs.chunks(batching.max_batch.max(1)) {
-            match score_chunk(&mut scorer, chunk, &frames, &mut input) {
+            match score_chunk(
+                &mut scorer,
+                chunk,
+                &frames,
+                &mut input,
+                shared.metrics.as_deref(),
+            ) {
                 Ok(results) => {
                     for (i, r) in results.into_iter().enumerate() {
                         if let Err(e) = &r {
@@ -236,12 +242,14 @@ fn plan_jobs(frames: &[Frame], handles: &[CamHandle], size: usize) -> Vec<Job> {
 
 /// Preprocesses the crops of `chunk` and scores them as one batch; each image's area is
 /// computed by the head at its camera's pixel threshold. Jobs without a crop are not scored
-/// (their entry is an error). `Err` when the whole batch failed.
+/// (their entry is an error). `Err` when the whole batch failed. The inference (encoder and
+/// head) of a batch that ran is timed into `metrics`.
 fn score_chunk(
     scorer: &mut Scorer,
     chunk: &[Job],
     frames: &[Frame],
     input: &mut Vec<f32>,
+    metrics: Option<&crate::metrics::Metrics>,
 ) -> Result<Vec<Result<Scored, ScoreError>>, ScoreError> {
     let s = scorer.size();
     let plane = 3 * s * s;
@@ -288,8 +296,12 @@ fn score_chunk(
             .collect();
         let mut refs: Vec<Option<&mut crate::reference::Reference>> =
             guards.iter_mut().map(|g| g.as_deref_mut()).collect();
+        let t0 = Instant::now();
         let scored =
             scorer.score_frames_with_references(&input[..n * plane], &thresholds, &mut refs)?;
+        if let Some(m) = metrics {
+            m.observe_inference(t0.elapsed());
+        }
         for ((i, _, _), r) in todo.iter().zip(scored) {
             results[*i] = r;
         }
@@ -321,7 +333,8 @@ fn publish_frame(
     let seq = st.seq_base + f.seq;
     st.next_seq = seq + 1;
     let mask = st.mask;
-    let latency_ms = f.captured_at.elapsed().as_secs_f32() * 1e3;
+    let latency = f.captured_at.elapsed();
+    let latency_ms = latency.as_secs_f32() * 1e3;
     let mut any = false;
     // A triggered camera streams nothing; its decisions answer the waiting trigger requests.
     let stream = shared.trigger.streams(&h.name);
@@ -339,6 +352,9 @@ fn publish_frame(
             // The region does not fit this frame: the line is told (UNKNOWN), not left silent.
             u.crop_errors += 1;
             u.verdicts[Verdict::Unknown as usize] += 1;
+            if let Some(m) = &shared.metrics {
+                m.verdict(&h.name, u.cfg.name.as_deref(), Verdict::Unknown.as_str());
+            }
             outcomes.push(Outcome {
                 region: u.cfg.name.clone(),
                 score: f32::NAN,
@@ -378,6 +394,9 @@ fn publish_frame(
         };
         let d = u.decide(r.score, map_max);
         let anomaly = d.verdict == Verdict::Ng;
+        if let Some(m) = &shared.metrics {
+            m.verdict(&h.name, u.cfg.name.as_deref(), d.verdict.as_str());
+        }
         outcomes.push(Outcome {
             region: u.cfg.name.clone(),
             score: r.score,
@@ -408,6 +427,11 @@ fn publish_frame(
         {
             info!(camera = %h.name, region = u.cfg.name.as_deref().unwrap_or(""), active = t.active(), seq, score = r.score, "alarm");
             shared.alarm_states.set(&u.key, t.active());
+            if t.active()
+                && let Some(m) = &shared.metrics
+            {
+                m.alarm_raised(&h.name, u.cfg.name.as_deref());
+            }
             publisher.alarm(Alarm {
                 camera: h.name.to_string(),
                 active: t.active(),
@@ -452,6 +476,13 @@ fn publish_frame(
         return;
     }
     st.scored += 1;
+    if let Some(m) = &shared.metrics {
+        m.frame_scored(&h.name);
+        if stream {
+            // The latency the results carry (`latency_ms`): capture → handed to the publisher.
+            m.observe_capture_to_publish(&h.name, latency);
+        }
+    }
     if f.ordinal >= st.frames_in_at_last_stats {
         st.scored_in_window += 1;
     }

@@ -73,6 +73,58 @@ fn example_and_demo_parse() {
     }
 }
 
+/// `[metrics]`: absent in the example (nothing listens); uncommented, the documented default;
+/// a bad address or an unknown key is a problem at its line.
+#[test]
+fn the_metrics_table_parses_and_its_problems_have_lines() {
+    let example = example_config();
+    let cfg =
+        parse_config(example, "example.toml", FsChecks::Disabled).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.metrics, None);
+    let enabled = example.replace("# [metrics]\n", "[metrics]\n").replace(
+        "# listen = \"127.0.0.1:9464\"",
+        "listen = \"127.0.0.1:9464\"",
+    );
+    assert_ne!(enabled, example, "the example documents [metrics]");
+    let cfg = parse_config(&enabled, "example.toml", FsChecks::Disabled)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.metrics.map(|m| m.listen),
+        Some("127.0.0.1:9464".parse().expect("addr"))
+    );
+    let bare = enabled.replace("listen = \"127.0.0.1:9464\"", "");
+    let cfg =
+        parse_config(&bare, "example.toml", FsChecks::Disabled).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.metrics.map(|m| m.listen.to_string()),
+        Some(anomalyclip_edge::metrics::config::DEFAULT_LISTEN.to_owned())
+    );
+
+    let bad = enabled.replace(
+        "listen = \"127.0.0.1:9464\"",
+        "listen = \"[::1]\"\nport = 9464",
+    );
+    let ps = match parse_config(&bad, "example.toml", FsChecks::Disabled) {
+        Ok(c) => panic!("expected problems, got {c:?}"),
+        Err(e) => e.problems,
+    };
+    expect(
+        &ps,
+        &bad,
+        "metrics.port",
+        "port = 9464",
+        "unknown field `port`",
+    );
+    expect(
+        &ps,
+        &bad,
+        "metrics.listen",
+        "listen = \"[::1]\"",
+        "\"[::1]\" is not an address (expected IP:port",
+    );
+    assert_eq!(ps.len(), 2, "{ps:?}");
+}
+
 #[test]
 fn minimal_file_loads_with_defaults() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -13,18 +13,18 @@ use crate::common;
 use crate::common::broker::{Broker, free_port};
 use crate::common::daemon::{BIN, Daemon, config, sim_camera};
 
-/// One HTTP/1.1 response.
-struct Resp {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
+/// One HTTP/1.1 response (also used by the metrics tests).
+pub(crate) struct Resp {
+    pub(crate) status: u16,
+    pub(crate) head: String,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Resp {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
-    fn header(&self, name: &str) -> Option<String> {
+    pub(crate) fn header(&self, name: &str) -> Option<String> {
         self.head.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;
             k.trim()
@@ -40,7 +40,7 @@ impl Resp {
 
 /// Sends one request (`Connection: close`) and reads the whole response. `target` is sent as
 /// is (so traversal attempts reach the server unnormalised).
-fn request(
+pub(crate) fn request(
     addr: SocketAddr,
     method: &str,
     target: &str,
@@ -225,7 +225,7 @@ async fn nothing_listens_when_http_is_absent() {
 }
 
 /// The TCP ports process `pid` listens on (its socket inodes matched against /proc/net/tcp*).
-fn listening_sockets(pid: i32) -> Vec<String> {
+pub(crate) fn listening_sockets(pid: i32) -> Vec<String> {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
             d.flatten()

@@ -28,6 +28,7 @@ mod hostile_props;
 mod image_io;
 mod layouts;
 mod live;
+mod metrics;
 mod mqtt;
 mod packaging;
 mod preprocess;
