@@ -1119,11 +1119,13 @@ async fn save_regions(
     let edit = match body {
         Ok(axum::Json(e)) => e,
         Err(e) => {
-            // 415 for a body that is not declared JSON (a form post); 400 for anything else.
+            // 415 for a body that is not declared JSON (a form post), 413 for one over the
+            // bound, 400 for anything else.
             let status = match e {
                 axum::extract::rejection::JsonRejection::MissingJsonContentType(_) => {
                     StatusCode::UNSUPPORTED_MEDIA_TYPE
                 }
+                _ if e.status() == StatusCode::PAYLOAD_TOO_LARGE => e.status(),
                 _ => StatusCode::BAD_REQUEST,
             };
             return json_error(

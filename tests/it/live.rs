@@ -704,6 +704,15 @@ async fn the_region_editor_writes_only_checked_edits_and_the_daemon_reloads_them
             "{text}"
         );
         check_config_ok(&d);
+        // A second edit made on the same (now stale) view of the file: refused, not merged.
+        let r = post_json(addr, api, &good(&base), &[]);
+        assert_eq!(r.status, 409, "{}", r.text());
+        // An oversized body.
+        let big = format!(
+            "{{\"base\": \"{}\", \"regions\": []}}",
+            "x".repeat(70 << 10)
+        );
+        assert_eq!(post_json(addr, api, &big, &[]).status, 413);
         let backup = d.dir.path().join("state/live/config.previous.toml");
         assert_eq!(
             std::fs::read(&backup).expect("previous config kept"),
