@@ -612,6 +612,7 @@ async fn start_live(
             validate: Arc::new(move |text: &str| check_config_text(text, &origin)),
             reload: Arc::new(move || handle.reload()),
             backup: cfg.state_dir.join("live").join("config.previous.toml"),
+            state_dir: cfg.state_dir.clone(),
         }
     };
     crate::live::serve(

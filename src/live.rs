@@ -31,6 +31,7 @@
 //! token is 401; request bodies over 16 KiB are refused (413); a gallery write that fails is
 //! logged (at most every 10 s) and the frame skipped.
 
+pub mod capture;
 pub mod config;
 pub mod editor;
 
@@ -179,6 +180,8 @@ struct Inner {
     copied: AtomicU64,
     live_encodes: AtomicU64,
     gallery_encodes: AtomicU64,
+    /// Calibration captures started from the page.
+    captures: capture::Captures,
 }
 
 /// The worker's and the server's shared view of the cameras (cheap to clone).
@@ -210,12 +213,18 @@ impl LiveHub {
             copied: AtomicU64::new(0),
             live_encodes: AtomicU64::new(0),
             gallery_encodes: AtomicU64::new(0),
+            captures: capture::Captures::default(),
         });
         let worker = inner.clone();
         std::thread::Builder::new()
             .name("ace-live".into())
             .spawn(move || encoder(&worker))?;
         Ok(LiveHub { inner })
+    }
+
+    /// The calibration captures (the worker feeds them with [`capture::Captures::sample`]).
+    pub fn captures(&self) -> &capture::Captures {
+        &self.inner.captures
     }
 
     /// Stops the encoder thread (frames not yet encoded are dropped).
@@ -610,6 +619,8 @@ pub struct EditorSetup {
     pub reload: Arc<dyn Fn() + Send + Sync>,
     /// Where the file's previous text is kept after each write (in the state directory).
     pub backup: PathBuf,
+    /// The state directory (calibrations accepted on the page are written there).
+    pub state_dir: PathBuf,
 }
 
 struct EditorState {
@@ -707,6 +718,12 @@ fn router(state: AppState) -> Router {
         .route("/api/cameras", get(api_cameras))
         .route("/api/stats", get(api_stats))
         .route("/regions/{camera}", get(regions_page))
+        .route("/calibrate/{camera}", get(calibrate_page))
+        .route("/api/calibration/{camera}", get(api_calibration))
+        .route(
+            "/api/calibration/{camera}/{action}",
+            axum::routing::post(calibration_action),
+        )
         .route(
             "/api/regions/{camera}",
             get(api_regions)
@@ -931,7 +948,7 @@ async fn overview(State(state): State<AppState>) -> Html<String> {
              <td class=\"status\">{}</td><td class=\"verdict\">{}</td><td class=\"score\">{}</td>\
              <td class=\"threshold\">{}</td><td><canvas class=\"spark\" width=\"160\" height=\"28\"></canvas></td>\
              <td class=\"fps\">{}</td><td class=\"latency\">{}</td>\
-             <td><a href=\"/gallery/{n}\">NG gallery</a> · <a href=\"/regions/{n}\">regions</a></td></tr>",
+             <td><a href=\"/gallery/{n}\">NG gallery</a> · <a href=\"/regions/{n}\">regions</a> · <a href=\"/calibrate/{n}\">calibrate</a></td></tr>",
             html_escape(&c.status),
             c.last.as_ref().map_or("–".into(), |l| format!("{:?}", l.verdict).to_uppercase()),
             c.last.as_ref().map_or("–".into(), |l| format!("{:.3}", l.score)),
@@ -967,7 +984,7 @@ async fn live_page(State(state): State<AppState>, UrlPath(camera): UrlPath<Strin
              <div class=\"live\"><img id=\"frame\" alt=\"live frame of {n}\" src=\"/live/{n}/frame.jpg\"></div>\
              <div class=\"legend\"><span>0</span><span class=\"bar\"></span><span>pixel threshold</span><span class=\"bar hot\"></span><span>1</span></div>\
              <p id=\"info\"></p>\
-             <p><a href=\"/live/{n}/stream.mjpeg\">MJPEG stream</a> · <a href=\"/gallery/{n}\">NG gallery</a> · <a href=\"/regions/{n}\">regions</a></p>\
+             <p><a href=\"/live/{n}/stream.mjpeg\">MJPEG stream</a> · <a href=\"/gallery/{n}\">NG gallery</a> · <a href=\"/regions/{n}\">regions</a> · <a href=\"/calibrate/{n}\">calibrate</a></p>\
              <script>const CAMERA = {}; const FPS = {};\n{}</script>",
             serde_json::to_string(&camera).unwrap_or_default(),
             state.max_fps,
@@ -1210,6 +1227,163 @@ fn save_blocking(setup: &EditorSetup, camera: &str, edit: &editor::Edit) -> Save
             ),
             text: new,
         },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calibration from the page (the captures are `capture`)
+
+async fn calibrate_page(
+    State(state): State<AppState>,
+    UrlPath(camera): UrlPath<String>,
+) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    let n = html_escape(&camera);
+    page(
+        &format!("{camera} — calibrate"),
+        &format!(
+            "<h1><a href=\"/\">anomalyclip-edge</a> / <a href=\"/live/{n}\">{n}</a> / calibrate</h1>\
+             <p class=\"note\">Put good parts in front of the camera, then start: the next frames' scores (exactly \
+             what the region decides with) are collected, and the thresholds for the false-NG rate you ask for are \
+             proposed. Nothing changes until you accept.</p>\
+             <form id=\"start\" onsubmit=\"return false\"><label>region <select id=\"region\"></select></label>\
+             <label>good frames <input id=\"frames\" type=\"number\" min=\"10\" max=\"100000\" value=\"200\"></label>\
+             <label>false-NG rate per frame (T2) <input id=\"rate\" type=\"number\" step=\"any\" value=\"0.01\"></label>\
+             <label>least interval, ms <input id=\"interval\" type=\"number\" min=\"0\" max=\"60000\" value=\"200\"></label>\
+             <button id=\"go\">Start capture</button></form>\
+             <p id=\"progress\" class=\"status\"></p>\
+             <div id=\"proposal\" hidden><svg id=\"hist\" viewBox=\"0 0 400 120\" width=\"600\" height=\"180\"></svg>\
+             <table id=\"numbers\"></table><ul id=\"notes\"></ul>\
+             <p><button id=\"accept\">Accept (write the calibration and reload)</button> \
+             <button id=\"discard\">Discard</button></p></div>\
+             <p id=\"result\" class=\"status\"></p>\
+             <script>const CAMERA = {};\n{}</script>",
+            serde_json::to_string(&camera).unwrap_or_default(),
+            include_str!("live/calibrate.js")
+        ),
+    )
+    .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct RegionQuery {
+    #[serde(default)]
+    region: String,
+}
+
+async fn api_calibration(
+    State(state): State<AppState>,
+    UrlPath(camera): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<RegionQuery>,
+) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    match state.hub.captures().status(&camera, &q.region) {
+        Some(s) => axum::Json(s).into_response(),
+        None => axum::Json(serde_json::json!({ "state": "idle" })).into_response(),
+    }
+}
+
+async fn calibration_action(
+    State(state): State<AppState>,
+    UrlPath((camera, action)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    let Some(ed) = state.editor.clone() else {
+        return not_found().await;
+    };
+    if !same_origin(&headers) {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": "cross-site request refused" }),
+        );
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return json_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            serde_json::json!({ "error": "expected Content-Type: application/json" }),
+        );
+    }
+    let bad = |e: serde_json::Error| {
+        json_error(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": format!("bad request: {e}") }),
+        )
+    };
+    let captures = state.hub.captures();
+    match action.as_str() {
+        "start" => {
+            let req: capture::StartRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return bad(e),
+            };
+            match captures.start(&camera, &req) {
+                Ok(()) => {
+                    info!(camera = %camera, region = %req.region, frames = req.frames, rate = req.rate, "live view: calibration capture started");
+                    (
+                        StatusCode::ACCEPTED,
+                        axum::Json(serde_json::json!({ "state": "running" })),
+                    )
+                        .into_response()
+                }
+                Err(e) if e.contains("already running") => {
+                    json_error(StatusCode::CONFLICT, serde_json::json!({ "error": e }))
+                }
+                Err(e) => json_error(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+            }
+        }
+        "accept" | "discard" => {
+            let q: RegionQuery = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return bad(e),
+            };
+            if action == "discard" {
+                let had = captures.discard(&camera, &q.region);
+                return axum::Json(serde_json::json!({ "discarded": had })).into_response();
+            }
+            let Some(cal) = captures.take(&camera, &q.region) else {
+                return json_error(
+                    StatusCode::CONFLICT,
+                    serde_json::json!({ "error": "no finished capture for this region" }),
+                );
+            };
+            let dir = ed.setup.state_dir.clone();
+            let saved = tokio::task::spawn_blocking(move || {
+                crate::calibration::save(&dir, &cal).map(|p| (p, cal))
+            })
+            .await;
+            match saved {
+                Ok(Ok((path, cal))) => {
+                    info!(camera = %camera, region = %q.region, id = %cal.id, t1 = cal.t1, t2 = cal.t2, file = %path.display(), "live view: calibration accepted; reloading");
+                    (ed.setup.reload)();
+                    axum::Json(serde_json::json!({
+                        "id": cal.id, "t1": cal.t1, "t2": cal.t2,
+                        "saved": path.display().to_string(),
+                    }))
+                    .into_response()
+                }
+                Ok(Err(e)) => json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({ "error": e.to_string() }),
+                ),
+                Err(_) => json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({ "error": "internal error" }),
+                ),
+            }
+        }
+        _ => not_found().await,
     }
 }
 

@@ -80,6 +80,8 @@ pub(super) struct Unit {
     pub(super) details: serde_json::Value,
     /// The region's few-shot bank (with its scratch buffers), when it has one that loaded.
     pub(super) reference: Option<Arc<Mutex<crate::reference::Reference>>>,
+    /// That bank's identity (`""` without one): part of a calibration's fingerprint.
+    pub(super) bank_id: String,
 }
 
 /// The unit key of a region of `camera`.
@@ -99,9 +101,10 @@ impl Unit {
         validity: &Validity,
     ) -> Self {
         let key = unit_key(camera, cfg.level());
-        let (reference, applied) = resolve(camera, &key, cfg, validity);
+        let (reference, bank_id, applied) = resolve(camera, &key, cfg, validity);
         Self {
             reference,
+            bank_id,
             key,
             rule: applied.rule,
             details: applied.details,
@@ -124,8 +127,9 @@ impl Unit {
             self.geometry = None;
         }
         self.cfg = cfg.clone();
-        let (reference, applied) = resolve(camera, &self.key, cfg, validity);
+        let (reference, bank_id, applied) = resolve(camera, &self.key, cfg, validity);
         self.reference = reference;
+        self.bank_id = bank_id;
         if applied.deciles != self.deciles || applied.rule != self.rule {
             // Another calibration (or none): its drift starts again.
             self.recent.clear();
@@ -267,6 +271,7 @@ fn resolve(
     validity: &Validity,
 ) -> (
     Option<Arc<Mutex<crate::reference::Reference>>>,
+    String,
     super::calibrated::Applied,
 ) {
     let loaded = super::references::load(
@@ -277,11 +282,12 @@ fn resolve(
         validity.max_bank_mb,
     );
     match loaded {
-        None => (None, resolve_rule(camera, cfg, validity, "")),
+        None => (None, String::new(), resolve_rule(camera, cfg, validity, "")),
         Some(Err(why)) => {
             warn!(region = %key, reason = %why, "few-shot reference bank unusable: the region's verdicts are UNKNOWN until it is fixed (then reload)");
             (
                 None,
+                String::new(),
                 super::calibrated::Applied {
                     rule: Rule::Uncalibrated {
                         reason: format!("reference: {why}"),
@@ -295,7 +301,7 @@ fn resolve(
             let fp = l.reference.bank().fingerprint();
             info!(region = %key, bank = %l.path.display(), id = %l.id, k = fp.k, bytes = l.reference.bank().feature_bytes(), "few-shot reference bank loaded");
             let applied = resolve_rule(camera, cfg, validity, &l.id);
-            (Some(Arc::new(Mutex::new(l.reference))), applied)
+            (Some(Arc::new(Mutex::new(l.reference))), l.id, applied)
         }
     }
 }

@@ -393,6 +393,26 @@ fn publish_frame(
             None => (&r.map[..], r.map_max, r.area),
         };
         let d = u.decide(r.score, map_max);
+        if let Some(live) = live
+            && live.captures().any_running()
+        {
+            let value = u.cfg.statistic.value(r.score, map_max);
+            live.captures()
+                .sample(&h.name, u.cfg.name.as_deref().unwrap_or(""), value, || {
+                    crate::live::capture::SampleContext {
+                        fingerprint: super::calibrated::fingerprint(
+                            &shared.validity,
+                            &u.cfg,
+                            &u.bank_id,
+                        ),
+                        debounce: {
+                            let c = u.debouncer.config();
+                            (c.raise_count, c.raise_window)
+                        },
+                        uses_calibration: u.cfg.calibrated,
+                    }
+                });
+        }
         let anomaly = d.verdict == Verdict::Ng;
         if let Some(m) = &shared.metrics {
             m.verdict(&h.name, u.cfg.name.as_deref(), d.verdict.as_str());

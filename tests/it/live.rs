@@ -787,25 +787,31 @@ async fn a_region_drawn_with_the_mouse_in_a_real_browser_lands_in_the_config_and
             "window.EDITOR_READY === true && document.getElementById('frame').naturalWidth > 0",
             Duration::from_secs(30),
         );
-        let r = b.eval(
-            "(() => { const r = document.getElementById('frame').getBoundingClientRect(); \
-             return [r.left, r.top, r.width, r.height]; })()",
-        );
-        let [l, t, w, h] = [0, 1, 2, 3].map(|k| r[k].as_f64().expect("rect"));
-        assert!(w > 100.0 && h > 50.0, "frame shown at {w}x{h}");
+        // A point at fractions (x, y) of the frame, in viewport pixels (after any scrolling).
+        let at = |b: &mut common::cdp::Browser, x: f64, y: f64| {
+            let r = b.eval(
+                "(() => { const r = document.getElementById('frame').getBoundingClientRect(); \
+                 return [r.left, r.top, r.width, r.height]; })()",
+            );
+            let [l, t, w, h] = [0, 1, 2, 3].map(|k| r[k].as_f64().expect("rect"));
+            assert!(w > 100.0 && h > 50.0, "frame shown at {w}x{h}");
+            (l + x * w, t + y * h)
+        };
         // Draw from 10 %/20 % to 60 %/80 % of the frame with the mouse.
-        b.drag((l + 0.1 * w, t + 0.2 * h), (l + 0.6 * w, t + 0.8 * h));
+        let (from, to) = (at(&mut b, 0.1, 0.2), at(&mut b, 0.6, 0.8));
+        b.drag(from, to);
         b.wait_for(
             "document.getElementById('list').textContent.includes('region-1')",
             Duration::from_secs(5),
         );
-        let at = |x: f64, y: f64| (l + x * w, t + y * h);
         // Move it right by 10 % of the frame, then add an ignore polygon inside it.
-        b.drag(at(0.35, 0.5), at(0.45, 0.5));
+        let (from, to) = (at(&mut b, 0.35, 0.5), at(&mut b, 0.45, 0.5));
+        b.drag(from, to);
         let poly = b.centre_of("#poly");
         b.click(poly);
         for (x, y) in [(0.3, 0.3), (0.4, 0.3), (0.4, 0.4)] {
-            b.click(at(x, y));
+            let p = at(&mut b, x, y);
+            b.click(p);
         }
         let done = b.centre_of("#polydone");
         b.click(done);
@@ -834,17 +840,11 @@ async fn a_region_drawn_with_the_mouse_in_a_real_browser_lands_in_the_config_and
         // A screenshot of the editor with the saved region, as a test artifact.
         std::fs::create_dir_all(artifact_dir()).expect("artifact dir");
         let path = artifact_dir().join("region-editor.png");
-        let profile = tempfile::tempdir().expect("profile");
-        chromium(
-            &[
-                "--window-size=1100,800",
-                "--virtual-time-budget=3000",
-                &format!("--screenshot={}", path.display()),
-                &format!("http://{addr}/regions/sim"),
-            ],
-            profile.path(),
-        );
-        assert!(std::fs::metadata(&path).is_ok_and(|m| m.len() > 1000));
+        b.eval("window.scrollTo(0, 0); true");
+        let png = b.screenshot();
+        let shot = image::load_from_memory(&png).expect("a PNG screenshot");
+        assert_eq!((shot.width(), shot.height()), (1100, 800));
+        std::fs::write(&path, &png).expect("write screenshot");
         eprintln!("screenshot: {}", path.display());
         (
             regions[0].rect.expect("rect in fractions"),
@@ -868,4 +868,105 @@ async fn a_region_drawn_with_the_mouse_in_a_real_browser_lands_in_the_config_and
     }
     let m = plc.next_on("anomalyclip/live/sim/region-1/result").await;
     assert_eq!(m.json()["region"], "region-1", "{}", m.describe());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calibration from the page
+
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[cfg_attr(
+    not(have_chromium),
+    ignore = "needs Debian's chromium package: run scripts/setup"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calibration_captured_and_accepted_in_a_real_browser_is_what_the_camera_decides_with() {
+    let camera = sim_camera("sim", 0.5).replace("threshold = 0.5\n", "calibration = true\n");
+    assert!(camera.contains("calibration = true"));
+    let (broker, d, addr) = start("gallery_count = 0", &camera).await;
+    let mut plc =
+        common::broker::Watcher::start(broker.port, "anomalyclip/live/sim/calibration").await;
+    let first = plc.next_on("anomalyclip/live/sim/calibration").await;
+    assert_eq!(
+        first.json()["state"],
+        "uncalibrated",
+        "{}",
+        first.describe()
+    );
+    let id = tokio::task::block_in_place(|| {
+        wait_scored(addr, &d);
+        let api = "/api/calibration/sim";
+        // Refusals: bad options, another site's page, nothing to accept.
+        let start_body = |frames: usize| {
+            serde_json::json!({"frames": frames, "rate": 0.05, "min_interval_ms": 0}).to_string()
+        };
+        let r = post_json(addr, &format!("{api}/start"), &start_body(5), &[]);
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains("frames 5"), "{}", r.text());
+        let r = post_json(
+            addr,
+            &format!("{api}/start"),
+            &start_body(20),
+            &[("Origin", "http://evil.example")],
+        );
+        assert_eq!(r.status, 403, "{}", r.text());
+        let r = post_json(addr, &format!("{api}/accept"), "{}", &[]);
+        assert_eq!(r.status, 409, "{}", r.text());
+        assert_eq!(get(addr, api).json()["state"], "idle");
+
+        let mut b = common::cdp::Browser::start(1000, 900);
+        b.navigate(&format!("http://{addr}/calibrate/sim"));
+        b.wait_for("window.CALIBRATE_READY === true", Duration::from_secs(30));
+        b.eval(
+            "document.getElementById('frames').value = 20; \
+             document.getElementById('rate').value = 0.05; \
+             document.getElementById('interval').value = 0; true",
+        );
+        let go = b.centre_of("#go");
+        b.click(go);
+        let progress = b.wait_for(
+            "(() => { const t = document.getElementById('progress').textContent; \
+             return t.startsWith('done') || t.startsWith('capture failed') ? t : ''; })()",
+            Duration::from_secs(60),
+        );
+        assert!(
+            progress.as_str().is_some_and(|t| t.starts_with("done: 20")),
+            "{progress}"
+        );
+        // While a capture ran, a second start was refused (checked after: it is done now).
+        let bars = b.eval("document.querySelectorAll('#hist rect').length");
+        assert_eq!(
+            bars.as_u64(),
+            Some(anomalyclip_edge::calibration::HIST_BINS as u64),
+            "one bar per histogram bin"
+        );
+        let t2 = b.eval("document.getElementById('numbers').textContent");
+        assert!(
+            t2.as_str()
+                .is_some_and(|t| t.contains("T2 (NG at or above)")),
+            "{t2}"
+        );
+        let accept = b.centre_of("#accept");
+        b.click(accept);
+        let result = b.wait_for(
+            "document.getElementById('result').textContent",
+            Duration::from_secs(20),
+        );
+        let text = result.as_str().unwrap_or("").to_owned();
+        assert!(text.starts_with("saved calibration "), "{text}");
+        text.split_whitespace().nth(2).unwrap_or("").to_owned()
+    });
+    let file = d.dir.path().join("state/calibration/sim/_frame.json");
+    let cal: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("calibration file")).expect("json");
+    assert_eq!(cal["id"], id.as_str());
+    assert_eq!(cal["stats"]["n"], 20);
+    assert_eq!(cal["source"], "camera");
+    // The daemon reloaded and decides with it.
+    let m = plc
+        .until(|m| m.topic.ends_with("/calibration") && m.json()["state"] == "calibrated")
+        .await;
+    assert_eq!(m.json()["id"], id.as_str(), "{}", m.describe());
 }

@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,9 +23,39 @@ pub struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // The whole process group: chromium's zygote, GPU and renderer processes too.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Standard base64 (RFC 4648, with padding), as `Page.captureScreenshot` returns it.
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for v in s.bytes().filter_map(val) {
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
 }
 
 fn http_get(port: u16, path: &str) -> String {
@@ -83,6 +114,7 @@ impl Browser {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
+            .process_group(0)
             .spawn()
             .expect("start chromium");
         let stderr = child.stderr.take().expect("stderr");
@@ -186,14 +218,22 @@ impl Browser {
         }
     }
 
+    /// A PNG of the viewport.
+    pub fn screenshot(&mut self) -> Vec<u8> {
+        let r = self.call("Page.captureScreenshot", json!({"format": "png"}));
+        base64_decode(r["data"].as_str().expect("screenshot data"))
+    }
+
     pub fn navigate(&mut self, url: &str) {
         self.call("Page.navigate", json!({"url": url}));
     }
 
-    /// The centre of the first element matching `selector`, in viewport pixels.
+    /// The centre of the first element matching `selector`, in viewport pixels (scrolled into
+    /// view first, as a user would).
     pub fn centre_of(&mut self, selector: &str) -> (f64, f64) {
         let v = self.eval(&format!(
-            "(() => {{ const r = document.querySelector({}).getBoundingClientRect(); \
+            "(() => {{ const e = document.querySelector({}); e.scrollIntoView({{block: 'center'}}); \
+             const r = e.getBoundingClientRect(); \
              return [r.left + r.width / 2, r.top + r.height / 2]; }})()",
             serde_json::to_string(selector).unwrap_or_default()
         ));
