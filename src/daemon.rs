@@ -262,6 +262,8 @@ struct Shared {
     trigger: trigger::Triggers,
     /// The Prometheus metrics when `[metrics]` is set ([`crate::metrics`]).
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The Sparkplug B edge node when `[sparkplug]` is set ([`crate::sparkplug`]).
+    sparkplug: Option<crate::sparkplug::Sparkplug>,
     started: Instant,
 }
 
@@ -379,6 +381,26 @@ async fn run_async(
         .metrics
         .as_ref()
         .map(|_| Arc::new(crate::metrics::Metrics::new()));
+    let sparkplug = match &cfg.sparkplug {
+        Some(spb) => Some(
+            crate::sparkplug::Sparkplug::spawn(
+                spb,
+                &cfg.mqtt,
+                &cfg.node_id,
+                &cfg.state_dir,
+                &model_name,
+            )
+            .map_err(|e| DaemonError::Worker(format!("sparkplug: {e}")))?,
+        ),
+        None => None,
+    };
+    let (sparkplug, spb_task) = match sparkplug {
+        Some((h, t)) => (Some(h), Some(t)),
+        None => (None, None),
+    };
+    if let Some(s) = &sparkplug {
+        s.devices(crate::sparkplug::device_specs(&cfg.cameras));
+    }
     let shared = Arc::new(Shared {
         cams: RwLock::new(Vec::new()),
         stop: AtomicBool::new(false),
@@ -389,6 +411,7 @@ async fn run_async(
         validity,
         trigger: trigger::Triggers::new(&cfg, publisher.clone(), metrics.clone()),
         metrics,
+        sparkplug,
         started: Instant::now(),
     });
     let (inbox_tx, inbox_rx) = tokio::sync::mpsc::channel(crate::mqtt::INBOX_CHANNEL);
@@ -470,6 +493,9 @@ async fn run_async(
             Some(()) = control.reload.recv() => {
                 let stats_before = current.stats_interval;
                 cameras.reload(&config_path, &mut current);
+                if let Some(s) = &shared.sparkplug {
+                    s.devices(crate::sparkplug::device_specs(&current.cameras));
+                }
                 shared.trigger.configure(&current);
                 publisher.info(info::birth(&current, &model_info, &engine_name, started_ms));
                 if current.stats_interval != stats_before {
@@ -541,7 +567,13 @@ async fn run_async(
     }
     // Requests still waiting get their answer (`ERROR` stopping) before the publisher stops.
     let _ = trigger_task.await;
+    let mut spb_stop = None;
     shared.trigger.stop();
+    if let (Some(s), Some(task)) = (&shared.sparkplug, spb_task) {
+        // NDEATH, acknowledged, before the plain publisher's last messages (in parallel).
+        s.shutdown(deadline.left().saturating_sub(Duration::from_millis(250)));
+        spb_stop = Some(task);
+    }
     // A quarter second of the budget for the publisher task to return after its own stop.
     publisher.shutdown(deadline.left().saturating_sub(Duration::from_millis(250)));
     if tokio::time::timeout_at(deadline.instant().into(), pub_task)
@@ -551,6 +583,16 @@ async fn run_async(
         warn!(
             straggler = "mqtt publisher",
             "publisher still busy at the stop deadline"
+        );
+    }
+    if let Some(task) = spb_stop
+        && tokio::time::timeout_at(deadline.instant().into(), task)
+            .await
+            .is_err()
+    {
+        warn!(
+            straggler = "sparkplug",
+            "sparkplug node still busy at the stop deadline"
         );
     }
     if let Some(live) = &live {

@@ -72,6 +72,8 @@ pub mod live;
 
 pub mod metrics;
 
+pub mod sparkplug;
+
 pub mod statedir;
 
 pub mod fsio;

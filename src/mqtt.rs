@@ -352,23 +352,7 @@ impl Publisher {
                 path: state_dir.to_owned(),
                 source,
             })?;
-        let tls = match &cfg.tls {
-            None => None,
-            Some(t) => {
-                let read = |p: &Path| {
-                    std::fs::read(p).map_err(|source| PublisherError::TlsFile {
-                        path: p.to_owned(),
-                        source,
-                    })
-                };
-                let ca = read(&t.ca_file)?;
-                let client_auth = match (&t.client_cert_file, &t.client_key_file) {
-                    (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-                    _ => None,
-                };
-                Some((ca, client_auth))
-            }
-        };
+        let tls = read_tls(cfg)?;
 
         let iqueue = InspectionQueue::open(state_dir, INSPECTION_QUEUE_MAX, WhenFull::DropOldest)
             .map_err(|source| PublisherError::Queue {
@@ -470,9 +454,60 @@ struct Stop {
     done: bool,
 }
 
+/// Reads the TLS files of `cfg` (the CA, and the client certificate and key for mutual TLS).
+pub(crate) fn read_tls(cfg: &MqttConfig) -> Result<Option<TlsBytes>, PublisherError> {
+    let Some(t) = &cfg.tls else {
+        return Ok(None);
+    };
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| PublisherError::TlsFile {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let ca = read(&t.ca_file)?;
+    let client_auth = match (&t.client_cert_file, &t.client_key_file) {
+        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+        _ => None,
+    };
+    Ok(Some((ca, client_auth)))
+}
+
+/// The connection options every connection of the daemon shares: `[mqtt]`'s broker, keep-alive,
+/// credentials and TLS, a clean session, `client_id`.
+pub(crate) fn base_options(
+    cfg: &MqttConfig,
+    client_id: &str,
+    tls: Option<&TlsBytes>,
+) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id.to_owned(), cfg.host.clone(), cfg.port);
+    o.set_keep_alive(if cfg.keep_alive.is_zero() {
+        Duration::ZERO
+    } else {
+        cfg.keep_alive.max(Duration::from_secs(1))
+    });
+    o.set_clean_session(true);
+    if let Some(user) = &cfg.username {
+        let pass = cfg
+            .password
+            .as_ref()
+            .map(|p| p.0.clone())
+            .unwrap_or_default();
+        o.set_credentials(user.clone(), pass);
+    }
+    if let Some((ca, client_auth)) = tls {
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: ca.clone(),
+            alpn: None,
+            client_auth: client_auth.clone(),
+        }));
+    }
+    o
+}
+
 /// Capped exponential backoff with "equal jitter": the wait is in [d/2, d], d doubling from
 /// `min` up to `max`.
-struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     cur: Duration,
@@ -480,7 +515,7 @@ struct Backoff {
 }
 
 impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
@@ -493,7 +528,7 @@ impl Backoff {
         }
     }
 
-    fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         let d = self.cur;
         self.cur = (self.cur * 2).min(self.max);
         // xorshift64
@@ -505,7 +540,7 @@ impl Backoff {
         half + Duration::from_micros(self.rng % span)
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.cur = self.min;
     }
 }
@@ -513,7 +548,7 @@ impl Backoff {
 type ConnEvent = (u64, Result<Event, ConnectionError>);
 
 /// PEM bytes read at start: the CA, and the client certificate and key for mutual TLS.
-type TlsBytes = (Vec<u8>, Option<(Vec<u8>, Vec<u8>)>);
+pub(crate) type TlsBytes = (Vec<u8>, Option<(Vec<u8>, Vec<u8>)>);
 
 struct Worker {
     cfg: MqttConfig,
@@ -639,13 +674,7 @@ impl Worker {
     fn connect(&mut self) {
         self.generation += 1;
         let generation = self.generation;
-        let mut o = MqttOptions::new(self.client_id.clone(), self.cfg.host.clone(), self.cfg.port);
-        o.set_keep_alive(if self.cfg.keep_alive.is_zero() {
-            Duration::ZERO
-        } else {
-            self.cfg.keep_alive.max(Duration::from_secs(1))
-        });
-        o.set_clean_session(true);
+        let mut o = base_options(&self.cfg, &self.client_id, self.tls.as_ref());
         o.set_last_will(LastWill::new(
             self.node_status_topic.clone(),
             "offline",
@@ -655,22 +684,6 @@ impl Worker {
         o.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
         o.set_inflight(INFLIGHT);
         o.set_request_channel_capacity(REQUEST_CHANNEL);
-        if let Some(user) = &self.cfg.username {
-            let pass = self
-                .cfg
-                .password
-                .as_ref()
-                .map(|p| p.0.clone())
-                .unwrap_or_default();
-            o.set_credentials(user.clone(), pass);
-        }
-        if let Some((ca, client_auth)) = &self.tls {
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-                ca: ca.clone(),
-                alpn: None,
-                client_auth: client_auth.clone(),
-            }));
-        }
         let (client, mut eventloop) = AsyncClient::new(o, REQUEST_CHANNEL);
         let tx = self.ev_tx.clone();
         let poll = tokio::spawn(async move {

@@ -49,6 +49,7 @@ use crate::live::config::{RawHttp, resolve_http};
 use crate::metrics::config::{RawMetrics, resolve_metrics};
 use crate::mqtt::config::{RawMqtt, SECRET_KEYS, resolve_mqtt};
 use crate::package::{HashCheck, ModelPackage};
+use crate::sparkplug::config::{RawSparkplug, resolve_sparkplug};
 use problems::{Ctx, S, in_range, name_problem};
 use trigger::{RawTrigger, resolve_trigger};
 
@@ -65,6 +66,7 @@ pub use crate::live::config::HttpConfig;
 pub use crate::metrics::config::MetricsConfig;
 pub use crate::mqtt::config::{MqttConfig, Secret, TlsConfig, WhenFull};
 pub use crate::payload::{MAX_NAME_LEN, is_valid_name};
+pub use crate::sparkplug::config::SparkplugConfig;
 pub use problems::{ConfigErrors, FsChecks, Problem};
 pub use trigger::{MAX_TRIGGER_TIMEOUT_MS, TriggerConfig};
 
@@ -98,6 +100,8 @@ pub struct Config {
     pub http: Option<HttpConfig>,
     /// `[metrics]`: the Prometheus endpoint; `None` = nothing listens.
     pub metrics: Option<MetricsConfig>,
+    /// `[sparkplug]`: the Sparkplug B edge node; `None` = no Sparkplug connection.
+    pub sparkplug: Option<SparkplugConfig>,
 }
 
 /// `[model]`.
@@ -142,6 +146,7 @@ struct RawConfig {
     trigger: Option<RawTrigger>,
     http: Option<RawHttp>,
     metrics: Option<RawMetrics>,
+    sparkplug: S<RawSparkplug>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -461,6 +466,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
     let trigger = resolve_trigger(ctx, raw.trigger.as_ref());
     let http = resolve_http(ctx, raw.http.as_ref());
     let metrics = resolve_metrics(ctx, raw.metrics.as_ref());
+    let sparkplug = resolve_sparkplug(ctx, raw.sparkplug.as_ref(), node_id.as_deref());
     let mqtt = match &raw.mqtt {
         Some(m) => resolve_mqtt(ctx, m),
         None => {
@@ -532,6 +538,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         trigger,
         http,
         metrics,
+        sparkplug,
     })
 }
 
@@ -672,6 +679,7 @@ mod tests {
             "engine::config",
             "live::config",
             "metrics::config",
+            "sparkplug::config",
             "payload",
             "package",
             "fsio",
@@ -694,6 +702,7 @@ mod tests {
             "engine/config.rs",
             "live/config.rs",
             "metrics/config.rs",
+            "sparkplug/config.rs",
         ] {
             for import in crate_imports(&root.join(f)) {
                 assert!(

@@ -115,6 +115,9 @@ impl Cameras {
             Ok(r) => self.running.push(r),
             Err(e) => {
                 error!(camera = %c.name, error = %e, "camera could not start");
+                if let Some(s) = &self.shared.sparkplug {
+                    s.status(&c.name, &format!("error: {e}"), true);
+                }
                 self.publisher
                     .camera_status(&c.name, payload::CameraStatus::Error(e.to_string()));
             }
@@ -135,6 +138,16 @@ impl Cameras {
             let shared = self.shared.clone();
             Arc::new(move |ev: &camera::StatusEvent| {
                 lock(&shared.statuses).insert(ev.name.to_string(), ev.status.clone());
+                if let Some(s) = &shared.sparkplug {
+                    let dead = matches!(
+                        ev.status,
+                        camera::CameraState::Error {
+                            retrying: false,
+                            ..
+                        }
+                    );
+                    s.status(&ev.name, &ev.status.to_string(), dead);
+                }
                 let Some(st) = ev.status.wire() else {
                     return;
                 };

@@ -339,6 +339,8 @@ fn publish_frame(
     // A triggered camera streams nothing; its decisions answer the waiting trigger requests.
     let stream = shared.trigger.streams(&h.name);
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(scored.len());
+    // The unit of each outcome (for the Sparkplug report's alarm states).
+    let mut outcome_units: Vec<usize> = Vec::with_capacity(scored.len());
     for (job, r) in scored {
         let Some(u) = st.units.get_mut(job.unit) else {
             continue;
@@ -355,6 +357,7 @@ fn publish_frame(
             if let Some(m) = &shared.metrics {
                 m.verdict(&h.name, u.cfg.name.as_deref(), Verdict::Unknown.as_str());
             }
+            outcome_units.push(job.unit);
             outcomes.push(Outcome {
                 region: u.cfg.name.clone(),
                 score: f32::NAN,
@@ -417,6 +420,7 @@ fn publish_frame(
         if let Some(m) = &shared.metrics {
             m.verdict(&h.name, u.cfg.name.as_deref(), d.verdict.as_str());
         }
+        outcome_units.push(job.unit);
         outcomes.push(Outcome {
             region: u.cfg.name.clone(),
             score: r.score,
@@ -490,6 +494,22 @@ fn publish_frame(
                 Err(e) => warn!(camera = %h.name, error = %e, "mask encoding failed"),
             }
         }
+    }
+    if let Some(spb) = &shared.sparkplug
+        && !outcomes.is_empty()
+    {
+        let report: Vec<crate::sparkplug::RegionReport> = outcomes
+            .iter()
+            .zip(&outcome_units)
+            .map(|(o, ui)| crate::sparkplug::RegionReport {
+                region: o.region.clone(),
+                verdict: o.verdict.as_str(),
+                score: o.score,
+                threshold: o.threshold,
+                alarm: st.units.get(*ui).is_some_and(|u| u.debouncer.is_active()),
+            })
+            .collect();
+        spb.frame(&h.name, &report);
     }
     shared.trigger.on_scored(&h.name, f, &outcomes);
     if !any {

@@ -36,6 +36,7 @@ mod queue;
 mod reference;
 mod regions;
 mod score_cli;
+mod sparkplug;
 mod speed;
 mod statedir;
 mod systemd;
