@@ -3,9 +3,16 @@
 //! and a gallery of recent NG frames.
 //!
 //! Input: the inference worker's scored frames through [`LiveHub::offer`] (one call per scored
-//! frame); HTTP requests. Output: HTML pages (served from the binary, no build step), JSON
+//! frame, with every region of it: rectangle, verdict, score and — when [`LiveHub::wants_maps`]
+//! says the frame may be drawn — its map); HTTP requests. Output: HTML pages (served from the binary, no build step), JSON
 //! (`/api/cameras`, `/api/stats`), JPEG frames (`/live/<camera>/frame.jpg`, MJPEG at
 //! `/live/<camera>/stream.mjpeg`) and the NG gallery files in `<state_dir>/gallery/<camera>/`.
+//!
+//! Drawing: each region's map is overlaid on its rectangle, map pixels inside ignore polygons
+//! are dimmed, named regions are outlined in their verdict's colour, and the border has the
+//! frame's worst verdict's colour (NG over UNKNOWN over OK): the verdicts the daemon published.
+//! The overview shows the worst region's score and threshold. The region editor and the
+//! calibration page ([`editor`], [`capture`]) are served here too.
 //!
 //! Cost rule: [`LiveHub::offer`] records the score history (a short lock, no allocation once
 //! warm) and copies the frame only when a viewer of that camera is connected and the live rate
@@ -57,13 +64,13 @@ use tracing::{info, warn};
 
 use crate::camera::Frame;
 use crate::payload::is_valid_name;
-use crate::scorer::Scored;
+use crate::region::PixelRect;
 
 pub use config::HttpConfig;
 
-/// The decision shown for a frame. Stand-in for `crate::decision::Verdict` (the regions work);
-/// when that lands, this becomes `pub use crate::decision::Verdict;`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The decision shown for a frame or region (the daemon's `crate::decision::Verdict`; ordered
+/// OK < UNKNOWN < NG, so the worst region of a frame is the largest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub enum Verdict {
     #[serde(rename = "OK")]
     Ok,
@@ -71,6 +78,16 @@ pub enum Verdict {
     Unknown,
     #[serde(rename = "NG")]
     Ng,
+}
+
+impl From<crate::decision::Verdict> for Verdict {
+    fn from(v: crate::decision::Verdict) -> Self {
+        match v {
+            crate::decision::Verdict::Ok => Verdict::Ok,
+            crate::decision::Verdict::Unknown => Verdict::Unknown,
+            crate::decision::Verdict::Ng => Verdict::Ng,
+        }
+    }
 }
 
 /// Scores kept per camera for the sparkline.
@@ -133,15 +150,34 @@ impl CamLive {
     }
 }
 
+/// One region of a scored frame as the live view draws it: the whole frame for a camera
+/// without regions.
+#[derive(Debug, Clone)]
+pub struct LiveRegion {
+    /// The region's rectangle in frame pixels; `None` = the whole frame (no outline drawn).
+    pub rect: Option<PixelRect>,
+    /// Its anomaly map (`map_size`², ignored pixels zero), when the frame may be drawn
+    /// ([`LiveHub::wants_maps`]); `None`: the region is outlined but not tinted.
+    pub map: Option<Vec<f32>>,
+    pub map_size: usize,
+    /// The map pixels inside ignore polygons (`map_size`²), shown dimmed.
+    pub ignore: Option<Arc<[bool]>>,
+    pub pixel_threshold: f32,
+    pub verdict: Verdict,
+    pub score: f32,
+    /// T2 (NaN when the region has no valid threshold).
+    pub threshold: f32,
+    pub map_max: f32,
+}
+
 /// A frame copied for the encoder.
 struct Job {
     rgb: Vec<u8>,
     width: usize,
     height: usize,
     stride: usize,
-    map: Vec<f32>,
-    map_size: usize,
-    pixel_threshold: f32,
+    layers: Vec<LiveRegion>,
+    /// The worst verdict of the frame's regions (the border colour).
     verdict: Verdict,
     seq: u64,
     ts_ms: u64,
@@ -250,24 +286,39 @@ impl LiveHub {
         }
     }
 
-    /// Called by the inference worker for every scored frame: records the score and, only when
-    /// someone watches this camera (or the frame is NG and the gallery is due), hands a copy to
-    /// the encoder thread. Never blocks on an encode or a viewer.
-    pub fn offer(
-        &self,
-        camera: &str,
-        frame: &Frame,
-        scored: &Scored,
-        threshold: f32,
-        pixel_threshold: f32,
-    ) {
+    /// Whether the worker should copy the region maps of `camera`'s next frame: `(live, ng)` —
+    /// someone watches and the live rate is due; NG frames may go to the gallery. Cheap: two
+    /// relaxed loads while nobody watches.
+    pub fn wants_maps(&self, camera: &str) -> (bool, bool) {
+        let i = &self.inner;
+        let gallery = i.gallery_count > 0;
+        if i.watchers.load(Ordering::Relaxed) == 0 {
+            return (false, gallery);
+        }
+        let now = Instant::now();
+        let period = Duration::from_secs(1) / i.max_fps;
+        let live = lock(&i.cams).get(camera).is_some_and(|c| {
+            c.watched(now) && c.last_live.is_none_or(|t| now.duration_since(t) >= period)
+        });
+        (live, gallery)
+    }
+
+    /// Called by the inference worker for every scored frame with its regions: records the
+    /// worst region's score and, only when someone watches this camera (or the frame is NG and
+    /// the gallery is due), hands the frame to the encoder thread. Never blocks on an encode or
+    /// a viewer.
+    pub fn offer(&self, camera: &str, frame: &Frame, regions: Vec<LiveRegion>) {
         let i = &self.inner;
         i.offered.fetch_add(1, Ordering::Relaxed);
-        let verdict = if scored.score >= threshold {
-            Verdict::Ng
-        } else {
-            Verdict::Ok
+        // The worst region speaks for the frame (NG over UNKNOWN over OK, then the score).
+        let Some(worst) = regions
+            .iter()
+            .max_by(|a, b| a.verdict.cmp(&b.verdict).then(a.score.total_cmp(&b.score)))
+        else {
+            return;
         };
+        let (verdict, score, threshold, map_max) =
+            (worst.verdict, worst.score, worst.threshold, worst.map_max);
         let now = Instant::now();
         let (live, gallery) = {
             let mut cams = lock(&i.cams);
@@ -280,15 +331,15 @@ impl LiveHub {
             if c.history.len() == HISTORY {
                 c.history.pop_front();
             }
-            c.history.push_back((frame.capture_unix_ms, scored.score));
+            c.history.push_back((frame.capture_unix_ms, score));
             c.last = Some(Last {
                 seq: frame.seq,
                 ts_ms: frame.capture_unix_ms,
-                score: scored.score,
+                score,
                 threshold,
                 verdict,
                 latency_ms: frame.captured_at.elapsed().as_secs_f32() * 1e3,
-                map_max: scored.map_max,
+                map_max,
                 width: frame.width,
                 height: frame.height,
             });
@@ -317,9 +368,7 @@ impl LiveHub {
             width: frame.width as usize,
             height: frame.height as usize,
             stride: frame.stride,
-            map: scored.map.clone(),
-            map_size: scored.size,
-            pixel_threshold,
+            layers: regions,
             verdict,
             seq: frame.seq,
             ts_ms: frame.capture_unix_ms,
@@ -490,21 +539,48 @@ fn sample(map: &[f32], n: usize, x: f32, y: f32) -> f32 {
 }
 
 /// The frame (downscaled to at most `max_width`) with the map overlaid and a verdict border.
+fn verdict_colour(v: Verdict) -> [u8; 3] {
+    match v {
+        Verdict::Ok => [40, 170, 60],
+        Verdict::Unknown => [230, 170, 0],
+        Verdict::Ng => [220, 30, 30],
+    }
+}
+
+/// The frame scaled to `max_width` with each region's map overlaid on its rectangle (colour
+/// scale anchored at the pixel threshold), ignored map pixels dimmed, named regions outlined
+/// in their verdict's colour, and a border in the frame's worst verdict's colour.
 fn render_rgb(job: &Job, max_width: u32) -> (Vec<u8>, u32, u32) {
     let (w, h) = (job.width.max(1), job.height.max(1));
     let ow = w.min(max_width as usize).max(1);
     let oh = (h * ow / w).max(1);
     let mut out = vec![0u8; ow * oh * 3];
-    let n = job.map_size;
     let border = (ow.min(oh) / 60).max(2);
-    let badge = match job.verdict {
-        Verdict::Ok => [40u8, 170, 60],
-        Verdict::Unknown => [230, 170, 0],
-        Verdict::Ng => [220, 30, 30],
+    let line = (border / 2).max(1);
+    let badge = verdict_colour(job.verdict);
+    let full = PixelRect {
+        x: 0,
+        y: 0,
+        w: w as u32,
+        h: h as u32,
     };
+    // Each layer's rectangle in frame and in output pixels.
+    let layers: Vec<(&LiveRegion, PixelRect, [usize; 4])> = job
+        .layers
+        .iter()
+        .map(|l| {
+            let r = l.rect.unwrap_or(full);
+            let o = [
+                r.x as usize * ow / w,
+                r.y as usize * oh / h,
+                ((r.x + r.w) as usize * ow).div_ceil(w),
+                ((r.y + r.h) as usize * oh).div_ceil(h),
+            ];
+            (l, r, o)
+        })
+        .collect();
     for oy in 0..oh {
         let sy = oy * h / oh;
-        let my = (oy as f32 + 0.5) * n as f32 / oh as f32;
         for ox in 0..ow {
             let o = (oy * ow + ox) * 3;
             if ox < border || oy < border || ox >= ow - border || oy >= oh - border {
@@ -513,12 +589,51 @@ fn render_rgb(job: &Job, max_width: u32) -> (Vec<u8>, u32, u32) {
             }
             let sx = ox * w / ow;
             let s = sy * job.stride + sx * 3;
-            let px = job.rgb.get(s..s + 3).unwrap_or(&[0, 0, 0]);
-            let mx = (ox as f32 + 0.5) * n as f32 / ow as f32;
-            let v = sample(&job.map, n, mx, my);
-            let (c, a) = overlay_colour(scale_position(v, job.pixel_threshold));
-            for k in 0..3 {
-                out[o + k] = (f32::from(px[k]) * (1.0 - a) + c[k] * a).round() as u8;
+            let src = job.rgb.get(s..s + 3).unwrap_or(&[0, 0, 0]);
+            let mut px = [f32::from(src[0]), f32::from(src[1]), f32::from(src[2])];
+            let mut edge = None;
+            for (l, r, ob) in &layers {
+                let (rx, ry) = (r.x as usize, r.y as usize);
+                if sx < rx || sy < ry || sx >= rx + r.w as usize || sy >= ry + r.h as usize {
+                    continue;
+                }
+                if l.rect.is_some()
+                    && (ox < ob[0] + line
+                        || oy < ob[1] + line
+                        || ox + line >= ob[2]
+                        || oy + line >= ob[3])
+                {
+                    edge = Some(verdict_colour(l.verdict));
+                    continue;
+                }
+                let Some(map) = &l.map else { continue };
+                let n = l.map_size;
+                let mx = ((sx - rx) as f32 + 0.5) * n as f32 / r.w.max(1) as f32;
+                let my = ((sy - ry) as f32 + 0.5) * n as f32 / r.h.max(1) as f32;
+                let cell = (my as usize).min(n.saturating_sub(1)) * n
+                    + (mx as usize).min(n.saturating_sub(1));
+                if l.ignore
+                    .as_ref()
+                    .is_some_and(|ig| ig.get(cell) == Some(&true))
+                {
+                    for p in &mut px {
+                        *p *= 0.45;
+                    }
+                    continue;
+                }
+                let v = sample(map, n, mx, my);
+                let (c, a) = overlay_colour(scale_position(v, l.pixel_threshold));
+                for k in 0..3 {
+                    px[k] = px[k] * (1.0 - a) + c[k] * a;
+                }
+            }
+            match edge {
+                Some(c) => out[o..o + 3].copy_from_slice(&c),
+                None => {
+                    for k in 0..3 {
+                        out[o + k] = px[k].round().clamp(0.0, 255.0) as u8;
+                    }
+                }
             }
         }
     }
@@ -1512,6 +1627,83 @@ async fn gallery_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn layer(rect: [u32; 4], value: f32, verdict: Verdict) -> LiveRegion {
+        LiveRegion {
+            rect: Some(PixelRect {
+                x: rect[0],
+                y: rect[1],
+                w: rect[2],
+                h: rect[3],
+            }),
+            map: Some(vec![value; 4 * 4]),
+            map_size: 4,
+            ignore: None,
+            pixel_threshold: 0.5,
+            verdict,
+            score: value,
+            threshold: 0.5,
+            map_max: value,
+        }
+    }
+
+    #[test]
+    fn regions_are_drawn_on_their_rectangles_with_outlines_ignore_dimming_and_the_worst_border() {
+        let (w, h) = (120usize, 120usize);
+        let mut a = layer([10, 10, 40, 100], 0.0, Verdict::Ok);
+        let mut b = layer([60, 10, 40, 100], 1.0, Verdict::Ng);
+        // The top-left map cell of region a is ignored; a has no map tint (zeros).
+        let mut ignore = vec![false; 16];
+        ignore[0] = true;
+        a.ignore = Some(ignore.into());
+        b.ignore = None;
+        let job = Job {
+            rgb: vec![128; w * h * 3],
+            width: w,
+            height: h,
+            stride: w * 3,
+            layers: vec![a, b],
+            verdict: Verdict::Ng,
+            seq: 0,
+            ts_ms: 0,
+            live: true,
+            gallery: false,
+        };
+        let (out, ow, oh) = render_rgb(&job, 640);
+        assert_eq!((ow, oh), (120, 120));
+        let px = |x: usize, y: usize| {
+            let o = (y * 120 + x) * 3;
+            [out[o], out[o + 1], out[o + 2]]
+        };
+        assert_eq!(
+            px(0, 0),
+            verdict_colour(Verdict::Ng),
+            "border: the worst verdict"
+        );
+        assert_eq!(
+            px(10, 60),
+            verdict_colour(Verdict::Ok),
+            "region a's outline"
+        );
+        assert_eq!(
+            px(60, 60),
+            verdict_colour(Verdict::Ng),
+            "region b's outline"
+        );
+        assert_eq!(px(30, 80), [128, 128, 128], "inside a, map 0: not tinted");
+        assert_eq!(
+            px(55, 60),
+            [128, 128, 128],
+            "between the regions: the frame"
+        );
+        let red = px(80, 60);
+        assert!(
+            red[0] > 200 && red[1] < 100,
+            "inside b, map 1: red, got {red:?}"
+        );
+        // a's first map cell covers frame x 10..20, y 10..35: dimmed.
+        assert_eq!(px(15, 20), [58, 58, 58], "ignored map cell dimmed");
+    }
 
     #[test]
     fn the_colour_scale_puts_the_pixel_threshold_at_its_middle_whatever_the_frame() {

@@ -341,6 +341,9 @@ fn publish_frame(
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(scored.len());
     // The unit of each outcome (for the Sparkplug report's alarm states).
     let mut outcome_units: Vec<usize> = Vec::with_capacity(scored.len());
+    // The live view: every region of the frame; maps copied only when it may draw them.
+    let (want_live, want_ng) = live.map_or((false, false), |l| l.wants_maps(&h.name));
+    let mut live_regions: Vec<crate::live::LiveRegion> = Vec::new();
     for (job, r) in scored {
         let Some(u) = st.units.get_mut(job.unit) else {
             continue;
@@ -364,6 +367,19 @@ fn publish_frame(
                 threshold: u.rule.t2(),
                 verdict: Verdict::Unknown,
             });
+            if live.is_some() {
+                live_regions.push(crate::live::LiveRegion {
+                    rect: None,
+                    map: None,
+                    map_size: 0,
+                    ignore: None,
+                    pixel_threshold: job.pixel_threshold,
+                    verdict: Verdict::Unknown.into(),
+                    score: -1.0,
+                    threshold: u.rule.t2().unwrap_or(f32::NAN),
+                    map_max: -1.0,
+                });
+            }
             if !stream {
                 continue;
             }
@@ -427,6 +443,20 @@ fn publish_frame(
             threshold: u.rule.t2(),
             verdict: d.verdict,
         });
+        if live.is_some() {
+            let draw = want_live || (want_ng && anomaly);
+            live_regions.push(crate::live::LiveRegion {
+                rect: u.cfg.name.as_ref().and(job.crop.as_ref().ok().copied()),
+                map: draw.then(|| map.to_vec()),
+                map_size: r.size,
+                ignore: job.ignore.clone(),
+                pixel_threshold: job.pixel_threshold,
+                verdict: d.verdict.into(),
+                score: r.score,
+                threshold: u.rule.t2().unwrap_or(f32::NAN),
+                map_max,
+            });
+        }
         if !stream {
             continue;
         }
@@ -465,19 +495,7 @@ fn publish_frame(
                 region: u.cfg.name.clone(),
             });
         }
-        // The live view shows whole frames with their map: the implicit region's. A no-op
-        // unless someone watches (or an NG frame is due for the gallery); never waits.
-        if let Some(live) = live
-            && u.cfg.name.is_none()
-        {
-            live.offer(
-                &h.name,
-                f,
-                r,
-                u.rule.t2().unwrap_or(f32::NAN),
-                job.pixel_threshold,
-            );
-        }
+
         if mask.enabled && u.gate.admit(anomaly, Instant::now()) {
             let px = crate::head::render_mask(
                 map,
@@ -494,6 +512,13 @@ fn publish_frame(
                 Err(e) => warn!(camera = %h.name, error = %e, "mask encoding failed"),
             }
         }
+    }
+    // A no-op for the encoder unless someone watches (or an NG frame is due for the gallery);
+    // never waits.
+    if let Some(live) = live
+        && !live_regions.is_empty()
+    {
+        live.offer(&h.name, f, live_regions);
     }
     if let Some(spb) = &shared.sparkplug
         && !outcomes.is_empty()

@@ -722,6 +722,12 @@ async fn the_region_editor_writes_only_checked_edits_and_the_daemon_reloads_them
     // The daemon reloaded the file: the region publishes its own results.
     let m = plc.next_on("anomalyclip/live/sim/left/result").await;
     assert_eq!(m.json()["region"], "left", "{}", m.describe());
+    // A camera with regions still has a live frame (its regions drawn on it).
+    tokio::task::block_in_place(|| {
+        let r = get(addr, "/live/sim/frame.jpg");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(is_jpeg(&r.body));
+    });
 
     // Rename and move, keeping its keys; then the page's view of the file follows.
     tokio::task::block_in_place(|| {
@@ -754,6 +760,7 @@ async fn the_region_editor_writes_only_checked_edits_and_the_daemon_reloads_them
 async fn with_edit_config_off_the_editor_is_read_only() {
     let (_broker, d, addr) = start("edit_config = false", &sim_camera("sim", 0.5)).await;
     tokio::task::block_in_place(|| {
+        wait_scored(addr, &d);
         let before = std::fs::read(d.config_path()).expect("config");
         let r = get(addr, "/api/regions/sim");
         assert_eq!(r.json()["editable"], false);
