@@ -655,6 +655,12 @@ async fn start_live(
             reload: Arc::new(move || handle.reload()),
             backup: cfg.state_dir.join("live").join("config.previous.toml"),
             state_dir: cfg.state_dir.clone(),
+            reference_path: {
+                let dir = cfg.state_dir.clone();
+                Arc::new(move |camera: &str, region: &str| {
+                    reference_bank_path(&dir, camera, (!region.is_empty()).then_some(region))
+                })
+            },
         }
     };
     crate::live::serve(

@@ -723,6 +723,9 @@ pub type StatusFn = Arc<dyn Fn() -> Vec<(String, String)> + Send + Sync>;
 /// (empty: the text is a good config).
 pub type ValidateFn = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 
+/// A region's file path from its camera and region name (`""`: the whole frame).
+pub type PathFn = Arc<dyn Fn(&str, &str) -> PathBuf + Send + Sync>;
+
 /// What the region editor needs from the daemon.
 pub struct EditorSetup {
     /// The config file the daemon runs on (the one the editor rewrites).
@@ -736,6 +739,8 @@ pub struct EditorSetup {
     pub backup: PathBuf,
     /// The state directory (calibrations accepted on the page are written there).
     pub state_dir: PathBuf,
+    /// Where a region's few-shot bank goes (`camera`, region `""` for the whole frame).
+    pub reference_path: PathFn,
 }
 
 struct EditorState {
@@ -835,6 +840,7 @@ fn router(state: AppState) -> Router {
         .route("/regions/{camera}", get(regions_page))
         .route("/calibrate/{camera}", get(calibrate_page))
         .route("/api/calibration/{camera}", get(api_calibration))
+        .route("/api/reference/{camera}", get(api_reference))
         .route(
             "/api/calibration/{camera}/{action}",
             axum::routing::post(calibration_action),
@@ -1374,6 +1380,17 @@ async fn calibrate_page(
              <p><button id=\"accept\">Accept (write the calibration and reload)</button> \
              <button id=\"discard\">Discard</button></p></div>\
              <p id=\"result\" class=\"status\"></p>\
+             <h2>Few-shot reference</h2>\
+             <p class=\"note\">Builds the region's few-shot bank from K good frames (the same crops it scores), \
+             with the daemon's own encoder: inference waits while the bank is built (K encoder runs). Used by a region \
+             with <code>reference = true</code>; a calibrated region needs a new calibration after a new bank.</p>\
+             <form id=\"refstart\" onsubmit=\"return false\"><label>good frames (K) <input id=\"refk\" type=\"number\" min=\"1\" max=\"16\" value=\"4\"></label>\
+             <label>least interval, ms <input id=\"refinterval\" type=\"number\" min=\"0\" max=\"60000\" value=\"500\"></label>\
+             <button id=\"refgo\">Capture reference</button></form>\
+             <p id=\"refprogress\" class=\"status\"></p>\
+             <p id=\"refdone\" hidden><button id=\"refaccept\">Accept (write the bank and reload)</button> \
+             <button id=\"refdiscard\">Discard</button></p>\
+             <p id=\"refresult\" class=\"status\"></p>\
              <script>const CAMERA = {};\n{}</script>",
             serde_json::to_string(&camera).unwrap_or_default(),
             include_str!("live/calibrate.js")
@@ -1397,6 +1414,20 @@ async fn api_calibration(
         return not_found().await;
     }
     match state.hub.captures().status(&camera, &q.region) {
+        Some(s) => axum::Json(s).into_response(),
+        None => axum::Json(serde_json::json!({ "state": "idle" })).into_response(),
+    }
+}
+
+async fn api_reference(
+    State(state): State<AppState>,
+    UrlPath(camera): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<RegionQuery>,
+) -> Response {
+    if !state.known(&camera) {
+        return not_found().await;
+    }
+    match state.hub.captures().reference_status(&camera, &q.region) {
         Some(s) => axum::Json(s).into_response(),
         None => axum::Json(serde_json::json!({ "state": "idle" })).into_response(),
     }
@@ -1456,6 +1487,70 @@ async fn calibration_action(
                     json_error(StatusCode::CONFLICT, serde_json::json!({ "error": e }))
                 }
                 Err(e) => json_error(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+            }
+        }
+        "reference-start" => {
+            let req: capture::ReferenceRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return bad(e),
+            };
+            match captures.start_reference(&camera, &req) {
+                Ok(()) => {
+                    info!(camera = %camera, region = %req.region, k = req.frames, "live view: few-shot reference capture started");
+                    (
+                        StatusCode::ACCEPTED,
+                        axum::Json(serde_json::json!({ "state": "running" })),
+                    )
+                        .into_response()
+                }
+                Err(e) if e.contains("already running") => {
+                    json_error(StatusCode::CONFLICT, serde_json::json!({ "error": e }))
+                }
+                Err(e) => json_error(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+            }
+        }
+        "reference-accept" | "reference-discard" => {
+            let q: RegionQuery = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return bad(e),
+            };
+            if action == "reference-discard" {
+                let had = captures.discard_reference(&camera, &q.region);
+                return axum::Json(serde_json::json!({ "discarded": had })).into_response();
+            }
+            let Some(bank) = captures.take_reference(&camera, &q.region) else {
+                return json_error(
+                    StatusCode::CONFLICT,
+                    serde_json::json!({ "error": "no built bank for this region" }),
+                );
+            };
+            let path = (ed.setup.reference_path)(&camera, &q.region);
+            let target = path.clone();
+            let saved = tokio::task::spawn_blocking(move || {
+                if let Some(dir) = target.parent() {
+                    crate::statedir::create_dir(dir)?;
+                }
+                bank.save(&target)?;
+                Ok::<_, std::io::Error>(crate::reference::identity(&bank.to_bytes()))
+            })
+            .await;
+            match saved {
+                Ok(Ok(id)) => {
+                    info!(camera = %camera, region = %q.region, file = %path.display(), id = %id, "live view: few-shot bank accepted; reloading");
+                    (ed.setup.reload)();
+                    axum::Json(serde_json::json!({
+                        "id": id, "saved": path.display().to_string(),
+                    }))
+                    .into_response()
+                }
+                Ok(Err(e)) => json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({ "error": format!("cannot write {}: {e}", path.display()) }),
+                ),
+                Err(_) => json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({ "error": "internal error" }),
+                ),
             }
         }
         "accept" | "discard" => {

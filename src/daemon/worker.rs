@@ -128,6 +128,11 @@ pub(super) fn run(
                 live.as_ref(),
             );
         }
+        if let Some(l) = &live
+            && let Some(job) = l.captures().reference_ready()
+        {
+            build_reference(&mut scorer, &shared, l, &job);
+        }
     }
     info!("inference worker stopped");
 }
@@ -208,6 +213,53 @@ struct Job {
     pixel_threshold: f32,
     /// The region's few-shot bank, if any.
     reference: Option<Arc<std::sync::Mutex<crate::reference::Reference>>>,
+}
+
+/// Builds a few-shot bank from a live-view reference capture with the worker's own encoder
+/// (K encoder runs: inference waits meanwhile) and hands it back to the page.
+fn build_reference(
+    scorer: &mut Scorer,
+    shared: &Shared,
+    live: &crate::live::LiveHub,
+    job: &crate::live::capture::ReferenceJob,
+) {
+    let t0 = Instant::now();
+    let plane = 3 * scorer.size() * scorer.size();
+    let mut input = vec![0.0f32; job.crops.len() * plane];
+    let built = job
+        .crops
+        .iter()
+        .enumerate()
+        .try_for_each(|(k, c)| {
+            scorer
+                .prepare_frame(
+                    &c.rgb,
+                    c.w,
+                    c.h,
+                    c.w * 3,
+                    &mut input[k * plane..(k + 1) * plane],
+                )
+                .map(|_| ())
+        })
+        .and_then(|()| {
+            scorer.build_bank(
+                &input,
+                job.crops.len(),
+                &job.key,
+                shared.validity.max_bank_mb,
+            )
+        })
+        .map_err(|e| e.to_string());
+    match &built {
+        Ok(b) => {
+            info!(camera = %job.camera, region = %job.region, k = job.crops.len(), bytes = b.feature_bytes(), ms = t0.elapsed().as_millis() as u64, "live view: few-shot bank built (not yet accepted)")
+        }
+        Err(e) => {
+            warn!(camera = %job.camera, region = %job.region, error = %e, "live view: few-shot bank not built")
+        }
+    }
+    live.captures()
+        .reference_built(&job.camera, &job.region, built);
 }
 
 /// The images of a batch of frames: one per region of each frame's camera.
@@ -431,6 +483,27 @@ fn publish_frame(
                         uses_calibration: u.cfg.calibrated,
                     }
                 });
+        }
+        if let Some(live) = live
+            && live.captures().any_reference()
+        {
+            let key = super::references::region_key(&u.cfg);
+            live.captures().reference_sample(
+                &h.name,
+                u.cfg.name.as_deref().unwrap_or(""),
+                &key,
+                || {
+                    // The region's crop of the frame, rows packed.
+                    let r = job.crop.as_ref().ok()?;
+                    let (x, y, w, hh) = (r.x as usize, r.y as usize, r.w as usize, r.h as usize);
+                    let mut rgb = Vec::with_capacity(w * hh * 3);
+                    for row in y..y + hh {
+                        let at = row * f.stride + x * 3;
+                        rgb.extend_from_slice(f.data.get(at..at + w * 3)?);
+                    }
+                    Some(crate::live::capture::Crop { rgb, w, h: hh })
+                },
+            );
         }
         let anomaly = d.verdict == Verdict::Ng;
         if let Some(m) = &shared.metrics {

@@ -99,6 +99,40 @@
     $('proposal').hidden = true;
   };
   $('discard').onclick = async () => { await post('discard', { region: region() }); $('proposal').hidden = true; poll(); };
-  regionSel.onchange = poll;
+  // Few-shot reference: capture K crops, the daemon builds the bank, accept or discard.
+  let refTimer = null;
+  async function refPoll() {
+    try {
+      const r = await fetch('/api/reference/' + encodeURIComponent(CAMERA) + '?region=' + encodeURIComponent(region()),
+        { credentials: 'same-origin', cache: 'no-store' });
+      const s = await r.json();
+      const p = $('refprogress');
+      $('refdone').hidden = s.state !== 'done';
+      if (s.state === 'idle') p.textContent = '';
+      else if (s.state === 'running') p.textContent = `capturing: ${s.n} / ${s.target} frames`;
+      else if (s.state === 'building') p.textContent = 'building the bank …';
+      else if (s.state === 'failed') { p.textContent = 'failed: ' + s.error; p.className = 'status bad'; }
+      else { p.textContent = `built: K = ${s.target}, ${(s.bytes / 1048576).toFixed(2)} MiB of features`; p.className = 'status good'; }
+      if (s.state !== 'running' && s.state !== 'building' && refTimer) { clearInterval(refTimer); refTimer = null; }
+    } catch (e) { /* next tick */ }
+  }
+  $('refgo').onclick = async () => {
+    $('refresult').textContent = '';
+    const r = await post('reference-start', { region: region(), frames: +$('refk').value, min_interval_ms: +$('refinterval').value });
+    const j = await r.json();
+    if (!r.ok) { $('refprogress').textContent = j.error; $('refprogress').className = 'status bad'; return; }
+    $('refprogress').className = 'status';
+    if (!refTimer) refTimer = setInterval(refPoll, 500);
+    refPoll();
+  };
+  $('refaccept').onclick = async () => {
+    const r = await post('reference-accept', { region: region() });
+    const j = await r.json();
+    $('refresult').textContent = r.ok ? `saved bank ${j.id} to ${j.saved}; reloaded` : j.error;
+    $('refresult').className = 'status ' + (r.ok ? 'good' : 'bad');
+    $('refdone').hidden = true;
+  };
+  $('refdiscard').onclick = async () => { await post('reference-discard', { region: region() }); refPoll(); };
+  regionSel.onchange = () => { poll(); refPoll(); };
   regions().then(() => { poll(); window.CALIBRATE_READY = true; });
 })();

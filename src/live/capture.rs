@@ -10,6 +10,13 @@
 //! few-shot bank), so the proposal equals what `anomalyclip-edge calibrate --frames N` computes
 //! from the same frames ([`crate::calibration::calibrate`], source `camera`).
 //!
+//! Few-shot references the same way ([`Captures::start_reference`]): K crops of the region
+//! copied from the next frames (the same crop the region scores), then the worker builds the bank
+//! with its own encoder ([`Captures::reference_ready`] / [`Captures::reference_built`]: K encoder
+//! runs, during which inference waits — seconds on a CPU with the full model), the page shows its
+//! size and the engineer accepts it (written to `<state_dir>/reference/<camera>/<region>.bank`,
+//! daemon reloaded) or discards it.
+//!
 //! Failure modes: bad options (frames outside 10..=100 000, rates as `calibrate` checks them) are
 //! refused at start with one line; a region whose geometry, model or statistic changes during the
 //! capture (a reload) ends the capture as failed with the reason; too few frames for the rate is
@@ -98,11 +105,80 @@ pub struct SampleContext {
     pub uses_calibration: bool,
 }
 
+/// Good frames a reference capture may ask for (APRIL-GAN's K).
+pub const REFERENCE_FRAMES: std::ops::RangeInclusive<usize> = 1..=16;
+
+/// What the page asks for to build a few-shot bank.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceRequest {
+    #[serde(default)]
+    pub region: String,
+    /// K: good frames in the bank.
+    pub frames: usize,
+    #[serde(default = "default_interval")]
+    pub min_interval_ms: u64,
+}
+
+/// One region crop, RGB, rows of `w * 3` bytes.
+#[derive(Debug, Clone)]
+pub struct Crop {
+    pub rgb: Vec<u8>,
+    pub w: usize,
+    pub h: usize,
+}
+
+/// A reference capture's crops, handed to the worker to build the bank.
+#[derive(Debug)]
+pub struct ReferenceJob {
+    pub camera: String,
+    pub region: String,
+    /// The region's bank key (name and geometry, see `daemon::reference_region_key`).
+    pub key: String,
+    pub crops: Vec<Crop>,
+}
+
+#[derive(Debug)]
+enum RefState {
+    Running,
+    /// All crops taken; the worker builds the bank.
+    Building,
+    Built(Box<crate::reference::Bank>),
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct RefCapture {
+    target: usize,
+    min_interval: Duration,
+    last: Option<Instant>,
+    crops: Vec<Crop>,
+    key: Option<String>,
+    started: Instant,
+    state: RefState,
+}
+
+/// A reference capture as the page sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReferenceStatus {
+    /// `running`, `building`, `done` or `failed`.
+    pub state: &'static str,
+    pub n: usize,
+    pub target: usize,
+    pub elapsed_s: f64,
+    /// Once built: the bank's feature bytes.
+    pub bytes: Option<u64>,
+    pub error: Option<String>,
+}
+
 /// All captures of the daemon.
 #[derive(Debug, Default)]
 pub struct Captures {
     running: AtomicUsize,
     map: Mutex<HashMap<(String, String), Capture>>,
+    /// Reference captures running or waiting to be built.
+    ref_running: AtomicUsize,
+    refs: Mutex<HashMap<(String, String), RefCapture>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -275,6 +351,182 @@ impl Captures {
         None
     }
 
+    /// Starts a reference capture for `camera`/`req.region`.
+    pub fn start_reference(&self, camera: &str, req: &ReferenceRequest) -> Result<(), String> {
+        if !REFERENCE_FRAMES.contains(&req.frames) {
+            return Err(format!(
+                "frames {} is outside {}..={}",
+                req.frames,
+                REFERENCE_FRAMES.start(),
+                REFERENCE_FRAMES.end()
+            ));
+        }
+        if req.min_interval_ms > MAX_INTERVAL_MS {
+            return Err(format!(
+                "min_interval_ms {} is over {MAX_INTERVAL_MS}",
+                req.min_interval_ms
+            ));
+        }
+        let mut refs = lock(&self.refs);
+        let key = (camera.to_owned(), req.region.clone());
+        if refs
+            .get(&key)
+            .is_some_and(|c| matches!(c.state, RefState::Running | RefState::Building))
+        {
+            return Err("a reference capture is already running for this region".into());
+        }
+        refs.insert(
+            key,
+            RefCapture {
+                target: req.frames,
+                min_interval: Duration::from_millis(req.min_interval_ms),
+                last: None,
+                crops: Vec::with_capacity(req.frames),
+                key: None,
+                started: Instant::now(),
+                state: RefState::Running,
+            },
+        );
+        self.ref_running.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether any reference capture runs or waits to be built (the worker's fast path).
+    pub fn any_reference(&self) -> bool {
+        self.ref_running.load(Ordering::Relaxed) > 0
+    }
+
+    /// Offers one region crop of a scored frame: `crop` is called only when a reference
+    /// capture of this region takes it. `key` is the region's bank key: a different key than
+    /// the first sample's (a reload moved the region) fails the capture.
+    pub fn reference_sample(
+        &self,
+        camera: &str,
+        region: &str,
+        key: &str,
+        crop: impl FnOnce() -> Option<Crop>,
+    ) {
+        if !self.any_reference() {
+            return;
+        }
+        let mut refs = lock(&self.refs);
+        let Some(c) = refs.get_mut(&(camera.to_owned(), region.to_owned())) else {
+            return;
+        };
+        if !matches!(c.state, RefState::Running) {
+            return;
+        }
+        let now = Instant::now();
+        if c.last
+            .is_some_and(|t| now.duration_since(t) < c.min_interval)
+        {
+            return;
+        }
+        match &c.key {
+            None => c.key = Some(key.to_owned()),
+            Some(k) if k != key => {
+                c.state =
+                    RefState::Failed("the region changed during the capture: start again".into());
+                self.ref_running.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+            Some(_) => {}
+        }
+        let Some(crop) = crop() else { return };
+        c.last = Some(now);
+        c.crops.push(crop);
+        if c.crops.len() >= c.target {
+            c.state = RefState::Building;
+        }
+    }
+
+    /// A capture whose crops are all taken, for the worker to build (its state stays
+    /// `building` until [`Captures::reference_built`]).
+    pub fn reference_ready(&self) -> Option<ReferenceJob> {
+        if !self.any_reference() {
+            return None;
+        }
+        let mut refs = lock(&self.refs);
+        let ((camera, region), c) = refs
+            .iter_mut()
+            .find(|(_, c)| matches!(c.state, RefState::Building) && !c.crops.is_empty())?;
+        Some(ReferenceJob {
+            camera: camera.clone(),
+            region: region.clone(),
+            key: c.key.clone().unwrap_or_default(),
+            crops: std::mem::take(&mut c.crops),
+        })
+    }
+
+    /// The worker's answer for a [`ReferenceJob`]: the bank, or why it could not be built.
+    pub fn reference_built(
+        &self,
+        camera: &str,
+        region: &str,
+        bank: Result<crate::reference::Bank, String>,
+    ) {
+        let mut refs = lock(&self.refs);
+        if let Some(c) = refs.get_mut(&(camera.to_owned(), region.to_owned()))
+            && matches!(c.state, RefState::Building)
+        {
+            c.state = match bank {
+                Ok(b) => RefState::Built(Box::new(b)),
+                Err(e) => RefState::Failed(e),
+            };
+            self.ref_running.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The reference capture of `camera`/`region`, if any.
+    pub fn reference_status(&self, camera: &str, region: &str) -> Option<ReferenceStatus> {
+        let refs = lock(&self.refs);
+        let c = refs.get(&(camera.to_owned(), region.to_owned()))?;
+        let (state, bytes, error) = match &c.state {
+            RefState::Running => ("running", None, None),
+            RefState::Building => ("building", None, None),
+            RefState::Built(b) => ("done", Some(b.feature_bytes()), None),
+            RefState::Failed(e) => ("failed", None, Some(e.clone())),
+        };
+        Some(ReferenceStatus {
+            state,
+            n: if matches!(c.state, RefState::Running) {
+                c.crops.len()
+            } else {
+                c.target
+            },
+            target: c.target,
+            elapsed_s: c.started.elapsed().as_secs_f64(),
+            bytes,
+            error,
+        })
+    }
+
+    /// Removes a built reference capture and returns its bank (for accepting it).
+    pub fn take_reference(&self, camera: &str, region: &str) -> Option<crate::reference::Bank> {
+        let mut refs = lock(&self.refs);
+        let key = (camera.to_owned(), region.to_owned());
+        if matches!(refs.get(&key).map(|c| &c.state), Some(RefState::Built(_)))
+            && let Some(RefCapture {
+                state: RefState::Built(b),
+                ..
+            }) = refs.remove(&key)
+        {
+            return Some(*b);
+        }
+        None
+    }
+
+    /// Drops the reference capture of `camera`/`region`; whether there was one.
+    pub fn discard_reference(&self, camera: &str, region: &str) -> bool {
+        let removed = lock(&self.refs).remove(&(camera.to_owned(), region.to_owned()));
+        if let Some(c) = &removed
+            && matches!(c.state, RefState::Running | RefState::Building)
+        {
+            self.ref_running.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed.is_some()
+    }
+
     /// Drops the capture of `camera`/`region` (running or not); whether there was one.
     pub fn discard(&self, camera: &str, region: &str) -> bool {
         let removed = lock(&self.map).remove(&(camera.to_owned(), region.to_owned()));
@@ -349,6 +601,56 @@ mod tests {
         assert!(!c.any_running());
         assert_eq!(c.take("cam", "r").map(|x| x.t2), Some(direct.t2));
         assert!(c.status("cam", "r").is_none());
+    }
+
+    #[test]
+    fn a_reference_capture_takes_k_crops_hands_them_to_the_worker_once_and_fails_on_a_moved_region()
+    {
+        let c = Captures::default();
+        let req = |frames| ReferenceRequest {
+            region: "r".into(),
+            frames,
+            min_interval_ms: 0,
+        };
+        assert!(c.start_reference("cam", &req(0)).is_err());
+        assert!(c.start_reference("cam", &req(17)).is_err());
+        c.start_reference("cam", &req(2)).expect("start");
+        assert!(c.start_reference("cam", &req(2)).is_err(), "one at a time");
+        let crop = || {
+            Some(Crop {
+                rgb: vec![1; 12],
+                w: 2,
+                h: 2,
+            })
+        };
+        c.reference_sample("cam", "r", "key", crop);
+        assert!(c.reference_ready().is_none(), "1 of 2");
+        c.reference_sample("cam", "r", "key", crop);
+        c.reference_sample("cam", "r", "key", || panic!("no third crop"));
+        let job = c.reference_ready().expect("ready");
+        assert_eq!((job.crops.len(), job.key.as_str()), (2, "key"));
+        assert!(c.reference_ready().is_none(), "handed out once");
+        assert_eq!(
+            c.reference_status("cam", "r").map(|s| s.state),
+            Some("building")
+        );
+        c.reference_built("cam", "r", Err("no encoder".into()));
+        let s = c.reference_status("cam", "r").expect("status");
+        assert_eq!(
+            (s.state, s.error.as_deref()),
+            ("failed", Some("no encoder"))
+        );
+        assert!(!c.any_reference());
+        assert!(c.take_reference("cam", "r").is_none());
+        c.start_reference("cam", &req(3))
+            .expect("a failed one is replaced");
+        c.reference_sample("cam", "r", "key", crop);
+        c.reference_sample("cam", "r", "moved", crop);
+        assert_eq!(
+            c.reference_status("cam", "r").map(|s| s.state),
+            Some("failed")
+        );
+        assert!(!c.any_reference());
     }
 
     #[test]

@@ -977,3 +977,88 @@ async fn a_calibration_captured_and_accepted_in_a_real_browser_is_what_the_camer
         .await;
     assert_eq!(m.json()["id"], id.as_str(), "{}", m.describe());
 }
+
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[cfg_attr(
+    not(have_chromium),
+    ignore = "needs Debian's chromium package: run scripts/setup"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_shot_bank_captured_in_a_real_browser_is_what_the_camera_then_scores_with() {
+    let camera =
+        sim_camera("sim", 0.5).replace("threshold = 0.5\n", "threshold = 0.5\nreference = true\n");
+    assert!(camera.contains("reference = true"));
+    let (broker, d, addr) = start("gallery_count = 0", &camera).await;
+    let mut plc =
+        common::broker::Watcher::start(broker.port, "anomalyclip/live/sim/calibration").await;
+    // No bank yet: the camera decides nothing (UNKNOWN), and says why.
+    let first = plc.next_on("anomalyclip/live/sim/calibration").await;
+    assert_eq!(
+        first.json()["state"],
+        "uncalibrated",
+        "{}",
+        first.describe()
+    );
+    assert!(
+        first.json()["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("reference:")),
+        "{}",
+        first.describe()
+    );
+    tokio::task::block_in_place(|| {
+        wait_scored(addr, &d);
+        let r = post_json(
+            addr,
+            "/api/calibration/sim/reference-start",
+            &serde_json::json!({"frames": 17}).to_string(),
+            &[],
+        );
+        assert_eq!(r.status, 400, "{}", r.text());
+        let mut b = common::cdp::Browser::start(1000, 1400);
+        b.navigate(&format!("http://{addr}/calibrate/sim"));
+        b.wait_for("window.CALIBRATE_READY === true", Duration::from_secs(30));
+        b.eval(
+            "document.getElementById('refk').value = 2; \
+             document.getElementById('refinterval').value = 0; true",
+        );
+        let go = b.centre_of("#refgo");
+        b.click(go);
+        let progress = b.wait_for(
+            "(() => { const t = document.getElementById('refprogress').textContent; \
+             return t.startsWith('built') || t.startsWith('failed') ? t : ''; })()",
+            Duration::from_secs(60),
+        );
+        assert!(
+            progress
+                .as_str()
+                .is_some_and(|t| t.starts_with("built: K = 2")),
+            "{progress}"
+        );
+        let accept = b.centre_of("#refaccept");
+        b.click(accept);
+        let result = b.wait_for(
+            "document.getElementById('refresult').textContent",
+            Duration::from_secs(20),
+        );
+        assert!(
+            result
+                .as_str()
+                .is_some_and(|t| t.starts_with("saved bank sha256:")),
+            "{result}"
+        );
+    });
+    let bank = d.dir.path().join("state/reference/sim/_frame.bank");
+    assert!(bank.is_file(), "no bank at {}", bank.display());
+    // The reload loaded it: the camera decides with its hand-set threshold again.
+    let m = plc.until(|m| m.json()["state"] == "manual").await;
+    assert_eq!(m.json()["state"], "manual", "{}", m.describe());
+    assert!(
+        d.log().contains("few-shot reference bank loaded"),
+        "the daemon did not load the bank:\n{}",
+        d.log()
+    );
+}
