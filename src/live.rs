@@ -1433,6 +1433,21 @@ async fn api_reference(
     }
 }
 
+/// The answer to a capture start: 202, 409 while one runs for the region, 400 for bad options.
+fn start_answer(started: Result<(), String>) -> Response {
+    match started {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({ "state": "running" })),
+        )
+            .into_response(),
+        Err(e) if e.contains("already running") => {
+            json_error(StatusCode::CONFLICT, serde_json::json!({ "error": e }))
+        }
+        Err(e) => json_error(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+    }
+}
+
 async fn calibration_action(
     State(state): State<AppState>,
     UrlPath((camera, action)): UrlPath<(String, String)>,
@@ -1474,40 +1489,22 @@ async fn calibration_action(
                 Ok(r) => r,
                 Err(e) => return bad(e),
             };
-            match captures.start(&camera, &req) {
-                Ok(()) => {
-                    info!(camera = %camera, region = %req.region, frames = req.frames, rate = req.rate, "live view: calibration capture started");
-                    (
-                        StatusCode::ACCEPTED,
-                        axum::Json(serde_json::json!({ "state": "running" })),
-                    )
-                        .into_response()
-                }
-                Err(e) if e.contains("already running") => {
-                    json_error(StatusCode::CONFLICT, serde_json::json!({ "error": e }))
-                }
-                Err(e) => json_error(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+            let started = captures.start(&camera, &req);
+            if started.is_ok() {
+                info!(camera = %camera, region = %req.region, frames = req.frames, rate = req.rate, "live view: calibration capture started");
             }
+            start_answer(started)
         }
         "reference-start" => {
             let req: capture::ReferenceRequest = match serde_json::from_slice(&body) {
                 Ok(r) => r,
                 Err(e) => return bad(e),
             };
-            match captures.start_reference(&camera, &req) {
-                Ok(()) => {
-                    info!(camera = %camera, region = %req.region, k = req.frames, "live view: few-shot reference capture started");
-                    (
-                        StatusCode::ACCEPTED,
-                        axum::Json(serde_json::json!({ "state": "running" })),
-                    )
-                        .into_response()
-                }
-                Err(e) if e.contains("already running") => {
-                    json_error(StatusCode::CONFLICT, serde_json::json!({ "error": e }))
-                }
-                Err(e) => json_error(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+            let started = captures.start_reference(&camera, &req);
+            if started.is_ok() {
+                info!(camera = %camera, region = %req.region, k = req.frames, "live view: few-shot reference capture started");
             }
+            start_answer(started)
         }
         "reference-accept" | "reference-discard" => {
             let q: RegionQuery = match serde_json::from_slice(&body) {

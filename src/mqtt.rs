@@ -545,7 +545,26 @@ impl Backoff {
     }
 }
 
-type ConnEvent = (u64, Result<Event, ConnectionError>);
+/// One event of a connection, tagged with the connection's generation.
+pub(crate) type ConnEvent = (u64, Result<Event, ConnectionError>);
+
+/// Polls one connection's event loop into `tx` until it fails or `tx` is gone (shared with the
+/// Sparkplug connection).
+pub(crate) fn spawn_event_pump(
+    mut eventloop: rumqttc::EventLoop,
+    tx: mpsc::UnboundedSender<ConnEvent>,
+    generation: u64,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let ev = eventloop.poll().await;
+            let end = ev.is_err();
+            if tx.send((generation, ev)).is_err() || end {
+                break;
+            }
+        }
+    })
+}
 
 /// PEM bytes read at start: the CA, and the client certificate and key for mutual TLS.
 pub(crate) type TlsBytes = (Vec<u8>, Option<(Vec<u8>, Vec<u8>)>);
@@ -684,17 +703,8 @@ impl Worker {
         o.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
         o.set_inflight(INFLIGHT);
         o.set_request_channel_capacity(REQUEST_CHANNEL);
-        let (client, mut eventloop) = AsyncClient::new(o, REQUEST_CHANNEL);
-        let tx = self.ev_tx.clone();
-        let poll = tokio::spawn(async move {
-            loop {
-                let ev = eventloop.poll().await;
-                let end = ev.is_err();
-                if tx.send((generation, ev)).is_err() || end {
-                    break;
-                }
-            }
-        });
+        let (client, eventloop) = AsyncClient::new(o, REQUEST_CHANNEL);
+        let poll = spawn_event_pump(eventloop, self.ev_tx.clone(), generation);
         debug!(generation, "connecting to broker");
         self.conn = Some(Conn {
             generation,

@@ -52,6 +52,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, warn};
 
+use crate::mqtt::ConnEvent;
 use crate::mqtt::config::MqttConfig;
 use crate::mqtt::{Backoff, PublisherError, TlsBytes, base_options, read_tls};
 use proto::payload::{Metric, metric};
@@ -368,8 +369,6 @@ struct Stopping {
     done: bool,
 }
 
-type ConnEvent = (u64, Result<Event, ConnectionError>);
-
 struct Node {
     cfg: SparkplugConfig,
     mqtt: MqttConfig,
@@ -488,17 +487,8 @@ impl Node {
         ));
         o.set_max_packet_size(crate::mqtt::MAX_PACKET_BYTES, crate::mqtt::MAX_PACKET_BYTES);
         o.set_request_channel_capacity(REQUEST_CHANNEL);
-        let (client, mut eventloop) = AsyncClient::new(o, REQUEST_CHANNEL);
-        let tx = self.ev_tx.clone();
-        let poll = tokio::spawn(async move {
-            loop {
-                let ev = eventloop.poll().await;
-                let end = ev.is_err();
-                if tx.send((generation, ev)).is_err() || end {
-                    break;
-                }
-            }
-        });
+        let (client, eventloop) = AsyncClient::new(o, REQUEST_CHANNEL);
+        let poll = crate::mqtt::spawn_event_pump(eventloop, self.ev_tx.clone(), generation);
         debug!(generation, bdseq = self.bdseq, "sparkplug: connecting");
         self.conn = Some(Conn {
             generation,

@@ -942,7 +942,6 @@ async fn a_calibration_captured_and_accepted_in_a_real_browser_is_what_the_camer
             progress.as_str().is_some_and(|t| t.starts_with("done: 20")),
             "{progress}"
         );
-        // While a capture ran, a second start was refused (checked after: it is done now).
         let bars = b.eval("document.querySelectorAll('#hist rect').length");
         assert_eq!(
             bars.as_u64(),

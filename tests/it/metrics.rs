@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,22 +41,6 @@ const FAMILIES: &[(&str, &str)] = &[
 /// The only labels a sample may carry (`le`: histogram buckets; `version`: build info).
 const LABELS: &[&str] = &["camera", "region", "cause", "verdict", "le", "version"];
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The Python interpreter with `prometheus_client`.
-fn python() -> PathBuf {
-    let venv = repo().join(".venv/bin/python");
-    if venv.is_file() {
-        return venv;
-    }
-    if let Some(p) = std::env::var_os("ANOMALYCLIP_PYTHON").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    panic!("no .venv/bin/python and ANOMALYCLIP_PYTHON unset (run scripts/setup)");
-}
-
 /// The exposition as the official Python parser reads it: family name → `{type, unit,
 /// samples: [[name, {labels}, value], …]}`. Panics (with the parser's error) if it does not
 /// parse.
@@ -75,7 +58,7 @@ for fam in text_string_to_metric_families(sys.stdin.read()):
     }
 print(json.dumps(out))
 "#;
-    let mut child = Command::new(python())
+    let mut child = Command::new(common::venv_python())
         .args(["-c", SCRIPT])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -13,6 +13,7 @@ use anomalyclip_edge::reference::{Bank, Fingerprint, Reference, WHOLE_FRAME};
 use anomalyclip_edge::scorer::Scorer;
 use serde_json::Value;
 
+use crate::common;
 use crate::common::fx::{fixtures, index, max_abs_diff};
 use crate::common::golden::{Golden, ort_or_skip, tiny_package};
 
@@ -443,18 +444,6 @@ fn few_shot_eval_finds_texture_defects_that_zero_shot_misses() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("holds 6 images"));
 }
 
-/// The venv's Python (scripts/setup), or `ANOMALYCLIP_PYTHON`.
-fn python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    if venv.is_file() {
-        return venv;
-    }
-    std::env::var_os("ANOMALYCLIP_PYTHON")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .expect("no .venv/bin/python and ANOMALYCLIP_PYTHON unset (run scripts/setup)")
-}
-
 #[cfg_attr(
     not(all(have_ort, have_python)),
     ignore = "needs the ONNX Runtime library and the Python venv: run scripts/setup"
@@ -467,7 +456,7 @@ fn extra_few_shot_layers_feed_the_bank_and_leave_the_zero_shot_head_unchanged() 
     let dir = tempfile::tempdir().expect("tempdir");
     let pkg_dir = dir.path().join("tiny-fs");
     let export = Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/export.py");
-    let o = Command::new(python())
+    let o = Command::new(common::venv_python())
         .args([
             s(&export),
             "--tiny",

@@ -6,13 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 
+use crate::common;
 use crate::common::broker::{Broker, Msg, Watcher};
 use crate::common::daemon::{Daemon, config, sim_camera};
 
@@ -21,18 +22,6 @@ const NODE: &str = "spb-node";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The Python interpreter with `protobuf`.
-fn python() -> PathBuf {
-    let venv = repo().join(".venv/bin/python");
-    if venv.is_file() {
-        return venv;
-    }
-    if let Some(p) = std::env::var_os("ANOMALYCLIP_PYTHON").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    panic!("no .venv/bin/python and ANOMALYCLIP_PYTHON unset (run scripts/setup)");
 }
 
 const SCRIPT: &str = r#"
@@ -73,7 +62,7 @@ else:
 "#;
 
 fn run_python(req: Value) -> Value {
-    let mut child = Command::new(python())
+    let mut child = Command::new(common::venv_python())
         .args(["-c", SCRIPT, &repo().join("tests/it").display().to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -101,3 +101,16 @@ pub fn init_tracing() {
             .try_init();
     }
 }
+
+/// The venv's Python (`scripts/setup`: numpy, protobuf, prometheus_client, …), or
+/// `ANOMALYCLIP_PYTHON`.
+pub fn venv_python() -> std::path::PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.is_file() {
+        return venv;
+    }
+    std::env::var_os("ANOMALYCLIP_PYTHON")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .expect("no .venv/bin/python and ANOMALYCLIP_PYTHON unset (run scripts/setup)")
+}
