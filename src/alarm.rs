@@ -30,6 +30,9 @@ pub struct DebounceConfig {
     pub raise_window: u32,
     /// K: consecutive frames below the threshold that clear a raised alarm.
     pub clear_count: u32,
+    /// A latched alarm stays raised after K frames below the threshold until it is
+    /// acknowledged ([`Debouncer::acknowledge`]); `false`: it clears by itself.
+    pub latch: bool,
 }
 
 impl Default for DebounceConfig {
@@ -38,6 +41,7 @@ impl Default for DebounceConfig {
             raise_count: default_raise_count(),
             raise_window: default_raise_window(),
             clear_count: default_clear_count(),
+            latch: false,
         }
     }
 }
@@ -106,6 +110,19 @@ impl Transition {
     }
 }
 
+/// What an acknowledgement did ([`Debouncer::acknowledge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// No alarm was raised: nothing to acknowledge.
+    NotRaised,
+    /// The alarm was held by its latch after the condition had gone: it clears now (the
+    /// caller publishes the clear).
+    Cleared,
+    /// The condition is still present (or the alarm is not latched): the alarm clears by itself
+    /// after `clear_count` frames below the threshold.
+    Pending,
+}
+
 /// Debouncer state of one camera. Cheap: a ring of at most M booleans and two counters.
 #[derive(Debug, Clone)]
 pub struct Debouncer {
@@ -117,6 +134,11 @@ pub struct Debouncer {
     /// Consecutive frames below the threshold while active.
     below_run: u32,
     active: bool,
+    /// Latched: the clear condition was met and the alarm waits for an acknowledgement.
+    held: bool,
+    /// Latched: acknowledged while the condition was still present, so the next clear
+    /// condition clears it.
+    acked: bool,
 }
 
 impl Debouncer {
@@ -129,6 +151,8 @@ impl Debouncer {
             over_in_window: 0,
             below_run: 0,
             active: false,
+            held: false,
+            acked: false,
         })
     }
 
@@ -142,15 +166,26 @@ impl Debouncer {
         self.active
     }
 
+    /// Whether a latched alarm is held: its condition has gone, it waits for an
+    /// acknowledgement.
+    pub fn is_held(&self) -> bool {
+        self.held
+    }
+
     /// Feeds one frame; returns the transition it caused, if any.
     pub fn update(&mut self, over: bool) -> Option<Transition> {
         if self.active {
             if over {
                 self.below_run = 0;
+                self.held = false;
                 return None;
             }
-            self.below_run += 1;
+            self.below_run = self.below_run.saturating_add(1);
             if self.below_run >= self.cfg.clear_count {
+                if self.cfg.latch && !self.acked {
+                    self.held = true;
+                    return None;
+                }
                 self.active = false;
                 self.clear_history();
                 return Some(Transition::Cleared);
@@ -174,6 +209,23 @@ impl Debouncer {
             return Some(Transition::Raised);
         }
         None
+    }
+
+    /// An operator's acknowledgement. A latched alarm whose condition has gone clears now
+    /// ([`AckOutcome::Cleared`]: the caller publishes the clear); one whose condition is still
+    /// present clears by itself once it has gone ([`AckOutcome::Pending`]). An unlatched raised
+    /// alarm is [`AckOutcome::Pending`] too (it clears by itself anyway).
+    pub fn acknowledge(&mut self) -> AckOutcome {
+        if !self.active {
+            return AckOutcome::NotRaised;
+        }
+        if self.held {
+            self.active = false;
+            self.clear_history();
+            return AckOutcome::Cleared;
+        }
+        self.acked = true;
+        AckOutcome::Pending
     }
 
     /// Switches to a new configuration (a config reload) **keeping the alarm state**: a raised
@@ -208,6 +260,8 @@ impl Debouncer {
         self.window.clear();
         self.over_in_window = 0;
         self.below_run = 0;
+        self.held = false;
+        self.acked = false;
     }
 }
 
@@ -220,6 +274,7 @@ mod tests {
             raise_count: n,
             raise_window: m,
             clear_count: k,
+            latch: false,
         })
         .expect("valid config")
     }
@@ -245,6 +300,7 @@ mod tests {
                 raise_count: n,
                 raise_window: m,
                 clear_count: k,
+                latch: false,
             })
             .err()
         };
@@ -340,6 +396,7 @@ mod tests {
             raise_count: 2,
             raise_window: 3,
             clear_count: 2,
+            latch: false,
         })
         .expect("valid");
         assert!(d.is_active(), "a raised alarm is not forgotten by a reload");
@@ -353,6 +410,42 @@ mod tests {
         };
         assert_eq!(d.reconfigure(bad), Err(DebounceError::ZeroRaiseCount));
         assert_eq!(d.config(), DebounceConfig::default());
+    }
+
+    #[test]
+    fn a_latched_alarm_waits_for_its_acknowledgement() {
+        let mut d = Debouncer::new(DebounceConfig {
+            raise_count: 1,
+            raise_window: 1,
+            clear_count: 2,
+            latch: true,
+        })
+        .expect("valid");
+        assert_eq!(d.acknowledge(), AckOutcome::NotRaised);
+        assert_eq!(run(&mut d, "1 0 0 0 0"), "R....", "held, not cleared");
+        assert!(d.is_active() && d.is_held());
+        // The condition returns: no longer held, still raised.
+        assert_eq!(run(&mut d, "1"), ".");
+        assert!(d.is_active() && !d.is_held());
+        assert_eq!(run(&mut d, "0 0"), "..");
+        assert_eq!(d.acknowledge(), AckOutcome::Cleared);
+        assert!(!d.is_active() && !d.is_held());
+        // Acknowledged while the condition is present: clears on its own K normal frames.
+        assert_eq!(run(&mut d, "1 1"), "R.");
+        assert_eq!(d.acknowledge(), AckOutcome::Pending);
+        assert_eq!(run(&mut d, "0 0"), ".C");
+        // The acknowledgement is for that alarm only: the next one latches again.
+        assert_eq!(run(&mut d, "1 0 0 0"), "R...");
+        assert!(d.is_held());
+    }
+
+    #[test]
+    fn an_unlatched_alarm_acknowledged_clears_by_itself() {
+        let mut d = deb(1, 1, 2);
+        assert_eq!(run(&mut d, "1"), "R");
+        assert_eq!(d.acknowledge(), AckOutcome::Pending);
+        assert!(d.is_active());
+        assert_eq!(run(&mut d, "0 0"), ".C");
     }
 
     #[test]

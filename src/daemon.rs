@@ -54,6 +54,7 @@ use crate::statedir::{StateDir, StateDirError};
 mod alarm_state;
 mod calibrated;
 mod cameras;
+mod commands;
 mod control;
 mod health;
 mod info;
@@ -332,9 +333,15 @@ pub fn validity(cfg: &Config, scorer: &Scorer) -> regions::Validity {
 /// SIGTERM/SIGINT; a reload request re-reads `config_path`). Returns after a clean stop, also
 /// when the stop was requested during start-up (checked between the start-up steps).
 pub fn run(config_path: &Path, control: Control) -> Result<(), DaemonError> {
-    let cfg = config::load_config(config_path)?;
+    let mut cfg = config::load_config(config_path)?;
     // Ours alone until we return: a second daemon on this state directory stops here.
     let _state_dir = StateDir::open(&cfg.state_dir)?;
+    // What commands changed (thresholds, disabled cameras) applies over the file.
+    let overrides = commands::load_overrides(&cfg.state_dir);
+    let applied = overrides.apply(&mut cfg);
+    for note in &applied.notes {
+        info!("override: {note}");
+    }
     camera::init()?;
 
     // The model first: a bad package fails before anything touches the broker.
@@ -360,12 +367,53 @@ pub fn run(config_path: &Path, control: Control) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    rt.block_on(run_async(config_path.to_path_buf(), cfg, scorer, control))
+    rt.block_on(run_async(
+        config_path.to_path_buf(),
+        cfg,
+        (overrides, applied.disabled),
+        scorer,
+        control,
+    ))
+}
+
+/// What stays the same across reloads and commands, for [`reload`].
+struct Fixed<'a> {
+    config_path: &'a Path,
+    shared: &'a Shared,
+    publisher: &'a crate::mqtt::PublisherHandle,
+    model_info: &'a info::ModelInfo,
+    engine_name: &'a str,
+    started_ms: u64,
+}
+
+/// A reload (SIGHUP, the region editor, a lasting command): the file re-read with the
+/// overrides over it, cameras changed by plan, Sparkplug devices, the trigger stage and the
+/// birth certificate brought up to date. `Err`: rejected, the running configuration stays.
+fn reload(
+    fixed: &Fixed<'_>,
+    cameras: &mut Cameras,
+    overrides: &crate::commands::Overrides,
+    current: &mut Config,
+) -> Result<(), String> {
+    let res = cameras.reload(fixed.config_path, overrides, current);
+    if let Some(s) = &fixed.shared.sparkplug {
+        s.devices(crate::sparkplug::device_specs(&current.cameras));
+    }
+    fixed.shared.trigger.configure(current);
+    fixed.publisher.info(info::birth(
+        current,
+        &cameras.disabled,
+        fixed.model_info,
+        fixed.engine_name,
+        fixed.started_ms,
+    ));
+    res
 }
 
 async fn run_async(
     config_path: PathBuf,
     cfg: Config,
+    (mut overrides, disabled): (crate::commands::Overrides, Vec<String>),
     scorer: Scorer,
     mut control: Control,
 ) -> Result<(), DaemonError> {
@@ -376,7 +424,13 @@ async fn run_async(
     let validity = validity(&cfg, &scorer);
     let model_info = info::ModelInfo::new(&scorer.package().manifest);
     let started_ms = unix_ms();
-    publisher.info(info::birth(&cfg, &model_info, &engine_name, started_ms));
+    publisher.info(info::birth(
+        &cfg,
+        &disabled,
+        &model_info,
+        &engine_name,
+        started_ms,
+    ));
     let metrics = cfg
         .metrics
         .as_ref()
@@ -434,7 +488,17 @@ async fn run_async(
         publisher.clone(),
         shared.clone(),
     );
-    cameras.start_all(&cfg.cameras);
+    cameras.start_all(&cfg.cameras, &disabled);
+    // Commands (`[commands]`): payloads from `<prefix>/cmd`, requests from Sparkplug DCMD.
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let (spb_cmd_tx, mut spb_cmd_rx) = tokio::sync::mpsc::channel::<crate::commands::Request>(64);
+    if cfg.commands.is_some() {
+        publisher.set_commands(cmd_tx.clone());
+        if let Some(s) = &shared.sparkplug {
+            s.set_commands(spb_cmd_tx.clone());
+        }
+        info!("commands on: <prefix>/cmd (acknowledged on <prefix>/cmd/ack)");
+    }
 
     let worker = {
         let shared = shared.clone();
@@ -486,20 +550,45 @@ async fn run_async(
         "anomalyclip-edge running"
     );
 
+    let fixed = Fixed {
+        config_path: &config_path,
+        shared: &shared,
+        publisher: &publisher,
+        model_info: &model_info,
+        engine_name: &engine_name,
+        started_ms,
+    };
     let shutdown = control.shutdown.clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => { info!("stopping"); break; }
             Some(()) = control.reload.recv() => {
                 let stats_before = current.stats_interval;
-                cameras.reload(&config_path, &mut current);
-                if let Some(s) = &shared.sparkplug {
-                    s.devices(crate::sparkplug::device_specs(&current.cameras));
-                }
-                shared.trigger.configure(&current);
-                publisher.info(info::birth(&current, &model_info, &engine_name, started_ms));
+                let _ = reload(&fixed, &mut cameras, &overrides, &mut current);
                 if current.stats_interval != stats_before {
                     info!(interval = ?current.stats_interval, "reload: stats interval changed");
+                    stats_tick = stats_timer(current.stats_interval);
+                }
+            }
+            Some(payload) = cmd_rx.recv() => {
+                let stats_before = current.stats_interval;
+                let ack = match crate::commands::parse(&payload) {
+                    Ok(req) => run_command(&req, "mqtt", &fixed, &mut cameras, &mut overrides, &mut current, live.as_ref()),
+                    Err(r) => {
+                        warn!(id = r.id.as_deref().unwrap_or(""), reason = %r.reason, "command rejected");
+                        crate::commands::Ack::rejected(&r, "mqtt")
+                    }
+                };
+                publisher.command_ack(ack.to_json());
+                if current.stats_interval != stats_before {
+                    stats_tick = stats_timer(current.stats_interval);
+                }
+            }
+            Some(req) = spb_cmd_rx.recv() => {
+                let stats_before = current.stats_interval;
+                let ack = run_command(&req, "sparkplug", &fixed, &mut cameras, &mut overrides, &mut current, live.as_ref());
+                publisher.command_ack(ack.to_json());
+                if current.stats_interval != stats_before {
                     stats_tick = stats_timer(current.stats_interval);
                 }
             }
@@ -600,6 +689,36 @@ async fn run_async(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Carries out one command (and the reload a lasting one needs) and returns its
+/// acknowledgement.
+fn run_command(
+    req: &crate::commands::Request,
+    source: &'static str,
+    fixed: &Fixed<'_>,
+    cameras: &mut Cameras,
+    overrides: &mut crate::commands::Overrides,
+    current: &mut Config,
+    live: Option<&crate::live::LiveHub>,
+) -> crate::commands::Ack {
+    let mut env = commands::Env {
+        config_path: fixed.config_path,
+        cameras,
+        current,
+        overrides,
+        shared: fixed.shared,
+        publisher: fixed.publisher,
+        live,
+    };
+    let outcome = match commands::execute(req, &mut env) {
+        Ok((detail, commands::After::Nothing)) => Ok(detail),
+        Ok((detail, commands::After::Reload)) => reload(fixed, cameras, overrides, current)
+            .map(|()| detail)
+            .map_err(|e| format!("overrides written, but the reload was rejected: {e}")),
+        Err(why) => Err(why),
+    };
+    commands::ack(req, source, outcome)
 }
 
 /// The checks `check-config` makes, on a config text that is not (yet) the file at `origin`:

@@ -28,7 +28,9 @@
 //!   that tie the stages together, with systemd integration and one stop path.
 //!
 //! Beside the frame path: [`live`] (the optional live view server), [`metrics`] (the optional
-//! Prometheus endpoint), [`statedir`] (the state directory, locked for one daemon; atomic,
+//! Prometheus endpoint), [`sparkplug`] (the optional Sparkplug B edge node), [`commands`]
+//! (commands from SCADA, off by default: the request and acknowledgement wire, and the
+//! overrides they keep in the state directory), [`statedir`] (the state directory, locked for one daemon; atomic,
 //! symlink-safe writes), [`fsio`] (every file read from outside: regular files only, bounded
 //! before reading) and [`eval`] (dataset evaluation with the paper's metrics).
 
@@ -73,6 +75,8 @@ pub mod live;
 pub mod metrics;
 
 pub mod sparkplug;
+
+pub mod commands;
 
 pub mod statedir;
 

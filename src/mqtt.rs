@@ -17,6 +17,8 @@
 //! | `<prefix>/<camera>/inspection` | 1 / no | flat JSON ([`Inspection`]), through the inspection disk queue |
 //! | `<prefix>/<camera>/ready` | 1 / yes | `true` / `false`: can a trigger be served now |
 //! | `<prefix>/info` | 1 / yes | the birth certificate (JSON, set by the daemon), at every connect and on change |
+//! | `<prefix>/cmd` | subscribed, 1 (with `[commands]`) | command request (JSON, [`crate::commands`]); retained ones are ignored |
+//! | `<prefix>/cmd/ack` | 1 / no | the acknowledgement of each command ([`crate::commands::Ack`]) |
 //!
 //! Delivery policy, per edge (named, bounded):
 //! - alarms never drop while the disk has room: every alarm is appended (fsync'd) to the queue file
@@ -175,6 +177,8 @@ enum Ctl {
     Inspection(Box<Inspection>),
     Ready(String, bool),
     Inbox(mpsc::Sender<Inbound>),
+    Commands(mpsc::Sender<Vec<u8>>),
+    CommandAck(Vec<u8>),
     Info(Vec<u8>),
     CameraStatus(String, CameraStatus),
     /// A retained message under a camera or region (`unit`), e.g. its `calibration`.
@@ -263,6 +267,18 @@ impl PublisherHandle {
     /// forwards each request to `tx`.
     pub fn set_inbox(&self, tx: mpsc::Sender<Inbound>) {
         let _ = self.ctl.send(Ctl::Inbox(tx));
+    }
+
+    /// Subscribes to `<prefix>/cmd` (QoS 1, on this and every later connection) and forwards
+    /// each command payload to `tx` (`[commands]`).
+    pub fn set_commands(&self, tx: mpsc::Sender<Vec<u8>>) {
+        let _ = self.ctl.send(Ctl::Commands(tx));
+    }
+
+    /// Publishes a command acknowledgement on `<prefix>/cmd/ack` (QoS 1, not retained; lost if
+    /// the broker is away: the command came over the same connection, so the sender retries).
+    pub fn command_ack(&self, payload: Vec<u8>) {
+        let _ = self.ctl.send(Ctl::CommandAck(payload));
     }
 
     /// Inspection results queued on disk (sent but unacknowledged included), and those dropped
@@ -380,6 +396,7 @@ impl Publisher {
             iqueue,
             ready: BTreeMap::new(),
             inbox: None,
+            commands: None,
             info: None,
             shared: shared.clone(),
             statuses: BTreeMap::new(),
@@ -581,6 +598,8 @@ struct Worker {
     ready: BTreeMap<String, bool>,
     /// Where trigger requests go; `None` until the daemon sets it (nothing is subscribed).
     inbox: Option<mpsc::Sender<Inbound>>,
+    /// Where command payloads go (`[commands]`); `None`: `<prefix>/cmd` is not subscribed.
+    commands: Option<mpsc::Sender<Vec<u8>>>,
     /// The birth certificate (`<prefix>/info`), once set.
     info: Option<Vec<u8>>,
     shared: Arc<Shared>,
@@ -733,7 +752,7 @@ impl Worker {
                 None => warn!(pkid, "mqtt: publish event without a pending request"),
             },
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                self.on_inbound(&p.topic, p.payload.to_vec())
+                self.on_inbound(&p.topic, p.payload.to_vec(), p.retain)
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 if let Some(sent) = conn.inflight.remove(&ack.pkid) {
@@ -843,22 +862,58 @@ impl Worker {
         self.send_clears();
     }
 
-    /// Subscribes to the trigger topic on the current connection, if an inbox is set.
+    /// Subscribes to the trigger topic (if an inbox is set) and the command topic (if commands
+    /// are on) on the current connection.
     fn subscribe_inbox(&mut self) {
-        if self.inbox.is_none() {
-            return;
+        let mut topics = Vec::new();
+        if self.inbox.is_some() {
+            topics.push(format!("{}/+/inspect", self.prefix));
         }
-        let topic = format!("{}/+/inspect", self.prefix);
-        if let Some(conn) = self.conn.as_mut().filter(|c| c.up)
-            && let Err(e) = conn.client.try_subscribe(topic.clone(), QoS::AtLeastOnce)
-        {
-            // Only a full request channel: the next reconnect subscribes again.
-            warn!(error = %e, topic, "cannot subscribe to trigger requests on this connection");
+        if self.commands.is_some() {
+            topics.push(format!("{}/cmd", self.prefix));
+        }
+        for topic in topics {
+            if let Some(conn) = self.conn.as_mut().filter(|c| c.up)
+                && let Err(e) = conn.client.try_subscribe(topic.clone(), QoS::AtLeastOnce)
+            {
+                // Only a full request channel: the next reconnect subscribes again.
+                warn!(error = %e, topic, "cannot subscribe on this connection");
+            }
         }
     }
 
-    /// A message on a subscribed topic: trigger requests go to the inbox.
-    fn on_inbound(&mut self, topic: &str, payload: Vec<u8>) {
+    /// A message on a subscribed topic: trigger requests go to the inbox, commands to the
+    /// command stage.
+    fn on_inbound(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
+        if let Some(tx) = &self.commands
+            && topic
+                .strip_prefix(self.prefix.as_str())
+                .is_some_and(|t| t == "/cmd")
+        {
+            if payload.is_empty() {
+                // An empty retained message clears a retained command: nothing to do.
+                return;
+            }
+            if retain {
+                // Acting on it would repeat it at every reconnect.
+                warn!(
+                    topic,
+                    "a retained command is not acted on: publish commands with retain = false (clear it with an empty retained message)"
+                );
+                return;
+            }
+            if tx.try_send(payload).is_err() {
+                let n = self.shared.dropped_inbound.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!(
+                        topic,
+                        dropped = n,
+                        "command dropped: the daemon is not keeping up with commands"
+                    );
+                }
+            }
+            return;
+        }
         let camera = topic
             .strip_prefix(self.prefix.as_str())
             .and_then(|t| t.strip_prefix('/'))
@@ -1161,6 +1216,16 @@ impl Worker {
             Ctl::Inbox(tx) => {
                 self.inbox = Some(tx);
                 self.subscribe_inbox();
+            }
+            Ctl::Commands(tx) => {
+                self.commands = Some(tx);
+                self.subscribe_inbox();
+            }
+            Ctl::CommandAck(payload) => {
+                let topic = format!("{}/cmd/ack", self.prefix);
+                if !self.publish(topic, QoS::AtLeastOnce, false, payload, Sent::Status) {
+                    warn!("command acknowledgement not sent: the broker is away");
+                }
             }
             Ctl::CameraStatus(camera, status) => {
                 self.pending_clear.remove(&camera);

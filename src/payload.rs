@@ -254,18 +254,22 @@ pub enum CameraStatus {
     /// The daemon has stopped trying: it is stopping, or a reload removed the camera (then the
     /// retained topics are cleared right after). Never published while it retries.
     Offline,
+    /// Switched off by a command (`disable_camera`): not captured, not scored, until
+    /// `enable_camera` or `clear_overrides`. Its retained alarm and results stay as they were.
+    Disabled,
     /// A fault that needs a human, with a one-line reason: a configuration fault (not retried
     /// until a reload changes the camera) or a missing decoder (retried every `max_ms`).
     Error(String),
 }
 
 impl CameraStatus {
-    /// The payload text: `online`, `reconnecting`, `offline` or `error: <reason>`.
+    /// The payload text: `online`, `reconnecting`, `offline`, `disabled` or `error: <reason>`.
     pub fn payload(&self) -> String {
         match self {
             CameraStatus::Online => "online".to_owned(),
             CameraStatus::Reconnecting => "reconnecting".to_owned(),
             CameraStatus::Offline => "offline".to_owned(),
+            CameraStatus::Disabled => "disabled".to_owned(),
             CameraStatus::Error(reason) => {
                 format!("error: {}", sanitize(reason, MAX_REASON_BYTES))
             }

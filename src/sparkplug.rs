@@ -26,8 +26,16 @@
 //! from the number after it.
 //!
 //! Rebirth: an NCMD `Node Control/Rebirth = true` (by name or by its alias) re-publishes NBIRTH
-//! (same `bdSeq`: the Will of the connection is unchanged; `seq` 0) and every DBIRTH. Any other
-//! NCMD metric and every DCMD is logged and ignored (no commands yet).
+//! (same `bdSeq`: the Will of the connection is unchanged; `seq` 0) and every DBIRTH.
+//!
+//! Commands (only with `[commands]`, [`Sparkplug::set_commands`]; translated into the same
+//! [`crate::commands::Command`]s as `<prefix>/cmd`, acknowledged on `<prefix>/cmd/ack` with
+//! `source: "sparkplug"`): a DCMD writing `<region>/threshold` (Float) sets that region's T2
+//! (`set_thresholds`, the T1 in force kept while it is at most the new T2); writing
+//! `<region>/alarm` = false acknowledges its alarm (`ack_alarm`); writing `Device
+//! Control/Disable` = true disables the camera (`disable_camera`; the device dies). An NCMD
+//! writing `Node Control/Enable Camera` = "<camera>" enables one again. Other metrics, wrong
+//! datatypes and commands while `[commands]` is off are logged and ignored.
 //!
 //! Failure modes: broker unreachable → reconnect with `[mqtt]`'s capped backoff, then a new
 //! `bdSeq` and births; a state-directory write failure is logged (the connection goes on with the
@@ -69,6 +77,10 @@ pub const FRAME_REGION: &str = "(frame)";
 pub const MAX_NCMD_BYTES: usize = 64 * 1024;
 /// The rebirth request metric.
 pub const REBIRTH: &str = "Node Control/Rebirth";
+/// The NCMD metric that enables a camera a command disabled (String: the camera's name).
+pub const ENABLE_CAMERA: &str = "Node Control/Enable Camera";
+/// The DCMD metric that disables the device's camera (Boolean true).
+pub const DISABLE: &str = "Device Control/Disable";
 
 /// Sparkplug B datatypes used here (`DataType` of the schema).
 pub mod datatype {
@@ -156,7 +168,7 @@ impl Value {
 
 /// A device's metric names in birth order.
 fn device_metrics(spec: &DeviceSpec) -> Vec<String> {
-    let mut names = vec!["status".to_owned()];
+    let mut names = vec!["status".to_owned(), DISABLE.to_owned()];
     for r in &spec.regions {
         let r = r.as_deref().unwrap_or(FRAME_REGION);
         for leaf in ["verdict", "score", "alarm", "threshold"] {
@@ -170,6 +182,7 @@ fn default_value(metric: &str) -> Value {
     match metric.rsplit('/').next() {
         Some("score") | Some("threshold") => Value::Null(datatype::FLOAT),
         Some("alarm") => Value::Null(datatype::BOOLEAN),
+        _ if metric == DISABLE => Value::Bool(false),
         Some("status") if metric == "status" => Value::Str("starting".into()),
         _ => Value::Null(datatype::STRING),
     }
@@ -192,6 +205,8 @@ struct Latest {
 struct Inner {
     latest: Mutex<Latest>,
     wake: Notify,
+    /// Where commands go (`[commands]`); `None`: DCMD and command NCMDs are ignored.
+    commands: Mutex<Option<mpsc::Sender<crate::commands::Request>>>,
 }
 
 /// The handle the daemon's stages report through (Clone + Send + Sync, never blocks).
@@ -219,6 +234,7 @@ impl Sparkplug {
             inner: Arc::new(Inner {
                 latest: Mutex::new(Latest::default()),
                 wake: Notify::new(),
+                commands: Mutex::new(None),
             }),
         };
         let bdseq_path = state_dir.join(BDSEQ_FILE);
@@ -302,6 +318,16 @@ impl Sparkplug {
         l.dirty.insert(camera.to_owned());
         drop(l);
         self.inner.wake.notify_one();
+    }
+
+    /// Takes commands from now on (`[commands]`): DCMD writes and `Node Control/Enable Camera`
+    /// become requests on `tx`.
+    pub fn set_commands(&self, tx: mpsc::Sender<crate::commands::Request>) {
+        *self
+            .inner
+            .commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(tx);
     }
 
     /// Publishes NDEATH and disconnects within `deadline` (the task then ends).
@@ -614,7 +640,7 @@ impl Node {
             return;
         }
         self.seq = 0;
-        self.next_alias = 5;
+        self.next_alias = 6;
         self.born.clear();
         let ts = now_ms();
         let seq = self.next_seq();
@@ -631,6 +657,7 @@ impl Node {
                     true,
                 ),
                 Value::Str(self.model.clone()).metric(Some("Properties/Model"), Some(4), ts, true),
+                Value::Str(String::new()).metric(Some(ENABLE_CAMERA), Some(5), ts, true),
             ],
             ..Default::default()
         };
@@ -834,17 +861,23 @@ impl Node {
     }
 
     fn on_command(&mut self, topic: &str, payload: &[u8], retain: bool) {
-        if topic != self.ncmd_topic {
-            let why = if topic.contains("/DCMD/") {
-                "device commands are not supported"
-            } else {
-                "not this node's NCMD topic"
-            };
-            self.ignored("other", topic, why);
+        let dcmd_prefix = format!(
+            "{NAMESPACE}/{}/DCMD/{}/",
+            self.cfg.group_id, self.cfg.edge_node_id
+        );
+        let device = topic
+            .strip_prefix(dcmd_prefix.as_str())
+            .filter(|d| !d.contains('/'));
+        if topic != self.ncmd_topic && device.is_none() {
+            self.ignored("other", topic, "not this node's NCMD or DCMD topic");
             return;
         }
         if retain {
-            self.ignored("retained", topic, "a retained NCMD (stale) is not acted on");
+            self.ignored(
+                "retained",
+                topic,
+                "a retained command (stale) is not acted on",
+            );
             return;
         }
         if payload.len() > MAX_NCMD_BYTES {
@@ -858,10 +891,16 @@ impl Node {
                 return;
             }
         };
+        if let Some(device) = device {
+            self.on_dcmd(topic, device, &p);
+            return;
+        }
         let mut rebirth = false;
         for m in &p.metrics {
             let is_rebirth =
                 m.name.as_deref() == Some(REBIRTH) || (m.name.is_none() && m.alias == Some(2));
+            let is_enable = m.name.as_deref() == Some(ENABLE_CAMERA)
+                || (m.name.is_none() && m.alias == Some(5));
             if is_rebirth {
                 match m.value {
                     Some(metric::Value::BooleanValue(true)) => rebirth = true,
@@ -871,6 +910,23 @@ impl Node {
                         "Node Control/Rebirth without the value true",
                     ),
                 }
+            } else if is_enable {
+                match &m.value {
+                    Some(metric::Value::StringValue(camera)) => {
+                        self.command(
+                            topic,
+                            crate::commands::Command::SetEnabled {
+                                camera: camera.clone(),
+                                enabled: true,
+                            },
+                        );
+                    }
+                    _ => self.ignored(
+                        "enable-value",
+                        topic,
+                        "Node Control/Enable Camera without a String value",
+                    ),
+                }
             } else {
                 self.ignored("unknown-metric", topic, "no such node command");
             }
@@ -878,6 +934,97 @@ impl Node {
         if rebirth {
             info!("sparkplug: rebirth requested");
             self.rebirth();
+        }
+    }
+}
+
+impl Node {
+    /// Hands a command to the daemon (which acknowledges it on `<prefix>/cmd/ack`).
+    fn command(&mut self, topic: &str, command: crate::commands::Command) {
+        let tx = self
+            .inner
+            .commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(tx) = tx else {
+            self.ignored(
+                "commands-off",
+                topic,
+                "commands are off ([commands] is not set)",
+            );
+            return;
+        };
+        info!(topic, cmd = command.name(), "sparkplug: command");
+        let req = crate::commands::Request { id: None, command };
+        if tx.try_send(req).is_err() {
+            self.ignored("commands-full", topic, "too many commands waiting");
+        }
+    }
+
+    /// A DCMD for `device` (a camera): metrics by name, or by the alias of its DBIRTH.
+    fn on_dcmd(&mut self, topic: &str, device: &str, p: &proto::Payload) {
+        use crate::commands::Command;
+        let Some(born) = self.born.get(device) else {
+            self.ignored("unknown-device", topic, "no such device (not born)");
+            return;
+        };
+        let names: Vec<Option<String>> = p
+            .metrics
+            .iter()
+            .map(|m| {
+                m.name.clone().or_else(|| {
+                    m.alias.and_then(|a| {
+                        born.aliases
+                            .iter()
+                            .find(|(_, v)| **v == a)
+                            .map(|(k, _)| k.clone())
+                    })
+                })
+            })
+            .collect();
+        for (m, name) in p.metrics.iter().zip(names) {
+            let Some(name) = name else {
+                self.ignored("unknown-metric", topic, "no such device metric");
+                continue;
+            };
+            let (region, leaf) = match name.rsplit_once('/') {
+                Some((r, l)) => (r, l),
+                None => ("", name.as_str()),
+            };
+            let region = (region != FRAME_REGION).then(|| region.to_owned());
+            let command = match (name.as_str(), leaf, &m.value) {
+                (DISABLE, _, Some(metric::Value::BooleanValue(true))) => Command::SetEnabled {
+                    camera: device.to_owned(),
+                    enabled: false,
+                },
+                (_, "threshold", Some(metric::Value::FloatValue(t2))) if name != DISABLE => {
+                    if !(t2.is_finite() && (0.0..=1.0).contains(t2)) {
+                        self.ignored("threshold-value", topic, "threshold outside [0, 1]");
+                        continue;
+                    }
+                    Command::SetThresholds {
+                        camera: device.to_owned(),
+                        region,
+                        t2: *t2,
+                        t1: None,
+                        keep_t1: true,
+                    }
+                }
+                (_, "alarm", Some(metric::Value::BooleanValue(false))) => Command::AckAlarm {
+                    camera: device.to_owned(),
+                    region,
+                },
+                _ => {
+                    self.ignored(
+                        "dcmd-metric",
+                        topic,
+                        "writable: <region>/threshold (Float), <region>/alarm = false, Device Control/Disable = true",
+                    );
+                    continue;
+                }
+            };
+            self.command(topic, command);
         }
     }
 }
@@ -905,9 +1052,10 @@ mod tests {
         };
         let names = device_metrics(&spec);
         assert_eq!(names[0], "status");
-        assert_eq!(names[1], "(frame)/verdict");
-        assert_eq!(names[8], "left/threshold");
-        assert_eq!(names.len(), 9);
+        assert_eq!(names[1], DISABLE);
+        assert_eq!(names[2], "(frame)/verdict");
+        assert_eq!(names[9], "left/threshold");
+        assert_eq!(names.len(), 10);
     }
 
     #[test]

@@ -464,6 +464,7 @@ struct RawAlarm {
     raise_count: S<u32>,
     raise_window: S<u32>,
     clear_count: S<u32>,
+    latch: Option<bool>,
 }
 
 /// `[camera.mask]` as written.
@@ -659,6 +660,7 @@ pub(crate) fn resolve_camera(
         {
             alarm.clear_count = *v.get_ref();
         }
+        alarm.latch = a.latch.unwrap_or(false);
         if alarm.raise_count > alarm.raise_window {
             let msg = format!(
                 "raise_count ({}) is larger than raise_window ({}): N of the last M frames needs N <= M",

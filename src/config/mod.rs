@@ -44,6 +44,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::camera::config::{RawCamera, resolve_camera};
+use crate::commands::config::{RawCommands, resolve_commands};
 use crate::engine::config::{RawEngine, resolve_engine};
 use crate::live::config::{RawHttp, resolve_http};
 use crate::metrics::config::{RawMetrics, resolve_metrics};
@@ -58,6 +59,7 @@ pub use crate::camera::config::{
     RetryConfig, SourceError, default_mask_kind, default_mask_min_interval_ms, default_mask_size,
     default_max_fps, default_pixel_threshold, default_threshold,
 };
+pub use crate::commands::config::CommandsConfig;
 pub use crate::engine::config::{
     Backend, EngineConfig, HeadChoice, default_backend, default_max_batch, default_max_wait_ms,
     default_threads,
@@ -102,6 +104,8 @@ pub struct Config {
     pub metrics: Option<MetricsConfig>,
     /// `[sparkplug]`: the Sparkplug B edge node; `None` = no Sparkplug connection.
     pub sparkplug: Option<SparkplugConfig>,
+    /// `[commands]`: commands over MQTT (and Sparkplug DCMD); `None` = off.
+    pub commands: Option<CommandsConfig>,
 }
 
 /// `[model]`.
@@ -147,6 +151,7 @@ struct RawConfig {
     http: Option<RawHttp>,
     metrics: Option<RawMetrics>,
     sparkplug: S<RawSparkplug>,
+    commands: Option<RawCommands>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -466,6 +471,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
     let trigger = resolve_trigger(ctx, raw.trigger.as_ref());
     let http = resolve_http(ctx, raw.http.as_ref());
     let metrics = resolve_metrics(ctx, raw.metrics.as_ref());
+    let commands = resolve_commands(ctx, raw.commands.as_ref());
     let sparkplug = resolve_sparkplug(ctx, raw.sparkplug.as_ref(), node_id.as_deref());
     let mqtt = match &raw.mqtt {
         Some(m) => resolve_mqtt(ctx, m),
@@ -539,6 +545,7 @@ fn resolve(ctx: &mut Ctx<'_>, raw: RawConfig) -> Option<Config> {
         http,
         metrics,
         sparkplug,
+        commands,
     })
 }
 
@@ -680,6 +687,7 @@ mod tests {
             "live::config",
             "metrics::config",
             "sparkplug::config",
+            "commands::config",
             "payload",
             "package",
             "fsio",
@@ -703,6 +711,7 @@ mod tests {
             "live/config.rs",
             "metrics/config.rs",
             "sparkplug/config.rs",
+            "commands/config.rs",
         ] {
             for import in crate_imports(&root.join(f)) {
                 assert!(

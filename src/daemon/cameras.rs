@@ -72,6 +72,9 @@ pub(super) struct Cameras {
     notify_frames: Arc<FrameNotify>,
     publisher: PublisherHandle,
     shared: Arc<Shared>,
+    /// Cameras disabled by a command ([`crate::commands::Overrides`]): not running, status
+    /// `disabled`, retained topics kept.
+    pub(super) disabled: Vec<String>,
 }
 
 impl Cameras {
@@ -89,16 +92,31 @@ impl Cameras {
             notify_frames,
             publisher,
             shared,
+            disabled: Vec::new(),
         }
     }
 
     /// Starts every camera of `cfg` (a failing one is reported and skipped) and publishes the
     /// handles to the worker.
-    pub(super) fn start_all(&mut self, cfg: &[CameraConfig]) {
+    pub(super) fn start_all(&mut self, cfg: &[CameraConfig], disabled: &[String]) {
         for c in cfg {
             self.start_or_report(c, None);
         }
+        self.disabled = disabled.to_vec();
+        for name in disabled {
+            self.publish_disabled(name);
+        }
         self.publish_handles();
+    }
+
+    /// A camera disabled by a command: `disabled` (retained), a dead Sparkplug device.
+    fn publish_disabled(&self, name: &str) {
+        info!(camera = %name, "camera disabled by a command (enable_camera or clear_overrides enables it)");
+        self.publisher
+            .camera_status(name, payload::CameraStatus::Disabled);
+        if let Some(s) = &self.shared.sparkplug {
+            s.status(name, "disabled", true);
+        }
     }
 
     /// Takes every running camera (for the stop path).
@@ -256,7 +274,10 @@ impl Cameras {
                         warn!(camera = %name, error = %e, "camera did not stop cleanly");
                     }
                     lock(&self.shared.statuses).remove(name);
-                    if removed {
+                    if removed && self.disabled.contains(name) {
+                        // Disabled, not removed: its retained topics and alarm state stay.
+                        self.publish_disabled(name);
+                    } else if removed {
                         // Stopped for good: `offline`, then its retained status and alarm are
                         // cleared and the publisher forgets it.
                         self.publisher
@@ -292,26 +313,38 @@ impl Cameras {
     /// numbering carry over), start added ones, stop removed ones; keep the MQTT session. (The
     /// caller applies a changed stats interval.) An invalid file is rejected and the running
     /// config stays.
-    pub(super) fn reload(&mut self, path: &Path, current: &mut Config) {
+    pub(super) fn reload(
+        &mut self,
+        path: &Path,
+        overrides: &crate::commands::Overrides,
+        current: &mut Config,
+    ) -> Result<(), String> {
         let now = sd_notify::NotifyState::monotonic_usec_now();
         match &now {
             Ok(m) => notify(&[sd_notify::NotifyState::Reloading, m.clone()]),
             Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
         }
-        match config::load_config(path) {
+        let outcome = match config::load_config(path) {
             Err(e) => {
                 for line in e.to_string().lines() {
                     error!("reload rejected: {line}");
                 }
                 error!("reload rejected: keeping the running configuration");
+                Err(e.to_string().lines().next().unwrap_or_default().to_owned())
             }
-            Ok(new) => {
+            Ok(mut new) => {
+                let applied = overrides.apply(&mut new);
+                for note in &applied.notes {
+                    info!("override: {note}");
+                }
+                self.disabled = applied.disabled;
                 for (what, changed) in [
                     ("node_id", new.node_id != current.node_id),
                     ("state_dir", new.state_dir != current.state_dir),
                     ("[mqtt]", new.mqtt != current.mqtt),
                     ("[model]", new.model != current.model),
                     ("[engine]", new.engine != current.engine),
+                    ("[commands]", new.commands != current.commands),
                 ] {
                     if changed {
                         warn!("reload: {what} changed; it takes effect at the next restart");
@@ -326,14 +359,17 @@ impl Cameras {
                 applied.mqtt = current.mqtt.clone();
                 applied.model = current.model.clone();
                 applied.engine = current.engine.clone();
+                applied.commands = current.commands.clone();
                 *current = applied;
                 info!(cameras = self.running.len(), "configuration reloaded");
+                Ok(())
             }
-        }
+        };
         notify(&[
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(&status_line(&self.shared, &self.publisher)),
         ]);
+        outcome
     }
 }
 

@@ -7,7 +7,10 @@
 //! (file name → SHA-256 from the manifest)}, `engine`, `cameras` [{`name`, `mode`,
 //! `threshold`, `regions` [{`name`, `rect`, `units`, `statistic`, `threshold`}]}]: the
 //! `[[camera.region]]` tables, or for a camera without them its implicit whole-frame region
-//! (`name` null, `rect` [0, 0, 1, 1] in `fraction` units). Nothing here fails.
+//! (`name` null, `rect` [0, 0, 1, 1] in `fraction` units); `t1` where a region has one;
+//! `disabled` [names] of the cameras a command disabled (absent when none); `commands`: whether
+//! the node takes commands (`[commands]`). Thresholds are the ones in force, commands' overrides
+//! included. Nothing here fails.
 
 use std::collections::BTreeMap;
 
@@ -44,6 +47,8 @@ struct Region {
     units: &'static str,
     statistic: &'static str,
     threshold: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    t1: Option<f32>,
 }
 
 #[derive(Serialize)]
@@ -63,10 +68,19 @@ struct Info<'a> {
     model: &'a ModelInfo,
     engine: &'a str,
     cameras: Vec<Camera>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    disabled: &'a [String],
+    commands: bool,
 }
 
 /// The `<prefix>/info` payload.
-pub(super) fn birth(cfg: &Config, model: &ModelInfo, engine: &str, started_ms: u64) -> Vec<u8> {
+pub(super) fn birth(
+    cfg: &Config,
+    disabled: &[String],
+    model: &ModelInfo,
+    engine: &str,
+    started_ms: u64,
+) -> Vec<u8> {
     let cameras = cfg
         .cameras
         .iter()
@@ -89,6 +103,7 @@ pub(super) fn birth(cfg: &Config, model: &ModelInfo, engine: &str, started_ms: u
                     },
                     statistic: r.statistic.as_str(),
                     threshold: r.threshold,
+                    t1: r.t1,
                 })
                 .collect(),
         })
@@ -101,6 +116,8 @@ pub(super) fn birth(cfg: &Config, model: &ModelInfo, engine: &str, started_ms: u
         model,
         engine,
         cameras,
+        disabled,
+        commands: cfg.commands.is_some(),
     })
     .unwrap_or_default()
 }

@@ -82,6 +82,9 @@ pub(super) struct Unit {
     pub(super) reference: Option<Arc<Mutex<crate::reference::Reference>>>,
     /// That bank's identity (`""` without one): part of a calibration's fingerprint.
     pub(super) bank_id: String,
+    /// The last frame fed to the debouncer: `seq`, capture time (Unix ms), score; for the
+    /// clear an acknowledgement publishes.
+    pub(super) last: Option<(u64, u64, f32)>,
 }
 
 /// The unit key of a region of `camera`.
@@ -118,6 +121,7 @@ impl Unit {
             recent: VecDeque::with_capacity(DRIFT_WINDOW),
             drift: false,
             psi: None,
+            last: None,
         }
     }
 

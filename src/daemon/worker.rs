@@ -549,6 +549,9 @@ fn publish_frame(
             score_norm: d.score_norm.unwrap_or(f32::NAN),
             cal: u.rule.cal_id().unwrap_or("").to_owned(),
         });
+        if d.verdict != Verdict::Unknown {
+            u.last = Some((seq, f.capture_unix_ms, r.score));
+        }
         if d.verdict != Verdict::Unknown
             && let Some(t) = u.debouncer.update(anomaly)
         {

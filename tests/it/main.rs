@@ -11,6 +11,7 @@ mod common;
 
 mod calibrate;
 mod camera;
+mod commands;
 mod config;
 mod config_check;
 mod daemon;

@@ -175,6 +175,7 @@ async fn births_data_rebirth_and_bdseq_across_a_restart() {
         ("Node Control/Rebirth", 11),
         ("Properties/Version", 12),
         ("Properties/Model", 12),
+        ("Node Control/Enable Camera", 12),
     ] {
         let m = metric(&nbirth, name);
         assert_eq!(m["datatype"], dt, "{name}: {nbirth}");
@@ -192,6 +193,7 @@ async fn births_data_rebirth_and_bdseq_across_a_restart() {
     let mut aliases: BTreeMap<u64, (String, u64)> = BTreeMap::new();
     for (name, dt) in [
         ("status", 12),
+        ("Device Control/Disable", 11),
         ("(frame)/verdict", 12),
         ("(frame)/score", 9),
         ("(frame)/alarm", 11),
@@ -205,7 +207,7 @@ async fn births_data_rebirth_and_bdseq_across_a_restart() {
             "alias {a} used twice: {dbirth}"
         );
     }
-    assert_eq!(dbirth["metrics"].as_array().map(Vec::len), Some(5));
+    assert_eq!(dbirth["metrics"].as_array().map(Vec::len), Some(6));
 
     // DDATA: aliases only, resolving to DBIRTH metrics; values move; seq +1 mod 256.
     let mut data = Vec::new();
