@@ -158,6 +158,24 @@ fn threshold(v: f64, key: &str) -> Result<f32, String> {
     }
 }
 
+/// The acknowledgement of a request refused because too many commands wait (the publisher
+/// answers it without handing it on).
+pub fn busy(payload: &[u8]) -> Ack {
+    let id = if payload.len() <= MAX_COMMAND_BYTES {
+        salvage_id(payload)
+    } else {
+        None
+    };
+    Ack::rejected(
+        &Rejected {
+            id,
+            cmd: None,
+            reason: "busy: too many commands waiting, retry later".into(),
+        },
+        "mqtt",
+    )
+}
+
 /// Reads a request. Every problem is one line naming the field and what was expected.
 pub fn parse(payload: &[u8]) -> Result<Request, Rejected> {
     if payload.len() > MAX_COMMAND_BYTES {

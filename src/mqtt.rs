@@ -116,6 +116,9 @@ pub const DEFAULT_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 const DATA_CHANNEL: usize = 256;
 const REQUEST_CHANNEL: usize = 128;
+/// Command acknowledgements waiting for the connection (a storm of commands, a full request
+/// channel, the broker away); beyond it the oldest is dropped and logged.
+pub const COMMAND_ACKS_MAX: usize = 4096;
 const INFLIGHT: u16 = 100;
 
 /// Errors starting the publisher.
@@ -397,6 +400,7 @@ impl Publisher {
             ready: BTreeMap::new(),
             inbox: None,
             commands: None,
+            acks: std::collections::VecDeque::new(),
             info: None,
             shared: shared.clone(),
             statuses: BTreeMap::new(),
@@ -600,6 +604,8 @@ struct Worker {
     inbox: Option<mpsc::Sender<Inbound>>,
     /// Where command payloads go (`[commands]`); `None`: `<prefix>/cmd` is not subscribed.
     commands: Option<mpsc::Sender<Vec<u8>>>,
+    /// Command acknowledgements not yet handed to the connection, oldest first.
+    acks: std::collections::VecDeque<Vec<u8>>,
     /// The birth certificate (`<prefix>/info`), once set.
     info: Option<Vec<u8>>,
     shared: Arc<Shared>,
@@ -902,15 +908,19 @@ impl Worker {
                 );
                 return;
             }
-            if tx.try_send(payload).is_err() {
+            if let Err(e) = tx.try_send(payload) {
                 let n = self.shared.dropped_inbound.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     warn!(
                         topic,
-                        dropped = n,
-                        "command dropped: the daemon is not keeping up with commands"
+                        refused = n,
+                        "command refused: busy (the daemon is not keeping up with commands)"
                     );
                 }
+                let payload = match e {
+                    mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
+                };
+                self.push_ack(crate::commands::busy(&payload).to_json());
             }
             return;
         }
@@ -1069,6 +1079,43 @@ impl Worker {
         if !self.alarm_blocked {
             self.send_inspections();
         }
+        if !self.alarm_blocked {
+            self.send_acks();
+        }
+    }
+
+    /// Queues a command acknowledgement and sends what the connection takes.
+    fn push_ack(&mut self, payload: Vec<u8>) {
+        if self.acks.len() >= COMMAND_ACKS_MAX {
+            self.acks.pop_front();
+            warn!("command acknowledgements piling up: the oldest was dropped");
+        }
+        self.acks.push_back(payload);
+        if !self.alarm_blocked {
+            self.send_acks();
+        }
+    }
+
+    /// Sends the queued command acknowledgements (after alarms and inspection results; a full
+    /// request channel retries on the alarms' timer).
+    fn send_acks(&mut self) {
+        if !self.is_up() {
+            return;
+        }
+        let topic = format!("{}/cmd/ack", self.prefix);
+        while let Some(payload) = self.acks.front().cloned() {
+            if !self.publish(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                Sent::Status,
+            ) {
+                self.alarm_blocked = true;
+                return;
+            }
+            self.acks.pop_front();
+        }
     }
 
     /// Sends the queued inspection results not yet handed to this connection, in order (after
@@ -1221,12 +1268,7 @@ impl Worker {
                 self.commands = Some(tx);
                 self.subscribe_inbox();
             }
-            Ctl::CommandAck(payload) => {
-                let topic = format!("{}/cmd/ack", self.prefix);
-                if !self.publish(topic, QoS::AtLeastOnce, false, payload, Sent::Status) {
-                    warn!("command acknowledgement not sent: the broker is away");
-                }
-            }
+            Ctl::CommandAck(payload) => self.push_ack(payload),
             Ctl::CameraStatus(camera, status) => {
                 self.pending_clear.remove(&camera);
                 if self.statuses.get(&camera) == Some(&status) {

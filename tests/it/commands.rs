@@ -396,6 +396,71 @@ async fn commands_are_off_by_default_and_allow_restricts_them() {
         "{ack}"
     );
     d.wait_log(&["a retained command is not acted on"], 1).await;
+
+    // A storm: 1000 commands at once, each answered (carried out or `busy`), nothing crashes;
+    // an oversized one is answered too.
+    let mut o = MqttOptions::new(
+        format!("storm-{}", std::process::id()),
+        "127.0.0.1",
+        broker.port,
+    );
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_inflight(200);
+    let (client, mut el) = AsyncClient::new(o, 2000);
+    let poller = tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    for i in 0..1000 {
+        let body = format!(r#"{{"id":"s{i}","cmd":"ack_alarm","camera":"cam"}}"#);
+        client
+            .publish(CMD, QoS::AtLeastOnce, false, body.into_bytes())
+            .await
+            .expect("publish");
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    let (mut done, mut busy) = (0, 0);
+    while ids.len() < 1000 {
+        let m = w.next_on(ACK).await;
+        let a = m.json();
+        match a["id"].as_str() {
+            Some(id) if id.starts_with('s') => {
+                assert!(ids.insert(id.to_owned()), "one answer per command: {a}");
+                if a["ok"] == true {
+                    done += 1;
+                } else {
+                    assert!(
+                        a["detail"].as_str().is_some_and(|d| d.starts_with("busy")),
+                        "{a}"
+                    );
+                    busy += 1;
+                }
+            }
+            _ => panic!("an answer to no command of the storm: {a}"),
+        }
+    }
+    let big = format!(
+        r#"{{"id":"big","cmd":"ack_alarm","camera":"{}"}}"#,
+        "c".repeat(5000)
+    );
+    client
+        .publish(CMD, QoS::AtLeastOnce, false, big.into_bytes())
+        .await
+        .expect("publish");
+    let big_ack = w.next_on(ACK).await.json();
+    poller.abort();
+    assert_eq!(big_ack["ok"], false, "{big_ack}");
+    assert!(
+        big_ack["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("exceeds 4096")),
+        "{big_ack}"
+    );
+    eprintln!("storm of 1000 commands: {done} carried out, {busy} busy");
+    d.assert_running();
     let later = w.collect_for(Duration::from_millis(1000)).await;
     assert!(
         !later
