@@ -516,6 +516,14 @@ impl Overrides {
             };
             for (region, t) in &ov.thresholds {
                 let label = region_label(region);
+                let in_range = |v: f32| v.is_finite() && (0.0..=1.0).contains(&v);
+                if !in_range(t.t2) || t.t1.is_some_and(|t1| !in_range(t1) || t1 > t.t2) {
+                    out.notes.push(format!(
+                        "thresholds override for camera {name}, {label} not applied: t2 {} / t1 {:?} outside 0 <= t1 <= t2 <= 1",
+                        t.t2, t.t1
+                    ));
+                    continue;
+                }
                 match find_region(cam, region) {
                     Ok(r) if r.calibrated => out.notes.push(format!(
                         "thresholds override for camera {name}, {label} not applied: it decides with its calibration"
@@ -877,8 +885,27 @@ mod tests {
                 thresholds: BTreeMap::from([("left".into(), Thresholds { t2: 0.5, t1: None })]),
             },
         );
+        ov.cameras.insert(
+            "a".into(),
+            CameraOverride {
+                enabled: None,
+                thresholds: BTreeMap::from([("".into(), Thresholds { t2: 5.0, t1: None })]),
+            },
+        );
         let mut run = cfg("calibration = true\n");
         let applied = ov.apply(&mut run);
+        assert_eq!(
+            run.cameras[0].threshold, 0.5,
+            "an edited file's 5.0 is not applied"
+        );
+        assert!(
+            applied
+                .notes
+                .iter()
+                .any(|n| n.contains("outside 0 <= t1 <= t2 <= 1")),
+            "{:?}",
+            applied.notes
+        );
         assert!(applied.disabled.is_empty());
         assert_eq!(run.cameras.len(), 2);
         assert!(

@@ -1008,6 +1008,10 @@ fn config_cases(v: &mut Vec<Case>) {
         ("camera name with NUL escape", "name = \"cam\"", "name = \"c\\u0000m\"", "camera[0].name", None),
         ("duplicate camera names", "[camera.alarm]", "[[camera]]\nname = \"cam\"\npipeline = \"videotestsrc ! appsink name=sink\"\n[[camera]]\nname = \"cam2\"\npipeline = \"videotestsrc ! appsink name=sink\"\n[camera.alarm]", "duplicate camera name", None),
         ("no cameras", "[[camera]]", "[[nocamera]]", "nocamera", None),
+        ("commands.allow names no command", "[engine]", "[commands]\nallow = [\"reboot\"]\n[engine]", "commands.allow", None),
+        ("commands.allow a string", "[engine]", "[commands]\nallow = \"all\"\n[engine]", "allow", None),
+        ("unknown key in [commands]", "[engine]", "[commands]\ntopic = \"x\"\n[engine]", "topic", None),
+        ("alarm latch a string", "[camera.alarm]", "[camera.alarm]\nlatch = \"yes\"", "latch", None),
         ("camera with uri and pipeline", "name = \"cam\"", "name = \"cam\"\nuri = \"rtsp://h/s\"", "not both", None),
         ("camera with no source", "pipeline = \"videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=10/1 ! appsink name=sink\"\n", "", "no source", None),
         ("uri with ftp scheme", "pipeline = \"videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=10/1 ! appsink name=sink\"", "uri = \"ftp://cam/x\"", "unsupported scheme", None),
@@ -2214,6 +2218,13 @@ fn state_cases(v: &mut Vec<Case>) {
         ("alarm state garbage", Box::new(|s: &Path| write(&s.join("alarm-state.v1.json"), "garbage")), Exit::Ok, "alarm state", None),
         ("alarm state invalid UTF-8", Box::new(|s: &Path| write(&s.join("alarm-state.v1.json"), b"{\"cam\": \xff}")), Exit::Ok, "alarm state", None),
         ("alarm state a directory", Box::new(|s: &Path| std::fs::create_dir_all(s.join("alarm-state.v1.json")).expect("mkdir")), Exit::Clean, "alarm", None),
+        ("overrides garbage", Box::new(|s: &Path| write(&s.join("overrides.v1.json"), "garbage")), Exit::Ok, "overrides unreadable", None),
+        ("overrides invalid UTF-8", Box::new(|s: &Path| write(&s.join("overrides.v1.json"), b"{\"cameras\": \xff}")), Exit::Ok, "overrides unreadable", None),
+        ("overrides a directory", Box::new(|s: &Path| std::fs::create_dir_all(s.join("overrides.v1.json")).expect("mkdir")), Exit::Ok, "overrides unreadable", None),
+        ("overrides /dev/zero", Box::new(|s: &Path| symlink("/dev/zero", &s.join("overrides.v1.json"))), Exit::Ok, "overrides unreadable", None),
+        ("overrides threshold out of range", Box::new(|s: &Path| write(&s.join("overrides.v1.json"), "{\"cameras\":{\"cam\":{\"thresholds\":{\"\":{\"t2\":5.0,\"t1\":-1}}}}}")), Exit::Ok, "not applied", None),
+        ("overrides threshold 1e400", Box::new(|s: &Path| write(&s.join("overrides.v1.json"), "{\"cameras\":{\"cam\":{\"thresholds\":{\"\":{\"t2\":1e400}}}}}")), Exit::Ok, "overrides", None),
+        ("overrides disable an unknown camera", Box::new(|s: &Path| write(&s.join("overrides.v1.json"), "{\"cameras\":{\"ghost\":{\"enabled\":false}}}")), Exit::Ok, "no such camera", None),
     ];
     for (name, make, exit, frag, pending) in table {
         let mut c = case(f, format!("run: {name}"))
