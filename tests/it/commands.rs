@@ -54,11 +54,24 @@ async fn publish(port: u16, topic: &str, payload: impl Into<Vec<u8>>) {
 }
 
 async fn publish_as(port: u16, topic: &str, payload: impl Into<Vec<u8>>, retain: bool) {
+    publish_login(port, topic, payload, retain, None).await;
+}
+
+async fn publish_login(
+    port: u16,
+    topic: &str,
+    payload: impl Into<Vec<u8>>,
+    retain: bool,
+    login: Option<(&str, &str)>,
+) {
     let mut o = MqttOptions::new(
         format!("scada-{}-{}", std::process::id(), rand_suffix()),
         "127.0.0.1",
         port,
     );
+    if let Some((user, password)) = login {
+        o.set_credentials(user, password);
+    }
     o.set_keep_alive(Duration::from_secs(5));
     let (client, mut el) = AsyncClient::new(o, 10);
     client
@@ -578,6 +591,120 @@ async fn sparkplug_dcmd_writes_become_commands() {
     .await;
     w.until(|m| m.topic == "anomalyclip/c1/cam/result").await;
     d.assert_running();
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit().await.success());
+}
+
+/// The mosquitto ACL block of docs/commands.md, node id `station-1` replaced by `c1`.
+fn acl_from_docs() -> String {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/commands.md"))
+            .expect("docs/commands.md");
+    let block = doc
+        .split_once("<!-- acl:begin -->")
+        .and_then(|(_, rest)| rest.split_once("<!-- acl:end -->"))
+        .map(|(block, _)| block)
+        .expect("the ACL block markers in docs/commands.md");
+    block
+        .lines()
+        .filter(|l| !l.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("station-1", "c1")
+}
+
+/// The broker set up as docs/commands.md says (no anonymous access, a password file, the ACL
+/// block of the docs): the daemon works as `anomalyclip-edge`, `scada` commands it, a `viewer`
+/// command is dropped by the broker (no acknowledgement, nothing changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs ONNX Runtime (ORT_DYLIB_PATH or scripts/setup)"
+)]
+async fn mosquitto_acl_from_the_docs_lets_only_scada_command() {
+    use std::os::unix::fs::PermissionsExt;
+    crate::common::init_tracing();
+    let dir = tempfile::tempdir().expect("broker dir");
+    let passwd = dir.path().join("passwd");
+    let acl = dir.path().join("acl");
+    for (i, user) in ["anomalyclip-edge", "scada", "viewer"].iter().enumerate() {
+        let mut cmd = std::process::Command::new("mosquitto_passwd");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let st = cmd
+            .args([
+                "-b",
+                &passwd.display().to_string(),
+                user,
+                &format!("pw-{user}"),
+            ])
+            .status()
+            .expect("mosquitto_passwd (Debian package mosquitto)");
+        assert!(st.success(), "mosquitto_passwd {user}");
+    }
+    std::fs::write(&acl, acl_from_docs()).expect("acl");
+    for f in [&passwd, &acl] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let extra = format!(
+        "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+        passwd.display(),
+        acl.display()
+    );
+    let broker = Broker::start_in(dir, None, extra).await;
+    let mut w = Watcher::start_as(
+        broker.port,
+        "anomalyclip/c1/#",
+        Some(("viewer", "pw-viewer")),
+    )
+    .await;
+    let state = tempfile::tempdir().expect("state");
+    let text = cmd_config(
+        broker.port,
+        state.path(),
+        "[commands]\n",
+        &latched_camera(0.5),
+    )
+    .replace(
+        "host = \"127.0.0.1\"",
+        "host = \"127.0.0.1\"\nusername = \"anomalyclip-edge\"\npassword = \"pw-anomalyclip-edge\"",
+    );
+    let mut d = Daemon::start(&text);
+    d.wait_ready().await;
+    // The viewer reads what the daemon publishes …
+    w.next_on("anomalyclip/c1/cam/result").await;
+    // … but its command is dropped by the broker.
+    publish_login(
+        broker.port,
+        CMD,
+        r#"{"id":"v1","cmd":"disable_camera","camera":"cam"}"#,
+        false,
+        Some(("viewer", "pw-viewer")),
+    )
+    .await;
+    let after = w.collect_for(Duration::from_millis(1500)).await;
+    assert!(
+        !after.iter().any(|m| m.topic == ACK),
+        "a viewer's command must not reach the daemon"
+    );
+    assert!(after.iter().any(|m| m.topic == "anomalyclip/c1/cam/result"));
+    // SCADA's is carried out and acknowledged.
+    publish_login(
+        broker.port,
+        CMD,
+        r#"{"id":"s1","cmd":"set_thresholds","camera":"cam","t2":0.9}"#,
+        false,
+        Some(("scada", "pw-scada")),
+    )
+    .await;
+    let (ack, _) = until_ack(&mut w, |a| a["id"] == "s1").await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    result_with_threshold(&mut w, 0.9).await;
+    assert!(
+        !d.log().contains("v1"),
+        "the viewer's command never reached the daemon"
+    );
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit().await.success());
 }

@@ -194,12 +194,20 @@ impl Watcher {
     /// Connects to the broker on `port`, subscribes to `filter` (QoS 1) and re-subscribes after
     /// every reconnect; returns once the first subscription is acknowledged.
     pub async fn start(port: u16, filter: &str) -> Watcher {
+        Self::start_as(port, filter, None).await
+    }
+
+    /// Same, logged in as `(user, password)` when given.
+    pub async fn start_as(port: u16, filter: &str, login: Option<(&str, &str)>) -> Watcher {
         let id = format!(
             "watcher-{}-{}",
             std::process::id(),
             WATCHERS.fetch_add(1, Ordering::Relaxed)
         );
         let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        if let Some((user, password)) = login {
+            o.set_credentials(user, password);
+        }
         o.set_keep_alive(Duration::from_secs(5));
         o.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut el) = AsyncClient::new(o, 64);
