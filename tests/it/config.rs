@@ -579,3 +579,45 @@ fn odd_documents_never_panic() {
         }
     }
 }
+
+/// `[commands]`: absent in the example (off); uncommented, every command by default or the
+/// `allow` list; an unknown command name is a problem at its line. `latch` is documented.
+#[test]
+fn the_commands_table_parses_and_names_an_unknown_command() {
+    let example = example_config();
+    let cfg =
+        parse_config(example, "example.toml", FsChecks::Disabled).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.commands, None, "commands are off by default");
+    assert!(cfg.cameras.iter().all(|c| !c.alarm.latch));
+    let on = example.replace("# [commands]\n", "[commands]\n");
+    assert_ne!(on, example, "the example documents [commands]");
+    let cfg =
+        parse_config(&on, "example.toml", FsChecks::Disabled).unwrap_or_else(|e| panic!("{e}"));
+    let allow = cfg.commands.expect("on").allow;
+    assert_eq!(
+        allow.len(),
+        anomalyclip_edge::commands::config::COMMANDS.len()
+    );
+    let some = on.replace(
+        "# allow = [\"set_thresholds\", \"ack_alarm\"]",
+        "allow = [\"set_thresholds\", \"ack_alarm\"]",
+    );
+    let cfg =
+        parse_config(&some, "example.toml", FsChecks::Disabled).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.commands.expect("on").allow,
+        ["set_thresholds", "ack_alarm"]
+    );
+    let bad = some.replace("\"ack_alarm\"]", "\"reboot\"]");
+    let e = parse_config(&bad, "example.toml", FsChecks::Disabled).expect_err("unknown command");
+    let text = e.to_string();
+    assert!(
+        text.contains("commands.allow") && text.contains("\"reboot\" is not a command"),
+        "{text}"
+    );
+    let latched = example.replace("latch = false", "latch = true");
+    assert_ne!(latched, example, "the example documents latch");
+    let cfg = parse_config(&latched, "example.toml", FsChecks::Disabled)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.cameras[0].alarm.latch);
+}
