@@ -468,8 +468,24 @@ async fn run_async(
         sparkplug,
         started: Instant::now(),
     });
+    // Trigger requests and commands arrive on the request connection (MQTT 5, so that a
+    // response topic can be honoured); it stops after the trigger stage's last answers.
     let (inbox_tx, inbox_rx) = tokio::sync::mpsc::channel(crate::mqtt::INBOX_CHANNEL);
-    publisher.set_inbox(inbox_tx);
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<crate::mqtt::requests::CommandIn>(
+        crate::mqtt::requests::COMMAND_CHANNEL,
+    );
+    let link_stop = tokio_util::sync::CancellationToken::new();
+    let (link, link_task) = crate::mqtt::requests::spawn(
+        &cfg.mqtt,
+        &cfg.node_id,
+        crate::mqtt::requests::Sinks {
+            inbox: inbox_tx,
+            commands: cfg.commands.is_some().then(|| cmd_tx.clone()),
+            publisher: publisher.clone(),
+        },
+        link_stop.clone(),
+    )?;
+    shared.trigger.set_link(link.clone());
     let trigger_task = tokio::spawn(trigger::serve(
         shared.clone(),
         inbox_rx,
@@ -489,11 +505,10 @@ async fn run_async(
         shared.clone(),
     );
     cameras.start_all(&cfg.cameras, &disabled);
-    // Commands (`[commands]`): payloads from `<prefix>/cmd`, requests from Sparkplug DCMD.
-    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    // Commands (`[commands]`): payloads from `<prefix>/cmd` (the request connection), requests
+    // from Sparkplug DCMD.
     let (spb_cmd_tx, mut spb_cmd_rx) = tokio::sync::mpsc::channel::<crate::commands::Request>(64);
     if cfg.commands.is_some() {
-        publisher.set_commands(cmd_tx.clone());
         if let Some(s) = &shared.sparkplug {
             s.set_commands(spb_cmd_tx.clone());
         }
@@ -570,15 +585,18 @@ async fn run_async(
                     stats_tick = stats_timer(current.stats_interval);
                 }
             }
-            Some(payload) = cmd_rx.recv() => {
+            Some(cmd) = cmd_rx.recv() => {
                 let stats_before = current.stats_interval;
-                let ack = match crate::commands::parse(&payload) {
+                let ack = match crate::commands::parse(&cmd.payload) {
                     Ok(req) => run_command(&req, "mqtt", &fixed, &mut cameras, &mut overrides, &mut current, live.as_ref()),
                     Err(r) => {
                         warn!(id = r.id.as_deref().unwrap_or(""), reason = %r.reason, "command rejected");
                         crate::commands::Ack::rejected(&r, "mqtt")
                     }
                 };
+                if let Some(to) = &cmd.response {
+                    link.respond(to, ack.to_json());
+                }
                 publisher.command_ack(ack.to_json());
                 if current.stats_interval != stats_before {
                     stats_tick = stats_timer(current.stats_interval);
@@ -658,6 +676,9 @@ async fn run_async(
     let _ = trigger_task.await;
     let mut spb_stop = None;
     shared.trigger.stop();
+    // The last answers' response-topic copies get a moment; then the request connection goes.
+    link_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_millis(200), link_task).await;
     if let (Some(s), Some(task)) = (&shared.sparkplug, spb_task) {
         // NDEATH, acknowledged, before the plain publisher's last messages (in parallel).
         s.shutdown(deadline.left().saturating_sub(Duration::from_millis(250)));

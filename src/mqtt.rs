@@ -13,11 +13,11 @@
 //! | `<prefix>/<camera>/alarm` | 1 / yes | flat JSON ([`Alarm`]) |
 //! | `<prefix>/<camera>/mask` | `mask_qos` / no | grayscale PNG with `tEXt` camera/seq/ts_ms |
 //! | `<prefix>/stats` | 0 / no | JSON ([`Stats`]) |
-//! | `<prefix>/<camera>/inspect` | subscribed, 1 | trigger request (JSON), forwarded to the trigger stage |
+//! | `<prefix>/<camera>/inspect` | subscribed by [`requests`] (MQTT 5), 1 | trigger request (JSON), forwarded to the trigger stage with its response topic |
 //! | `<prefix>/<camera>/inspection` | 1 / no | flat JSON ([`Inspection`]), through the inspection disk queue |
 //! | `<prefix>/<camera>/ready` | 1 / yes | `true` / `false`: can a trigger be served now |
 //! | `<prefix>/info` | 1 / yes | the birth certificate (JSON, set by the daemon), at every connect and on change |
-//! | `<prefix>/cmd` | subscribed, 1 (with `[commands]`) | command request (JSON, [`crate::commands`]); retained ones are ignored |
+//! | `<prefix>/cmd` | subscribed by [`requests`], 1 (with `[commands]`) | command request (JSON, [`crate::commands`]); retained ones are ignored |
 //! | `<prefix>/cmd/ack` | 1 / no | the acknowledgement of each command ([`crate::commands::Ack`]) |
 //!
 //! Delivery policy, per edge (named, bounded):
@@ -87,7 +87,8 @@ pub const INSPECTION_QUEUE_MAX: usize = 10_000;
 /// fills it).
 pub const INBOX_CHANNEL: usize = 4096;
 
-/// A message received on a subscribed topic (`<prefix>/<camera>/inspect`).
+/// A trigger request received by the request connection ([`requests`]) on
+/// `<prefix>/<camera>/inspect`.
 #[derive(Debug)]
 pub struct Inbound {
     /// The camera level of the topic (not checked against the configured cameras).
@@ -96,7 +97,11 @@ pub struct Inbound {
     /// Arrival, monotonic and Unix ms.
     pub at: std::time::Instant,
     pub at_unix_ms: u64,
+    /// The MQTT 5 response topic and correlation data, when the requester set them.
+    pub response: Option<requests::ResponseTo>,
 }
+
+pub mod requests;
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -148,7 +153,6 @@ struct Shared {
     queue_errors: AtomicU64,
     queued_inspections: AtomicU64,
     dropped_inspections: AtomicU64,
-    dropped_inbound: AtomicU64,
     /// Unix ms of the last message the broker took (QoS 0 written, QoS 1/2 acknowledged); 0 = never.
     last_progress_ms: AtomicU64,
 }
@@ -179,8 +183,6 @@ enum Ctl {
     Alarm(Alarm),
     Inspection(Box<Inspection>),
     Ready(String, bool),
-    Inbox(mpsc::Sender<Inbound>),
-    Commands(mpsc::Sender<Vec<u8>>),
     CommandAck(Vec<u8>),
     Info(Vec<u8>),
     CameraStatus(String, CameraStatus),
@@ -264,18 +266,6 @@ impl PublisherHandle {
     /// Sets a camera's retained `ready` flag (published when it changes and on reconnect).
     pub fn ready(&self, camera: &str, ready: bool) {
         let _ = self.ctl.send(Ctl::Ready(camera.to_owned(), ready));
-    }
-
-    /// Subscribes to `<prefix>/+/inspect` (QoS 1, on this and every later connection) and
-    /// forwards each request to `tx`.
-    pub fn set_inbox(&self, tx: mpsc::Sender<Inbound>) {
-        let _ = self.ctl.send(Ctl::Inbox(tx));
-    }
-
-    /// Subscribes to `<prefix>/cmd` (QoS 1, on this and every later connection) and forwards
-    /// each command payload to `tx` (`[commands]`).
-    pub fn set_commands(&self, tx: mpsc::Sender<Vec<u8>>) {
-        let _ = self.ctl.send(Ctl::Commands(tx));
     }
 
     /// Publishes a command acknowledgement on `<prefix>/cmd/ack` (QoS 1, not retained; lost if
@@ -398,8 +388,6 @@ impl Publisher {
             queue,
             iqueue,
             ready: BTreeMap::new(),
-            inbox: None,
-            commands: None,
             acks: std::collections::VecDeque::new(),
             info: None,
             shared: shared.clone(),
@@ -600,10 +588,6 @@ struct Worker {
     iqueue: InspectionQueue,
     /// Each camera's `ready` flag (re-published on reconnect).
     ready: BTreeMap<String, bool>,
-    /// Where trigger requests go; `None` until the daemon sets it (nothing is subscribed).
-    inbox: Option<mpsc::Sender<Inbound>>,
-    /// Where command payloads go (`[commands]`); `None`: `<prefix>/cmd` is not subscribed.
-    commands: Option<mpsc::Sender<Vec<u8>>>,
     /// Command acknowledgements not yet handed to the connection, oldest first.
     acks: std::collections::VecDeque<Vec<u8>>,
     /// The birth certificate (`<prefix>/info`), once set.
@@ -758,7 +742,8 @@ impl Worker {
                 None => warn!(pkid, "mqtt: publish event without a pending request"),
             },
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                self.on_inbound(&p.topic, p.payload.to_vec(), p.retain)
+                // This connection subscribes to nothing ([`requests`] does).
+                debug!(topic = %p.topic, "mqtt: unexpected message ignored");
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 if let Some(sent) = conn.inflight.remove(&ack.pkid) {
@@ -863,92 +848,8 @@ impl Worker {
             let topic = format!("{}/info", self.prefix);
             self.publish(topic, QoS::AtLeastOnce, true, info, Sent::Status);
         }
-        self.subscribe_inbox();
         self.send_alarms();
         self.send_clears();
-    }
-
-    /// Subscribes to the trigger topic (if an inbox is set) and the command topic (if commands
-    /// are on) on the current connection.
-    fn subscribe_inbox(&mut self) {
-        let mut topics = Vec::new();
-        if self.inbox.is_some() {
-            topics.push(format!("{}/+/inspect", self.prefix));
-        }
-        if self.commands.is_some() {
-            topics.push(format!("{}/cmd", self.prefix));
-        }
-        for topic in topics {
-            if let Some(conn) = self.conn.as_mut().filter(|c| c.up)
-                && let Err(e) = conn.client.try_subscribe(topic.clone(), QoS::AtLeastOnce)
-            {
-                // Only a full request channel: the next reconnect subscribes again.
-                warn!(error = %e, topic, "cannot subscribe on this connection");
-            }
-        }
-    }
-
-    /// A message on a subscribed topic: trigger requests go to the inbox, commands to the
-    /// command stage.
-    fn on_inbound(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
-        if let Some(tx) = &self.commands
-            && topic
-                .strip_prefix(self.prefix.as_str())
-                .is_some_and(|t| t == "/cmd")
-        {
-            if payload.is_empty() {
-                // An empty retained message clears a retained command: nothing to do.
-                return;
-            }
-            if retain {
-                // Acting on it would repeat it at every reconnect.
-                warn!(
-                    topic,
-                    "a retained command is not acted on: publish commands with retain = false (clear it with an empty retained message)"
-                );
-                return;
-            }
-            if let Err(e) = tx.try_send(payload) {
-                let n = self.shared.dropped_inbound.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    warn!(
-                        topic,
-                        refused = n,
-                        "command refused: busy (the daemon is not keeping up with commands)"
-                    );
-                }
-                let payload = match e {
-                    mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
-                };
-                self.push_ack(crate::commands::busy(&payload).to_json());
-            }
-            return;
-        }
-        let camera = topic
-            .strip_prefix(self.prefix.as_str())
-            .and_then(|t| t.strip_prefix('/'))
-            .and_then(|t| t.strip_suffix("/inspect"))
-            .filter(|c| !c.contains('/'));
-        let (Some(camera), Some(inbox)) = (camera, &self.inbox) else {
-            debug!(topic, "mqtt: message on an unexpected topic ignored");
-            return;
-        };
-        let msg = Inbound {
-            camera: camera.to_owned(),
-            payload,
-            at: std::time::Instant::now(),
-            at_unix_ms: now_ms(),
-        };
-        if inbox.try_send(msg).is_err() {
-            let n = self.shared.dropped_inbound.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                warn!(
-                    topic,
-                    dropped = n,
-                    "trigger request dropped: the trigger stage is not keeping up"
-                );
-            }
-        }
     }
 
     fn on_connection_error(&mut self, e: ConnectionError) {
@@ -1259,14 +1160,6 @@ impl Worker {
                     self.info = Some(payload.clone());
                     self.publish(topic, QoS::AtLeastOnce, true, payload, Sent::Status);
                 }
-            }
-            Ctl::Inbox(tx) => {
-                self.inbox = Some(tx);
-                self.subscribe_inbox();
-            }
-            Ctl::Commands(tx) => {
-                self.commands = Some(tx);
-                self.subscribe_inbox();
             }
             Ctl::CommandAck(payload) => self.push_ack(payload),
             Ctl::CameraStatus(camera, status) => {

@@ -1,7 +1,7 @@
 //! Triggered inspection: a request on `<prefix>/<camera>/inspect` → exactly one result on
 //! `<prefix>/<camera>/inspection` (the handshake for a PLC is in `docs/plc.md`).
 //!
-//! Input: trigger requests forwarded by the publisher ([`Inbound`], JSON
+//! Input: trigger requests forwarded by the request connection ([`Inbound`], JSON
 //! `{"meas_id": "…", "part_id": "…", "regions": […], "deadline_ms": N}`), scored frames from
 //! the inference worker ([`Triggers::on_scored`]), the cameras' states. Output: one
 //! [`Inspection`] per request, handed to the publisher's inspection disk queue (so it survives
@@ -26,8 +26,11 @@
 //! Failure modes: a payload that is not a JSON object or has no readable `meas_id` cannot be
 //! answered (there is nothing to correlate): it is logged (at most one line per second) and
 //! dropped. Every queue here is bounded (`max_pending`, `repeat_max`); nothing panics on input.
-//! MQTT 5 response topics and correlation data are not supported: the daemon's connection
-//! uses rumqttc's MQTT 3.1.1 client (the crate's MQTT 5 client would be needed to see them).
+//!
+//! MQTT 5 request/response: a request that carried a response topic (and correlation data) gets
+//! the same answer there too ([`crate::mqtt::requests`], once, QoS 1); a repeat joining a
+//! waiting request adds its own response topic. `ready` is `false` while the request connection
+//! is not subscribed (a request published then would reach nobody).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +45,7 @@ use super::{Shared, lock, unix_ms};
 use crate::camera::{CameraState, Frame};
 use crate::config::{CameraMode, Config, MAX_TRIGGER_TIMEOUT_MS, TriggerConfig};
 use crate::decision::Verdict;
+use crate::mqtt::requests::{RequestLink, ResponseTo};
 use crate::mqtt::{Inbound, PublisherHandle};
 use crate::payload::{Inspection, InspectionVerdict, MAX_STRING_BYTES, sanitize};
 
@@ -96,6 +100,8 @@ struct Pending {
     regions: Vec<String>,
     /// Requests with this `meas_id` (repeats while it waits), each answered.
     answers: u32,
+    /// MQTT 5 response topics of those requests (each gets the answer too).
+    responses: Vec<ResponseTo>,
 }
 
 #[derive(Default)]
@@ -124,6 +130,8 @@ pub(super) struct Triggers {
     answered: AtomicU64,
     /// Trigger → scored result latencies go here when `[metrics]` is set.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The request connection (MQTT 5 responses; whether requests can arrive), once set.
+    link: std::sync::OnceLock<RequestLink>,
 }
 
 impl Triggers {
@@ -139,6 +147,7 @@ impl Triggers {
             next: AtomicU64::new(1),
             answered: AtomicU64::new(0),
             metrics,
+            link: std::sync::OnceLock::new(),
         };
         t.configure(cfg);
         t
@@ -194,7 +203,26 @@ impl Triggers {
         )
     }
 
-    fn send(&self, i: Inspection, answers: u32) {
+    /// Sets the request connection (once, at start).
+    pub(super) fn set_link(&self, link: RequestLink) {
+        let _ = self.link.set(link);
+    }
+
+    /// Whether requests can arrive now (no request connection set: yes, for tests).
+    fn listening(&self) -> bool {
+        self.link
+            .get()
+            .is_none_or(|l| l.listening().load(Ordering::Relaxed))
+    }
+
+    /// Hands the answer to the publisher once per request (`answers`) and to each MQTT 5
+    /// response topic.
+    fn send(&self, i: Inspection, answers: u32, responses: &[ResponseTo]) {
+        if let Some(link) = self.link.get() {
+            for to in responses {
+                link.respond(to, i.to_json(false));
+            }
+        }
         for _ in 0..answers.max(1) {
             self.answered.fetch_add(1, Ordering::Relaxed);
             self.publisher.inspection(i.clone());
@@ -218,7 +246,7 @@ impl Triggers {
             done_ts_ms: unix_ms(),
             latency_ms: p.at.elapsed().as_secs_f32() * 1e3,
         };
-        self.send(i, p.answers);
+        self.send(i, p.answers, &p.responses);
     }
 
     /// Whether the worker should score this frame of a camera (always for a continuous camera;
@@ -296,7 +324,7 @@ impl Triggers {
                 m.observe_trigger_to_result(camera, p.at.elapsed());
             }
             self.remember(camera, &i);
-            self.send(i, p.answers);
+            self.send(i, p.answers, &p.responses);
         }
     }
 
@@ -348,6 +376,7 @@ impl Triggers {
             deadline: msg.at + deadline,
             regions: req.regions,
             answers: 1,
+            responses: msg.response.into_iter().collect(),
         };
         if let Some(problem) = req.problem {
             self.answer_error(&camera, &p, InspectionVerdict::Error, &problem);
@@ -388,13 +417,14 @@ impl Triggers {
             let i = i.clone();
             drop(inner);
             info!(camera, meas_id = %p.meas_id, result_id = %i.result_id, "repeated meas_id: the first result is sent again");
-            self.send(i, 1);
+            self.send(i, 1, &p.responses);
             return;
         }
         let stopping = inner.stopping;
         let q = inner.pending.entry(camera.clone()).or_default();
         if let Some(w) = q.iter_mut().find(|w| w.meas_id == p.meas_id) {
             w.answers = w.answers.saturating_add(1);
+            w.responses.extend(p.responses);
             return;
         }
         let online = matches!(statuses.get(&camera), Some(CameraState::Online));
@@ -444,8 +474,10 @@ impl Triggers {
         }
     }
 
-    /// Each camera's `ready`: online and below `max_pending` waiting requests.
+    /// Each camera's `ready`: online, below `max_pending` waiting requests, and the request
+    /// connection subscribed.
     fn ready(&self, statuses: &HashMap<String, CameraState>) {
+        let listening = self.listening();
         let flags: Vec<(String, bool)> = {
             let mut inner = lock(&self.inner);
             let flags: Vec<(String, bool)> = inner
@@ -457,7 +489,7 @@ impl Triggers {
                         .pending
                         .get(c)
                         .is_none_or(|q| q.len() < inner.cfg.max_pending);
-                    (c.clone(), online && room && !inner.stopping)
+                    (c.clone(), online && room && listening && !inner.stopping)
                 })
                 .filter(|(c, r)| inner.ready_sent.get(c) != Some(r))
                 .collect();

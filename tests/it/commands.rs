@@ -113,7 +113,18 @@ async fn command_seen(w: &mut Watcher, port: u16, id: &str, body: &str) -> (Valu
 /// Receives until an acknowledgement matching `pred`; returns it and what came before.
 async fn until_ack(w: &mut Watcher, mut pred: impl FnMut(&Value) -> bool) -> (Value, Vec<Msg>) {
     let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + common::broker::WAIT;
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no matching acknowledgement in {:?}; seen: {:?}",
+            common::broker::WAIT,
+            seen.iter()
+                .rev()
+                .take(5)
+                .map(Msg::describe)
+                .collect::<Vec<_>>()
+        );
         let m = w.until(|_| true).await;
         if m.topic == ACK && pred(&m.json()) {
             return (m.json(), seen);
@@ -173,6 +184,8 @@ async fn commands_change_thresholds_ack_latched_alarms_and_disable_cameras() {
     );
     let mut d = Daemon::start(&text);
     d.wait_ready().await;
+    // Commands published before the request connection subscribed would reach nobody.
+    d.wait_log(&["listening for requests"], 1).await;
     let file_before = std::fs::read(d.config_path()).expect("config");
 
     // Threshold 0: every frame is anomalous, the alarm raises.
@@ -309,6 +322,8 @@ async fn commands_change_thresholds_ack_latched_alarms_and_disable_cameras() {
     );
     let mut d = Daemon::start(&text);
     d.wait_ready().await;
+    // Commands published before the request connection subscribed would reach nobody.
+    d.wait_log(&["listening for requests"], 1).await;
     w.until(|m| m.topic == "anomalyclip/c1/cam/status" && m.text() == "disabled")
         .await;
     let (ack, seen) = command_seen(
@@ -357,6 +372,8 @@ async fn commands_are_off_by_default_and_allow_restricts_them() {
         &latched_camera(0.5),
     ));
     d.wait_ready().await;
+    // Commands published before the request connection subscribed would reach nobody.
+    d.wait_log(&["listening for requests"], 1).await;
     w.next_on("anomalyclip/c1/cam/result").await;
     publish(
         broker.port,
@@ -394,6 +411,8 @@ async fn commands_are_off_by_default_and_allow_restricts_them() {
     );
     let mut d = Daemon::start(&text);
     d.wait_ready().await;
+    // Commands published before the request connection subscribed would reach nobody.
+    d.wait_log(&["listening for requests"], 1).await;
     let ack = command(
         &mut w,
         broker.port,
@@ -408,7 +427,8 @@ async fn commands_are_off_by_default_and_allow_restricts_them() {
             .is_some_and(|d| d.contains("not allowed")),
         "{ack}"
     );
-    d.wait_log(&["a retained command is not acted on"], 1).await;
+    d.wait_log(&["a retained request or command is not acted on"], 1)
+        .await;
 
     // A storm: 1000 commands at once, each answered (carried out or `busy`), nothing crashes;
     // an oversized one is answered too.
@@ -528,6 +548,8 @@ async fn sparkplug_dcmd_writes_become_commands() {
     );
     let mut d = Daemon::start(&text);
     d.wait_ready().await;
+    // Commands published before the request connection subscribed would reach nobody.
+    d.wait_log(&["listening for requests"], 1).await;
     spb.until(|m| m.topic == "spBv1.0/g1/DBIRTH/c1/cam").await;
     w.until(|m| alarm(m) == Some(true)).await;
 
@@ -672,6 +694,8 @@ async fn mosquitto_acl_from_the_docs_lets_only_scada_command() {
     );
     let mut d = Daemon::start(&text);
     d.wait_ready().await;
+    // Commands published before the request connection subscribed would reach nobody.
+    d.wait_log(&["listening for requests"], 1).await;
     // The viewer reads what the daemon publishes …
     w.next_on("anomalyclip/c1/cam/result").await;
     // … but its command is dropped by the broker.

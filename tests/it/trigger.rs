@@ -262,6 +262,8 @@ async fn a_trigger_while_the_camera_is_offline_is_answered_error() {
     );
     let mut d = Daemon::start(&config("t3", broker.port, &cam));
     d.wait_ready().await;
+    // `ready` is false for this camera anyway: wait for the request connection instead.
+    d.wait_log(&["listening for requests"], 1).await;
     w.until(|m| m.topic == "anomalyclip/t3/gate/ready" && m.text() == "false")
         .await;
     let plc = Plc::connect(broker.port).await;
@@ -513,4 +515,133 @@ async fn with_named_regions_the_answer_is_the_worst_region_counted() {
     assert_eq!(names, ["left", "right"], "{info}");
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit().await.code(), Some(0), "{}", d.log());
+}
+
+/// MQTT 5 request/response: a requester that sets a response topic and correlation data gets
+/// the answer there, with its correlation data, as well as on the plain `inspection` topic;
+/// the same for a command and its acknowledgement. A request without them is answered on the
+/// plain topics only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_response_topic_and_correlation_data_are_honoured() {
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PublishProperties};
+    use rumqttc::v5::{AsyncClient as Client5, Event as E5, MqttOptions as Options5};
+    let broker = Broker::start(None).await;
+    let mut w = Watcher::start(broker.port, "anomalyclip/t7/#").await;
+    let cfg = config("t7", broker.port, &sim("cam", "triggered")) + "[commands]\n";
+    let mut d = Daemon::start(&cfg);
+    d.wait_ready().await;
+    wait_ready_flag(&mut w, "anomalyclip/t7/cam/ready").await;
+
+    // The MQTT 5 requester: subscribes to its own reply topic.
+    let mut o = Options5::new(
+        format!("plc5-{}", std::process::id()),
+        "127.0.0.1",
+        broker.port,
+    );
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = Client5::new(o, 100);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let poll = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(E5::Incoming(P5::Publish(p))) => {
+                    let corr = p
+                        .properties
+                        .as_ref()
+                        .and_then(|pr| pr.correlation_data.clone())
+                        .map(|c| c.to_vec());
+                    let _ = tx.send((
+                        String::from_utf8_lossy(&p.topic).into_owned(),
+                        corr,
+                        p.payload.to_vec(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    });
+    client
+        .subscribe("plc5/replies/#", Q5::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let props = |topic: &str, corr: &[u8]| PublishProperties {
+        response_topic: Some(topic.to_owned()),
+        correlation_data: Some(corr.to_vec().into()),
+        ..Default::default()
+    };
+    client
+        .publish_with_properties(
+            "anomalyclip/t7/cam/inspect",
+            Q5::AtLeastOnce,
+            false,
+            r#"{"meas_id":"V5-1"}"#,
+            props("plc5/replies/inspect", b"\x00corr-1\xff"),
+        )
+        .await
+        .expect("publish");
+    let (topic, corr, payload) = next_response(&mut rx).await;
+    assert_eq!(topic, "plc5/replies/inspect");
+    assert_eq!(
+        corr.as_deref(),
+        Some(&b"\x00corr-1\xff"[..]),
+        "correlation data echoed"
+    );
+    let v: Value = serde_json::from_slice(&payload).expect("json");
+    assert_eq!(v["meas_id"], "V5-1", "{v}");
+    // The plain contract gets the same answer.
+    let plain = w.next_on("anomalyclip/t7/cam/inspection").await.json();
+    assert_eq!(plain["result_id"], v["result_id"], "{plain} vs {v}");
+
+    // A command with a response topic: the acknowledgement goes there too.
+    client
+        .publish_with_properties(
+            "anomalyclip/t7/cmd",
+            Q5::AtLeastOnce,
+            false,
+            r#"{"id":"k1","cmd":"ack_alarm","camera":"cam"}"#,
+            props("plc5/replies/cmd", b"k1-corr"),
+        )
+        .await
+        .expect("publish");
+    let (topic, corr, payload) = next_response(&mut rx).await;
+    assert_eq!(topic, "plc5/replies/cmd");
+    assert_eq!(corr.as_deref(), Some(&b"k1-corr"[..]));
+    let a: Value = serde_json::from_slice(&payload).expect("json");
+    assert_eq!(
+        (a["id"].as_str(), a["ok"].as_bool()),
+        (Some("k1"), Some(true)),
+        "{a}"
+    );
+    w.until(|m| m.topic == "anomalyclip/t7/cmd/ack" && m.json()["id"] == "k1")
+        .await;
+
+    // Without a response topic: plain topics only, nothing on the reply topic.
+    client
+        .publish(
+            "anomalyclip/t7/cam/inspect",
+            Q5::AtLeastOnce,
+            false,
+            r#"{"meas_id":"V5-2"}"#,
+        )
+        .await
+        .expect("publish");
+    let plain = w.next_on("anomalyclip/t7/cam/inspection").await.json();
+    assert_eq!(plain["meas_id"], "V5-2");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.try_recv().is_err(), "no response topic: no response");
+    poll.abort();
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit().await.success());
+}
+
+type Response5 = (String, Option<Vec<u8>>, Vec<u8>);
+
+async fn next_response(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Response5>) -> Response5 {
+    tokio::time::timeout(common::broker::WAIT, rx.recv())
+        .await
+        .expect("a response in time")
+        .expect("requester task")
 }
