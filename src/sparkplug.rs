@@ -451,9 +451,10 @@ impl Node {
         info!("sparkplug edge node stopped");
     }
 
-    /// When a rate-limited device's pending changes may go.
+    /// When a rate-limited device's pending changes may go (never while stopping: `send_data`
+    /// sends nothing then, and a deadline in the past would wake the loop again at once).
     fn next_data_at(&self) -> Option<Instant> {
-        if self.cfg.data_interval.is_zero() || !self.is_up() {
+        if self.cfg.data_interval.is_zero() || !self.is_up() || self.stopping.is_some() {
             return None;
         }
         let l = lock(&self.inner.latest);

@@ -112,6 +112,11 @@ impl Broker {
         }
     }
 
+    /// The PID of the running mosquitto (to stop and continue it: a broker that hangs).
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
     /// SIGKILL (no clean shutdown: an outage).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
