@@ -471,6 +471,53 @@ async fn mutual_tls_connection() {
     let (h, task) = Publisher::spawn(&c, "tls", state.path()).expect("spawn");
     assert_eq!(plc.next_on("anomalyclip/tls/status").await.text(), "online");
     assert!(h.is_connected());
+    // The request connection (MQTT 5) over the same mutual TLS: it subscribes and a request
+    // published in plain text on the other listener reaches it.
+    let (inbox_tx, mut inbox) = tokio::sync::mpsc::channel(8);
+    let link_stop = tokio_util::sync::CancellationToken::new();
+    let (link, link_task) = anomalyclip_edge::mqtt::requests::spawn(
+        &c,
+        "tls",
+        anomalyclip_edge::mqtt::requests::Sinks {
+            inbox: inbox_tx,
+            commands: None,
+            publisher: h.clone(),
+        },
+        link_stop.clone(),
+    )
+    .expect("request connection");
+    let listening = link.listening();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !listening.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the request connection subscribes over TLS");
+    let (client, mut el) = rumqttc::AsyncClient::new(
+        rumqttc::MqttOptions::new("tls-plc", "127.0.0.1", broker.port),
+        10,
+    );
+    let poll = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    client
+        .publish(
+            "anomalyclip/tls/cam/inspect",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            &b"{\"meas_id\":\"T1\"}"[..],
+        )
+        .await
+        .expect("publish");
+    let req = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+        .await
+        .expect("request in time")
+        .expect("request");
+    assert_eq!(req.camera, "cam");
+    assert_eq!(req.payload, b"{\"meas_id\":\"T1\"}");
+    assert!(req.response.is_none());
+    poll.abort();
+    link_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), link_task).await;
     stop(&h, task, Duration::from_secs(3)).await;
     assert_eq!(
         plc.next_on("anomalyclip/tls/status").await.text(),
