@@ -18,7 +18,8 @@
 //! whether the subscriptions are in place (the trigger stage's `ready` includes it, so a PLC that
 //! waits for `ready` never publishes into a gap).
 //!
-//! Failure modes: broker unreachable → retried with `[mqtt]`'s capped backoff (one warning per
+//! Failure modes: a subscription the broker refuses (an ACL) is logged and `listening` stays
+//! false; broker unreachable → retried with `[mqtt]`'s capped backoff (one warning per
 //! outage); a retained request is ignored (it would repeat at every reconnect; logged); an empty
 //! payload is ignored; a full channel to the trigger stage drops the request (counted and
 //! logged, as before); a full command channel answers `busy` on `<prefix>/cmd/ack`; a response
@@ -29,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::mpsc;
@@ -199,7 +200,17 @@ impl Task {
                             }
                         }
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        let refused: Vec<_> = ack
+                            .return_codes
+                            .iter()
+                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                            .collect();
+                        if !refused.is_empty() {
+                            // `ready` stays false: requests would reach nobody.
+                            warn!(codes = ?refused, "the broker refused a request subscription (an ACL?): trigger requests or commands cannot arrive");
+                            continue;
+                        }
                         pending_subacks = pending_subacks.saturating_sub(1);
                         if pending_subacks == 0 && !self.listening.swap(true, Ordering::Relaxed) {
                             info!(topics = ?topics, "listening for requests (MQTT 5)");
