@@ -490,28 +490,44 @@ pub(crate) fn base_options(
     tls: Option<&TlsBytes>,
 ) -> MqttOptions {
     let mut o = MqttOptions::new(client_id.to_owned(), cfg.host.clone(), cfg.port);
-    o.set_keep_alive(if cfg.keep_alive.is_zero() {
+    o.set_keep_alive(keep_alive(cfg));
+    o.set_clean_session(true);
+    if let Some((user, pass)) = login(cfg) {
+        o.set_credentials(user, pass);
+    }
+    if let Some(tls) = tls {
+        o.set_transport(tls_transport(tls));
+    }
+    o
+}
+
+/// `[mqtt] keep_alive_s` as every connection uses it (0 = off, else at least 1 s).
+pub(crate) fn keep_alive(cfg: &MqttConfig) -> Duration {
+    if cfg.keep_alive.is_zero() {
         Duration::ZERO
     } else {
         cfg.keep_alive.max(Duration::from_secs(1))
-    });
-    o.set_clean_session(true);
-    if let Some(user) = &cfg.username {
-        let pass = cfg
-            .password
-            .as_ref()
-            .map(|p| p.0.clone())
-            .unwrap_or_default();
-        o.set_credentials(user.clone(), pass);
     }
-    if let Some((ca, client_auth)) = tls {
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-            ca: ca.clone(),
-            alpn: None,
-            client_auth: client_auth.clone(),
-        }));
-    }
-    o
+}
+
+/// `[mqtt]`'s user name and password, when set.
+pub(crate) fn login(cfg: &MqttConfig) -> Option<(String, String)> {
+    let user = cfg.username.as_ref()?;
+    let pass = cfg
+        .password
+        .as_ref()
+        .map(|p| p.0.clone())
+        .unwrap_or_default();
+    Some((user.clone(), pass))
+}
+
+/// The TLS transport from the PEM bytes read at start.
+pub(crate) fn tls_transport((ca, client_auth): &TlsBytes) -> Transport {
+    Transport::tls_with_config(TlsConfiguration::Simple {
+        ca: ca.clone(),
+        alpn: None,
+        client_auth: client_auth.clone(),
+    })
 }
 
 /// Capped exponential backoff with "equal jitter": the wait is in [d/2, d], d doubling from

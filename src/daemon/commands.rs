@@ -24,7 +24,6 @@ use crate::alarm::AckOutcome;
 use crate::commands::{Ack, Command, Overrides, Request};
 use crate::config::{self, Config};
 use crate::mqtt::PublisherHandle;
-use crate::payload::Alarm;
 
 /// Reads the overrides of the state directory. A corrupt file is moved aside
 /// (`overrides.v1.json.corrupt`) and logged: the config file's values apply.
@@ -183,19 +182,10 @@ fn ack_alarm(env: &mut Env<'_>, camera: &str, region: Option<&str>) -> Result<St
                 info!(
                     camera,
                     region = u.cfg.name.as_deref().unwrap_or(""),
-                    active = false,
                     "alarm acknowledged: cleared"
                 );
-                env.shared.alarm_states.set(&u.key, false);
-                let (seq, ts_ms, score) = u.last.unwrap_or((0, super::unix_ms(), 0.0));
-                env.publisher.alarm(Alarm {
-                    camera: camera.to_owned(),
-                    active: false,
-                    seq,
-                    ts_ms,
-                    score,
-                    region: u.cfg.name.clone(),
-                });
+                let frame = u.last.unwrap_or((0, super::unix_ms(), 0.0));
+                super::worker::alarm_transition(env.shared, env.publisher, camera, u, false, frame);
                 cleared.push(label);
             }
         }

@@ -555,21 +555,14 @@ fn publish_frame(
         if d.verdict != Verdict::Unknown
             && let Some(t) = u.debouncer.update(anomaly)
         {
-            info!(camera = %h.name, region = u.cfg.name.as_deref().unwrap_or(""), active = t.active(), seq, score = r.score, "alarm");
-            shared.alarm_states.set(&u.key, t.active());
-            if t.active()
-                && let Some(m) = &shared.metrics
-            {
-                m.alarm_raised(&h.name, u.cfg.name.as_deref());
-            }
-            publisher.alarm(Alarm {
-                camera: h.name.to_string(),
-                active: t.active(),
-                seq,
-                ts_ms: f.capture_unix_ms,
-                score: r.score,
-                region: u.cfg.name.clone(),
-            });
+            alarm_transition(
+                shared,
+                publisher,
+                &h.name,
+                u,
+                t.active(),
+                (seq, f.capture_unix_ms, r.score),
+            );
         }
 
         if mask.enabled && u.gate.admit(anomaly, Instant::now()) {
@@ -630,4 +623,38 @@ fn publish_frame(
     if st.latencies_ms.len() < 100_000 {
         st.latencies_ms.push(latency_ms);
     }
+}
+
+/// Records and publishes an alarm transition of region `u` of `camera`: the log line, the
+/// state file (before the message), the metric for a raise, the `alarm` message (disk-queued).
+/// `frame` is the `seq`, capture time and score of the frame it is reported with. Used by the
+/// worker and by an acknowledgement that clears a latched alarm.
+pub(super) fn alarm_transition(
+    shared: &Shared,
+    publisher: &PublisherHandle,
+    camera: &str,
+    u: &super::regions::Unit,
+    active: bool,
+    (seq, ts_ms, score): (u64, u64, f32),
+) {
+    info!(
+        camera,
+        region = u.cfg.name.as_deref().unwrap_or(""),
+        active,
+        seq,
+        score,
+        "alarm"
+    );
+    shared.alarm_states.set(&u.key, active);
+    if active && let Some(m) = &shared.metrics {
+        m.alarm_raised(camera, u.cfg.name.as_deref());
+    }
+    publisher.alarm(Alarm {
+        camera: camera.to_owned(),
+        active,
+        seq,
+        ts_ms,
+        score,
+        region: u.cfg.name.clone(),
+    });
 }

@@ -32,7 +32,6 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -105,27 +104,14 @@ pub fn spawn(
         cfg.host.clone(),
         cfg.port,
     );
-    o.set_keep_alive(if cfg.keep_alive.is_zero() {
-        Duration::ZERO
-    } else {
-        cfg.keep_alive.max(Duration::from_secs(1))
-    });
+    o.set_keep_alive(super::keep_alive(cfg));
     o.set_clean_start(true);
     o.set_max_packet_size(Some(MAX_PACKET_BYTES as u32));
-    if let Some(user) = &cfg.username {
-        let pass = cfg
-            .password
-            .as_ref()
-            .map(|p| p.0.clone())
-            .unwrap_or_default();
-        o.set_credentials(user.clone(), pass);
+    if let Some((user, pass)) = super::login(cfg) {
+        o.set_credentials(user, pass);
     }
-    if let Some((ca, client_auth)) = tls {
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-            ca,
-            alpn: None,
-            client_auth,
-        }));
+    if let Some(tls) = &tls {
+        o.set_transport(super::tls_transport(tls));
     }
     let (out_tx, out_rx) = mpsc::channel(RESPONSE_CHANNEL);
     let listening = Arc::new(AtomicBool::new(false));

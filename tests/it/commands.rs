@@ -10,10 +10,10 @@ use crate::common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::broker::{Broker, Msg, Watcher};
+use common::broker::{Broker, Msg, Watcher, publish_once};
 use common::daemon::{Daemon, config};
 use prost::Message;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::Value;
 
 const ACK: &str = "anomalyclip/c1/cmd/ack";
@@ -48,53 +48,9 @@ fn cmd_config(port: u16, state: &Path, extra: &str, camera: &str) -> String {
     format!("{top}{extra}[[camera]]{cams}")
 }
 
-/// Publishes one message (QoS 1, not retained) and waits for the broker's PUBACK.
+/// Publishes one message (QoS 1, not retained) as an anonymous client.
 async fn publish(port: u16, topic: &str, payload: impl Into<Vec<u8>>) {
-    publish_as(port, topic, payload, false).await;
-}
-
-async fn publish_as(port: u16, topic: &str, payload: impl Into<Vec<u8>>, retain: bool) {
-    publish_login(port, topic, payload, retain, None).await;
-}
-
-async fn publish_login(
-    port: u16,
-    topic: &str,
-    payload: impl Into<Vec<u8>>,
-    retain: bool,
-    login: Option<(&str, &str)>,
-) {
-    let mut o = MqttOptions::new(
-        format!("scada-{}-{}", std::process::id(), rand_suffix()),
-        "127.0.0.1",
-        port,
-    );
-    if let Some((user, password)) = login {
-        o.set_credentials(user, password);
-    }
-    o.set_keep_alive(Duration::from_secs(5));
-    let (client, mut el) = AsyncClient::new(o, 10);
-    client
-        .publish(topic, QoS::AtLeastOnce, retain, payload.into())
-        .await
-        .expect("publish");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => break,
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    })
-    .await
-    .expect("puback");
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
+    publish_once(port, topic, payload, false, None).await;
 }
 
 /// Sends a command and returns its acknowledgement (matched on `id`).
@@ -396,11 +352,12 @@ async fn commands_are_off_by_default_and_allow_restricts_them() {
     // A retained command (left on the broker while the daemon was away) reaches the next
     // process as retained at its subscription: never acted on (it would repeat at every
     // reconnect).
-    publish_as(
+    publish_once(
         broker.port,
         CMD,
         r#"{"id":"stale","cmd":"ack_alarm","camera":"cam"}"#,
         true,
+        None,
     )
     .await;
     let text = cmd_config(
@@ -501,7 +458,7 @@ async fn commands_are_off_by_default_and_allow_restricts_them() {
             .any(|m| m.topic == ACK && m.json()["id"] == "stale"),
         "a retained command is not carried out"
     );
-    publish_as(broker.port, CMD, Vec::new(), true).await;
+    publish_once(broker.port, CMD, Vec::new(), true, None).await;
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit().await.success());
 }
@@ -699,7 +656,7 @@ async fn mosquitto_acl_from_the_docs_lets_only_scada_command() {
     // The viewer reads what the daemon publishes …
     w.next_on("anomalyclip/c1/cam/result").await;
     // … but its command is dropped by the broker.
-    publish_login(
+    publish_once(
         broker.port,
         CMD,
         r#"{"id":"v1","cmd":"disable_camera","camera":"cam"}"#,
@@ -714,7 +671,7 @@ async fn mosquitto_acl_from_the_docs_lets_only_scada_command() {
     );
     assert!(after.iter().any(|m| m.topic == "anomalyclip/c1/cam/result"));
     // SCADA's is carried out and acknowledged.
-    publish_login(
+    publish_once(
         broker.port,
         CMD,
         r#"{"id":"s1","cmd":"set_thresholds","camera":"cam","t2":0.9}"#,

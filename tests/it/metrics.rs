@@ -10,7 +10,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
 use crate::common;
@@ -102,29 +101,7 @@ fn scrape(addr: SocketAddr) -> Resp {
 
 /// Publishes one trigger request (QoS 1) and waits for the broker's PUBACK.
 async fn send_inspect(port: u16, topic: &str, payload: &str) {
-    let mut o = MqttOptions::new(
-        format!("metrics-plc-{}", std::process::id()),
-        "127.0.0.1",
-        port,
-    );
-    o.set_keep_alive(Duration::from_secs(5));
-    let (client, mut el) = AsyncClient::new(o, 10);
-    client
-        .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
-        .await
-        .expect("publish");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => break,
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    })
-    .await
-    .expect("the broker acknowledged the trigger request");
-    let _ = client.disconnect().await;
+    common::broker::publish_once(port, topic, payload.as_bytes(), false, None).await;
 }
 
 #[cfg_attr(

@@ -10,7 +10,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 
 use crate::common;
@@ -131,29 +130,7 @@ fn metric<'a>(p: &'a Value, name: &str) -> &'a Value {
 }
 
 async fn publish(port: u16, topic: &str, payload: Vec<u8>) {
-    let mut o = MqttOptions::new(
-        format!("spb-host-{}", std::process::id()),
-        "127.0.0.1",
-        port,
-    );
-    o.set_keep_alive(Duration::from_secs(5));
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut el) = AsyncClient::new(o, 10);
-    client
-        .publish(topic, QoS::AtLeastOnce, false, payload)
-        .await
-        .expect("publish");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => break,
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    })
-    .await
-    .expect("puback");
+    crate::common::broker::publish_once(port, topic, payload, false, None).await;
 }
 
 /// NBIRTH, DBIRTH, DDATA by alias with moving values and seq mod 256; bad NCMDs ignored; NCMD

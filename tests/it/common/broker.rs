@@ -374,3 +374,43 @@ impl Proxy {
         self.open.send_replace(open);
     }
 }
+
+/// Publishes one message (QoS 1) as a fresh client, logged in as `login` when given, and waits
+/// for the broker's PUBACK (10 s at most).
+pub async fn publish_once(
+    port: u16,
+    topic: &str,
+    payload: impl Into<Vec<u8>>,
+    retain: bool,
+    login: Option<(&str, &str)>,
+) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let id = format!(
+        "publisher-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    if let Some((user, password)) = login {
+        o.set_credentials(user, password);
+    }
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = AsyncClient::new(o, 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload.into())
+        .await
+        .expect("publish");
+    timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(_) => sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("the broker acknowledged the message");
+    let _ = client.disconnect().await;
+}
