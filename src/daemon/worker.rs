@@ -638,7 +638,7 @@ pub(super) fn alarm_transition(
     (seq, ts_ms, score): (u64, u64, f32),
 ) {
     info!(
-        camera,
+        camera = %camera,
         region = u.cfg.name.as_deref().unwrap_or(""),
         active,
         seq,
