@@ -177,15 +177,59 @@ fn main() {
     let s = scorer.size();
     println!("package {} (input {s})", dir.display());
     let input = noise(3 * s * s, 7);
-    time("reference/frame_zero_shot", reps, || {
-        black_box(scorer.score_batch(black_box(&input), 1).expect("score"));
-    });
     let bank_input: Vec<f32> = (0..4).flat_map(|i| noise(3 * s * s, 20 + i)).collect();
     let bank = scorer
         .build_bank(&bank_input, 4, WHOLE_FRAME, DEFAULT_MAX_BANK_MB)
         .expect("bank");
-    scorer.set_reference(Some(Reference::new(bank)));
-    time("reference/frame_few_shot_k4", reps, || {
-        black_box(scorer.score_batch(black_box(&input), 1).expect("score"));
-    });
+    println!(
+        "bank K = 4, {} feature layer(s): {} bytes",
+        bank.fingerprint().layers.len(),
+        bank.feature_bytes()
+    );
+    let reference = Reference::new(bank);
+    // Zero-shot and few-shot frames alternate within each round, so that the encoder's own
+    // drift over a long run (a full-size frame takes seconds) falls on both rows alike.
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    black_box(scorer.score_batch(&input, 1).expect("warm-up"));
+    let mut rows: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    let mut reference = Some(reference);
+    for _ in 0..rounds {
+        for (i, row) in rows.iter_mut().enumerate() {
+            if i == 1 {
+                scorer.set_reference(reference.take());
+            }
+            let (w0, c0) = (Instant::now(), cpu_seconds());
+            for _ in 0..reps {
+                black_box(scorer.score_batch(black_box(&input), 1).expect("score"));
+            }
+            row.0.push(w0.elapsed().as_secs_f64() * 1e3 / reps as f64);
+            row.1.push((cpu_seconds() - c0) * 1e3 / reps as f64);
+            if i == 1 {
+                reference = scorer.take_reference();
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut medians = Vec::new();
+    for (name, (wall, cpu)) in ["reference/frame_zero_shot", "reference/frame_few_shot_k4"]
+        .iter()
+        .zip(rows.iter_mut())
+    {
+        let (w, c) = (median(wall), median(cpu));
+        medians.push(c);
+        println!(
+            "{name:<44} wall {w:>9.3} ms   cpu {c:>9.3} ms   ({rounds} rounds x {reps}, alternating)"
+        );
+    }
+    println!(
+        "few-shot K = 4 adds {:+.1} % CPU per frame (same run)",
+        (medians[1] / medians[0] - 1.0) * 100.0
+    );
 }

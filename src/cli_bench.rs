@@ -8,7 +8,10 @@
 //! whole path the daemon runs per batch (`end_to_end`: preprocessing + encoder + head, through the
 //! same scorer as `score`, `eval` and the daemon), as medians over `--iterations` after
 //! `--warmup` untimed runs; frames/s is `1000 / end_to_end ms per frame` on one worker thread.
-//! Also the model load time and the process's peak resident memory.
+//! Also the model load time and the process's peak resident memory. With `--few-shot K` a
+//! reference bank of K further synthetic frames is built first (whole frame, the package's bank
+//! layers) and applied to every end-to-end frame, and the bank matching alone is timed per image
+//! (`few_shot`, on the encoder's real outputs): the cost of a region with `reference` set.
 //! Output: a table on stdout, or with `--json` one JSON object (fields documented on
 //! [`Report`]). Failure modes: a bad option, package, precision or engine (exit 2, nothing
 //! measured); a run that fails midway (exit 1, the error on stderr).
@@ -20,11 +23,15 @@ use std::time::Instant;
 use anomalyclip_edge::engine::{self, Backend, EngineOptions, Precision};
 use anomalyclip_edge::head::{AnomalyHead, CpuHead, HeadConfig, HeadInput};
 use anomalyclip_edge::package::HashCheck;
+use anomalyclip_edge::reference::Reference;
+use anomalyclip_edge::reference::{DEFAULT_MAX_BANK_MB, WHOLE_FRAME};
 use anomalyclip_edge::scorer::{HeadChoice, Scorer};
 use serde::Serialize;
 
 /// Largest batch `bench` accepts (the daemon's `[engine] max_batch` limit).
 const MAX_BATCH: usize = 64;
+/// Largest `--few-shot` K (the bank's frames are encoded first, K of them).
+const MAX_FEW_SHOT: usize = 64;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -61,6 +68,10 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
+    /// Also time a few-shot reference bank of K synthetic frames (0 = none, at most 64):
+    /// applied in the end-to-end timing, and its matching timed alone.
+    #[arg(long, default_value_t = 0)]
+    few_shot: usize,
 }
 
 fn parse_frame(s: &str) -> Result<(usize, usize), String> {
@@ -106,6 +117,10 @@ pub struct Report {
     pub results: Vec<BatchResult>,
     /// Peak resident memory of the process (getrusage `ru_maxrss`), MB (10⁶ bytes).
     pub peak_rss_mb: f64,
+    /// `--few-shot` K (0: no bank), the bank's feature layers and its size in bytes.
+    pub few_shot_k: usize,
+    pub bank_layers: usize,
+    pub bank_bytes: u64,
 }
 
 /// Timings for one batch size: medians over the timed iterations, milliseconds.
@@ -126,6 +141,8 @@ pub struct BatchResult {
     pub end_to_end_ms_per_image: f64,
     /// `1000 / end_to_end_ms_per_image`: frames per second on one worker.
     pub frames_per_s: f64,
+    /// Bank matching alone for one image (`--few-shot`; `null` without a bank).
+    pub few_shot_ms_per_image: Option<f64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -180,6 +197,9 @@ fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
         anyhow::bail!("--warmup {}: expected 0 to 100", args.warmup);
     }
     engine::check_threads(args.threads).map_err(|m| anyhow::anyhow!("--threads {m}"))?;
+    if args.few_shot > MAX_FEW_SHOT {
+        anyhow::bail!("--few-shot {}: expected 0 to {MAX_FEW_SHOT}", args.few_shot);
+    }
     Ok(())
 }
 
@@ -231,6 +251,20 @@ fn measure(args: &BenchArgs, scorer: &mut Scorer, load_ms: f64) -> anyhow::Resul
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
     let frames: Vec<Vec<u8>> = (0..max_batch).map(|i| synthetic_frame(fw, fh, i)).collect();
     let per_image = 3 * s * s;
+    let (mut bank_layers, mut bank_bytes) = (0, 0);
+    if args.few_shot > 0 {
+        // Frames of other seeds than the timed ones: a bank never holds the frame it scores.
+        let mut input = vec![0f32; args.few_shot * per_image];
+        for (i, chunk) in input.chunks_exact_mut(per_image).enumerate() {
+            let frame = synthetic_frame(fw, fh, 1000 + i);
+            scorer.prepare_frame(&frame, fw, fh, fw * 3, chunk)?;
+        }
+        let bank = scorer.build_bank(&input, args.few_shot, WHOLE_FRAME, DEFAULT_MAX_BANK_MB)?;
+        bank_layers = bank.fingerprint().layers.len();
+        bank_bytes = bank.feature_bytes();
+        scorer.set_reference(Some(Reference::new(bank)));
+    }
+    let bank_idx = pkg.bank_output_indices();
     let mut results = Vec::with_capacity(args.batch.len());
     for &b in &args.batch {
         let mut input = vec![0f32; b * per_image];
@@ -247,6 +281,7 @@ fn measure(args: &BenchArgs, scorer: &mut Scorer, load_ms: f64) -> anyhow::Resul
             scorer.score_batch(&input, b)?;
         }
         let (mut engine_t, mut pre_t, mut head_t, mut e2e_t) = (vec![], vec![], vec![], vec![]);
+        let mut few_t = vec![];
         for _ in 0..args.iterations {
             // The encoder alone.
             let t = Instant::now();
@@ -265,6 +300,19 @@ fn measure(args: &BenchArgs, scorer: &mut Scorer, load_ms: f64) -> anyhow::Resul
                 )?;
             }
             head_t.push(ms(t) / b as f64);
+            // The bank matching alone, on the same features (the head's map as the base).
+            if let Some(mut reference) = scorer.take_reference() {
+                let mut map = vec![0f32; s * s];
+                let t = Instant::now();
+                for i in 0..b {
+                    let all = features.locals(i);
+                    let locals: Vec<&[f32]> = bank_idx.iter().map(|&j| all[j]).collect();
+                    let mut score = 0.5;
+                    reference.apply(&locals, &mut map, &mut score)?;
+                }
+                few_t.push(ms(t) / b as f64);
+                scorer.set_reference(Some(reference));
+            }
             // The daemon's path: preprocessing, encoder, head.
             let t = Instant::now();
             let pre = prepare(scorer, &mut input)?;
@@ -284,6 +332,7 @@ fn measure(args: &BenchArgs, scorer: &mut Scorer, load_ms: f64) -> anyhow::Resul
             head_ms_per_image: median(&mut head_t),
             end_to_end_ms_per_image: e2e,
             frames_per_s: 1e3 / e2e,
+            few_shot_ms_per_image: (!few_t.is_empty()).then(|| median(&mut few_t)),
         });
     }
     let info = scorer.engine().info().clone();
@@ -307,6 +356,9 @@ fn measure(args: &BenchArgs, scorer: &mut Scorer, load_ms: f64) -> anyhow::Resul
         load_ms,
         results,
         peak_rss_mb: peak_rss_mb(),
+        few_shot_k: args.few_shot,
+        bank_layers,
+        bank_bytes,
     })
 }
 
@@ -343,6 +395,21 @@ fn print_table(r: &Report) {
             b.end_to_end_ms_per_image,
             b.frames_per_s
         );
+    }
+    if r.few_shot_k > 0 {
+        println!(
+            "few-shot bank: K = {}, {} layer(s), {} bytes; e2e includes it",
+            r.few_shot_k, r.bank_layers, r.bank_bytes
+        );
+        for b in &r.results {
+            if let Some(f) = b.few_shot_ms_per_image {
+                println!(
+                    "batch {:>3}: bank matching {f:.3} ms/img ({:.1} % of e2e)",
+                    b.batch,
+                    100.0 * f / b.end_to_end_ms_per_image
+                );
+            }
+        }
     }
     println!("peak memory {:.0} MB (resident)", r.peak_rss_mb);
 }

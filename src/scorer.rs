@@ -239,6 +239,11 @@ impl Scorer {
         self.reference = reference;
     }
 
+    /// Removes the few-shot reference and returns it (frames are zero-shot again).
+    pub fn take_reference(&mut self) -> Option<Reference> {
+        self.reference.take()
+    }
+
     /// Runs the encoder only: the features of `batch` prepared images (reference banks).
     pub fn encode(&mut self, input: &[f32], batch: usize) -> Result<engine::Features, ScoreError> {
         let feats = self.engine.infer(input, batch)?;

@@ -135,7 +135,54 @@ fn bench_on_the_tiny_package_prints_one_json_object_with_positive_timings() {
             }
             let per_image = r["engine_ms_per_batch"].as_f64().unwrap() / f64::from(batch);
             assert!((r["engine_ms_per_image"].as_f64().unwrap() - per_image).abs() < 1e-9);
+            assert!(r["few_shot_ms_per_image"].is_null(), "no bank asked: {r}");
         }
+        assert_eq!(v["few_shot_k"], 0);
+    }
+}
+
+/// `bench --few-shot K` builds a bank of K synthetic frames, states its size (layers × K ×
+/// tokens × dim × 4 bytes) and times the matching per image beside the end-to-end frame.
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[test]
+fn bench_few_shot_times_the_bank_matching_and_states_the_bank_size() {
+    let Some(lib) = ort_or_skip("bench_few_shot") else {
+        return;
+    };
+    let model = tiny_package();
+    let out = run(
+        &lib,
+        &[
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--batch",
+            "1,2",
+            "--iterations",
+            "2",
+            "--frame",
+            "320x240",
+            "--threads",
+            "1",
+            "--few-shot",
+            "3",
+            "--json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr_of(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["few_shot_k"], 3);
+    assert_eq!(v["bank_layers"], 1);
+    // The tiny package: 8 × 8 tokens of dimension 32, one layer, f32.
+    assert_eq!(v["bank_bytes"], 3 * 64 * 32 * 4);
+    for r in v["results"].as_array().unwrap() {
+        let f = r["few_shot_ms_per_image"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{r}"));
+        assert!(f.is_finite() && f > 0.0, "few_shot_ms_per_image = {f}");
     }
 }
 
@@ -157,6 +204,7 @@ fn bench_refuses_bad_options_before_measuring() {
         ("threads", vec!["--threads", "100000"], "--threads 100000"),
         ("frame", vec!["--frame", "0x5"], "WIDTHxHEIGHT"),
         ("precision", vec!["--precision", "int4"], "int4"),
+        ("few-shot 65", vec!["--few-shot", "65"], "--few-shot 65"),
     ] {
         let mut all = vec!["bench", "--model", m];
         all.extend(args);
