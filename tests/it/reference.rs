@@ -161,6 +161,44 @@ fn the_scorer_with_a_bank_from_the_engine_matches_the_python_reference_end_to_en
     }
 }
 
+/// The whole-package parity tool (`engines/check_fewshot_parity.py`, used at full size for
+/// docs/measurements/few-shot.md) on the tiny package: this binary's `reference` and `score`
+/// against the PyTorch reference encoder and APRIL-GAN's computation, ≤ 1e-4 (its exit 0 and
+/// PASS line), so the tool that measured the full-size figure keeps working.
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[test]
+fn the_whole_package_parity_tool_passes_on_the_tiny_package() {
+    let Some(lib) = ort_or_skip("check_fewshot_parity") else {
+        return;
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(common::venv_python())
+        .arg(repo.join("engines/check_fewshot_parity.py"))
+        .arg(tiny_package())
+        .args(["--ref-tiny", "--binary", BIN, "--k", "3", "--tests", "2"])
+        .env("ORT_DYLIB_PATH", &lib)
+        .output()
+        .expect("run engines/check_fewshot_parity.py");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let last = text
+        .lines()
+        .find(|l| l.starts_with("worst |delta|"))
+        .unwrap_or_else(|| panic!("no summary line: {text}"));
+    assert!(last.ends_with("PASS"), "{last}");
+    assert!(
+        text.contains("test_01:"),
+        "both test images reported: {text}"
+    );
+}
+
 fn run(args: &[&str]) -> Output {
     let out = Command::new(BIN)
         .args(args)
