@@ -242,6 +242,13 @@ class ResidualAttentionBlock(nn.Module):
             scores = scores + mask.to(scores.dtype)
         return self.out_proj(self._merge(scores.softmax(dim=-1) @ v))
 
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Multi-head attention of q [B, Nq, W] over k, v [B, N, W], through out_proj: [B, Nq, W].
+
+        The one place the exporter replaces (``export.py --fused-attention`` emits ONNX
+        Runtime's MultiHeadAttention here); unmasked (the image side)."""
+        return self._attend(self._heads(q), self._heads(k), self._heads(v), None)
+
     def _mlp(self, x: Tensor) -> Tensor:
         h = self.c_fc(self.ln_2(x))
         h = h * torch.sigmoid(1.702 * h)  # QuickGELU
@@ -249,7 +256,10 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         q, k, v = self.in_proj(self.ln_1(x)).split(self.width, dim=-1)
-        x = x + self._attend(self._heads(q), self._heads(k), self._heads(v), mask)
+        if mask is None:
+            x = x + self._attention(q, k, v)
+        else:  # the text side (causal mask)
+            x = x + self._attend(self._heads(q), self._heads(k), self._heads(v), mask)
         return x + self._mlp(x)
 
     def forward_dual(self, o: Tensor, v_stream: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -259,12 +269,23 @@ class ResidualAttentionBlock(nn.Module):
         never feeds back into `o`.
         """
         q, k, v = self.in_proj(self.ln_1(o)).split(self.width, dim=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        o_next = o + self._attend(q, k, v, None)
+        o_next = o + self._attention(q, k, v)
         o_next = o_next + self._mlp(o_next)
-        vv = self._attend(v, v, v, None)
+        vv = self._attention(v, v, v)
         v_next = (o if v_stream is None else v_stream) + vv
         return o_next, v_next
+
+    def forward_dual_class_only(self, o: Tensor, v_stream: Tensor | None) -> tuple[Tensor, Tensor]:
+        """`forward_dual` for the encoder's last block, whose plain stream is read only at the
+        class token afterwards (the global feature): that stream's attention, out_proj and MLP
+        run for the class token's query only ([B, 1, W]); the side stream is computed in full.
+        Equal to ``forward_dual(o, v_stream)`` with its first output cut to ``[:, :1]``."""
+        q, k, v = self.in_proj(self.ln_1(o)).split(self.width, dim=-1)
+        o_cls = o[:, :1] + self._attention(q[:, :1], k, v)
+        o_cls = o_cls + self._mlp(o_cls)
+        vv = self._attention(v, v, v)
+        v_next = (o if v_stream is None else v_stream) + vv
+        return o_cls, v_next
 
 
 def resize_positional_embedding(pos: Tensor, grid: int) -> Tensor:
@@ -312,6 +333,9 @@ class VisualEncoder(nn.Module):
         self.patch = v.patch
         self.vv_start = v.vv_start
         self.feature_layers: tuple[int, ...] = tuple(layers)
+        # The exporter sets this: the last block computes the plain stream for the class token
+        # only (ResidualAttentionBlock.forward_dual_class_only); the outputs do not change.
+        self.class_only_last = False
 
         self.conv1 = _frozen(sd["visual.conv1.weight"])
         self.class_embedding = _frozen(sd["visual.class_embedding"])
@@ -339,6 +363,8 @@ class VisualEncoder(nn.Module):
         for index, block in enumerate(self.blocks, start=1):
             if index < self.vv_start:
                 x = block(x)
+            elif self.class_only_last and index == len(self.blocks):
+                x, v_stream = block.forward_dual_class_only(x, v_stream)
             else:
                 x, v_stream = block.forward_dual(x, v_stream)
             if index in self.feature_layers:

@@ -417,6 +417,14 @@ fn build_session(
                 .map_err(|e| unavailable(e.to_string()))?;
         }
         Backend::Tensorrt => {
+            if pkg.manifest.model.attention == crate::package::Attention::Fused {
+                tracing::warn!(
+                    model = %onnx.display(),
+                    "this package was exported with --fused-attention: its MultiHeadAttention \
+                     nodes run outside the TensorRT engine (on CUDA); export without \
+                     --fused-attention for TensorRT"
+                );
+            }
             if !matches!(
                 <ep::TensorRT as ep::ExecutionProvider>::is_available(),
                 Ok(true)

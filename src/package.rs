@@ -117,6 +117,20 @@ pub struct ModelSpec {
     /// anomaly head never reads.
     #[serde(default)]
     pub few_shot_layers: Vec<usize>,
+    /// How the graph computes attention (`engines/export.py --fused-attention`); absent: plain.
+    #[serde(default)]
+    pub attention: Attention,
+}
+
+/// `[model] attention`: plain ONNX operators (every backend), or ONNX Runtime's fused
+/// `com.microsoft.MultiHeadAttention` (CPU and CUDA execution providers; TensorRT runs those
+/// nodes outside its engine).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    #[default]
+    Plain,
+    Fused,
 }
 
 /// `[text]` of the manifest.
@@ -728,6 +742,20 @@ mod tests {
         assert_eq!((key.as_str(), v), ("d.e.f", f64::NEG_INFINITY));
         let t: toml::Table = toml::from_str("a = 1e300\nb = \"nan\"\n").unwrap();
         assert!(non_finite(&toml::Value::Table(t), String::new()).is_none());
+    }
+
+    #[test]
+    fn attention_is_plain_when_absent_fused_when_said_and_anything_else_is_refused() {
+        let raw = include_str!("../tests/fixtures/tiny/manifest.toml");
+        let m: Manifest = toml::from_str(raw).unwrap();
+        assert_eq!(m.model.attention, Attention::Plain);
+        let fused = raw.replace("[model]\n", "[model]\nattention = \"fused\"\n");
+        assert_ne!(fused, raw);
+        let m: Manifest = toml::from_str(&fused).unwrap();
+        assert_eq!(m.model.attention, Attention::Fused);
+        let bad = raw.replace("[model]\n", "[model]\nattention = \"flash\"\n");
+        let e = toml::from_str::<Manifest>(&bad).unwrap_err().to_string();
+        assert!(e.contains("flash") && e.contains("fused"), "{e}");
     }
 
     /// The committed tiny manifest with `precisions` and `[files]` replaced.

@@ -448,6 +448,54 @@ def test_several_feature_layers(tiny_sources: tuple[Path, Path], tmp_path: Path)
     assert two.map_raw.max() > one.map_raw.max()  # per-layer maps are summed
 
 
+def test_last_block_class_only_changes_no_output(tiny_prep: Prepared) -> None:
+    """The exporter computes the last block's plain stream for the class token only; the
+    outputs equal the full computation (float32 summation order aside) and the switch is off
+    again after an export, so the reference stays the plain transcription."""
+    enc = tiny_prep.encoder
+    assert enc.class_only_last is False
+    x = torch.from_numpy(preprocess_file(golden_images()[0], 112)[None])
+    with torch.no_grad():
+        full = enc(x)
+        enc.class_only_last = True
+        try:
+            cut = enc(x)
+        finally:
+            enc.class_only_last = False
+    for a, b in zip(full, cut):
+        assert float((a - b).abs().max()) <= 1e-6
+
+
+def test_fused_attention_package(tiny_sources: tuple[Path, Path], tmp_path: Path) -> None:
+    """--fused-attention: every image-side attention is one MultiHeadAttention node of ONNX
+    Runtime, the manifest says so, and the outputs match the plain reference within the fp32
+    parity bounds (cosine, score, map)."""
+    prep = prepare(*tiny_sources, fused_attention=True)
+    out = write_package(prep, tmp_path / "fused", name="tiny-fused")
+    manifest = tomllib.loads((out / "manifest.toml").read_text())
+    assert manifest["model"]["attention"] == "fused"
+    model = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    v = TINY.vision
+    # One per plain block, two per V-V block (the plain stream and the side stream).
+    assert ops.count("MultiHeadAttention") == (v.vv_start - 1) + 2 * (v.layers - v.vv_start + 1)
+    assert "Softmax" not in ops
+    assert prep.encoder.class_only_last is False
+    sess = session(out / "model.onnx")
+    for path in golden_images():
+        x = preprocess_file(path, 112)[None]
+        got, ref = sess.run(None, {"image": x}), reference(prep, x)
+        for r, g in zip(ref, got):
+            assert cosine(r, g) >= 0.99999
+        h_ref = anomaly_head(ref[0][0], [ref[1][0]], prep.text, 112)
+        h_got = anomaly_head(got[0][0], [got[1][0]], prep.text, 112)
+        assert abs(h_ref.score - h_got.score) <= 1e-5
+        assert float(np.abs(h_ref.map - h_got.map).max()) <= 1e-5
+    plain = tomllib.loads((write_package(prepare(*tiny_sources), tmp_path / "plain",
+                                         name="tiny") / "manifest.toml").read_text())
+    assert "attention" not in plain["model"]
+
+
 def test_size_option(tiny_sources: tuple[Path, Path], tmp_path: Path) -> None:
     prep = prepare(*tiny_sources, size=84)  # the tiny file's native grid: no resize
     assert prep.encoder.grid == 6

@@ -354,3 +354,71 @@ fn the_engine_precision_key_parses_and_an_unknown_one_is_a_problem_at_its_line()
     .to_string();
     assert!(e.contains("t.toml:10") && e.contains("int4"), "{e}");
 }
+
+/// A package exported with `--fused-attention` (ONNX Runtime's MultiHeadAttention operator, the
+/// CPU graph option of docs/measurements/speed-cpu.md) loads, says so in its manifest, and scores
+/// the golden images through this binary like the PyTorch reference (≤ 1e-4 on the score and
+/// the map maximum: fp32 parity).
+#[cfg_attr(
+    not(have_ort),
+    ignore = "needs the ONNX Runtime library: run scripts/setup"
+)]
+#[test]
+fn a_fused_attention_package_scores_like_the_reference() {
+    let Some(lib) = ort_or_skip("fused_attention") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("fused");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(common::venv_python())
+        .arg(repo.join("engines/export.py"))
+        .args([
+            "--tiny",
+            "--seed",
+            "0",
+            "--fused-attention",
+            "--quiet",
+            "--out",
+        ])
+        .arg(&pkg)
+        .output()
+        .expect("run engines/export.py");
+    assert!(out.status.success(), "export: {}", stderr_of(&out));
+    let m = ModelPackage::load(&pkg, HashCheck::All).expect("fused package loads");
+    assert_eq!(
+        m.manifest.model.attention,
+        anomalyclip_edge::package::Attention::Fused
+    );
+    let golden = Golden::load();
+    let mut args = vec!["score".to_string(), "--model".into()];
+    args.push(pkg.to_str().unwrap().into());
+    for img in &golden.images {
+        args.push(img.path.to_str().unwrap().into());
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&lib, &argv);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), golden.images.len());
+    for (img, line) in golden.images.iter().zip(&lines) {
+        let score = line["score"].as_f64().unwrap() as f32;
+        let map_max = line["map_max"].as_f64().unwrap() as f32;
+        assert!(
+            (score - img.score).abs() <= 1e-4,
+            "{}: score {score} vs {}",
+            img.name,
+            img.score
+        );
+        assert!(
+            (map_max - img.map_max).abs() <= 1e-4,
+            "{}: map max {map_max} vs {}",
+            img.name,
+            img.map_max
+        );
+    }
+}
