@@ -68,7 +68,11 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n{}",
+                // No per-client queue bound: mosquitto's default (1000 QoS 1 messages beyond
+                // those in flight) silently drops what a slow client has not taken yet — the
+                // daemon's request connection during the 1000-command storm, or a watcher — which
+                // a storm test on a loaded machine read as a missing acknowledgement.
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nmax_queued_messages 0\n{}",
                 self.port, self.extra
             ),
         )
