@@ -4,7 +4,9 @@
 Owns the command line and the package writing: loads and validates the inputs
 (`checkpoints.py`), builds the image encoder for the package size and computes the text constant
 (`anomalyclip_ref.py`), exports the encoder to ONNX with the TorchScript-based exporter of
-`torch.onnx` (`dynamo=False`, opset 17), optionally an fp16 copy (`fp16.py`, for GPUs) and an int8
+`torch.onnx` (`dynamo=False`, opset 17; the last block's plain stream for the class token only,
+and with `--fused-attention` each attention as ONNX Runtime's MultiHeadAttention operator: see
+`export_graph`), optionally an fp16 copy (`fp16.py`, for GPUs) and an int8
 copy (`int8.py`, for CPUs), and writes `text.f32` and `manifest.toml` (whose `precisions` lists the
 model files written). It prints each stage (load, trace, save, int8, fp16, hash) with the elapsed
 time and the peak memory so far on stdout, so a full-size export (minutes) never looks hung. The package is written into a temporary directory next to the destination and
@@ -209,24 +211,22 @@ def _fused_attention(self: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return self.out_proj(_FusedAttention.apply(q, k, v, self.heads))
 
 
+_PLAIN_ATTENTION = ResidualAttentionBlock._attention
+
+
 @contextmanager
 def export_graph(encoder: VisualEncoder, fused_attention: bool) -> Iterator[None]:
     """The encoder as the exporter traces it (restored afterwards): the last block's plain
     stream for the class token only (the outputs are unchanged: nothing else reads it), and
     with `fused_attention` every image-side attention as one MultiHeadAttention node."""
     encoder.class_only_last = True
-    patched = fused_attention
-    if patched:
-        setattr(ResidualAttentionBlock, "_attention", _fused_attention)
+    if fused_attention:
+        ResidualAttentionBlock._attention = _fused_attention  # type: ignore[method-assign]
     try:
         yield
     finally:
         encoder.class_only_last = False
-        if patched:
-            setattr(ResidualAttentionBlock, "_attention", _PLAIN_ATTENTION)
-
-
-_PLAIN_ATTENTION = ResidualAttentionBlock._attention
+        ResidualAttentionBlock._attention = _PLAIN_ATTENTION  # type: ignore[method-assign]
 
 
 def trace_onnx(encoder: VisualEncoder, scratch: Path,

@@ -23,8 +23,7 @@ use std::time::Instant;
 use anomalyclip_edge::engine::{self, Backend, EngineOptions, Precision};
 use anomalyclip_edge::head::{AnomalyHead, CpuHead, HeadConfig, HeadInput};
 use anomalyclip_edge::package::HashCheck;
-use anomalyclip_edge::reference::Reference;
-use anomalyclip_edge::reference::{DEFAULT_MAX_BANK_MB, WHOLE_FRAME};
+use anomalyclip_edge::reference::{DEFAULT_MAX_BANK_MB, Reference, WHOLE_FRAME};
 use anomalyclip_edge::scorer::{HeadChoice, Scorer};
 use serde::Serialize;
 
@@ -300,13 +299,17 @@ fn measure(args: &BenchArgs, scorer: &mut Scorer, load_ms: f64) -> anyhow::Resul
                 )?;
             }
             head_t.push(ms(t) / b as f64);
-            // The bank matching alone, on the same features (the head's map as the base).
+            // The bank matching alone, on the same features: matching, upsampling and the
+            // addition to a map (a zero map here; the head's own map in the daemon).
             if let Some(mut reference) = scorer.take_reference() {
                 let mut map = vec![0f32; s * s];
                 let t = Instant::now();
                 for i in 0..b {
                     let all = features.locals(i);
-                    let locals: Vec<&[f32]> = bank_idx.iter().map(|&j| all[j]).collect();
+                    let locals: Vec<&[f32]> = bank_idx
+                        .iter()
+                        .filter_map(|&j| all.get(j).copied())
+                        .collect();
                     let mut score = 0.5;
                     reference.apply(&locals, &mut map, &mut score)?;
                 }
