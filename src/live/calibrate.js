@@ -134,5 +134,7 @@
   };
   $('refdiscard').onclick = async () => { await post('reference-discard', { region: region() }); refPoll(); };
   regionSel.onchange = () => { poll(); refPoll(); };
-  regions().then(() => { poll(); window.CALIBRATE_READY = true; });
+  // Ready once the first status is on the page: its text changes the layout, so a click aimed
+  // before it could land beside the button.
+  regions().then(async () => { await poll(); await refPoll(); window.CALIBRATE_READY = true; });
 })();

@@ -1026,9 +1026,12 @@ async fn a_few_shot_bank_captured_in_a_real_browser_is_what_the_camera_then_scor
         );
         let go = b.centre_of("#refgo");
         b.click(go);
+        // Built, failed, or refused at the start (an error line in red): whichever comes, the
+        // assertion below shows it.
         let progress = b.wait_for(
-            "(() => { const t = document.getElementById('refprogress').textContent; \
-             return t.startsWith('built') || t.startsWith('failed') ? t : ''; })()",
+            "(() => { const e = document.getElementById('refprogress'); const t = e.textContent; \
+             return t.startsWith('built') || t.startsWith('failed') || e.className.includes('bad') \
+             ? t : ''; })()",
             Duration::from_secs(60),
         );
         assert!(
