@@ -75,6 +75,28 @@ fn package_listing(dir: &Path, precisions: &str) -> PathBuf {
     pkg
 }
 
+/// `bench --json` on the tiny package, batches 1 and 2, two iterations, small frames, one
+/// thread, plus `extra`.
+fn bench_tiny(lib: &Path, extra: &[&str]) -> Output {
+    let model = tiny_package();
+    let mut args = vec![
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--batch",
+        "1,2",
+        "--iterations",
+        "2",
+        "--frame",
+        "320x240",
+        "--threads",
+        "1",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    run(lib, &args)
+}
+
 #[cfg_attr(
     not(have_ort),
     ignore = "needs the ONNX Runtime library: run scripts/setup"
@@ -84,27 +106,8 @@ fn bench_on_the_tiny_package_prints_one_json_object_with_positive_timings() {
     let Some(lib) = ort_or_skip("bench_json") else {
         return;
     };
-    let model = tiny_package();
     for precision in ["fp32", "int8"] {
-        let out = run(
-            &lib,
-            &[
-                "bench",
-                "--model",
-                model.to_str().unwrap(),
-                "--batch",
-                "1,2",
-                "--iterations",
-                "2",
-                "--frame",
-                "320x240",
-                "--threads",
-                "1",
-                "--precision",
-                precision,
-                "--json",
-            ],
-        );
+        let out = bench_tiny(&lib, &["--precision", precision]);
         assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr_of(&out));
         let text = String::from_utf8(out.stdout).unwrap();
         assert_eq!(text.trim().lines().count(), 1, "one JSON object: {text}");
@@ -152,26 +155,7 @@ fn bench_few_shot_times_the_bank_matching_and_states_the_bank_size() {
     let Some(lib) = ort_or_skip("bench_few_shot") else {
         return;
     };
-    let model = tiny_package();
-    let out = run(
-        &lib,
-        &[
-            "bench",
-            "--model",
-            model.to_str().unwrap(),
-            "--batch",
-            "1,2",
-            "--iterations",
-            "2",
-            "--frame",
-            "320x240",
-            "--threads",
-            "1",
-            "--few-shot",
-            "3",
-            "--json",
-        ],
-    );
+    let out = bench_tiny(&lib, &["--few-shot", "3"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr_of(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["few_shot_k"], 3);
