@@ -12,8 +12,9 @@ package's input size so that neither side resizes), then:
 - Rust: ``reference --model PACKAGE --images GOOD --out BANK`` builds the bank through ONNX Runtime;
   ``score --model PACKAGE [--reference BANK] --raw-map DIR`` scores the test images without and
   with it (score from the JSON line, the map from the raw float32 file).
-- Python: the PyTorch reference encoder rebuilt from the package's sources (as check_parity.py:
-  regenerated random weights, checked against the manifest's SHA-256), the reference head for the
+- Python: the PyTorch reference encoder rebuilt from the package's sources
+  (`check_parity.load_reference`: regenerated random weights, checked against the manifest's
+  SHA-256), the reference head for the
   zero-shot map and score, and engines/fewshot_ref.py (APRIL-GAN few_shot.py 15-26 and test.py
   187-201) for the bank, the few-shot map and the combined score, on the package's few-shot
   layers (``few_shot_layers``, else ``feature_layers``).
@@ -39,11 +40,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomalyclip_ref import TINY, VIT_L_14_336, anomaly_head, preprocess_file
+from anomalyclip_ref import anomaly_head, preprocess_file
+from check_parity import load_reference
 from checkpoints import InputError
-from export import prepare
 from fewshot_ref import combine, few_shot_map, memory_bank
-from random_weights import write_random_sources
 
 
 def synthetic_image(size: int, seed: int, defect: bool) -> Image.Image:
@@ -57,22 +57,6 @@ def synthetic_image(size: int, seed: int, defect: bool) -> Image.Image:
         r0, c0 = rng.integers(s, size - 2 * s, 2)
         img[r0:r0 + s, c0:c0 + s] = rng.uniform(0.0, 1.0, (s, s, 3))
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB")
-
-
-def reference_encoder(package: Path, manifest: dict, tiny: bool):
-    model = manifest["model"]
-    arch = TINY if tiny else VIT_L_14_336
-    seed = manifest["source"]["seed"]
-    stem = "tiny" if tiny else "random-vitl14"
-    with tempfile.TemporaryDirectory(prefix="anomalyclip-src-") as src:
-        clip_path, prompt_path = write_random_sources(arch, seed, src, stem)
-        prep = prepare(clip_path, prompt_path, manifest["input"]["size"],
-                       model["feature_layers"], model.get("few_shot_layers"))
-    if prep.clip.sha256 != manifest["source"]["clip_sha256"]:
-        raise SystemExit("regenerated CLIP file differs from the package's source (hash)")
-    if prep.prompts.sha256 != manifest["source"]["checkpoint_sha256"]:
-        raise SystemExit("regenerated checkpoint differs from the package's source (hash)")
-    return prep
 
 
 def run_rust(binary: Path, args: list[str]) -> str:
@@ -140,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
         started = time.perf_counter()
         try:
-            prep = reference_encoder(args.package, manifest, args.ref_tiny)
+            prep = load_reference(args.package, manifest, args)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -44,16 +44,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def load_reference(package: Path, manifest: dict, args: argparse.Namespace) -> Prepared:
+    """The PyTorch reference of the package's encoder, with the same outputs (the head's layers
+    and any extra few-shot layers): from --clip/--checkpoint, else regenerated from the seed."""
     size = manifest["input"]["size"]
     layers = manifest["model"]["feature_layers"]
-    if args.clip:
-        return prepare(args.clip, args.checkpoint, size, layers)
+    few = manifest["model"].get("few_shot_layers")
+    if getattr(args, "clip", None):
+        return prepare(args.clip, args.checkpoint, size, layers, few)
     arch = TINY if args.ref_tiny else VIT_L_14_336
     seed = manifest["source"]["seed"]
     stem = "tiny" if args.ref_tiny else "random-vitl14"
     with tempfile.TemporaryDirectory(prefix="anomalyclip-src-") as src:
         clip_path, prompt_path = write_random_sources(arch, seed, src, stem)
-        prep = prepare(clip_path, prompt_path, size, layers)
+        prep = prepare(clip_path, prompt_path, size, layers, few)
     if prep.clip.sha256 != manifest["source"]["clip_sha256"]:
         raise SystemExit("regenerated CLIP file differs from the package's source (hash)")
     if prep.prompts.sha256 != manifest["source"]["checkpoint_sha256"]:
@@ -105,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         ort_out = session.run(None, {"image": x})
         t_ort = time.perf_counter() - started
         cos = min(cosine(a, b) for a, b in zip(ref_out, ort_out))
-        h_ref = anomaly_head(ref_out[0][0], [f[0] for f in ref_out[1:]], prep.text, size)
-        h_ort = anomaly_head(ort_out[0][0], [f[0] for f in ort_out[1:]], text, size)
+        # The head reads its own layers only (extra few-shot outputs are not summed into it).
+        head = [1 + prep.encoder.feature_layers.index(layer) for layer in prep.head_layers]
+        h_ref = anomaly_head(ref_out[0][0], [ref_out[i][0] for i in head], prep.text, size)
+        h_ort = anomaly_head(ort_out[0][0], [ort_out[i][0] for i in head], text, size)
         d_score = abs(h_ref.score - h_ort.score)
         d_map = float(np.abs(h_ref.map - h_ort.map).max())
         worst = {"cos": min(worst["cos"], cos), "score": max(worst["score"], d_score),

@@ -850,3 +850,15 @@ def test_check_parity_tool_on_tiny(tiny_package: Path, capsys: pytest.CaptureFix
 
     assert check_parity.main([str(tiny_package), "--ref-tiny"]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_check_parity_tool_on_a_package_with_few_shot_layers(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Extra few-shot outputs: the reference is rebuilt with them (outputs pair up layer by
+    layer) and the head reads its own layer only. Before, this paired local_2 with local_4."""
+    import check_parity
+
+    pkg, _ = export_random(TINY, 0, tmp_path / "fs", few_shot_layers=[2, 3, 4])
+    assert check_parity.main([str(pkg), "--ref-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "cosine 1.0000000" in out
